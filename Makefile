@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh clone (Python 3.10+ with venv and pip):
+#   make run    # creates .venv, installs CryoSphere, runs the notebook series (quick profile)
+#   make test   # creates .venv, installs CryoSphere, runs lint, format check, unit tests, notebooks
+# Both reuse the virtual environment once it is installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cryosphere-installed
+PROFILE ?= quick
+STRUCTURE ?= 1ubi
+NAME ?= $(STRUCTURE)-$(PROFILE)
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,notebooks,export]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/cryosphere run --profile $(PROFILE) --structure $(STRUCTURE) --name $(NAME)
+
+lint: $(STAMP)
+	$(BIN)/ruff check cryosphere tests benchmarks notebooks
+	$(BIN)/ruff format --check cryosphere tests benchmarks notebooks
+
+test: lint
+	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
