@@ -1,0 +1,37 @@
+"""Shared fixtures: small maps and datasets made once per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryosphere import structure
+from cryosphere.simulate import SimulationParameters, auto_pixel_size, simulate_dataset
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ubi_map_64() -> tuple[np.ndarray, float]:
+    """1UBI Coulomb-potential map, 64³ at the automatic pixel size: (volume, pixel_size)."""
+    atoms = structure.load_structure("1ubi")
+    pixel = auto_pixel_size(atoms, 64)
+    return structure.coulomb_potential_map(atoms, 64, pixel), pixel
+
+
+@pytest.fixture(scope="session")
+def ubi_map_32() -> tuple[np.ndarray, float]:
+    """1UBI map, 32³ at the automatic pixel size: (volume, pixel_size)."""
+    atoms = structure.load_structure("1ubi")
+    pixel = auto_pixel_size(atoms, 32)
+    return structure.coulomb_potential_map(atoms, 32, pixel), pixel
+
+
+@pytest.fixture(scope="session")
+def small_dataset():
+    """40 noisy 32-px images of 1UBI at SNR 1."""
+    return simulate_dataset(
+        SimulationParameters(structure="1ubi", n_projections=40, image_size=32, seed=3),
+        progress=False,
+    )
