@@ -45,7 +45,7 @@ def main() -> None:
     volume = structure.coulomb_potential_map(atoms, 64, auto_pixel_size(atoms, 64))
     poses = so3.healpix_so3_grid(2)
     volume_t = torch.as_tensor(volume)
-    transposed = torch.as_tensor(poses.transpose(0, 2, 1), dtype=torch.float32)
+    transposed = torch.tensor(poses.transpose(0, 2, 1), dtype=torch.float32)
 
     ours_s, ours = best_time(lambda: project_volume(volume_t, poses), args.repeats)
     peer_s, peer = best_time(lambda: project_3d_to_2d(volume_t, transposed), args.repeats)

@@ -63,6 +63,8 @@ def _as_volume(volume: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _as_rotations(rotations: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if not isinstance(rotations, torch.Tensor):
+        rotations = np.array(rotations, dtype=np.float64)  # a writable copy (grids are read-only)
     tensor = torch.as_tensor(rotations)
     if tensor.ndim == 2:
         tensor = tensor[None]
