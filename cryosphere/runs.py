@@ -1,0 +1,311 @@
+"""Run folders and the notebook series: profiles, parameter checks, execution with papermill.
+
+A run is the numbered notebooks (``notebooks/01_…`` to ``0N_…``) executed in order into one
+run folder ``<runs_root>/<name>/``, each with the same shared parameters (structure, image
+count, SNR…). The folder holds what each step writes (the dataset, labels, model, results),
+the executed notebooks under ``notebooks/``, ``run.json`` (the run's profile and parameters),
+``steps.json`` (what ran, with which parameters, how long) and ``summary.json`` (the figures of
+record every notebook leaves through :func:`record_results`, plus timings).
+
+Profiles (:data:`PROFILES`) are parameter sets: ``quick`` runs the series on a laptop CPU in
+minutes; ``paper`` is the poster's setting (400 images, 200 epochs, lmax 4). Parameters not in
+the profile keep the notebooks' own defaults; ``overrides`` replace either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryosphere import io
+
+__all__ = [
+    "PROFILES",
+    "RESULTS_FOLDER",
+    "RunPlan",
+    "RunStepError",
+    "default_notebooks_dir",
+    "series_notebooks",
+    "notebook_parameters",
+    "plan_run",
+    "execute_run",
+    "record_results",
+    "read_results",
+    "collect_summary",
+]
+
+RESULTS_FOLDER = "results"
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "n_projections": 200,
+        "image_size": 48,
+        "snr": 1.0,
+        "epochs": 30,
+        "lmax": 4,
+        "sweep_counts": [50, 100, 200],
+        "sweep_seeds": [0],
+        "sweep_epochs": 15,
+        "snr_levels": [1.0, 0.1],
+        "image_counts": [50, 200],
+    },
+    "paper": {
+        "n_projections": 400,
+        "image_size": 64,
+        "snr": 1.0,
+        "epochs": 200,
+        "lmax": 4,
+        "sweep_counts": [50, 100, 200, 400],
+        "sweep_seeds": [0, 1, 2],
+        "sweep_epochs": 200,
+        "snr_levels": [1.0, 0.3, 0.1, 0.03],
+        "image_counts": [50, 100, 200, 400, 1000, 3000],
+    },
+}
+
+
+class RunStepError(RuntimeError):
+    """A notebook of the series failed; the message names the notebook and the cell."""
+
+
+def default_notebooks_dir() -> Path:
+    """The ``notebooks/`` folder beside the package (a source checkout or editable install)."""
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def series_notebooks(notebooks_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_*.ipynb`` of the series, in order."""
+    folder = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    notebooks = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.is_file())
+    if not notebooks:
+        raise FileNotFoundError(
+            f"no numbered notebooks (NN_*.ipynb) in {folder}; run from a CryoSphere checkout or "
+            "pass the notebooks folder explicitly"
+        )
+    return notebooks
+
+
+def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, Any]:
+    """Default values of the ``parameters`` cell of ``notebook`` (name -> value)."""
+    import papermill
+
+    inspected = papermill.inspect_notebook(str(notebook))
+    values: dict[str, Any] = {}
+    for name, info in inspected.items():
+        text = info["default"]
+        try:
+            values[name] = json.loads(_python_literal_to_json(text))
+        except (ValueError, TypeError):
+            values[name] = text
+    return values
+
+
+def _python_literal_to_json(text: str) -> str:
+    import ast
+
+    return json.dumps(ast.literal_eval(text))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: where it goes and what every notebook receives.
+
+    Attributes
+    ----------
+    run_dir
+        Absolute run folder.
+    profile, structure
+        The profile name and structure (embedded name or absolute path).
+    parameters
+        The run's shared parameters (profile values, overrides, structure, run_dir).
+    notebooks
+        The series' notebook paths, in order.
+    notebook_parameters
+        Per notebook stem, the parameters passed to it (only the names it declares).
+    """
+
+    run_dir: Path
+    profile: str
+    structure: str
+    parameters: dict[str, Any]
+    notebooks: list[Path] = field(default_factory=list)
+    notebook_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _resolve_structure(structure: str) -> str:
+    from cryosphere.structure import EMBEDDED_STRUCTURES
+
+    if structure.lower() in EMBEDDED_STRUCTURES:
+        return structure.lower()
+    path = Path(structure).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"structure {structure!r} is neither an embedded name "
+            f"({', '.join(sorted(EMBEDDED_STRUCTURES))}) nor an existing PDB/mmCIF file"
+        )
+    return str(path.resolve())
+
+
+def plan_run(
+    profile: str = "quick",
+    structure: str = "1ubi",
+    overrides: dict[str, Any] | None = None,
+    name: str | None = None,
+    runs_root: str | os.PathLike[str] = "runs",
+    notebooks_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> RunPlan:
+    """Check everything about a run before any work starts, and return its plan.
+
+    Raises ``ValueError`` for an unknown profile or parameter name (listing the valid ones),
+    ``FileNotFoundError`` for a structure path that does not exist, and ``FileExistsError``
+    for a run folder that holds another run's data (unless ``overwrite``).
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    overrides = dict(overrides or {})
+    resolved_structure = _resolve_structure(structure)
+    notebooks = series_notebooks(notebooks_dir)
+    declared = {nb.stem: notebook_parameters(nb) for nb in notebooks}
+    known = set().union(*(set(p) for p in declared.values()))
+    reserved = {"run_dir", "structure"}
+    unknown = sorted(set(overrides) - (known - reserved))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {unknown}; the notebooks take {sorted(known - reserved)} "
+            "(structure and run folder have their own options)"
+        )
+    label = Path(resolved_structure).stem.split(".")[0] if "/" in resolved_structure else structure
+    run_name = name or f"{label}-{profile}"
+    run_dir = (Path(runs_root) / run_name).resolve()
+    shared = {**PROFILES[profile], **overrides}
+    shared["structure"] = resolved_structure
+    shared["run_dir"] = str(run_dir)
+    record = {"profile": profile, "parameters": shared}
+    run_record = run_dir / "run.json"
+    if run_record.is_file():
+        stored = io.read_json(run_record)
+        if stored != json.loads(json.dumps(record)) and not overwrite:
+            raise FileExistsError(
+                f"{run_dir} holds another run's data (profile {stored.get('profile')!r}, other "
+                "parameters); choose another --name or pass --overwrite to replace it"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} exists and is not a CryoSphere run folder; choose another --name"
+        )
+    per_notebook = {
+        stem: {key: value for key, value in shared.items() if key in params}
+        for stem, params in declared.items()
+    }
+    return RunPlan(
+        run_dir=run_dir,
+        profile=profile,
+        structure=resolved_structure,
+        parameters=shared,
+        notebooks=notebooks,
+        notebook_parameters=per_notebook,
+    )
+
+
+def _load_steps(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "steps.json"
+    return io.read_json(path) if path.is_file() else {}
+
+
+def execute_run(
+    plan: RunPlan,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Execute the plan's notebooks in order; return the run summary (also ``summary.json``).
+
+    A step whose executed notebook exists and ran with the same parameters is skipped. A
+    failing step stops the run with :class:`RunStepError` naming the notebook and cell; its
+    partly executed notebook is kept in ``<run_dir>/notebooks/`` for inspection.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    run_dir = plan.run_dir
+    if overwrite and run_dir.exists():
+        if not (run_dir / "run.json").is_file() and any(run_dir.iterdir()):
+            raise FileExistsError(f"refusing to clear {run_dir}: it is not a CryoSphere run folder")
+        shutil.rmtree(run_dir)
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    io.write_json(run_dir / "run.json", {"profile": plan.profile, "parameters": plan.parameters})
+    steps = _load_steps(run_dir)
+    for index, notebook in enumerate(plan.notebooks, start=1):
+        stem = notebook.stem
+        parameters = plan.notebook_parameters[stem]
+        output = run_dir / "notebooks" / notebook.name
+        previous = steps.get(stem)
+        if previous and previous.get("parameters") == parameters and output.is_file():
+            log(
+                f"[{index}/{len(plan.notebooks)}] {stem}: done before with these parameters, skipped"
+            )
+            continue
+        log(f"[{index}/{len(plan.notebooks)}] {stem} …")
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(output),
+                parameters=parameters,
+                cwd=str(notebook.parent),
+                progress_bar=progress,
+            )
+        except PapermillExecutionError as error:
+            steps.pop(stem, None)
+            io.write_json(run_dir / "steps.json", steps)
+            raise RunStepError(
+                f"step {stem} failed in cell {error.exec_count} ({error.ename}: {error.evalue}); "
+                f"the executed notebook is {output}"
+            ) from error
+        seconds = time.perf_counter() - start
+        steps[stem] = {"parameters": parameters, "seconds": round(seconds, 2)}
+        io.write_json(run_dir / "steps.json", steps)
+        log(f"    {stem} finished in {seconds:.1f} s")
+    summary = collect_summary(run_dir)
+    io.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def record_results(run_dir: str | os.PathLike[str], step: str, results: dict[str, Any]) -> Path:
+    """Save a notebook's figures of record as ``<run_dir>/results/<step>.json`` (atomic)."""
+    return io.write_json(Path(run_dir) / RESULTS_FOLDER / f"{step}.json", results)
+
+
+def read_results(run_dir: str | os.PathLike[str], step: str) -> dict[str, Any]:
+    """Read what :func:`record_results` saved for ``step``."""
+    path = Path(run_dir) / RESULTS_FOLDER / f"{step}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no results for step {step!r} in {run_dir}; run that notebook first"
+        )
+    return io.read_json(path)
+
+
+def collect_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's summary: its parameters, each step's results and timings."""
+    folder = Path(run_dir)
+    record = io.read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
+    steps = _load_steps(folder)
+    results = {
+        path.stem: io.read_json(path) for path in sorted((folder / RESULTS_FOLDER).glob("*.json"))
+    }
+    return {
+        "run_dir": str(folder.resolve()),
+        "profile": record.get("profile"),
+        "parameters": record.get("parameters", {}),
+        "timings_s": {stem: step["seconds"] for stem, step in steps.items()},
+        "total_s": round(sum(step["seconds"] for step in steps.values()), 2),
+        "results": results,
+    }
