@@ -17,7 +17,7 @@ def _names(requirements: list[str]) -> set[str]:
 def test_environment_yml_lists_every_pyproject_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = _names(project["dependencies"])
-    for extra, requirements in project["optional-dependencies"].items():
+    for requirements in project["optional-dependencies"].values():
         wanted |= _names([r for r in requirements if not r.startswith("cryosphere-pose")])
     text = (ROOT / "environment.yml").read_text()
     listed = {m.group(1).lower() for m in re.finditer(r"^\s*-\s+([A-Za-z0-9_.-]+)", text, re.M)}
