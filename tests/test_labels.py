@@ -1,0 +1,241 @@
+"""Pose labels: templates, MSE landscapes, soft maps, masks, λ tuning, caches, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryosphere import distributions, labels, so3
+from cryosphere.simulate import SimulationParameters, simulate_dataset
+
+LEVEL = 2
+
+
+@pytest.fixture(scope="module")
+def ubi_labels(small_dataset):
+    templates = labels.template_bank(
+        small_dataset.volume, LEVEL, small_dataset.parameters.blur_sigma
+    )
+    return templates, labels.compute_labels(
+        small_dataset, level=LEVEL, progress=False, templates=templates
+    )
+
+
+@pytest.fixture(scope="module")
+def hvr_dataset():
+    return simulate_dataset(
+        SimulationParameters(structure="1hvr", n_projections=60, image_size=32, seed=5),
+        progress=False,
+    )
+
+
+def test_mask_has_ceil_q_g_ones_and_nearest_cell(small_dataset, ubi_labels):
+    _, lab = ubi_labels
+    G = so3.healpix_so3_grid_size(LEVEL)
+    assert lab.mask.shape == (len(small_dataset), G) and lab.mask.dtype == bool
+    assert np.all(lab.mask.sum(axis=1) == math.ceil(0.05 * G))
+    for q in (0.013, 0.5, 1.0):
+        assert np.all(labels.top_fraction_mask(lab.mse, q).sum(axis=1) == math.ceil(q * G))
+    recall = distributions.nearest_cell_recall(lab.mask, lab.grid, small_dataset.rotations)
+    assert recall[0] >= 0.99
+
+
+def test_mask_ties_are_deterministic():
+    mse = np.zeros((2, 72), dtype=np.float32)
+    mse[1, 10:] = 1.0
+    mask = labels.top_fraction_mask(mse, 0.1)  # ceil(7.2) = 8 cells
+    assert mask.sum(axis=1).tolist() == [8, 8]
+    assert np.flatnonzero(mask[0]).tolist() == list(range(8))
+    assert np.flatnonzero(mask[1]).tolist() == list(range(8))
+    assert np.array_equal(mask, labels.top_fraction_mask(mse, 0.1))
+
+
+def test_symmetric_particle_mask_holds_c2_mate(hvr_dataset):
+    assert hvr_dataset.point_group == "C2"
+    lab = labels.compute_labels(hvr_dataset, level=LEVEL, progress=False)
+    recall = distributions.nearest_cell_recall(
+        lab.mask, lab.grid, hvr_dataset.rotations, hvr_dataset.symmetry_ops
+    )
+    assert recall[0] >= 0.99
+    assert recall[1] >= 0.95
+
+
+def test_matrix_product_mse_matches_direct(small_dataset, ubi_labels):
+    templates, lab = ubi_labels
+    images = small_dataset.clean_images[:6].reshape(6, -1).astype(np.float64)
+    flat = templates.reshape(len(templates), -1).astype(np.float64)
+    direct = ((images[:, None, :] - flat[None]) ** 2).mean(axis=-1)
+    np.testing.assert_allclose(lab.mse[:6], direct, rtol=1e-4, atol=0)
+    assert lab.mse.dtype == np.float32
+
+
+def test_chunked_equals_unchunked(ubi_labels):
+    templates, _ = ubi_labels
+    rng = np.random.default_rng(0)
+    images = templates[rng.choice(len(templates), 150, replace=False)]
+    images = images + rng.normal(0, 0.05, images.shape).astype(np.float32)
+    G, P = len(templates), templates[0].size
+    whole = labels.mse_landscape(images, templates)
+    limit = 4 * (G + P) * 70
+    rows, cells = labels._block_sizes(len(images), G, P, limit)
+    assert rows == 128 and cells == 192  # both axes are split
+    chunked = labels.mse_landscape(images, templates, memory_limit_bytes=limit)
+    # Only the image axis is chunked (64-row chunks here), so each element is the same dot
+    # product; MKL gives identical bits. Other BLAS libraries may pick different kernels by
+    # matrix height, hence the tolerance fallback.
+    if torch.backends.mkl.is_available():
+        assert np.array_equal(whole, chunked)
+    else:
+        np.testing.assert_allclose(whole, chunked, rtol=1e-6, atol=1e-6 * whole.max())
+    best = labels.template_matching(images, templates, memory_limit_bytes=4 * (G + P) * 70)
+    assert np.array_equal(best, whole.argmin(axis=1))
+
+
+@pytest.mark.parametrize("limit", [2**17, 2**20, 2**24, 2**29])
+def test_block_sizes_respect_memory_limit(limit):
+    n, G, P = 1000, 4608, 4096
+    rows, cells = labels._block_sizes(n, G, P, limit)
+    assert 4 * cells * P + 4 * rows * (P + cells) <= limit
+    assert 1 <= rows <= n and 1 <= cells <= G
+    with pytest.raises(ValueError, match="memory_limit_bytes"):
+        labels._block_sizes(n, G, P, 2**15)
+
+
+def test_template_matching_on_noisy_images(small_dataset, ubi_labels):
+    templates, lab = ubi_labels
+    best = labels.template_matching(small_dataset.noisy_images, templates)
+    assert best.shape == (len(small_dataset),) and best.dtype == np.int64
+    noisy_mse = labels.mse_landscape(small_dataset.noisy_images, templates)
+    assert np.array_equal(best, noisy_mse.argmin(axis=1))
+    assert np.array_equal(
+        labels.template_matching(small_dataset.clean_images, templates), lab.mse.argmin(axis=1)
+    )
+
+
+def test_soft_labels(ubi_labels):
+    _, lab = ubi_labels
+    np.testing.assert_allclose(lab.soft.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.array_equal(lab.soft.argmax(axis=1), lab.mse.argmin(axis=1))
+    raw = labels.soft_labels(lab.mse[:3], 2.0, normalize=False)
+    np.testing.assert_allclose(raw, np.exp(-2.0 * lab.mse[:3]) ** 2, rtol=1e-5)
+    sharper = labels.soft_labels(lab.mse, lab.lam * 10)
+    assert np.all(sharper.max(axis=1) >= lab.soft.max(axis=1) - 1e-6)
+
+
+def test_tune_lambda_criterion_and_determinism(small_dataset, ubi_labels):
+    _, lab = ubi_labels
+    assert lab.lam_tuned and lab.radius_deg == 15.0
+    share = distributions.mass_within_deg(
+        lab.soft, lab.grid, small_dataset.rotations, small_dataset.symmetry_ops, 15.0
+    )
+    assert abs(share.mean() - 0.5) < 1e-3
+    again = labels.tune_lambda(
+        lab.mse, lab.grid, small_dataset.rotations, small_dataset.symmetry_ops
+    )
+    assert again == lab.lam
+    assert (
+        labels.tune_lambda(lab.mse, lab.grid, small_dataset.rotations, target_share=0.8) > lab.lam
+    )
+
+
+def test_lambda_grows_with_blur():
+    lams = []
+    for blur in (1.0, 3.0):
+        ds = simulate_dataset(
+            SimulationParameters(n_projections=24, image_size=32, blur_sigma=blur, seed=2),
+            progress=False,
+        )
+        lams.append(labels.compute_labels(ds, level=LEVEL, progress=False).lam)
+    assert lams[1] > 1.5 * lams[0]
+
+
+def test_template_cache_reused_and_rebuilt(tmp_path, monkeypatch, ubi_map_32):
+    volume, pixel = ubi_map_32
+    calls = []
+    real = labels.project_volume
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(labels, "project_volume", counting)
+    first = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
+    assert (tmp_path / "templates_L1.npy").is_file() and (tmp_path / "templates_L1.json").is_file()
+    again = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
+    assert len(calls) == 1 and np.array_equal(first, again)
+    blurrier = labels.template_bank(volume, 1, 2.0, pixel_size=pixel, cache_dir=tmp_path)
+    assert len(calls) == 2 and not np.allclose(first, blurrier)
+    labels.template_bank(volume * 1.01, 1, 2.0, pixel_size=pixel, cache_dir=tmp_path)
+    assert len(calls) == 3
+    labels.template_bank(volume * 1.01, 1, 2.0, pixel_size=pixel + 0.1, cache_dir=tmp_path)
+    assert len(calls) == 4
+    assert first.shape == (576, 32, 32) and first.dtype == np.float32
+
+
+def test_load_or_make_labels_caches(tmp_path, monkeypatch, small_dataset):
+    made = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    assert (tmp_path / "labels" / "labels.npz").is_file()
+    calls = []
+    real = labels.compute_labels
+    monkeypatch.setattr(labels, "compute_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loaded = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    assert calls == [] and loaded.lam == made.lam and loaded.level == 1
+    assert np.array_equal(loaded.mse, made.mse) and np.array_equal(loaded.mask, made.mask)
+    np.testing.assert_allclose(loaded.soft, made.soft)
+    other = labels.load_or_make_labels(tmp_path, small_dataset, level=1, q=0.1, progress=False)
+    assert calls == [1] and other.q == 0.1
+    assert np.all(other.mask.sum(axis=1) == math.ceil(0.1 * 576))
+    fixed = labels.load_or_make_labels(tmp_path, small_dataset, level=1, lam=3.0, progress=False)
+    assert calls == [1, 1] and fixed.lam == 3.0 and not fixed.lam_tuned
+
+
+def test_explorer_data(small_dataset, ubi_labels):
+    _, lab = ubi_labels
+    data = labels.label_explorer_data(
+        lab.mse[0], LEVEL, small_dataset.rotations[0], small_dataset.symmetry_ops, lab.lam, lab.q
+    )
+    P = 12 * 4**LEVEL
+    assert data.soft_marginal.shape == (P,) and data.mask_marginal.shape == (P,)
+    assert abs(data.soft_marginal.sum() - 1) < 1e-6 and abs(data.mask_marginal.sum() - 1) < 1e-9
+    assert data.threshold == pytest.approx(float(lab.mse[0][lab.mask[0]].max()))
+    assert np.allclose(data.true_directions[0], small_dataset.rotations[0][2])
+    assert 0 < data.soft_mass_within <= 1 and 0 < data.mask_mass_within <= 1
+
+
+@pytest.mark.parametrize("q", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_q(q, ubi_labels):
+    with pytest.raises(ValueError, match="q"):
+        labels.top_fraction_mask(ubi_labels[1].mse, q)
+
+
+@pytest.mark.parametrize("lam", [0.0, -1.0, float("inf")])
+def test_bad_lambda(lam, ubi_labels, small_dataset):
+    with pytest.raises(ValueError, match="λ"):
+        labels.soft_labels(ubi_labels[1].mse, lam)
+    with pytest.raises(ValueError, match="λ"):
+        labels.compute_labels(small_dataset, level=0, lam=lam, progress=False)
+
+
+@pytest.mark.parametrize("level", [-1, 4, 2.0])
+def test_bad_level(level, small_dataset):
+    with pytest.raises(ValueError, match="level"):
+        labels.compute_labels(small_dataset, level=level, progress=False)
+    with pytest.raises(ValueError, match="level"):
+        labels.template_bank(small_dataset.volume, level)
+
+
+def test_bad_images(ubi_labels, small_dataset):
+    templates, _ = ubi_labels
+    with pytest.raises(ValueError, match="px"):
+        labels.mse_landscape(np.zeros((3, 16, 16), np.float32), templates)
+    images = small_dataset.clean_images[:4].copy()
+    images[2, 5, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        labels.mse_landscape(images, templates)
+    with pytest.raises(ValueError, match="NaN"):
+        labels.template_matching(images, templates)
+    with pytest.raises(ValueError, match="memory_limit_bytes"):
+        labels.mse_landscape(small_dataset.clean_images, templates, memory_limit_bytes=1000)
