@@ -267,19 +267,28 @@ def rotate_so3_coefficients(coefficients: np.ndarray | torch.Tensor, Q: np.ndarr
 
     Args:
         coefficients: ``(..., dim_so3)`` (layout in the module docstring).
-        Q: ``(3, 3)`` rotation.
+        Q: ``(3, 3)`` rotation applied to every signal, or ``(n, 3, 3)``, one rotation per
+            signal of ``coefficients`` ``(n, dim_so3)``.
 
     Returns:
         ``(..., dim_so3)`` tensor with ``F'_l = D_l(Q) F_l`` (same dtype as the input).
     """
     coeff = torch.as_tensor(coefficients)
     lmax = _degree_of_so3_dim(coeff.shape[-1])
-    blocks = _wigner_blocks(np.asarray(Q)[None], lmax)
+    Q = np.asarray(Q, dtype=np.float64)
+    batched = Q.ndim == 3
+    if batched and (coeff.ndim != 2 or coeff.shape[0] != Q.shape[0]):
+        raise ValueError(
+            f"one rotation per signal needs coefficients (n, dim) with n = {Q.shape[0]}, got "
+            f"{tuple(coeff.shape)}"
+        )
+    blocks = _wigner_blocks(Q if batched else Q[None], lmax)
     out, start = [], 0
     for l, D in enumerate(blocks):
         d = 2 * l + 1
         block = coeff[..., start : start + d * d].reshape(*coeff.shape[:-1], d, d)
-        out.append((D[0].to(coeff) @ block).reshape(*coeff.shape[:-1], d * d))
+        rotated = D.to(coeff) @ block if batched else D[0].to(coeff) @ block
+        out.append(rotated.reshape(*coeff.shape[:-1], d * d))
         start += d * d
     return torch.cat(out, dim=-1)
 
