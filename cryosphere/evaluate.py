@@ -179,12 +179,12 @@ def pose_metrics(
     probabilities: np.ndarray | None = None,
     level: int | None = None,
     log_likelihood: float | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Summary of pose errors (degrees) of one estimator on ``n`` images.
 
     Returns a dict: ``n``, ``median_deg``, ``mean_deg``, ``acc15``, ``acc30`` (fractions),
     ``viewing_median_deg``, ``in_plane_median_deg`` and ``log_likelihood`` (mean over images,
-    from ``probabilities`` on grid ``level``; or the given constant; NaN when neither is
+    from ``probabilities`` on grid ``level``; or the given constant; None when neither is
     given, e.g. for template matching, which gives a point estimate only).
     """
     total, viewing, in_plane = pose_error_parts_deg(predicted, true, symmetry_ops)
@@ -193,7 +193,7 @@ def pose_metrics(
             raise ValueError("level is needed with probabilities")
         ll = float(np.mean(true_pose_log_likelihood(probabilities, true, level)))
     else:
-        ll = float("nan") if log_likelihood is None else float(log_likelihood)
+        ll = None if log_likelihood is None else float(log_likelihood)
     return {
         "n": int(len(total)),
         "median_deg": float(np.median(total)),
@@ -261,7 +261,7 @@ def compare_pose_estimators(
     template_poses: np.ndarray,
     level: int,
     seed: int = 0,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | None]]:
     """:func:`pose_metrics` of the model, template matching and a uniform guess on the same
     images: ``{"model": {...}, "template_matching": {...}, "uniform": {...}}``."""
     true = _as_poses(true, "true")
