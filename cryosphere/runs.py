@@ -54,6 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sweep_epochs": 15,
         "snr_levels": [1.0, 0.1],
         "image_counts": [50, 200],
+        "n_pairs": 32,
     },
     "paper": {
         "n_projections": 400,
@@ -66,6 +67,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sweep_epochs": 200,
         "snr_levels": [1.0, 0.3, 0.1, 0.03],
         "image_counts": [50, 100, 200, 400, 1000, 3000],
+        "n_pairs": 200,
     },
 }
 
