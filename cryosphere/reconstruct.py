@@ -117,6 +117,8 @@ def _as_poses(
     rotations: np.ndarray | torch.Tensor, weights: np.ndarray | torch.Tensor | None, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return rotations ``(n, k, 3, 3)`` float64 and weights ``(n, k)`` float64."""
+    if isinstance(rotations, np.ndarray) and not rotations.flags.writeable:
+        rotations = rotations.copy()  # torch refuses to wrap read-only arrays (cached grids)
     rots = torch.as_tensor(rotations, dtype=torch.float64)
     if rots.ndim == 3:
         rots = rots[:, None]

@@ -1,20 +1,23 @@
-"""Interactive notebook widgets (ipywidgets) around the plotting functions of :mod:`viz`.
+"""Interactive notebook widgets (ipywidgets) around the plotting functions of :mod:`viz` and
+:mod:`spheres`.
 
 The widgets only wire sliders to library functions; the computations live in
-:mod:`cryosphere.labels` and the figures in :mod:`cryosphere.viz`. Building a widget needs
-ipywidgets but no running front end, so notebooks executed headless (CI, papermill) still run.
+:mod:`cryosphere.labels` and :mod:`cryosphere.spheres`, the figures in :mod:`cryosphere.viz`
+and :mod:`cryosphere.spheres`. Building a widget needs ipywidgets but no running front end, so
+notebooks executed headless (CI, papermill) still run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
 from cryosphere import labels as labels_module
-from cryosphere import viz
+from cryosphere import spheres, viz
 
-__all__ = ["label_explorer"]
+__all__ = ["label_explorer", "sphere_explorer"]
 
 
 def label_explorer(
@@ -98,3 +101,79 @@ def label_explorer(
         slider.observe(redraw, names="value")
     redraw()
     return ipywidgets.VBox([ipywidgets.HBox([lam_slider, q_slider, index_slider]), image])
+
+
+def sphere_explorer(
+    structures: Mapping[str, spheres.DistributionSet],
+    image_index: int = 0,
+    kind: str = "scatter",
+):
+    """Pick a structure, an image and a view; shows :func:`spheres.plot_label_vs_prediction`.
+
+    Args:
+        structures: name (e.g. ``"1UBI (C1)"``) -> :class:`cryosphere.spheres.DistributionSet`
+            with the images, true poses, symmetry ops, label and predicted distributions.
+        image_index: initial image (clamped to each structure's image count).
+        kind: initial view, ``"scatter"`` (Image2Sphere-style) or ``"surface"`` (viewing-
+            direction density).
+
+    Returns:
+        An ``ipywidgets.VBox``: a structure dropdown, an image slider and a view toggle above an
+        ``ipywidgets.Output`` whose single output is the figure's plotly MIME bundle (set
+        directly, so no display messages are sent: headless execution never waits on it).
+    """
+    import ipywidgets
+
+    if not structures:
+        raise ValueError("structures is empty; give at least one name -> DistributionSet")
+    if kind not in ("scatter", "surface"):
+        raise ValueError(f"kind must be 'scatter' or 'surface', got {kind!r}")
+    names = list(structures)
+    first = structures[names[0]]
+    structure_menu = ipywidgets.Dropdown(options=names, value=names[0], description="structure")
+    index_slider = ipywidgets.IntSlider(
+        value=min(max(int(image_index), 0), len(first) - 1),
+        min=0,
+        max=len(first) - 1,
+        description="image",
+        continuous_update=False,
+    )
+    kind_toggle = ipywidgets.ToggleButtons(
+        options=["scatter", "surface"], value=kind, description="view"
+    )
+    output = ipywidgets.Output()
+
+    def redraw(_change=None) -> None:
+        data = structures[structure_menu.value]
+        i = index_slider.value
+        rotation = data.rotations[i]
+        label_view = spheres.sphere_view(
+            data.label_probs[i], data.level, rotation, data.symmetry_ops
+        )
+        prediction_view = None
+        if data.predicted_probs is not None:
+            prediction_view = spheres.sphere_view(
+                data.predicted_probs[i], data.level, rotation, data.symmetry_ops
+            )
+        group = f" ({data.point_group})" if data.point_group else ""
+        fig = spheres.plot_label_vs_prediction(
+            data.images[i],
+            label_view,
+            prediction_view,
+            kind=kind_toggle.value,
+            title=f"{structure_menu.value}{group}, image {i}",
+        )
+        bundle = spheres.plotly_mimebundle(fig)
+        output.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+
+    def change_structure(_change=None) -> None:
+        index_slider.unobserve(redraw, names="value")
+        index_slider.max = len(structures[structure_menu.value]) - 1  # clamps the value
+        index_slider.observe(redraw, names="value")
+        redraw()
+
+    structure_menu.observe(change_structure, names="value")
+    index_slider.observe(redraw, names="value")
+    kind_toggle.observe(redraw, names="value")
+    redraw()
+    return ipywidgets.VBox([ipywidgets.HBox([structure_menu, index_slider, kind_toggle]), output])

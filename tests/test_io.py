@@ -55,3 +55,16 @@ def test_star_round_trip_with_extra_column(tmp_path):
     assert star["pixel_size"] == 1.5 and star["image_size"] == 64
     assert star["image_names"] == ["000001@s.mrcs", "000002@s.mrcs"]
     np.testing.assert_allclose(star["particles"]["rlnMaxValueProbDistribution"], [0.5, 0.25])
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from cryosphere import io
+
+    mask = os.umask(0o022)
+    try:
+        path = io.write_json(tmp_path / "record.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
