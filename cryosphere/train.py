@@ -438,7 +438,8 @@ def train_model(
         model_config, training_config: architecture and optimisation settings.
         run_dir: run folder; checkpoint and log go to ``run_dir/model/``. None: nothing written.
         resume: continue from ``run_dir/model/checkpoint.pt`` when it exists (its configs,
-            except ``epochs``, and data must match, otherwise ValueError). False: start over.
+            except ``epochs`` and ``device``, and data must match, otherwise ValueError).
+            False: start over.
         progress: tqdm bar over epochs.
 
     Returns:
@@ -473,11 +474,13 @@ def train_model(
             )
         saved_training = dict(record["training_config"])
         wanted = training_config.to_dict()
-        saved_training.pop("epochs")
-        wanted.pop("epochs")
+        for free in ("epochs", "device"):  # more epochs, or another device, may resume
+            saved_training.pop(free, None)
+            wanted.pop(free, None)
         if saved_training != wanted:
             raise ValueError(
-                f"{ckpt} was trained with training config {saved_training} (epochs aside), not "
+                f"{ckpt} was trained with training config {saved_training} (epochs and device "
+                f"aside), not "
                 f"{wanted}; use another run folder or resume=False"
             )
         if record["data_fingerprint"] != fingerprint:

@@ -115,6 +115,18 @@ def test_resume_equals_uninterrupted_run(random_poses, tmp_path):
         images, mask, R, None, TINY, full, run_dir=tmp_path / "b", progress=False
     )
     assert _same_weights(again.model, straight.model)
+    # the device is not part of a run's identity: a CPU run reloads with device=None (auto)
+    auto = train.train_model(
+        images,
+        mask,
+        R,
+        None,
+        TINY,
+        dataclasses.replace(full, device=None),
+        run_dir=tmp_path / "b",
+        progress=False,
+    )
+    assert len(auto.history) == 4
     # the checkpoint reloads to the same network
     loaded = train.load_model(tmp_path / "b/model/checkpoint.pt")
     with torch.no_grad():
