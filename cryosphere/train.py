@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import hashlib
 import io as _io
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from cryosphere.model import (
 
 __all__ = [
     "LOSSES",
+    "LR_SCHEDULES",
+    "learning_rate_at",
     "TrainingConfig",
     "TrainingResult",
     "Predictions",
@@ -67,6 +70,8 @@ __all__ = [
 ]
 
 LOSSES = ("bce", "soft_ce")
+LR_SCHEDULES = ("constant", "cosine")
+_COSINE_FLOOR = 0.01
 _LOG_COLUMNS = (
     "epoch",
     "train_loss",
@@ -92,6 +97,10 @@ class TrainingConfig:
         validation_fraction: fraction of images held out (seeded), in [0, 1).
         loss: ``"bce"`` (BCE with logits against 0/1 masks) or ``"soft_ce"`` (cross-entropy
             against the per-image normalised soft map).
+        lr_schedule: ``"constant"`` (the poster) or ``"cosine"``: epoch ``e`` (0-based) of ``E``
+            uses ``lr · (f + (1 − f) · (1 + cos(π e / E)) / 2)`` with ``f = 0.01``
+            (:func:`learning_rate_at`); stateless, so resuming keeps the schedule of the
+            requested ``epochs``.
         device: ``"cpu"``, ``"cuda"``, ... or None (CUDA when available).
     """
 
@@ -101,6 +110,7 @@ class TrainingConfig:
     seed: int = 0
     validation_fraction: float = 0.2
     loss: str = "bce"
+    lr_schedule: str = "constant"
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +126,8 @@ class TrainingConfig:
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,6 +201,15 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.nda
     n_val = min(n_val, n - 1) if n >= 1 else 0
     order = np.random.default_rng(int(seed)).permutation(n)
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
+
+
+def learning_rate_at(config: TrainingConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch`` under ``config.lr_schedule`` (see TrainingConfig)."""
+    if config.lr_schedule == "constant" or config.epochs <= 1:
+        return float(config.learning_rate)
+    fraction = min(max(int(epoch), 0), config.epochs) / config.epochs
+    factor = _COSINE_FLOOR + (1 - _COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * fraction))
+    return float(config.learning_rate) * factor
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
@@ -474,6 +495,7 @@ def train_model(
             )
         saved_training = dict(record["training_config"])
         wanted = training_config.to_dict()
+        saved_training.setdefault("lr_schedule", "constant")  # checkpoints before schedules
         for free in ("epochs", "device"):  # more epochs, or another device, may resume
             saved_training.pop(free, None)
             wanted.pop(free, None)
@@ -519,6 +541,8 @@ def train_model(
         t0 = time.perf_counter()
         model.train()
         permutation = torch.randperm(len(train_idx), generator=order).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(training_config, epoch)
         total = 0.0
         for start in range(0, len(train_idx), batch_size):
             batch = train_idx_t[permutation[start : start + batch_size]]

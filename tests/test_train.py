@@ -251,3 +251,39 @@ def test_split_indices():
     assert np.array_equal(again[1], val_idx)
     assert len(train.split_indices(3, 0.1, seed=0)[1]) == 1
     assert len(train.split_indices(1, 0.5, seed=0)[1]) == 0
+
+
+def test_learning_rate_schedules():
+    constant = train.TrainingConfig(epochs=10, learning_rate=2e-3)
+    assert [train.learning_rate_at(constant, e) for e in (0, 5, 9)] == [2e-3] * 3
+    cosine = dataclasses.replace(constant, lr_schedule="cosine")
+    rates = [train.learning_rate_at(cosine, e) for e in range(11)]
+    assert rates[0] == pytest.approx(2e-3)
+    assert rates[5] == pytest.approx(2e-3 * (0.01 + 0.99 * 0.5))
+    assert rates[10] == pytest.approx(2e-5)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.TrainingConfig(lr_schedule="step")
+
+
+def test_cosine_schedule_resumes_like_an_uninterrupted_run(random_poses, tmp_path, monkeypatch):
+    images, mask, R = random_poses
+    full = train.TrainingConfig(epochs=3, batch_size=8, seed=2, device="cpu", lr_schedule="cosine")
+    straight = train.train_model(images, mask, R, None, TINY, full, progress=False)
+    # kill the run during epoch 2 (after epoch 1's checkpoint was written)
+    real_evaluate, calls = train._evaluate, []
+
+    def dying_evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_model(images, mask, R, None, TINY, full, run_dir=tmp_path, progress=False)
+    monkeypatch.setattr(train, "_evaluate", real_evaluate)
+    record = torch.load(tmp_path / "model/checkpoint.pt", weights_only=True)
+    assert record["epoch"] == 1 and record["training_config"]["lr_schedule"] == "cosine"
+    resumed = train.train_model(images, mask, R, None, TINY, full, run_dir=tmp_path, progress=False)
+    assert _same_weights(resumed.model, straight.model)
