@@ -546,6 +546,21 @@ def _scatter_traces(
     return [_unit_sphere(), scatter, *_marker_traces(view, True, colorscale)]
 
 
+def _single_sphere_figure(traces: list[Any], view: SphereView, title: str) -> Any:
+    """One 3D sphere scene holding ``traces``, the camera facing the true pose."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(traces)
+    fig.update_layout(
+        title={"text": title},
+        scene=_scene_layout(view),
+        legend={"x": 0.0, "y": 0.0},
+        margin={"l": 0, "r": 0, "t": 40, "b": 0},
+        height=550,
+    )
+    return fig
+
+
 def plot_viewing_sphere(
     view: SphereView,
     title: str | None = None,
@@ -562,17 +577,8 @@ def plot_viewing_sphere(
     Returns:
         ``plotly.graph_objects.Figure``.
     """
-    import plotly.graph_objects as go
-
-    fig = go.Figure(_surface_traces(view, colorscale, resolution_deg, None))
-    fig.update_layout(
-        title={"text": title or "viewing-direction density"},
-        scene=_scene_layout(view),
-        legend={"x": 0.0, "y": 0.0},
-        margin={"l": 0, "r": 0, "t": 40, "b": 0},
-        height=550,
-    )
-    return fig
+    traces = _surface_traces(view, colorscale, resolution_deg, None)
+    return _single_sphere_figure(traces, view, title or "viewing-direction density")
 
 
 def plot_pose_scatter(
@@ -592,17 +598,10 @@ def plot_pose_scatter(
     Returns:
         ``plotly.graph_objects.Figure``.
     """
-    import plotly.graph_objects as go
-
-    fig = go.Figure(_scatter_traces(view, colorscale, max_marker_px, None))
-    fig.update_layout(
-        title={"text": title or "pose distribution (colour: in-plane angle)"},
-        scene=_scene_layout(view),
-        legend={"x": 0.0, "y": 0.0},
-        margin={"l": 0, "r": 0, "t": 40, "b": 0},
-        height=550,
+    traces = _scatter_traces(view, colorscale, max_marker_px, None)
+    return _single_sphere_figure(
+        traces, view, title or "pose distribution (colour: in-plane angle)"
     )
-    return fig
 
 
 def plot_label_vs_prediction(
