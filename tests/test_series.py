@@ -1,0 +1,40 @@
+"""The series' shared steps in one call (cryosphere.series)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryosphere import series, train
+
+TINY_RUN = dict(
+    structure="1ubi",
+    n_projections=12,
+    image_size=32,
+    snr=1.0,
+    blur_sigma=1.0,
+    seed=4,
+    grid_level=1,
+    lmax=2,
+    epochs=2,
+)
+
+
+def test_one_call_makes_then_reloads_the_same_run(tmp_path):
+    first = series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+    assert len(first.dataset) == 12 and first.labels.level == 1
+    assert first.predictions.probabilities.shape == (12, 576)
+    assert len(first.result.history) == 2 and first.training_config.seed == 4
+    assert first.model_config.image_size == 32 and first.model_config.lmax == 2
+    checkpoint = train.checkpoint_path(tmp_path)
+    stamp = checkpoint.stat().st_mtime_ns
+    again = series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+    assert checkpoint.stat().st_mtime_ns == stamp  # reloaded, not retrained
+    np.testing.assert_array_equal(again.predictions.logits, first.predictions.logits)
+    np.testing.assert_array_equal(again.labels.mask, first.labels.mask)
+
+
+def test_a_folder_made_with_other_parameters_is_refused(tmp_path):
+    series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+    with pytest.raises(FileExistsError, match="other parameters"):
+        series.load_or_train_run(tmp_path, progress=False, **{**TINY_RUN, "snr": 0.5})
