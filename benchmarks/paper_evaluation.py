@@ -51,7 +51,7 @@ def evaluate_case(args: argparse.Namespace, structure: str, snr: float) -> dict:
         run_dir, dataset, pose_labels, model_config, training_config, progress=False
     )
     trained_s = time.perf_counter() - start
-    templates = evaluate.dataset_templates(dataset, 2, run_dir)
+    templates = labels.dataset_templates(dataset, 2, cache_dir=labels.labels_dir(run_dir))
     table = evaluate.equivariance_table(
         dataset.volume,
         dataset.parameters.blur_sigma,

@@ -73,7 +73,6 @@ __all__ = [
     "true_pose_log_likelihood",
     "pose_metrics",
     "uniform_poses",
-    "dataset_templates",
     "template_matched_poses",
     "compare_pose_estimators",
     "accuracy_curve",
@@ -215,26 +214,6 @@ def accuracy_curve(errors_deg: np.ndarray, thresholds_deg: np.ndarray) -> np.nda
 def uniform_poses(n: int, seed: int = 0) -> np.ndarray:
     """The uniform baseline: ``n`` Haar-random poses ``(n, 3, 3)`` (seeded)."""
     return so3.random_rotations(int(n), seed)
-
-
-def dataset_templates(
-    dataset: Any,
-    level: int = 2,
-    run_dir: str | os.PathLike[str] | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Noise-free templates ``(G, N, N)`` of a dataset's map on grid ``level``, blurred like its
-    images; cached in (and reused from) ``run_dir/labels/`` as the labels step does."""
-    from cryosphere.labels import template_bank
-
-    return template_bank(
-        dataset.volume,
-        level,
-        float(dataset.parameters.blur_sigma),
-        pixel_size=dataset.pixel_size,
-        cache_dir=None if run_dir is None else Path(run_dir) / "labels",
-        progress=progress,
-    )
 
 
 def template_matched_poses(
@@ -574,7 +553,9 @@ def accuracy_vs_snr(
             folder, dataset, pose_labels, model_config, training_config, progress=progress
         )
         val = result.validation_indices
-        templates = dataset_templates(dataset, level, folder, progress=progress)
+        templates = labels.dataset_templates(
+            dataset, level, cache_dir=labels.labels_dir(folder), progress=progress
+        )
         metrics = compare_pose_estimators(
             dataset.rotations[val],
             dataset.symmetry_ops,

@@ -54,6 +54,8 @@ __all__ = [
     "LabelExplorerData",
     "volume_sha256",
     "template_bank",
+    "dataset_templates",
+    "labels_dir",
     "mse_landscape",
     "template_matching",
     "soft_labels",
@@ -305,6 +307,37 @@ def _score_blocks(
             bar.update()
             yield row_start, cell_start, scores
     bar.close()
+
+
+def dataset_templates(
+    dataset: Any,
+    level: int = 2,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """:func:`template_bank` of a dataset's map on grid ``level``, blurred like its images.
+
+    Args:
+        dataset: needs ``volume``, ``pixel_size`` and ``parameters.blur_sigma``.
+        cache_dir: cache folder, normally ``labels_dir(run_dir)``; None: no cache.
+
+    Returns:
+        ``(G, N, N)`` float32 templates in grid order.
+    """
+    return template_bank(
+        dataset.volume,
+        level,
+        float(dataset.parameters.blur_sigma),
+        pixel_size=dataset.pixel_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
+def labels_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir/labels/``: where labels and templates of a run are cached."""
+    return Path(run_dir) / "labels"
 
 
 def mse_landscape(
@@ -586,14 +619,7 @@ def compute_labels(
         lam = _check_lam(lam)
     radius = default_radius_deg(level) if radius_deg is None else float(radius_deg)
     if templates is None:
-        templates = template_bank(
-            dataset.volume,
-            level,
-            float(dataset.parameters.blur_sigma),
-            pixel_size=dataset.pixel_size,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
+        templates = dataset_templates(dataset, level, cache_dir=cache_dir, progress=progress)
     n_cells = so3.healpix_so3_grid_size(level)
     if np.asarray(templates).shape[0] != n_cells:
         raise ValueError(
@@ -646,7 +672,7 @@ def load_or_make_labels(
     q = _check_q(q)
     if lam is not None:
         lam = _check_lam(lam)
-    folder = Path(run_dir) / "labels"
+    folder = labels_dir(run_dir)
     record = {
         "version": _LABELS_VERSION,
         "level": level,

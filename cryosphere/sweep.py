@@ -198,13 +198,7 @@ def _check_settings(
 # --------------------------------------------------------------------------------------------
 def _share_templates(dataset: Any, level: int, shared: Path, run_labels: Path) -> None:
     """Compute (or reuse) the template bank in ``shared`` and link it into ``run_labels``."""
-    labels.template_bank(
-        dataset.volume,
-        level,
-        float(dataset.parameters.blur_sigma),
-        pixel_size=dataset.pixel_size,
-        cache_dir=shared,
-    )
+    labels.dataset_templates(dataset, level, cache_dir=shared)
     run_labels.mkdir(parents=True, exist_ok=True)
     # the record (json) goes last: it marks a complete bank
     for name in (f"templates_L{level}.npy", f"templates_L{level}.json"):
@@ -230,7 +224,7 @@ def _run_row(
     shared_templates: Path,
 ) -> dict[str, float]:
     dataset = load_or_simulate(folder, parameters, progress=False)
-    _share_templates(dataset, level, shared_templates, folder / "labels")
+    _share_templates(dataset, level, shared_templates, labels.labels_dir(folder))
     pose_labels = labels.load_or_make_labels(folder, dataset, level=level, q=q, progress=False)
     result, predictions = train.load_or_train(
         folder, dataset, pose_labels, model_config, training_config, progress=False

@@ -131,7 +131,7 @@ def test_template_matching_on_noise_free_images_finds_the_nearest_grid_cell(
 
 def test_template_matching_beats_uniform_on_noisy_images(small_dataset):
     level = 1
-    templates = evaluate.dataset_templates(small_dataset, level)
+    templates = labels.dataset_templates(small_dataset, level)
     tm = evaluate.template_matched_poses(small_dataset.noisy_images, templates, level)
     G = so3.healpix_so3_grid_size(level)
     table = evaluate.compare_pose_estimators(
