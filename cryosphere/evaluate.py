@@ -325,6 +325,21 @@ def _images(
     return images.numpy()
 
 
+def _sigmoid_map_pairs(
+    model: PoseDistributionNetwork, images_R: np.ndarray, images_QR: np.ndarray, Q: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmoid map of I(Q R), exact left translation by Q of the map of I(R))``, each
+    ``(n, G)`` on the CPU, for images ``(n, N, N)`` and rotations ``(n, 3, 3)``."""
+    model.eval()
+    with torch.no_grad():
+        coeff_R = model.coefficients(torch.as_tensor(images_R)).cpu()
+        coeff_QR = model.coefficients(torch.as_tensor(images_QR)).cpu()
+        wigner = model.grid_wigner.cpu()
+        p_translated = torch.sigmoid(rotate_so3_coefficients(coeff_R, Q) @ wigner)
+        p_rotated = torch.sigmoid(coeff_QR @ wigner)
+    return p_rotated, p_translated
+
+
 def model_equivariance_mse(
     model: PoseDistributionNetwork,
     images_R: np.ndarray,
@@ -340,18 +355,13 @@ def model_equivariance_mse(
             f"images_R ({len(images_R)}), images_QR ({len(images_QR)}) and Q ({len(Q)}) must "
             "have one entry per pair"
         )
-    model.eval()
     out = []
-    with torch.no_grad():
-        for start in range(0, len(Q), int(batch_size)):
-            stop = start + int(batch_size)
-            coeff_R = model.coefficients(torch.as_tensor(images_R[start:stop])).cpu()
-            coeff_QR = model.coefficients(torch.as_tensor(images_QR[start:stop])).cpu()
-            translated = rotate_so3_coefficients(coeff_R, Q[start:stop])
-            wigner = model.grid_wigner.cpu()
-            p_translated = torch.sigmoid(translated @ wigner)
-            p_rotated = torch.sigmoid(coeff_QR @ wigner)
-            out.append(((p_rotated - p_translated) ** 2).mean(dim=1).double().numpy())
+    for start in range(0, len(Q), int(batch_size)):
+        stop = start + int(batch_size)
+        p_rotated, p_translated = _sigmoid_map_pairs(
+            model, images_R[start:stop], images_QR[start:stop], Q[start:stop]
+        )
+        out.append(((p_rotated - p_translated) ** 2).mean(dim=1).double().numpy())
     return np.concatenate(out)
 
 
@@ -390,13 +400,7 @@ def model_equivariance_example(
     R, Q = R[index : index + 1], Q[index : index + 1]
     image_R = _images(volume, R, blur_sigma, 0.0, 0)
     image_QR = _images(volume, Q @ R, blur_sigma, 0.0, 0)
-    model.eval()
-    with torch.no_grad():
-        wigner = model.grid_wigner.cpu()
-        coeff_R = model.coefficients(torch.as_tensor(image_R)).cpu()
-        coeff_QR = model.coefficients(torch.as_tensor(image_QR)).cpu()
-        map_translated = torch.sigmoid(rotate_so3_coefficients(coeff_R, Q) @ wigner)[0].numpy()
-        map_QR = torch.sigmoid(coeff_QR @ wigner)[0].numpy()
+    map_QR, map_translated = (p[0].numpy() for p in _sigmoid_map_pairs(model, image_R, image_QR, Q))
     return {
         "R": R[0],
         "Q": Q[0],

@@ -13,6 +13,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from cryosphere.evaluate import accuracy_curve
+from cryosphere.viz import _sphere_panel  # the Mollweide panel the label figures use
+
 __all__ = [
     "plot_equivariance_distribution",
     "plot_equivariance_example",
@@ -42,15 +45,6 @@ def plot_equivariance_distribution(mse: Mapping[str, Mapping[str, np.ndarray]]) 
     return fig
 
 
-def _mollweide_panel(ax, directions: np.ndarray, values: np.ndarray, title: str) -> None:
-    lon = np.arctan2(directions[:, 1], directions[:, 0])
-    lat = np.arcsin(np.clip(directions[:, 2], -1.0, 1.0))
-    ax.scatter(lon, lat, c=values, s=max(4.0, 6000.0 / len(lon)), cmap="viridis", linewidths=0)
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=6)
-    ax.grid(True, alpha=0.3)
-
-
 def plot_equivariance_example(
     image_R: np.ndarray,
     image_QR: np.ndarray,
@@ -76,8 +70,8 @@ def plot_equivariance_example(
         ax.axis("off")
     panels = ((marginal_QR, "p(S | I(Q R))"), (marginal_translated, "p(Qᵀ S | I(R))"))
     for k, (values, title) in enumerate(panels):
-        _mollweide_panel(fig.add_subplot(1, 4, k + 3, projection="mollweide"), pixel_directions,
-                         values, title)  # fmt: skip
+        ax = fig.add_subplot(1, 4, k + 3, projection="mollweide")
+        _sphere_panel(ax, pixel_directions, values, None, title)
     if mse is not None:
         fig.suptitle(f"equivariance MSE of this pair: {mse:.2e}", fontsize=10)
     fig.tight_layout()
@@ -103,9 +97,7 @@ def plot_accuracy_curves(
     thresholds = np.linspace(0.0, 180.0, 181) if thresholds_deg is None else thresholds_deg
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for name, errors in errors_deg.items():
-        errors = np.asarray(errors)
-        curve = (errors[None, :] < thresholds[:, None]).mean(axis=1)
-        ax.plot(thresholds, curve, label=name)
+        ax.plot(thresholds, accuracy_curve(errors, thresholds), label=name)
     for t in (15, 30):
         ax.axvline(t, color="gray", linestyle=":", linewidth=1)
     ax.set(xlabel="threshold (deg)", ylabel="accuracy", title="accuracy vs threshold")
