@@ -26,37 +26,36 @@ from pathlib import Path
 
 import torch
 
-from cryosphere import evaluate, labels, train
-from cryosphere.model import ModelConfig
-from cryosphere.simulate import SimulationParameters, load_or_simulate
+from cryosphere import evaluate, labels, series, train
+from cryosphere.simulate import SimulationParameters
 
 
 def evaluate_case(args: argparse.Namespace, structure: str, snr: float) -> dict:
     run_dir = Path(args.runs_root) / f"paper-{structure}-snr{snr:g}"
     start = time.perf_counter()
-    parameters = SimulationParameters(
+    run = series.load_or_train_run(
+        run_dir,
         structure=structure,
         n_projections=args.n_projections,
         image_size=args.image_size,
         snr=snr,
+        blur_sigma=SimulationParameters.blur_sigma,
         seed=args.seed,
+        lmax=args.lmax,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        progress=False,
     )
-    dataset = load_or_simulate(run_dir, parameters, progress=False)
-    pose_labels = labels.load_or_make_labels(run_dir, dataset, level=2, q=0.05, progress=False)
-    model_config = ModelConfig(image_size=args.image_size, lmax=args.lmax, grid_level=2)
-    training_config = train.TrainingConfig(
-        epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed, device="cpu"
-    )
-    result, predictions = train.load_or_train(
-        run_dir, dataset, pose_labels, model_config, training_config, progress=False
-    )
+    dataset, pose_labels, result, predictions = run.dataset, run.labels, run.result, run.predictions
     trained_s = time.perf_counter() - start
     templates = labels.dataset_templates(dataset, 2, cache_dir=labels.labels_dir(run_dir))
     table = evaluate.equivariance_table(
         dataset.volume,
         dataset.parameters.blur_sigma,
         model=result.model,
-        random_model=train.untrained_model(dataset.noisy_images, model_config, training_config),
+        random_model=train.untrained_model(
+            dataset.noisy_images, run.model_config, run.training_config
+        ),
         templates=templates,
         level=2,
         lam=pose_labels.lam,
