@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh clone (Python 3.10+ with venv and pip):
+# Two commands do all set-up on a fresh clone (Python 3.11+ with venv and pip):
 #   make run    # creates .venv, installs CryoSphere, runs the notebook series (quick profile)
 #   make test   # creates .venv, installs CryoSphere, runs lint, format check, unit tests, notebooks
 # Both reuse the virtual environment once it is installed.

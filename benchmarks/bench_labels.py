@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from cryosphere import labels, so3
-from cryosphere.simulate import SimulationParameters, simulate_dataset
+from cryosphere.geometry import so3
+from cryosphere.imaging.simulate import SimulationParameters, simulate_dataset
+from cryosphere.poses import labels
 
 
 def best_time(function, repeats: int):

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch_fourier_slice import project_3d_to_2d
 
-from cryosphere import so3, structure
-from cryosphere.projection import project_volume
-from cryosphere.simulate import auto_pixel_size
+from cryosphere.geometry import so3
+from cryosphere.imaging import structure
+from cryosphere.imaging.projection import project_volume
+from cryosphere.imaging.simulate import auto_pixel_size
 
 
 def best_time(function, repeats: int) -> tuple[float, torch.Tensor]:

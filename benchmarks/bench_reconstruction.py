@@ -20,10 +20,11 @@ import time
 import torch
 from torch_fourier_slice import backproject_2d_to_3d
 
-from cryosphere import so3, structure
-from cryosphere.projection import project_volume
-from cryosphere.reconstruct import backproject, fourier_shell_correlation
-from cryosphere.simulate import auto_pixel_size
+from cryosphere.geometry import so3
+from cryosphere.imaging import structure
+from cryosphere.imaging.projection import project_volume
+from cryosphere.imaging.simulate import auto_pixel_size
+from cryosphere.reconstruction.reconstruct import backproject, fourier_shell_correlation
 
 
 def best_time(function, repeats: int) -> tuple[float, torch.Tensor]:

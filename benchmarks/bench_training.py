@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from cryosphere import labels, simulate, train
-    from cryosphere.model import ModelConfig
+    from cryosphere.imaging import simulate
+    from cryosphere.poses import labels, train
+    from cryosphere.poses.model import ModelConfig
 
     epochs = args.epochs if args.epochs is not None else (5 if args.quick else 200)
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="cryosphere_bench_")

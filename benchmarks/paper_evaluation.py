@@ -5,7 +5,7 @@ labels on the level-2 grid (q = 0.05), the network trained for 200 epochs (lmax 
 lr 1e-3 as in the poster unless ``--learning-rate`` is given), then
 
 * the equivariance table (model, untrained network, label maps; in-plane and out-of-plane;
-  ``--pairs`` pairs each; sigmoid probabilities, see :mod:`cryosphere.evaluate`);
+  ``--pairs`` pairs each; sigmoid probabilities, see :mod:`cryosphere.poses.evaluate`);
 * pose accuracy on the validation split: model vs template matching vs uniform.
 
 Each case lives in its own run folder ``<runs-root>/paper-<structure>-snr<snr>/`` (training
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from cryosphere import evaluate, labels, series, train
-from cryosphere.simulate import SimulationParameters
+from cryosphere.imaging.simulate import SimulationParameters
+from cryosphere.poses import evaluate, labels, train
+from cryosphere.runs import series
 
 
 def evaluate_case(args: argparse.Namespace, structure: str, snr: float) -> dict:

@@ -13,7 +13,7 @@ Conventions
 - STAR files follow RELION 3.1+: a ``data_optics`` table and a ``data_particles`` table; Euler
   angles (``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi``) in degrees, ZYZ, with the matrix
   ``Rz(psi) @ Ry(tilt) @ Rz(rot)`` mapping reference (volume) to image coordinates, which is
-  the package's pose convention (see :mod:`cryosphere.so3`).
+  the package's pose convention (see :mod:`cryosphere.geometry.so3`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere import structure
-from cryosphere.simulate import SimulationParameters, auto_pixel_size, simulate_dataset
+from cryosphere.imaging import structure
+from cryosphere.imaging.simulate import SimulationParameters, auto_pixel_size, simulate_dataset
 
 torch.set_num_threads(2)
 

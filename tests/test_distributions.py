@@ -8,7 +8,7 @@ import healpy
 import numpy as np
 import pytest
 
-from cryosphere import distributions, so3
+from cryosphere.geometry import distributions, so3
 
 
 def test_normalize_rows():

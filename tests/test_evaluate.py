@@ -1,4 +1,4 @@
-"""Pose metrics, baselines and the equivariance test (cryosphere.evaluate)."""
+"""Pose metrics, baselines and the equivariance test (cryosphere.poses.evaluate)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere import evaluate, labels, so3, train
-from cryosphere.model import ModelConfig, wigner_d_flat
-from cryosphere.projection import gaussian_blur, project_volume
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import gaussian_blur, project_volume
+from cryosphere.poses import evaluate, labels, train
+from cryosphere.poses.model import ModelConfig, wigner_d_flat
 
 TINY = ModelConfig(image_size=32, lmax=3, conv_channels=(4, 8), sphere_channels=4, so3_channels=4)
 

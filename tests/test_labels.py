@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere import distributions, labels, so3
-from cryosphere.simulate import SimulationParameters, simulate_dataset
+from cryosphere.geometry import distributions, so3
+from cryosphere.imaging.simulate import SimulationParameters, simulate_dataset
+from cryosphere.poses import labels
 
 LEVEL = 2
 

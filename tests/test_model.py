@@ -1,4 +1,4 @@
-"""Equivariance and conventions of the pose-distribution network (cryosphere.model)."""
+"""Equivariance and conventions of the pose-distribution network (cryosphere.poses.model)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from e3nn import o3
 
-from cryosphere import model as M
-from cryosphere import projection, so3
+from cryosphere.geometry import so3
+from cryosphere.imaging import projection
+from cryosphere.poses import model as M
 
 LMAX = 4
 RZ90 = so3.rotation_about_z(90.0)

@@ -28,8 +28,52 @@ def test_environment_yml_lists_every_pyproject_dependency():
 def test_distribution_name_console_script_and_torch_pin():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == "cryosphere-pose"
-    assert project["scripts"]["cryosphere"] == "cryosphere.cli:main"
+    assert project["scripts"]["cryosphere"] == "cryosphere.runs.cli:main"
     assert "torch>=2.3" in project["dependencies"]
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+def test_flat_module_names_of_release_0_1_still_import():
+    import importlib
+
+    import cryosphere
+    from cryosphere import so3, train  # noqa: F401  (the 0.1 spelling)
+    from cryosphere.geometry import so3 as new_so3
+    from cryosphere.poses import train as new_train
+
+    assert so3 is new_so3 and train is new_train
+    for old, new in cryosphere.MOVED_MODULES.items():
+        module = importlib.import_module(f"cryosphere.{old}")
+        assert module is importlib.import_module(f"cryosphere.{new}")
+        assert module.__spec__.name == f"cryosphere.{new}"
+    import cryosphere.labels as labels_alias
+
+    assert labels_alias.__name__ == "cryosphere.poses.labels"
+
+
+def test_stages_import_only_downstream_of_themselves():
+    """Data flow one way: a stage never imports a later stage (AST scan of import lines)."""
+    import ast
+
+    order = ["io", "geometry", "imaging", "poses", "reconstruction", "figures", "runs"]
+    package = ROOT / "cryosphere"
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).parts
+        stage = parts[0] if len(parts) > 1 else path.stem
+        if stage not in order:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                bits = name.split(".")
+                if bits[0] != "cryosphere" or len(bits) < 2 or bits[1] not in order:
+                    continue
+                assert order.index(bits[1]) <= order.index(stage), (
+                    f"{path.relative_to(ROOT)} ({stage}) imports {name} from a later stage"
+                )

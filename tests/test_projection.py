@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch_fourier_slice import project_3d_to_2d
 
-from cryosphere import so3
-from cryosphere.projection import (
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import (
     add_gaussian_noise,
     gaussian_blur,
     noise_sigma_for_snr,

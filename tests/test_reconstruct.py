@@ -1,4 +1,4 @@
-"""Tests for cryosphere.reconstruct: back-projection, symmetry, FSC, resolution."""
+"""Tests for cryosphere.reconstruction.reconstruct: back-projection, symmetry, FSC, resolution."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere import reconstruct as rc
-from cryosphere import so3
-from cryosphere.projection import gaussian_blur, project_volume, project_volume_real_space
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import gaussian_blur, project_volume, project_volume_real_space
+from cryosphere.reconstruction import reconstruct as rc
 
 
 def _lowpass(volume: np.ndarray, fraction: float) -> np.ndarray:

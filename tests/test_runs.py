@@ -8,7 +8,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from cryosphere import cli, runs
+from cryosphere import runs
+from cryosphere.runs import cli
 
 
 def _write_notebook(path, parameters_source, body_source):

@@ -1,11 +1,12 @@
-"""The series' shared steps in one call (cryosphere.series)."""
+"""The series' shared steps in one call (cryosphere.runs.series)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cryosphere import series, train
+from cryosphere.poses import train
+from cryosphere.runs import series
 
 TINY_RUN = dict(
     structure="1ubi",

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import starfile
 
-from cryosphere import io, so3
-from cryosphere.projection import project_volume
-from cryosphere.simulate import (
+from cryosphere import io
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import project_volume
+from cryosphere.imaging.simulate import (
     SIMULATION_FILES,
     SimulationParameters,
     load_dataset,

@@ -1,4 +1,4 @@
-"""Tests for cryosphere.so3: conventions, grids, nearest lookups and point groups."""
+"""Tests for cryosphere.geometry.so3: conventions, grids, nearest lookups and point groups."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from cryosphere import so3
+from cryosphere.geometry import so3
 
 ATOL = 1e-5
 

@@ -14,7 +14,9 @@ import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 import pytest  # noqa: E402
 
-from cryosphere import distributions, so3, spheres, structure, widgets  # noqa: E402
+from cryosphere.figures import spheres, widgets
+from cryosphere.geometry import distributions, so3
+from cryosphere.imaging import structure  # noqa: E402
 
 LEVEL = 1  # 576 rotations: fast; the layout is the same at every level
 

@@ -1,4 +1,4 @@
-"""Tests for cryosphere.structure: loading, Coulomb maps and point-group detection."""
+"""Tests for cryosphere.imaging.structure: loading, Coulomb maps and point-group detection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-from cryosphere.structure import (
+from cryosphere.imaging.structure import (
     EMBEDDED_STRUCTURES,
     atom_masses,
     atom_positions,

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryosphere import io, sweep, train
-from cryosphere.model import ModelConfig
-from cryosphere.simulate import SimulationParameters
+from cryosphere import io
+from cryosphere.imaging.simulate import SimulationParameters
+from cryosphere.poses import train
+from cryosphere.poses.model import ModelConfig
+from cryosphere.runs import sweep
 
 matplotlib.use("Agg")
 

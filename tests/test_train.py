@@ -1,4 +1,4 @@
-"""Training loop, checkpoints, resume, prediction and bad input (cryosphere.train)."""
+"""Training loop, checkpoints, resume, prediction and bad input (cryosphere.poses.train)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere import io, so3, train
-from cryosphere.model import ModelConfig
-from cryosphere.projection import project_volume
+from cryosphere import io
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import project_volume
+from cryosphere.poses import train
+from cryosphere.poses.model import ModelConfig
 
 TINY = ModelConfig(image_size=32, lmax=3, conv_channels=(4, 8), sphere_channels=4, so3_channels=4)
 SMALL = ModelConfig(image_size=32, lmax=4, conv_channels=(8, 16), sphere_channels=8, so3_channels=8)

@@ -11,7 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from cryosphere import distributions, labels, so3, viz, widgets  # noqa: E402
+from cryosphere.figures import viz, widgets
+from cryosphere.geometry import distributions, so3
+from cryosphere.poses import labels  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Figures of the evaluation (matplotlib): equivariance MSE, pose errors, accuracy curves.
 
-Every function takes arrays or the records of :mod:`cryosphere.evaluate` and returns a
+Every function takes arrays or the records of :mod:`cryosphere.poses.evaluate` and returns a
 :class:`matplotlib.figure.Figure`; nothing is computed here beyond what is drawn.
 """
 
@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from cryosphere.evaluate import accuracy_curve
-from cryosphere.viz import _sphere_panel  # the Mollweide panel the label figures use
+from cryosphere.figures.viz import _sphere_panel  # the Mollweide panel the label figures use
+from cryosphere.poses.evaluate import accuracy_curve
 
 __all__ = [
     "plot_equivariance_distribution",
@@ -112,7 +112,7 @@ def plot_accuracy_vs_snr(
     estimators: Sequence[str] = ("model", "template_matching", "uniform"),
 ) -> Figure:
     """Median error and acc@15° against SNR (log axis) per estimator, from the rows of
-    :func:`cryosphere.evaluate.accuracy_vs_snr`."""
+    :func:`cryosphere.poses.evaluate.accuracy_vs_snr`."""
     snr = np.array([row["snr"] for row in rows], dtype=float)
     order = np.argsort(snr)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -2,8 +2,8 @@
 :mod:`spheres`.
 
 The widgets only wire sliders to library functions; the computations live in
-:mod:`cryosphere.labels` and :mod:`cryosphere.spheres`, the figures in :mod:`cryosphere.viz`
-and :mod:`cryosphere.spheres`. Building a widget needs ipywidgets but no running front end, so
+:mod:`cryosphere.poses.labels` and :mod:`cryosphere.figures.spheres`, the figures in :mod:`cryosphere.figures.viz`
+and :mod:`cryosphere.figures.spheres`. Building a widget needs ipywidgets but no running front end, so
 notebooks executed headless (CI, papermill) still run.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cryosphere import labels as labels_module
-from cryosphere import spheres, viz
+from cryosphere.figures import spheres, viz
+from cryosphere.poses import labels as labels_module
 
 __all__ = ["label_explorer", "sphere_explorer"]
 
@@ -30,7 +30,7 @@ def label_explorer(
     """Sliders for λ (log scale), q and the image index over :func:`viz.plot_label_explorer`.
 
     Args:
-        labels: :class:`cryosphere.labels.PoseLabels` (its MSE landscape is reused; moving a
+        labels: :class:`cryosphere.poses.labels.PoseLabels` (its MSE landscape is reused; moving a
             slider recomputes only the chosen image's soft map and mask).
         rotations: ``(n, 3, 3)`` true poses of the labelled images.
         symmetry_ops: ``(K, 3, 3)`` point-group ops (None: no symmetry).
@@ -111,7 +111,7 @@ def sphere_explorer(
     """Pick a structure, an image and a view; shows :func:`spheres.plot_label_vs_prediction`.
 
     Args:
-        structures: name (e.g. ``"1UBI (C1)"``) -> :class:`cryosphere.spheres.DistributionSet`
+        structures: name (e.g. ``"1UBI (C1)"``) -> :class:`cryosphere.figures.spheres.DistributionSet`
             with the images, true poses, symmetry ops, label and predicted distributions.
         image_index: initial image (clamped to each structure's image count).
         kind: initial view, ``"scatter"`` (Image2Sphere-style) or ``"surface"`` (viewing-

@@ -1,4 +1,4 @@
-"""Training, checkpoints, resuming and prediction for :class:`~cryosphere.model.PoseDistributionNetwork`.
+"""Training, checkpoints, resuming and prediction for :class:`~cryosphere.poses.model.PoseDistributionNetwork`.
 
 The training API works on arrays so it does not depend on how the targets were made:
 
@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cryosphere import io, so3
-from cryosphere.model import (
+from cryosphere import io
+from cryosphere.geometry import so3
+from cryosphere.poses.model import (
     ARCHITECTURE,
     ModelConfig,
     PoseDistributionNetwork,
@@ -699,7 +700,7 @@ def load_or_train(
 
     Args:
         run_dir: run folder (checkpoint, log and predictions go to ``run_dir/model/``).
-        dataset: :class:`cryosphere.simulate.ParticleDataset` (uses ``noisy_images``,
+        dataset: :class:`cryosphere.imaging.simulate.ParticleDataset` (uses ``noisy_images``,
             ``rotations``, ``symmetry_ops``, ``pixel_size``).
         labels: pose labels with ``mask`` (n, G) bool, ``soft`` (n, G) and ``level``.
         model_config: default ``ModelConfig(image_size=dataset.image_size,

@@ -4,9 +4,9 @@ Notebooks 03–08 all start from the same three steps with the same shared param
 runs them through the library calls that own each step, so every notebook reuses what an earlier
 one wrote to the run folder (or makes it now, identically):
 
-1. :func:`cryosphere.simulate.load_or_simulate` (``run_dir/particles.*``, ``volume.mrc``…),
-2. :func:`cryosphere.labels.load_or_make_labels` (``run_dir/labels/``),
-3. :func:`cryosphere.train.load_or_train` (``run_dir/model/``: reloads a finished checkpoint,
+1. :func:`cryosphere.imaging.simulate.load_or_simulate` (``run_dir/particles.*``, ``volume.mrc``…),
+2. :func:`cryosphere.poses.labels.load_or_make_labels` (``run_dir/labels/``),
+3. :func:`cryosphere.poses.train.load_or_train` (``run_dir/model/``: reloads a finished checkpoint,
    resumes an interrupted one).
 """
 
@@ -16,8 +16,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cryosphere import labels, simulate, train
-from cryosphere.model import ModelConfig
+from cryosphere.imaging import simulate
+
+from cryosphere.poses import labels, train
+from cryosphere.poses.model import ModelConfig
 
 __all__ = ["TrainedRun", "load_or_train_run"]
 
@@ -27,11 +29,11 @@ class TrainedRun:
     """What the shared steps give a notebook.
 
     Attributes:
-        dataset: :class:`cryosphere.simulate.ParticleDataset`.
-        labels: :class:`cryosphere.labels.PoseLabels`.
+        dataset: :class:`cryosphere.imaging.simulate.ParticleDataset`.
+        labels: :class:`cryosphere.poses.labels.PoseLabels`.
         model_config, training_config: the network's and the optimiser's settings.
-        result: :class:`cryosphere.train.TrainingResult` (model, history, split).
-        predictions: :class:`cryosphere.train.Predictions` for every image.
+        result: :class:`cryosphere.poses.train.TrainingResult` (model, history, split).
+        predictions: :class:`cryosphere.poses.train.Predictions` for every image.
     """
 
     dataset: Any

@@ -1,6 +1,6 @@
 """SO(3) distributions on spheres: interactive plotly views, Mollweide figures, HTML/PNG export.
 
-A distribution over SO(3) is held on the level-``L`` HEALPix grid (:mod:`cryosphere.distributions`:
+A distribution over SO(3) is held on the level-``L`` HEALPix grid (:mod:`cryosphere.geometry.distributions`:
 ``probs`` ``(G,)``, ``G = 72 * 8**L``, cell ``g = p * 6 * 2**L + j`` with ``p`` the NESTED
 HEALPix pixel of the viewing direction and ``j`` the in-plane index). Two views show it:
 
@@ -14,15 +14,15 @@ HEALPix pixel of the viewing direction and ``j`` the in-plane index). Two views 
   probability and the colour is the in-plane angle on a cyclic colour scale.
 
 **In-plane angle** ``ψ`` (degrees, in [0, 360)): the third RELION Euler angle ``psi`` of the pose,
-``R = Rz(-psi) @ Ry(-tilt) @ Rz(-rot)`` (:func:`cryosphere.so3.relion_euler_from_matrices`),
+``R = Rz(-psi) @ Ry(-tilt) @ Rz(-rot)`` (:func:`cryosphere.geometry.so3.relion_euler_from_matrices`),
 wrapped to [0, 360). For grid cell ``p * 6 * 2**L + j`` it is exactly ``360 j / (6 * 2**L)``
 (:func:`grid_in_plane_angles_deg`). Rotating the image in-plane by ``θ`` (pose ``Rz(θ) @ R``)
 lowers ``ψ`` by ``θ``. At the poles (viewing direction ±z, gimbal lock) ``ψ = 0`` and the whole
 in-plane angle sits in ``rot``; no HEALPix pixel centre lies there.
 
 **Viewing direction** of a pose ``R``: ``R[2, :]`` (the volume-frame direction mapped to the
-microscope's +z, :func:`cryosphere.so3.viewing_directions`); longitude ``atan2(y, x)``, latitude
-``asin(z)``, as in :mod:`cryosphere.viz`. The true pose is marked by a ring at its viewing
+microscope's +z, :func:`cryosphere.geometry.so3.viewing_directions`); longitude ``atan2(y, x)``, latitude
+``asin(z)``, as in :mod:`cryosphere.figures.viz`. The true pose is marked by a ring at its viewing
 direction, its symmetry mates ``R @ g`` (``g`` in the point group, volume frame) by diamonds.
 
 :func:`sphere_view` computes everything a view draws (a :class:`SphereView` of arrays); the
@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from cryosphere import distributions, io, so3
+from cryosphere import io
+from cryosphere.geometry import distributions, so3
 
 __all__ = [
     "IN_PLANE_COLORSCALE",

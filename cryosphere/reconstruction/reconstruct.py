@@ -1,6 +1,6 @@
 """Reconstruction by Fourier-space back-projection, symmetry, and Fourier shell correlation.
 
-Geometry (the inverse of :func:`cryosphere.projection.project_volume`)
+Geometry (the inverse of :func:`cryosphere.imaging.projection.project_volume`)
 --------------------------------------------------------------------
 An image of pose ``R`` (``x_mic = R @ x_vol``), centred at pixel ``N // 2``, has a 2D DFT
 equal to the 3D Fourier transform of the volume at ``Rᵀ k`` (``k = (kx, ky, 0)``). So each

@@ -2,9 +2,9 @@
 
 A dataset is made in four steps, all seeded:
 
-1. the Coulomb-potential map of the structure on an ``N³`` grid (:mod:`cryosphere.structure`);
+1. the Coulomb-potential map of the structure on an ``N³`` grid (:mod:`cryosphere.imaging.structure`);
 2. ``n`` uniform random poses ``R`` (``x_mic = R @ x_vol``);
-3. clean images: projections (line integrals, :func:`cryosphere.projection.project_volume`)
+3. clean images: projections (line integrals, :func:`cryosphere.imaging.projection.project_volume`)
    blurred by a Gaussian of ``blur_sigma`` pixels;
 4. noisy images: clean images plus white Gaussian noise with ``σ² = var(clean stack) / snr``,
    the variance taken over all pixels of the clean stack.
@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from cryosphere import io, so3, structure
-from cryosphere.projection import add_gaussian_noise, gaussian_blur, project_volume
+from cryosphere import io
+from cryosphere.geometry import so3
+from cryosphere.imaging import structure
+from cryosphere.imaging.projection import add_gaussian_noise, gaussian_blur, project_volume
 
 __all__ = [
     "SIMULATION_FILES",
@@ -263,7 +265,7 @@ def load_dataset(run_dir: str | os.PathLike[str]) -> ParticleDataset:
     if not record_path.is_file():
         raise FileNotFoundError(
             f"{folder} holds no simulated dataset ({SIMULATION_FILES['record']} is missing); "
-            "run notebook 01 or cryosphere.simulate.load_or_simulate first"
+            "run notebook 01 or cryosphere.imaging.simulate.load_or_simulate first"
         )
     record = io.read_json(record_path)
     volume, pixel_size = io.read_map(folder / SIMULATION_FILES["volume"])

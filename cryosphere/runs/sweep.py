@@ -3,12 +3,12 @@
 For every image count ``n`` in ``counts`` and every seed ``s`` in ``seeds``, one complete run is
 made in its own folder ``run_dir/sweep/n{n}_seed{s}/`` (:func:`sweep_folder`):
 
-1. a dataset of ``n`` images, the given :class:`~cryosphere.simulate.SimulationParameters` with
-   ``n_projections = n`` and ``seed = s`` (:func:`cryosphere.simulate.load_or_simulate`);
+1. a dataset of ``n`` images, the given :class:`~cryosphere.imaging.simulate.SimulationParameters` with
+   ``n_projections = n`` and ``seed = s`` (:func:`cryosphere.imaging.simulate.load_or_simulate`);
 2. its labels on the level-``level`` grid with mask fraction ``q``
-   (:func:`cryosphere.labels.load_or_make_labels`);
-3. a network trained on it with the given :class:`~cryosphere.train.TrainingConfig` and
-   ``seed = s`` (:func:`cryosphere.train.load_or_train`: a finished checkpoint is reloaded, an
+   (:func:`cryosphere.poses.labels.load_or_make_labels`);
+3. a network trained on it with the given :class:`~cryosphere.poses.train.TrainingConfig` and
+   ``seed = s`` (:func:`cryosphere.poses.train.load_or_train`: a finished checkpoint is reloaded, an
    interrupted one resumed).
 
 So one seed sets the poses, the noise, the validation split, the network initialisation and the
@@ -18,13 +18,13 @@ data order together: the spread across seeds is the spread over data *and* initi
 Measured per ``(n, seed)`` (one row, :data:`ROW_FIELDS`):
 
 * pose errors of the most probable grid pose (geodesic, degrees, minimum over the point group;
-  :func:`cryosphere.evaluate.pose_metrics`) on the run's **validation** split (median, mean,
+  :func:`cryosphere.poses.evaluate.pose_metrics`) on the run's **validation** split (median, mean,
   acc@15°, acc@30°, mean log-likelihood of the true pose) and on its **training** split (median,
   acc@15°): their gap is the over-fitting that fewer images bring;
-* the **equivariance MSE** (:func:`cryosphere.evaluate.equivariance_table`, noise-free images,
+* the **equivariance MSE** (:func:`cryosphere.poses.evaluate.equivariance_table`, noise-free images,
   mean over ``n_equivariance_pairs`` pairs) for out-of-plane and in-plane rotations, of the
   trained network (``eq_*_model``) and of the same network untrained (``eq_*_random``,
-  :func:`cryosphere.train.untrained_model`, the random baseline). The test pairs are seeded by
+  :func:`cryosphere.poses.train.untrained_model`, the random baseline). The test pairs are seeded by
   ``equivariance_seed`` alone, so every run of the grid is tested on the same pairs;
 * the last epoch's training and validation loss.
 
@@ -35,7 +35,7 @@ Files: ``run_dir/sweep/sweep.csv`` (the rows) and ``run_dir/sweep/sweep.json`` (
 and summary), both written atomically after the whole grid is done. The template bank is the
 same for every run (same map, blur and grid), so it is computed once into
 ``run_dir/sweep/templates/`` and hard-linked (copied where links are not possible) into each
-run's ``labels/`` folder, where :func:`cryosphere.labels.template_bank` finds and checks it.
+run's ``labels/`` folder, where :func:`cryosphere.poses.labels.template_bank` finds and checks it.
 
 Determinism: on CPU, the same inputs give identical rows, and a rerun on the same folder reloads
 every finished run and gives the same numbers. A run folder that holds a run made with other
@@ -59,9 +59,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from cryosphere import evaluate, io, labels, train
-from cryosphere.model import ModelConfig
-from cryosphere.simulate import SimulationParameters, load_or_simulate
+from cryosphere import io
+
+from cryosphere.poses import evaluate, labels, train
+from cryosphere.poses.model import ModelConfig
+from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
 
 __all__ = [
     "SWEEP_FOLDER",
@@ -298,7 +300,7 @@ def projection_count_sweep(
         seeds: seeds (each >= 0, no duplicates); each seeds data, split and initialisation.
         model_config: default ``ModelConfig(image_size=parameters.image_size,
             grid_level=level)``.
-        training_config: default :class:`~cryosphere.train.TrainingConfig` (200 epochs);
+        training_config: default :class:`~cryosphere.poses.train.TrainingConfig` (200 epochs);
             ``seed`` is replaced per run; ``epochs`` must be >= 1 and
             ``validation_fraction`` > 0.
         level: HEALPix SO(3) grid level of the labels and the network output.
@@ -357,7 +359,7 @@ def projection_count_sweep(
         "seed_sets": "poses, noise, validation split, initialisation and data order",
         "errors": "geodesic, degrees, minimum over the point group; most probable grid pose",
         "equivariance": "mean over pairs of the per-pair MSE of sigmoid(grid logits), "
-        "noise-free images (cryosphere.evaluate.equivariance_table)",
+        "noise-free images (cryosphere.poses.evaluate.equivariance_table)",
         "std": "sample standard deviation across seeds (ddof=1)",
     }
     sweep = ProjectionSweep(

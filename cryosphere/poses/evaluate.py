@@ -20,7 +20,7 @@ For predicted poses ``P`` and true poses ``T`` ``(n, 3, 3)`` (``x_mic = R @ x_vo
   splits its mass between ``K`` mates pays ``log K``).
 
 Baselines on the same images: exhaustive template matching on the same grid (noisy image
-against every noise-free template, smallest MSE; :func:`cryosphere.labels.template_matching`)
+against every noise-free template, smallest MSE; :func:`cryosphere.poses.labels.template_matching`)
 and a uniform guess (Haar-random rotations, seeded).
 
 Equivariance test (GUIDE protocol)
@@ -38,8 +38,8 @@ What is compared:
   network is trained with binary cross-entropy against the masks, so ``sigmoid(logit_g)`` is
   its probability that cell ``g`` is a plausible pose). The left translation is exact: the
   SO(3) harmonic coefficients of the logits are rotated with Wigner-D matrices
-  (:func:`cryosphere.model.rotate_so3_coefficients`) and evaluated on the grid.
-  *random* is the same network untrained (:func:`cryosphere.train.untrained_model`).
+  (:func:`cryosphere.poses.model.rotate_so3_coefficients`) and evaluated on the grid.
+  *random* is the same network untrained (:func:`cryosphere.poses.train.untrained_model`).
 * **labels**: the poster's label map ``Pr[R_g | I] = exp(−λ·MSE_g)²`` (unnormalised, in [0, 1],
   the same scale as the sigmoids) computed from the noise-free images; held only on the grid,
   it is left-translated by nearest-cell resampling (``p'(S_g) = p(cell nearest Qᵀ S_g)``), so
@@ -62,9 +62,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cryosphere import so3
-from cryosphere.model import PoseDistributionNetwork, rotate_so3_coefficients
-from cryosphere.projection import gaussian_blur, project_volume
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import gaussian_blur, project_volume
+from cryosphere.poses.model import PoseDistributionNetwork, rotate_so3_coefficients
 
 __all__ = [
     "UNIFORM_LOG_LIKELIHOOD",
@@ -221,7 +221,7 @@ def template_matched_poses(
 ) -> np.ndarray:
     """Exhaustive template matching on the level-``level`` grid: the grid pose of smallest MSE
     between each noisy image ``(n, N, N)`` and the noise-free templates ``(G, N, N)``."""
-    from cryosphere.labels import template_matching
+    from cryosphere.poses.labels import template_matching
 
     grid = so3.healpix_so3_grid(level)
     if templates.shape[0] != len(grid):
@@ -375,7 +375,7 @@ def label_equivariance_mse(
 ) -> np.ndarray:
     """Per-pair MSE ``(n,)`` of the label maps ``exp(−λ·MSE)²`` (unnormalised), left-translated by
     nearest-cell resampling: the floor set by the grid (module docstring)."""
-    from cryosphere.labels import mse_landscape, soft_labels
+    from cryosphere.poses.labels import mse_landscape, soft_labels
 
     maps_R = soft_labels(mse_landscape(images_R, templates), lam, normalize=False)
     maps_QR = soft_labels(mse_landscape(images_QR, templates), lam, normalize=False)
@@ -531,7 +531,7 @@ def accuracy_vs_snr(
 ) -> list[dict[str, Any]]:
     """Model vs template matching vs uniform at several SNRs, each in its own run folder.
 
-    For each SNR the dataset ``parameters`` (a :class:`cryosphere.simulate.SimulationParameters`)
+    For each SNR the dataset ``parameters`` (a :class:`cryosphere.imaging.simulate.SimulationParameters`)
     is simulated with that SNR (same poses and seed) into ``run_dir/snr/snr_<value>/``, labelled,
     and a model is trained (or reloaded) there; the three estimators are scored on that model's
     validation images.
@@ -539,8 +539,8 @@ def accuracy_vs_snr(
     Returns one dict per SNR: ``{"snr": s, "model": metrics, "template_matching": metrics,
     "uniform": metrics}`` (metrics from :func:`pose_metrics`).
     """
-    from cryosphere import labels, train
-    from cryosphere.simulate import load_or_simulate
+    from cryosphere.imaging.simulate import load_or_simulate
+    from cryosphere.poses import labels, train
 
     if not len(snr_levels):
         raise ValueError("snr_levels is empty; give at least one SNR, e.g. [1.0, 0.1]")

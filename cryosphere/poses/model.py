@@ -7,7 +7,7 @@ Architecture (all shapes for a batch of ``n`` images of ``N x N`` pixels)
 2. **Convolutions** ``(n, 1, N, N) -> (n, C1, N/2, N/2) -> (n, C2, N/4, N/4)``: stride-2
    convolutions with ReLU, *circular* padding and kernels constrained to be invariant under
    90-degree rotations (:class:`QuarterTurnConv2d`). Together with the circular padding this
-   makes the feature maps commute exactly with :func:`cryosphere.projection.
+   makes the feature maps commute exactly with :func:`cryosphere.imaging.projection.
    rotate_images_quarter_turns` (a 90-degree rotation about pixel ``N // 2`` on the torus)
    whenever ``N // 2`` is divisible by ``2**len(conv_channels)`` (e.g. ``N`` = 32, 48, 64).
 3. **Channel mixing** (1x1 convolution) to ``Cs`` sphere channels.
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cryosphere import so3
+from cryosphere.geometry import so3
 
 __all__ = [
     "ARCHITECTURE",

@@ -79,7 +79,7 @@ class RunStepError(RuntimeError):
 
 def default_notebooks_dir() -> Path:
     """The ``notebooks/`` folder beside the package (a source checkout or editable install)."""
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def series_notebooks(notebooks_dir: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -142,7 +142,7 @@ class RunPlan:
 
 
 def _resolve_structure(structure: str) -> str:
-    from cryosphere.structure import EMBEDDED_STRUCTURES
+    from cryosphere.imaging.structure import EMBEDDED_STRUCTURES
 
     if structure.lower() in EMBEDDED_STRUCTURES:
         return structure.lower()

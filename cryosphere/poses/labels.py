@@ -45,8 +45,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cryosphere import distributions, io, so3
-from cryosphere.projection import gaussian_blur, project_volume, volume_spectrum
+from cryosphere import io
+from cryosphere.geometry import distributions, so3
+from cryosphere.imaging.projection import gaussian_blur, project_volume, volume_spectrum
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT_BYTES",
@@ -178,7 +179,7 @@ def template_bank(
         cache_dir: when given, templates are read from / written to
             ``cache_dir/templates_L{level}.npy`` with a JSON record of the parameters that
             made them; a cached bank is reused only when the record matches exactly.
-        oversampling, batch_size: passed to :func:`cryosphere.projection.project_volume`.
+        oversampling, batch_size: passed to :func:`cryosphere.imaging.projection.project_volume`.
         progress: show a progress bar while projecting.
 
     Returns:
@@ -599,7 +600,7 @@ def compute_labels(
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> PoseLabels:
-    """Labels of a :class:`cryosphere.simulate.ParticleDataset` from its clean images.
+    """Labels of a :class:`cryosphere.imaging.simulate.ParticleDataset` from its clean images.
 
     Args:
         dataset: needs ``volume``, ``clean_images``, ``rotations``, ``symmetry_ops``,
@@ -718,7 +719,7 @@ def load_or_make_labels(
 @dataclass(frozen=True)
 class LabelExplorerData:
     """What the label explorer shows for one image (arrays named as
-    :func:`cryosphere.viz.plot_label_explorer`'s arguments; see :meth:`plot_arguments`).
+    :func:`cryosphere.figures.viz.plot_label_explorer`'s arguments; see :meth:`plot_arguments`).
 
     Attributes:
         mse: ``(G,)`` the image's MSE landscape.
@@ -745,7 +746,7 @@ class LabelExplorerData:
     level: int
 
     def plot_arguments(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`cryosphere.viz.plot_label_explorer`."""
+        """Keyword arguments for :func:`cryosphere.figures.viz.plot_label_explorer`."""
         return {
             "mse": self.mse,
             "threshold": self.threshold,

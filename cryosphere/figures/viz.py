@@ -2,7 +2,7 @@
 
 Functions here take arrays and return a :class:`matplotlib.figure.Figure`; they compute nothing
 beyond what they draw. Viewing directions are volume-frame unit vectors ``(x, y, z)`` (see
-:func:`cryosphere.so3.viewing_directions`), drawn in a Mollweide projection with longitude
+:func:`cryosphere.geometry.so3.viewing_directions`), drawn in a Mollweide projection with longitude
 ``atan2(y, x)`` and latitude ``asin(z)``.
 """
 

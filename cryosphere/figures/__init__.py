@@ -1,0 +1,1 @@
+"""Figures, the one home for drawing: matplotlib panels and label figures (:mod:`.viz`), evaluation plots (:mod:`.plots`), image galleries (:mod:`.gallery`), plotly SO(3) spheres and exports (:mod:`.spheres`), ipywidgets explorers (:mod:`.widgets`). Compute functions elsewhere never draw."""

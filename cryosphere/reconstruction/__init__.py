@@ -1,0 +1,1 @@
+"""Reconstruction: Fourier-space back-projection, symmetry, FSC (:mod:`.reconstruct`)."""
