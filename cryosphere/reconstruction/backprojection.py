@@ -1,14 +1,14 @@
 """Reconstruction by Fourier-space back-projection (insertion of central slices).
 
 Geometry (the inverse of :func:`cryosphere.imaging.projection.project_volume`)
---------------------------------------------------------------------
+------------------------------------------------------------------------------
 An image of pose ``R`` (``x_mic = R @ x_vol``), centred at pixel ``N // 2``, has a 2D DFT
 equal to the 3D Fourier transform of the volume at ``Rᵀ k`` (``k = (kx, ky, 0)``). So each
 image's DFT is *inserted* as a central slice at ``Rᵀ k`` in a 3D Fourier grid, then the grid
 is inverse-transformed.
 
-Algorithm (:func:`backproject`)
--------------------------------
+Algorithm (:func:`reconstruct`, :func:`backproject`)
+----------------------------------------------------
 1. Each image is zero-padded to ``P = oversampling * N`` pixels (centre at ``P // 2``) and
    transformed (``rfft2``; the factor ``(-1)^(r + s)`` moves the origin to pixel ``P // 2``,
    which is the image's pixel ``N // 2``, for even and odd ``N``; ``P`` must be even).
