@@ -82,7 +82,7 @@ def plot_label_explorer(
             label="mass per viewing direction",
         )
     if true_directions is not None:
-        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.05, -0.05))
+        ax.legend(loc="lower right", fontsize=7, markerscale=0.4, bbox_to_anchor=(1.05, -0.05))
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
