@@ -24,7 +24,8 @@ from cryosphere.geometry import so3
 from cryosphere.imaging import structure
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.simulate import auto_pixel_size
-from cryosphere.reconstruction.reconstruct import backproject, fourier_shell_correlation
+from cryosphere.reconstruction.backprojection import backproject
+from cryosphere.reconstruction.fsc import fourier_shell_correlation
 
 
 def best_time(function, repeats: int) -> tuple[float, torch.Tensor]:

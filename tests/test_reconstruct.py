@@ -1,4 +1,4 @@
-"""Tests for cryosphere.reconstruction.reconstruct: back-projection, symmetry, FSC, resolution."""
+"""Tests for cryosphere.reconstruction: back-projection, symmetry, FSC, resolution experiments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from cryosphere.geometry import so3
 from cryosphere.imaging.projection import gaussian_blur, project_volume, project_volume_real_space
-from cryosphere.reconstruction import reconstruct as rc
+from cryosphere.reconstruction import backprojection, experiments, fsc, symmetry
 
 
 def _lowpass(volume: np.ndarray, fraction: float) -> np.ndarray:
@@ -41,19 +41,19 @@ def c2_map(ubi_map_32):
 
 def test_fsc_of_a_map_with_itself_is_one(ubi_map_32):
     volume, pixel = ubi_map_32
-    curve = rc.fourier_shell_correlation(volume, volume, pixel)
+    curve = fsc.fourier_shell_correlation(volume, volume, pixel)
     assert curve.fsc.shape == (17,)
     np.testing.assert_allclose(curve.fsc, 1.0, atol=1e-9)
     assert curve.frequency_inv_angstrom[-1] == pytest.approx(1 / (2 * pixel))
     assert curve.resolution(0.143) == pytest.approx(2 * pixel)
     # A scaled copy is perfectly correlated too (FSC is per-shell normalised).
-    np.testing.assert_allclose(rc.fourier_shell_correlation(volume, 3 * volume, pixel).fsc, 1.0)
+    np.testing.assert_allclose(fsc.fourier_shell_correlation(volume, 3 * volume, pixel).fsc, 1.0)
 
 
 def test_fsc_of_independent_noise_is_near_zero():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 32, 32, 32))
-    curve = rc.fourier_shell_correlation(a, b, 1.0)
+    curve = fsc.fourier_shell_correlation(a, b, 1.0)
     assert abs(curve.fsc[2:].mean()) < 0.1
     assert np.abs(curve.fsc[4:]).max() < 0.25
     assert curve.n_voxels.sum() > 0.5 * 32**3
@@ -63,23 +63,23 @@ def test_resolution_is_interpolated_at_the_first_crossing():
     frequency = np.arange(17) / (32 * 1.5)  # shells s / (N * pixel), pixel 1.5 Å
     curve = 1.0 - np.arange(17) / 16.0
     # 0.5 is reached exactly at shell 8: 48 / 8 = 6 Å.
-    assert rc.resolution_at_threshold(frequency, curve, 0.5) == pytest.approx(6.0)
+    assert fsc.resolution_at_threshold(frequency, curve, 0.5) == pytest.approx(6.0)
     # 0.143 between shells 13 and 14, at s = 16 * 0.857 = 13.712.
-    assert rc.resolution_at_threshold(frequency, curve, 0.143) == pytest.approx(48 / 13.712)
+    assert fsc.resolution_at_threshold(frequency, curve, 0.143) == pytest.approx(48 / 13.712)
     # The first crossing counts, even if the curve recovers later.
     dip = np.ones(17)
     dip[5], dip[6] = 0.6, 0.4
     expected = 1 / (frequency[5] + 0.1 / 0.2 * (frequency[6] - frequency[5]))
-    assert rc.resolution_at_threshold(frequency, dip, 0.5) == pytest.approx(expected)
+    assert fsc.resolution_at_threshold(frequency, dip, 0.5) == pytest.approx(expected)
     # Never below: Nyquist (2 * pixel).
-    assert rc.resolution_at_threshold(frequency, np.ones(17), 0.143) == pytest.approx(3.0)
+    assert fsc.resolution_at_threshold(frequency, np.ones(17), 0.143) == pytest.approx(3.0)
 
 
 def test_fsc_rejects_mismatched_maps():
     with pytest.raises(ValueError, match="same shape"):
-        rc.fourier_shell_correlation(np.zeros((8, 8, 8)), np.zeros((10, 10, 10)), 1.0)
+        fsc.fourier_shell_correlation(np.zeros((8, 8, 8)), np.zeros((10, 10, 10)), 1.0)
     with pytest.raises(ValueError, match="cubic"):
-        rc.fourier_shell_correlation(np.zeros((8, 8, 9)), np.zeros((8, 8, 9)), 1.0)
+        fsc.fourier_shell_correlation(np.zeros((8, 8, 9)), np.zeros((8, 8, 9)), 1.0)
 
 
 # ----------------------------------------------------------------------------- back-projection
@@ -89,8 +89,8 @@ def test_project_then_backproject_recovers_the_map_at_64_px(ubi_map_64):
     volume, pixel = ubi_map_64
     poses = so3.random_rotations(1500, seed=1)
     images = project_volume(volume, poses)
-    recon = rc.backproject(images, poses, regularisation=0.0).numpy()
-    curve = rc.fourier_shell_correlation(recon, volume, pixel)
+    recon = backprojection.backproject(images, poses, regularisation=0.0).numpy()
+    curve = fsc.fourier_shell_correlation(recon, volume, pixel)
     two_thirds = int(round(2 / 3 * 32))
     assert curve.fsc[1 : two_thirds + 1].min() >= 0.9
     # Real space, within the band the reconstruction covers: a few per cent error, right scale.
@@ -103,9 +103,11 @@ def test_random_poses_give_a_much_worse_fsc(ubi_map_32):
     volume, pixel = ubi_map_32
     poses = so3.random_rotations(300, seed=2)
     images = project_volume(volume, poses)
-    good = rc.fourier_shell_correlation(rc.backproject(images, poses), volume, pixel)
+    good = fsc.fourier_shell_correlation(backprojection.backproject(images, poses), volume, pixel)
     wrong_poses = so3.random_rotations(300, seed=3)
-    bad = rc.fourier_shell_correlation(rc.backproject(images, wrong_poses), volume, pixel)
+    bad = fsc.fourier_shell_correlation(
+        backprojection.backproject(images, wrong_poses), volume, pixel
+    )
     assert good.resolution(0.5) < 0.5 * bad.resolution(0.5)
     assert good.fsc[4:12].mean() > 0.9 > 0.4 > bad.fsc[4:12].mean()
 
@@ -118,36 +120,38 @@ def test_peer_backprojector_needs_the_transposed_pose(ubi_map_32):
     images = project_volume(volume, poses)
     as_transposed = backproject_2d_to_3d(images, torch.as_tensor(poses.transpose(0, 2, 1)).float())
     as_is = backproject_2d_to_3d(images, torch.as_tensor(poses).float())
-    good = rc.fourier_shell_correlation(as_transposed, volume, pixel)
-    bad = rc.fourier_shell_correlation(as_is, volume, pixel)
+    good = fsc.fourier_shell_correlation(as_transposed, volume, pixel)
+    bad = fsc.fourier_shell_correlation(as_is, volume, pixel)
     assert good.fsc[1:11].min() > 0.95
     assert bad.fsc[4:11].mean() < 0.6
 
 
 def test_one_hot_weights_equal_the_plain_reconstruction(small_dataset):
     images, poses = small_dataset.noisy_images, small_dataset.rotations
-    plain = rc.backproject(images, poses)
+    plain = backprojection.backproject(images, poses)
     others = so3.random_rotations(2 * len(poses), seed=5).reshape(len(poses), 2, 3, 3)
     candidates = np.concatenate([others[:, :1], poses[:, None], others[:, 1:]], axis=1)
     one_hot = np.zeros((len(poses), 3))
     one_hot[:, 1] = 1.0
-    weighted = rc.backproject(images, candidates, one_hot)
+    weighted = backprojection.backproject(images, candidates, one_hot)
     torch.testing.assert_close(weighted, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()))
     # Splitting a pose's weight over two copies of it changes nothing either.
-    halves = rc.backproject(images, np.stack([poses, poses], 1), np.full((len(poses), 2), 0.5))
+    halves = backprojection.backproject(
+        images, np.stack([poses, poses], 1), np.full((len(poses), 2), 0.5)
+    )
     torch.testing.assert_close(halves, plain, rtol=1e-4, atol=1e-5 * float(plain.abs().max()))
 
 
 def test_top_k_poses_feed_the_weighted_mode():
     grid = so3.healpix_so3_grid(0)
     probs = np.random.default_rng(0).dirichlet(np.ones(len(grid)), size=5)
-    rotations, weights = rc.top_k_poses(probs, grid, k=3)
+    rotations, weights = backprojection.top_k_poses(probs, grid, k=3)
     assert rotations.shape == (5, 3, 3, 3) and weights.shape == (5, 3)
     np.testing.assert_allclose(weights.sum(1), 1.0)
     np.testing.assert_array_equal(rotations[:, 0], grid[probs.argmax(1)])
     assert np.all(np.diff(weights, axis=1) <= 0)
     with pytest.raises(ValueError, match="probabilities must have shape"):
-        rc.top_k_poses(probs[:, :10], grid, 3)
+        backprojection.top_k_poses(probs[:, :10], grid, 3)
 
 
 def test_known_blur_is_deconvolved(ubi_map_32):
@@ -158,7 +162,10 @@ def test_known_blur_is_deconvolved(ubi_map_32):
     errors = [
         np.linalg.norm(
             _lowpass(
-                rc.backproject(blurred, poses, blur_sigma_px=s, regularisation=1e-3).numpy(), 0.6
+                backprojection.backproject(
+                    blurred, poses, blur_sigma_px=s, regularisation=1e-3
+                ).numpy(),
+                0.6,
             )
             - ref
         )
@@ -171,19 +178,19 @@ def test_bad_inputs_raise_clear_errors():
     images = np.zeros((4, 16, 16), dtype=np.float32)
     poses = so3.random_rotations(4, seed=0)
     with pytest.raises(ValueError, match="4 images but 3 poses"):
-        rc.backproject(images, poses[:3])
+        backprojection.backproject(images, poses[:3])
     with pytest.raises(ValueError, match="square"):
-        rc.backproject(np.zeros((4, 16, 12)), poses)
+        backprojection.backproject(np.zeros((4, 16, 12)), poses)
     with pytest.raises(ValueError, match="pass weights"):
-        rc.backproject(images, np.stack([poses, poses], 1))
+        backprojection.backproject(images, np.stack([poses, poses], 1))
     with pytest.raises(ValueError, match="weights must have shape"):
-        rc.backproject(images, poses, np.ones(3))
+        backprojection.backproject(images, poses, np.ones(3))
     with pytest.raises(ValueError, match=">= 0"):
-        rc.backproject(images, poses, -np.ones(4))
+        backprojection.backproject(images, poses, -np.ones(4))
     with pytest.raises(ValueError, match="regularisation"):
-        rc.backproject(images, poses, regularisation=-1.0)
+        backprojection.backproject(images, poses, regularisation=-1.0)
     with pytest.raises(ValueError, match="proper rotations"):
-        rc.backproject(images, poses, symmetry_ops=np.stack([np.eye(3), -np.eye(3)]))
+        backprojection.backproject(images, poses, symmetry_ops=np.stack([np.eye(3), -np.eye(3)]))
 
 
 # ----------------------------------------------------------------------------- symmetry
@@ -192,18 +199,18 @@ def test_bad_inputs_raise_clear_errors():
 def test_symmetrizing_a_symmetric_map_leaves_it_unchanged(c2_map):
     volume, _ = c2_map
     c2_z = so3.point_group("C2")
-    np.testing.assert_allclose(rc.symmetrize_map(volume, c2_z).numpy(), volume, atol=1e-6)
-    assert rc.symmetry_correlation(volume, c2_z) == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(symmetry.symmetrize_map(volume, c2_z).numpy(), volume, atol=1e-6)
+    assert symmetry.symmetry_correlation(volume, c2_z) == pytest.approx(1.0, abs=1e-4)
     # A map that is not symmetric changes.
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(volume.shape).astype(np.float32)
-    assert np.abs(rc.symmetrize_map(noise, c2_z).numpy() - noise).max() > 0.5
+    assert np.abs(symmetry.symmetrize_map(noise, c2_z).numpy() - noise).max() > 0.5
     # Off-grid frame: symmetrizing twice equals once, to (trilinear) interpolation error,
     # small for a smooth map.
     frame = so3.random_rotations(1, seed=1)[0]
     ops = so3.point_group("C2", frame)
-    once = rc.symmetrize_map(_lowpass(volume, 0.4).astype(np.float32), ops)
-    twice = rc.symmetrize_map(once, ops)
+    once = symmetry.symmetrize_map(_lowpass(volume, 0.4).astype(np.float32), ops)
+    twice = symmetry.symmetrize_map(once, ops)
     assert float((twice - once).norm() / once.norm()) < 0.05
 
 
@@ -212,17 +219,19 @@ def test_imposing_c2_helps_a_sparse_reconstruction(c2_map):
     poses = so3.random_rotations(40, seed=7)
     images = project_volume(volume, poses)
     ops = so3.point_group("C2")
-    c1 = rc.reconstruct(images, poses, regularisation=0.1)
-    c2 = rc.reconstruct(images, poses, symmetry_ops=ops, regularisation=0.1)
+    c1 = backprojection.reconstruct(images, poses, regularisation=0.1)
+    c2 = backprojection.reconstruct(images, poses, symmetry_ops=ops, regularisation=0.1)
     assert c1.c1_volume is None and c2.c1_volume is not None
     torch.testing.assert_close(c2.c1_volume, c1.volume)
-    fsc_c1 = rc.fourier_shell_correlation(c1.volume, volume, pixel)
-    fsc_c2 = rc.fourier_shell_correlation(c2.volume, volume, pixel)
+    fsc_c1 = fsc.fourier_shell_correlation(c1.volume, volume, pixel)
+    fsc_c2 = fsc.fourier_shell_correlation(c2.volume, volume, pixel)
     assert fsc_c2.fsc[2:16].mean() > fsc_c1.fsc[2:16].mean()
     assert fsc_c2.resolution(0.5) <= fsc_c1.resolution(0.5)
     # Inserting at R @ g is the same as symmetrizing the map afterwards.
-    after = rc.symmetrize_map(rc.backproject(images, poses, regularisation=0.1), ops)
-    assert rc.fourier_shell_correlation(after, c2.volume, pixel).fsc[1:12].min() > 0.9
+    after = symmetry.symmetrize_map(
+        backprojection.backproject(images, poses, regularisation=0.1), ops
+    )
+    assert fsc.fourier_shell_correlation(after, c2.volume, pixel).fsc[1:12].min() > 0.9
     assert c2.symmetry_correlation > 0.6
 
 
@@ -232,12 +241,12 @@ def test_a_point_group_in_the_wrong_frame_is_rejected(c2_map):
     images = project_volume(volume, poses)
     about_x = so3.point_group("C2", so3.rotation_about_axis(np.array([1.0, 0, 0]), 90.0))
     with pytest.raises(ValueError, match="does not match the map's frame"):
-        rc.reconstruct(images, poses, symmetry_ops=about_x)
+        backprojection.reconstruct(images, poses, symmetry_ops=about_x)
     with pytest.raises(ValueError, match="does not match the map's frame"):
-        rc.check_point_group(volume, about_x)
-    assert rc.check_point_group(volume, so3.point_group("C2")) > 0.9
+        symmetry.check_point_group(volume, about_x)
+    assert symmetry.check_point_group(volume, so3.point_group("C2")) > 0.9
     # The check can be switched off.
-    rc.reconstruct(images, poses, symmetry_ops=about_x, check_symmetry=False)
+    backprojection.reconstruct(images, poses, symmetry_ops=about_x, check_symmetry=False)
 
 
 # ----------------------------------------------------------------------------- workflows
@@ -245,8 +254,8 @@ def test_a_point_group_in_the_wrong_frame_is_rejected(c2_map):
 
 def test_half_set_fsc_is_seeded_and_splits_the_images(small_dataset):
     ds = small_dataset
-    first = rc.half_set_fsc(ds.noisy_images, ds.rotations, ds.pixel_size, seed=1)
-    again = rc.half_set_fsc(ds.noisy_images, ds.rotations, ds.pixel_size, seed=1)
+    first = experiments.half_set_fsc(ds.noisy_images, ds.rotations, ds.pixel_size, seed=1)
+    again = experiments.half_set_fsc(ds.noisy_images, ds.rotations, ds.pixel_size, seed=1)
     np.testing.assert_array_equal(first.fsc.fsc, again.fsc.fsc)
     assert len(first.indices_a) + len(first.indices_b) == len(ds)
     assert not set(first.indices_a) & set(first.indices_b)
@@ -261,13 +270,13 @@ def test_resolution_improves_with_more_images(ubi_map_32):
     noisy = images + 0.5 * images.std() * torch.randn(
         images.shape, generator=torch.Generator().manual_seed(0)
     )
-    sweep = rc.resolution_vs_image_count(noisy, poses, pixel, [10, 200], reference=volume)
+    sweep = experiments.resolution_vs_image_count(noisy, poses, pixel, [10, 200], reference=volume)
     assert sweep.counts.tolist() == [10, 200] and sweep.threshold == 0.143
     assert sweep.resolution_angstrom[1] < sweep.resolution_angstrom[0]
-    half = rc.resolution_vs_image_count(noisy, poses, pixel, [20, 200], threshold=0.5)
+    half = experiments.resolution_vs_image_count(noisy, poses, pixel, [20, 200], threshold=0.5)
     assert half.resolution_angstrom[1] < half.resolution_angstrom[0]
     with pytest.raises(ValueError, match="counts must lie"):
-        rc.resolution_vs_image_count(noisy, poses, pixel, [500])
+        experiments.resolution_vs_image_count(noisy, poses, pixel, [500])
 
 
 def test_odd_image_size_is_centred_at_n_over_2(ubi_map_32):
@@ -275,8 +284,10 @@ def test_odd_image_size_is_centred_at_n_over_2(ubi_map_32):
     volume, pixel = ubi_map_32
     odd = np.ascontiguousarray(volume[1:, 1:, 1:])  # 31³, centre voxel 15 = 31 // 2
     poses = so3.random_rotations(150, seed=10)
-    recon = rc.backproject(project_volume_real_space(odd, poses), poses, regularisation=0.0)
-    curve = rc.fourier_shell_correlation(recon, odd, pixel)
+    recon = backprojection.backproject(
+        project_volume_real_space(odd, poses), poses, regularisation=0.0
+    )
+    curve = fsc.fourier_shell_correlation(recon, odd, pixel)
     assert curve.fsc[1:11].min() > 0.9
     with pytest.raises(ValueError, match="must be even"):
-        rc.backproject(np.zeros((2, 31, 31)), poses[:2], oversampling=1)
+        backprojection.backproject(np.zeros((2, 31, 31)), poses[:2], oversampling=1)

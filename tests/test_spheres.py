@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 import pytest  # noqa: E402
 
-from cryosphere.figures import spheres, widgets
+from cryosphere.figures import export, spheres, widgets
 from cryosphere.geometry import distributions, so3
 from cryosphere.imaging import structure  # noqa: E402
 
@@ -263,12 +263,12 @@ def test_export_html_holds_the_figure(tmp_path):
 def test_export_png_says_what_is_missing(tmp_path, monkeypatch):
     fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
     with monkeypatch.context() as patch:
-        patch.setattr(spheres, "_kaleido_version", lambda: None)
+        patch.setattr(export, "_kaleido_version", lambda: None)
         with pytest.raises(RuntimeError, match=r"kaleido .*pip install kaleido"):
             spheres.export_png(fig, tmp_path / "a.png")
     with monkeypatch.context() as patch:
-        patch.setattr(spheres, "_kaleido_version", lambda: "1.5.0")
-        patch.setattr(spheres, "_find_chromium", lambda: None)
+        patch.setattr(export, "_kaleido_version", lambda: "1.5.0")
+        patch.setattr(export, "_find_chromium", lambda: None)
         with pytest.raises(RuntimeError, match=r"Chromium .*apt install chromium"):
             spheres.export_png(fig, tmp_path / "a.png")
     assert not list(tmp_path.iterdir())

@@ -1,1 +1,9 @@
-"""Figures, the one home for drawing: matplotlib panels and label figures (:mod:`.viz`), evaluation plots (:mod:`.plots`), image galleries (:mod:`.gallery`), plotly SO(3) spheres and exports (:mod:`.spheres`), ipywidgets explorers (:mod:`.widgets`). Compute functions elsewhere never draw."""
+"""Figures, the one home for drawing; compute functions elsewhere never draw.
+
+matplotlib: label figures (:mod:`.viz`), evaluation and sweep plots (:mod:`.plots`), maps and
+image galleries with the one image orientation (:mod:`.gallery`), FSC and resolution plots
+(:mod:`.resolution`), the one Mollweide map (:mod:`.mollweide`). plotly: SO(3) distributions
+on the sphere (:mod:`.so3_views` prepares them, :mod:`.so3_plotly` draws them). Files:
+:mod:`.export`. ipywidgets explorers: :mod:`.widgets`. :mod:`.spheres` keeps the 0.1 names of
+the sphere views.
+"""

@@ -1,8 +1,13 @@
 """2D figures of maps and images: central slices, image galleries (matplotlib).
 
 Functions here take arrays and return a :class:`matplotlib.figure.Figure`; they compute
-nothing beyond what they draw. Volumes are ``(N, N, N)`` ``[z, y, x]``; images ``[y, x]`` are
-drawn with row 0 at the top and x to the right (``origin="upper"``).
+nothing beyond what they draw. Volumes are ``(N, N, N)`` ``[z, y, x]``.
+
+Image orientation, one for every image panel of the figures: an image ``[y, x]`` is drawn with
+row 0 at the top and column 0 at the left (:data:`IMAGE_ORIGIN`; plotly heatmaps reverse their
+y axis, :data:`PLOTLY_IMAGE_YAXIS`). Rows run along microscope y and columns along microscope x
+(the pose convention of :mod:`cryosphere`), so microscope y points down the screen, as in
+RELION and most image viewers. :func:`draw_image` is the one way the figures draw an image.
 """
 
 from __future__ import annotations
@@ -11,9 +16,37 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
-__all__ = ["central_slices", "plot_central_slices", "plot_image_gallery"]
+__all__ = [
+    "IMAGE_ORIGIN",
+    "PLOTLY_IMAGE_YAXIS",
+    "draw_image",
+    "central_slices",
+    "plot_central_slices",
+    "plot_image_gallery",
+]
+
+IMAGE_ORIGIN = "upper"
+"""matplotlib ``imshow`` origin of every image panel: row 0 at the top."""
+PLOTLY_IMAGE_YAXIS = {"autorange": "reversed"}
+"""plotly y-axis settings that put a heatmap's row 0 at the top (same orientation)."""
+
+
+def draw_image(
+    ax: Axes,
+    image: np.ndarray,
+    cmap: str = "gray",
+    extent: tuple[float, float, float, float] | None = None,
+) -> AxesImage:
+    """Draw ``image`` ``[row, column]`` on ``ax``, row 0 at the top (:data:`IMAGE_ORIGIN`).
+
+    ``extent`` ``(left, right, bottom, top)`` in data units (e.g. Å) labels the axes; its
+    ``top`` is the coordinate of row 0. The grey scale runs from the image's min to its max.
+    """
+    return ax.imshow(np.asarray(image), cmap=cmap, origin=IMAGE_ORIGIN, extent=extent)
 
 
 def central_slices(volume: np.ndarray) -> dict[str, np.ndarray]:
@@ -48,7 +81,7 @@ def plot_central_slices(
             extent = (-half, half, half, -half)
         for col, (plane, section) in enumerate(slices.items()):
             ax = axes[row, col]
-            ax.imshow(section, cmap=cmap, extent=extent)
+            draw_image(ax, section, cmap, extent)
             ax.set_title(f"{name}: {plane}", fontsize=9)
             if extent is None:
                 ax.set_xticks([])
@@ -84,7 +117,7 @@ def plot_image_gallery(
             ax.set_xticks([])
             ax.set_yticks([])
             if c < len(stack):
-                ax.imshow(stack[c], cmap=cmap)
+                draw_image(ax, stack[c], cmap)
             else:
                 ax.set_axis_off()
             if c == 0 and row_labels is not None:

@@ -2,8 +2,8 @@
 
 Functions here take arrays and return a :class:`matplotlib.figure.Figure`; they compute nothing
 beyond what they draw. Viewing directions are volume-frame unit vectors ``(x, y, z)`` (see
-:func:`cryosphere.geometry.so3.viewing_directions`), drawn in a Mollweide projection with longitude
-``atan2(y, x)`` and latitude ``asin(z)``.
+:func:`cryosphere.geometry.so3.viewing_directions`), drawn on the Mollweide map of
+:mod:`cryosphere.figures.mollweide` (longitude ``atan2(y, x)``, latitude ``asin(z)``).
 """
 
 from __future__ import annotations
@@ -14,56 +14,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from cryosphere.figures.mollweide import mark_poses, mollweide_panel
+
 __all__ = ["plot_label_explorer", "plot_viewing_marginals"]
-
-
-def _lon_lat(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Longitude ``atan2(y, x)`` in (-π, π] and latitude ``asin(z)`` of unit vectors (..., 3)."""
-    d = np.asarray(directions, dtype=np.float64)
-    d = d / np.linalg.norm(d, axis=-1, keepdims=True)
-    return np.arctan2(d[..., 1], d[..., 0]), np.arcsin(np.clip(d[..., 2], -1.0, 1.0))
-
-
-def _sphere_panel(
-    ax,
-    pixel_directions: np.ndarray,
-    values: np.ndarray,
-    true_directions: np.ndarray | None,
-    title: str,
-    cmap: str = "viridis",
-):
-    """Scatter HEALPix pixel centres coloured by ``values`` on a Mollweide axis; mark the true
-    viewing direction (star, row 0 of ``true_directions``) and its symmetry mates (crosses)."""
-    lon, lat = _lon_lat(pixel_directions)
-    size = float(np.clip(12000.0 / len(lon), 4.0, 120.0))
-    scatter = ax.scatter(lon, lat, c=values, s=size, cmap=cmap, vmin=0.0, linewidths=0)
-    if true_directions is not None and len(true_directions):
-        t_lon, t_lat = _lon_lat(np.atleast_2d(true_directions))
-        if len(t_lon) > 1:
-            ax.scatter(
-                t_lon[1:],
-                t_lat[1:],
-                marker="X",
-                s=110,
-                facecolor="orange",
-                edgecolor="black",
-                linewidths=0.8,
-                label="symmetry mate",
-            )
-        ax.scatter(
-            t_lon[:1],
-            t_lat[:1],
-            marker="*",
-            s=220,
-            facecolor="red",
-            edgecolor="black",
-            linewidths=0.8,
-            label="true pose",
-        )
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.tick_params(labelsize=7)
-    return scatter
 
 
 def plot_label_explorer(
@@ -117,7 +70,9 @@ def plot_label_explorer(
         (3, mask_marginal, mask_title),
     ):
         ax = fig.add_subplot(1, 3, position, projection="mollweide")
-        scatter = _sphere_panel(ax, pixel_directions, values, true_directions, panel_title)
+        scatter = mollweide_panel(ax, pixel_directions, values, title=panel_title)
+        if true_directions is not None:
+            mark_poses(ax, true_directions)
         fig.colorbar(
             scatter,
             ax=ax,
@@ -127,7 +82,7 @@ def plot_label_explorer(
             label="mass per viewing direction",
         )
     if true_directions is not None:
-        ax.legend(loc="lower right", fontsize=7, bbox_to_anchor=(1.05, -0.05))
+        ax.legend(loc="lower right", fontsize=7, markerscale=0.4, bbox_to_anchor=(1.05, -0.05))
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -153,6 +108,8 @@ def plot_viewing_marginals(
         ax = fig.add_subplot(1, n, i + 1, projection="mollweide")
         truth = None if true_directions is None else true_directions[i]
         title = "" if titles is None else titles[i]
-        scatter = _sphere_panel(ax, pixel_directions, values, truth, title)
+        scatter = mollweide_panel(ax, pixel_directions, values, title=title)
+        if truth is not None:
+            mark_poses(ax, truth)
         fig.colorbar(scatter, ax=ax, orientation="horizontal", shrink=0.7, pad=0.04)
     return fig

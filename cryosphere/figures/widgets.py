@@ -1,10 +1,10 @@
-"""Interactive notebook widgets (ipywidgets) around the plotting functions of :mod:`viz` and
-:mod:`spheres`.
+"""Interactive notebook widgets (ipywidgets) around the plotting functions of :mod:`.viz` and
+:mod:`.so3_plotly`.
 
 The widgets only wire sliders to library functions; the computations live in
-:mod:`cryosphere.poses.labels` and :mod:`cryosphere.figures.spheres`, the figures in :mod:`cryosphere.figures.viz`
-and :mod:`cryosphere.figures.spheres`. Building a widget needs ipywidgets but no running front end, so
-notebooks executed headless (CI, papermill) still run.
+:mod:`cryosphere.poses.labels` and :mod:`cryosphere.figures.so3_views`, the figures in
+:mod:`cryosphere.figures.viz` and :mod:`cryosphere.figures.so3_plotly`. Building a widget needs
+ipywidgets but no running front end, so notebooks executed headless (CI, papermill) still run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cryosphere.figures import spheres, viz
+from cryosphere.figures import export, so3_plotly, so3_views, viz
 from cryosphere.poses import labels as labels_module
 
 __all__ = ["label_explorer", "sphere_explorer"]
@@ -104,14 +104,14 @@ def label_explorer(
 
 
 def sphere_explorer(
-    structures: Mapping[str, spheres.DistributionSet],
+    structures: Mapping[str, so3_views.DistributionSet],
     image_index: int = 0,
     kind: str = "scatter",
 ):
-    """Pick a structure, an image and a view; shows :func:`spheres.plot_label_vs_prediction`.
+    """Pick a structure, an image and a view; shows :func:`so3_plotly.plot_label_vs_prediction`.
 
     Args:
-        structures: name (e.g. ``"1UBI (C1)"``) -> :class:`cryosphere.figures.spheres.DistributionSet`
+        structures: name (e.g. ``"1UBI (C1)"``) -> :class:`cryosphere.figures.so3_views.DistributionSet`
             with the images, true poses, symmetry ops, label and predicted distributions.
         image_index: initial image (clamped to each structure's image count).
         kind: initial view, ``"scatter"`` (Image2Sphere-style) or ``"surface"`` (viewing-
@@ -147,23 +147,23 @@ def sphere_explorer(
         data = structures[structure_menu.value]
         i = index_slider.value
         rotation = data.rotations[i]
-        label_view = spheres.sphere_view(
+        label_view = so3_views.sphere_view(
             data.label_probs[i], data.level, rotation, data.symmetry_ops
         )
         prediction_view = None
         if data.predicted_probs is not None:
-            prediction_view = spheres.sphere_view(
+            prediction_view = so3_views.sphere_view(
                 data.predicted_probs[i], data.level, rotation, data.symmetry_ops
             )
         group = f" ({data.point_group})" if data.point_group else ""
-        fig = spheres.plot_label_vs_prediction(
+        fig = so3_plotly.plot_label_vs_prediction(
             data.images[i],
             label_view,
             prediction_view,
             kind=kind_toggle.value,
             title=f"{structure_menu.value}{group}, image {i}",
         )
-        bundle = spheres.plotly_mimebundle(fig)
+        bundle = export.plotly_mimebundle(fig)
         output.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
     def change_structure(_change=None) -> None:

@@ -29,7 +29,8 @@ Measured per ``(n, seed)`` (one row, :data:`ROW_FIELDS`):
 * the last epoch's training and validation loss.
 
 :func:`summarize_sweep` aggregates the rows per ``n`` (mean, sample standard deviation with
-``ddof = 1``, min and max across seeds); :func:`plot_sweep` draws the summary.
+``ddof = 1``, min and max across seeds); :func:`cryosphere.figures.plots.plot_sweep` draws the
+summary (``sweep.plot_sweep``, its 0.1 name, is kept until 0.3).
 
 Files: ``run_dir/sweep/sweep.csv`` (the rows) and ``run_dir/sweep/sweep.json`` (protocol, rows
 and summary), both written atomically after the whole grid is done. The template bank is the
@@ -56,10 +57,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from cryosphere import io
+from cryosphere.figures.plots import plot_sweep  # moved to figures in 0.2; re-exported until 0.3
 
 from cryosphere.poses import evaluate, labels, train
 from cryosphere.poses.model import ModelConfig
@@ -413,78 +414,3 @@ def summarize_sweep(
             record[f"{column}_max"] = float(np.max(values))
         summary.append(record)
     return summary
-
-
-def _series(
-    records: list[Mapping[str, Any]], column: str, spread: str
-) -> tuple[np.ndarray, np.ndarray]:
-    mean = np.array([float(r[f"{column}_mean"]) for r in records])
-    if spread == "std":
-        std = np.nan_to_num(np.array([float(r[f"{column}_std"]) for r in records]))
-        return mean, np.vstack([std, std])
-    low = mean - np.array([float(r[f"{column}_min"]) for r in records])
-    high = np.array([float(r[f"{column}_max"]) for r in records]) - mean
-    return mean, np.vstack([low, high])
-
-
-def plot_sweep(summary: Sequence[Mapping[str, Any]] | pd.DataFrame, spread: str = "std") -> Figure:
-    """Validation and training median error, and equivariance MSE, against the image count.
-
-    Args:
-        summary: the per-``n`` records of :func:`summarize_sweep` (or a DataFrame of them).
-        spread: error bars, ``"std"`` (± the standard deviation across seeds; none for a single
-            seed) or ``"range"`` (min to max across seeds).
-
-    Returns:
-        A figure with two panels: median geodesic error (degrees) of the validation and the
-        training split; mean equivariance MSE (log scale) out of plane and in plane, trained
-        network (solid) and untrained network (dashed). The x axis is ``n`` on a log scale.
-    """
-    import matplotlib.pyplot as plt
-
-    if spread not in ("std", "range"):
-        raise ValueError(f"spread must be 'std' or 'range', got {spread!r}")
-    records = summary.to_dict("records") if isinstance(summary, pd.DataFrame) else list(summary)
-    if not records:
-        raise ValueError("summary is empty; nothing to plot")
-    records = sorted(records, key=lambda r: r["n"])
-    n = np.array([float(r["n"]) for r in records])
-    fig, (ax_err, ax_eq) = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    for column, label, colour in (
-        ("val_median_deg", "validation", "C0"),
-        ("train_median_deg", "training", "C1"),
-    ):
-        mean, err = _series(records, column, spread)
-        ax_err.errorbar(n, mean, yerr=err, marker="o", capsize=3, color=colour, label=label)
-    ax_err.set(
-        xlabel="images n (training + validation)", ylabel="median error (deg)", title="pose error"
-    )
-    ax_err.set_ylim(bottom=0)
-    for kind, colour in (("out_of_plane", "C2"), ("in_plane", "C3")):
-        for predictor, style in (("model", "-"), ("random", "--")):
-            mean, err = _series(records, f"eq_{kind}_{predictor}", spread)
-            ax_eq.errorbar(
-                n,
-                mean,
-                yerr=err,
-                marker="o" if predictor == "model" else "s",
-                linestyle=style,
-                capsize=3,
-                color=colour,
-                label=f"{kind.replace('_', '-')}, {'trained' if predictor == 'model' else 'untrained'}",
-            )
-    ax_eq.set_yscale("log")
-    ax_eq.set(xlabel="images n (training + validation)", ylabel="MSE", title="equivariance MSE")
-    for ax in (ax_err, ax_eq):
-        ax.set_xscale("log")
-        ax.set_xticks(n, [f"{int(v)}" for v in n])
-        ax.minorticks_off()
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    seeds = max(int(r.get("n_seeds", 1)) for r in records)
-    bars = "± std across seeds" if spread == "std" else "min–max across seeds"
-    if seeds < 2:
-        bars += ", none with one seed"
-    fig.suptitle(f"number of training images (error bars: {bars})", fontsize=10)
-    fig.tight_layout()
-    return fig
