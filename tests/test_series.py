@@ -39,3 +39,24 @@ def test_a_folder_made_with_other_parameters_is_refused(tmp_path):
     series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
     with pytest.raises(FileExistsError, match="other parameters"):
         series.load_or_train_run(tmp_path, progress=False, **{**TINY_RUN, "snr": 0.5})
+
+
+def test_streamed_model_trains_predicts_the_run_images_and_reloads(tmp_path):
+    run = series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+    kwargs = dict(steps=6, batch_size=8, lmax=2, channels=(8, 16), grid_level=1, seed=4)
+    first = series.load_or_train_stream(
+        tmp_path, run.dataset, validation_size=16, progress=False, **kwargs
+    )
+    checkpoint = train.checkpoint_path(first.folder)
+    assert checkpoint.is_file() and (first.folder / "model" / "predictions.npz").is_file()
+    assert (first.folder / "model" / "predicted_particles.star").is_file()
+    assert first.result.steps_done == 6 and first.result.images_seen == 48
+    assert first.predictions.probabilities.shape == (12, 576)
+    assert first.model_config.encoder == "resnet" and first.stream_config.snr == 1.0
+    stamp = checkpoint.stat().st_mtime_ns
+    again = series.load_or_train_stream(
+        tmp_path, run.dataset, validation_size=16, progress=False, **kwargs
+    )
+    assert checkpoint.stat().st_mtime_ns == stamp  # a finished run is reloaded, not retrained
+    np.testing.assert_array_equal(again.predictions.logits, first.predictions.logits)
+    assert train.load_model(checkpoint).config == first.model_config

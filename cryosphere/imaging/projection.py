@@ -42,6 +42,7 @@ __all__ = [
     "add_gaussian_noise",
     "default_device",
     "rotate_images_quarter_turns",
+    "rotate_images",
 ]
 
 
@@ -279,3 +280,51 @@ def rotate_images_quarter_turns(
     for _ in range(quarter_turns % 4):
         tensor = torch.roll(torch.rot90(tensor, -1, dims=(-2, -1)), shifts=shift, dims=-1)
     return tensor
+
+
+def rotate_images(
+    images: np.ndarray | torch.Tensor, angles_deg: np.ndarray | torch.Tensor | float
+) -> torch.Tensor:
+    """Rotate images ``(n, N, N)`` by ``angles_deg`` (one per image, or one for all) about pixel
+    ``N // 2``: the image of pose ``R`` becomes the image of ``Rz(angle) @ R``.
+
+    Output pixel ``(x, y)`` (relative to the centre) reads the input at ``Rz(angle)ᵀ (x, y)``.
+    Multiples of 90° are exact pixel permutations (:func:`rotate_images_quarter_turns`); other
+    angles use bilinear interpolation (a slight extra blur; pixels that come from outside the
+    box are 0, so rotate clean images before adding noise).
+    """
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    if tensor.ndim != 3 or tensor.shape[-1] != tensor.shape[-2]:
+        raise ValueError(f"images must have shape (n, N, N), got {tuple(tensor.shape)}")
+    n, n_pix = tensor.shape[0], tensor.shape[-1]
+    angles = np.broadcast_to(np.asarray(angles_deg, dtype=np.float64), (n,))
+    if not np.all(np.isfinite(angles)):
+        raise ValueError("angles_deg must be finite")
+    out = torch.empty_like(tensor)
+    quarter = np.isclose(np.mod(angles, 90.0), 0.0, atol=1e-9) | np.isclose(
+        np.mod(angles, 90.0), 90.0, atol=1e-9
+    )
+    for k in range(4):
+        sel = np.flatnonzero(quarter & (np.mod(np.round(angles / 90.0), 4) == k))
+        if sel.size:
+            idx = torch.from_numpy(sel)
+            out[idx] = rotate_images_quarter_turns(tensor[idx], k)
+    rest = np.flatnonzero(~quarter)
+    if rest.size:
+        theta = torch.from_numpy(np.deg2rad(angles[rest]))
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        coords = torch.arange(n_pix, dtype=torch.float64) - n_pix // 2
+        y, x = torch.meshgrid(coords, coords, indexing="ij")
+        # source = Rz(θ)ᵀ (x, y) = (x cos θ + y sin θ, −x sin θ + y cos θ), in pixels
+        src_x = cos[:, None, None] * x + sin[:, None, None] * y + n_pix // 2
+        src_y = -sin[:, None, None] * x + cos[:, None, None] * y + n_pix // 2
+        grid = torch.stack([src_x, src_y], dim=-1) * (2.0 / (n_pix - 1)) - 1.0
+        idx = torch.from_numpy(rest)
+        out[idx] = F.grid_sample(
+            tensor[idx][:, None],
+            grid.to(tensor.dtype).to(tensor.device),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )[:, 0]
+    return out

@@ -326,17 +326,32 @@ def _images(
 
 
 def _sigmoid_map_pairs(
-    model: PoseDistributionNetwork, images_R: np.ndarray, images_QR: np.ndarray, Q: np.ndarray
+    model: PoseDistributionNetwork,
+    images_R: np.ndarray,
+    images_QR: np.ndarray,
+    Q: np.ndarray,
+    output: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sigmoid map of I(Q R), exact left translation by Q of the map of I(R))``, each
-    ``(n, G)`` on the CPU, for images ``(n, N, N)`` and rotations ``(n, 3, 3)``."""
+    """``(map of I(Q R), exact left translation by Q of the map of I(R))``, each ``(n, G)`` on
+    the CPU, for images ``(n, N, N)`` and rotations ``(n, 3, 3)``. ``output="sigmoid"``: per-cell
+    sigmoid of the logits (BCE-trained models); ``"density"``: ``G · softmax(logits)``, the
+    density relative to uniform (cross-entropy-trained models, whose logits have no scale of
+    their own)."""
+    if output not in ("sigmoid", "density"):
+        raise ValueError(f"output must be 'sigmoid' or 'density', got {output!r}")
+
+    def link(logits: torch.Tensor) -> torch.Tensor:
+        if output == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1) * logits.shape[1]
+
     model.eval()
     with torch.no_grad():
         coeff_R = model.coefficients(torch.as_tensor(images_R)).cpu()
         coeff_QR = model.coefficients(torch.as_tensor(images_QR)).cpu()
         wigner = model.grid_wigner.cpu()
-        p_translated = torch.sigmoid(rotate_so3_coefficients(coeff_R, Q) @ wigner)
-        p_rotated = torch.sigmoid(coeff_QR @ wigner)
+        p_translated = link(rotate_so3_coefficients(coeff_R, Q) @ wigner)
+        p_rotated = link(coeff_QR @ wigner)
     return p_rotated, p_translated
 
 
@@ -346,9 +361,11 @@ def model_equivariance_mse(
     images_QR: np.ndarray,
     Q: np.ndarray,
     batch_size: int = 128,
+    output: str = "sigmoid",
 ) -> np.ndarray:
     """Per-pair MSE ``(n,)`` between ``sigmoid(logits(I(Q R)))`` and the exact left translation by
-    ``Q`` of ``sigmoid(logits(I(R)))`` (rotating the harmonic coefficients, module docstring)."""
+    ``Q`` of ``sigmoid(logits(I(R)))`` (rotating the harmonic coefficients, module docstring);
+    ``output="density"`` compares ``G · softmax(logits)`` instead (see ``_sigmoid_map_pairs``)."""
     Q = np.asarray(Q, dtype=np.float64)
     if not (len(images_R) == len(images_QR) == len(Q)):
         raise ValueError(
@@ -359,7 +376,7 @@ def model_equivariance_mse(
     for start in range(0, len(Q), int(batch_size)):
         stop = start + int(batch_size)
         p_rotated, p_translated = _sigmoid_map_pairs(
-            model, images_R[start:stop], images_QR[start:stop], Q[start:stop]
+            model, images_R[start:stop], images_QR[start:stop], Q[start:stop], output
         )
         out.append(((p_rotated - p_translated) ** 2).mean(dim=1).double().numpy())
     return np.concatenate(out)

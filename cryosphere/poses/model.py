@@ -4,7 +4,9 @@ Architecture (all shapes for a batch of ``n`` images of ``N x N`` pixels)
 ------------------------------------------------------------------------
 1. **Image normalisation** ``(I - mean) / std`` with per-dataset scalars stored as buffers
    (:meth:`PoseDistributionNetwork.set_normalisation`), so they travel with the weights.
-2. **Convolutions** ``(n, 1, N, N) -> (n, C1, N/2, N/2) -> (n, C2, N/4, N/4)``: stride-2
+2. **Encoder** (``ModelConfig.encoder``): ``"resnet"`` is a residual CNN
+   (:mod:`cryosphere.poses.encoders`); ``"quarter_turn"``, the poster's, is two
+   convolutions ``(n, 1, N, N) -> (n, C1, N/2, N/2) -> (n, C2, N/4, N/4)``: stride-2
    convolutions with ReLU, *circular* padding and kernels constrained to be invariant under
    90-degree rotations (:class:`QuarterTurnConv2d`). Together with the circular padding this
    makes the feature maps commute exactly with :func:`cryosphere.imaging.projection.
@@ -38,7 +40,8 @@ D_l(R)[m, n]`` with ``D_l = e3nn.o3.wigner_D(l, *e3nn.o3.matrix_to_angles(R))`` 
 xyz vectors; ``Y_l(R x) = D_l(R) Y_l(x)`` with ``e3nn.o3.spherical_harmonics``). The left
 translation ``f'(S) = f(Q^T S)`` is ``F'_l = D_l(Q) F_l`` (:func:`rotate_so3_coefficients`).
 
-Equivariance: rotating the input image by ``Q = Rz(90 k deg)`` (the image of pose ``Q @ R``)
+Equivariance (``encoder="quarter_turn"``; the ``"resnet"`` encoder learns it): rotating the
+input image by ``Q = Rz(90 k deg)`` (the image of pose ``Q @ R``)
 left-translates the output, ``p(S | I(Q R)) = p(Q^T S | I(R))``, exactly up to float error.
 For general rotations of the sphere signal the S2 and SO(3) convolutions are exactly
 equivariant and the SO(3) activation approximately (grid aliasing).
@@ -59,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cryosphere.geometry import so3
+from cryosphere.poses.encoders import ENCODERS, ResidualEncoder, resnet_feature_size
 
 __all__ = [
     "ARCHITECTURE",
@@ -74,6 +78,7 @@ __all__ = [
     "so3_dimension",
     "s2_dimension",
     "wigner_d_flat",
+    "grid_wigner",
     "rotate_s2_coefficients",
     "rotate_so3_coefficients",
     "evaluate_so3_coefficients",
@@ -105,6 +110,13 @@ class ModelConfig:
         grid_level: HEALPix SO(3) grid level of the output logits (2: 4,608 rotations).
         activation_grid_level: HEALPix level of the SO(3) activation grid; None picks 1 for
             lmax <= 4 and 2 above.
+        encoder: ``"quarter_turn"`` (the poster's two convolutions of ``conv_channels`` /
+            ``conv_kernel_sizes``) or ``"resnet"`` (:mod:`cryosphere.poses.encoders`).
+        encoder_channels: channels of the resnet stages (each halves the map).
+        encoder_blocks: residual blocks per resnet stage.
+        per_image_normalisation: normalise each image by its own mean and std (as real
+            particles are); False: the dataset scalars of
+            :meth:`PoseDistributionNetwork.set_normalisation`.
     """
 
     image_size: int = 64
@@ -118,6 +130,10 @@ class ModelConfig:
     sampling_sigma: float = 1.0
     grid_level: int = 2
     activation_grid_level: int | None = None
+    encoder: str = "quarter_turn"
+    encoder_channels: tuple[int, ...] = (16, 32, 64)
+    encoder_blocks: int = 1
+    per_image_normalisation: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lmax, bool) or not isinstance(self.lmax, (int, np.integer)):
@@ -129,6 +145,21 @@ class ModelConfig:
             )
         object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
         object.__setattr__(self, "conv_kernel_sizes", tuple(int(k) for k in self.conv_kernel_sizes))
+        object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "resnet":
+            if not self.encoder_channels or any(c < 1 for c in self.encoder_channels):
+                raise ValueError(
+                    f"encoder_channels must be positive ints, got {self.encoder_channels}"
+                )
+            if int(self.encoder_blocks) < 1:
+                raise ValueError(f"encoder_blocks must be >= 1, got {self.encoder_blocks}")
+            if resnet_feature_size(int(self.image_size), len(self.encoder_channels)) < 2:
+                raise ValueError(
+                    f"image_size {self.image_size} is too small for {len(self.encoder_channels)} "
+                    "resnet stages (the feature map would be 1 px); use fewer encoder_channels"
+                )
         if len(self.conv_channels) == 0 or any(c < 1 for c in self.conv_channels):
             raise ValueError(f"conv_channels must be positive ints, got {self.conv_channels}")
         if len(self.conv_kernel_sizes) != len(self.conv_channels):
@@ -165,6 +196,8 @@ class ModelConfig:
     @property
     def feature_size(self) -> int:
         """Side ``M`` of the last feature map."""
+        if self.encoder == "resnet":
+            return resnet_feature_size(int(self.image_size), len(self.encoder_channels))
         size = int(self.image_size)
         for _ in self.conv_channels:
             size = (size + 1) // 2
@@ -175,6 +208,7 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["conv_channels"] = list(self.conv_channels)
         out["conv_kernel_sizes"] = list(self.conv_kernel_sizes)
+        out["encoder_channels"] = list(self.encoder_channels)
         return out
 
     @classmethod
@@ -253,6 +287,13 @@ def _grid_wigner(level: int, lmax: int) -> np.ndarray:
     out = torch.cat(flat, dim=1).numpy()
     out.flags.writeable = False
     return out
+
+
+def grid_wigner(level: int, lmax: int) -> np.ndarray:
+    """Read-only ``(G, dim_so3)`` float64 Wigner-D rows of the level-``level`` HEALPix grid
+    (cached): ``f(grid) = grid_wigner(level, lmax) @ F`` for SO(3) coefficients ``F``."""
+    so3.healpix_so3_grid_size(level)  # validates
+    return _grid_wigner(int(level), int(lmax))
 
 
 def _degree_of_so3_dim(dim: int) -> int:
@@ -586,9 +627,14 @@ class PoseDistributionNetwork(nn.Module):
         self.config = config
         convs = []
         in_ch = 1
-        for out_ch, k in zip(config.conv_channels, config.conv_kernel_sizes, strict=True):
-            convs.append(QuarterTurnConv2d(in_ch, out_ch, k))
-            in_ch = out_ch
+        self.encoder: ResidualEncoder | None = None
+        if config.encoder == "resnet":
+            self.encoder = ResidualEncoder(config.encoder_channels, int(config.encoder_blocks))
+            in_ch = self.encoder.out_channels
+        else:
+            for out_ch, k in zip(config.conv_channels, config.conv_kernel_sizes, strict=True):
+                convs.append(QuarterTurnConv2d(in_ch, out_ch, k))
+                in_ch = out_ch
         self.convs = nn.ModuleList(convs)
         self.mix = nn.Conv2d(in_ch, config.sphere_channels, kernel_size=1)
         self.projection = HemisphereProjection(
@@ -618,6 +664,8 @@ class PoseDistributionNetwork(nn.Module):
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         for conv in self.convs:
             conv.reset_parameters(generator)
+        if self.encoder is not None:
+            self.encoder.reset_parameters(generator)
         with torch.no_grad():
             fan_in = self.mix.weight.shape[1]
             self.mix.weight.normal_(0.0, math.sqrt(1.0 / fan_in), generator=generator)
@@ -655,8 +703,15 @@ class PoseDistributionNetwork(nn.Module):
         """Last convolutional feature map mixed to sphere channels ``(n, Cs, M, M)``."""
         images = self._check_images(torch.as_tensor(images))
         device = self.image_mean.device
-        x = (images.to(device=device, dtype=torch.float32) - self.image_mean) / self.image_std
+        x = images.to(device=device, dtype=torch.float32)
+        if self.config.per_image_normalisation:
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            x = (x - mean) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        else:
+            x = (x - self.image_mean) / self.image_std
         x = x[:, None]
+        if self.encoder is not None:
+            return self.mix(self.encoder(x))
         for conv in self.convs:
             x = torch.relu(conv(x))
         return self.mix(x)

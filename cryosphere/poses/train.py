@@ -47,6 +47,7 @@ from cryosphere.poses.model import (
     ModelConfig,
     PoseDistributionNetwork,
     build_model,
+    grid_wigner,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "save_predictions",
     "load_or_train",
     "read_training_log",
+    "write_log_rows",
 ]
 
 LOSSES = ("bce", "soft_ce")
@@ -322,11 +324,20 @@ def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    write_log_rows(path, history, _LOG_COLUMNS)
+
+
+def write_log_rows(
+    path: Path, rows: list[dict[str, float]], columns: tuple[str, ...] | None = None
+) -> None:
+    """Write ``rows`` as CSV atomically; columns default to the keys of the rows, in order."""
+    if columns is None:
+        columns = tuple(dict.fromkeys(k for row in rows for k in row))
     buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
-    for row in history:
-        writer.writerow({k: row.get(k, float("nan")) for k in _LOG_COLUMNS})
+    for row in rows:
+        writer.writerow({k: row.get(k, float("nan")) for k in columns})
     with io.atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
 
@@ -336,7 +347,9 @@ def read_training_log(run_dir: str | os.PathLike[str]) -> list[dict[str, float]]
     path = Path(run_dir) / "model" / "training_log.csv"
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in rows]
+    return [
+        {k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in r.items()} for r in rows
+    ]
 
 
 def _numpy_state_to_torch(state: tuple) -> list[Any]:
@@ -612,10 +625,14 @@ def predict(
     images: np.ndarray | torch.Tensor,
     batch_size: int = 256,
     progress: bool = False,
+    level: int | None = None,
 ) -> Predictions:
     """Pose distributions for images ``(n, N, N)`` (n may be 0), on the model's device.
 
-    Probabilities are the softmax of the grid logits over the ``G`` grid cells.
+    Probabilities are the softmax of the grid logits over the ``G`` grid cells. ``level``
+    reads the network's harmonic output on another grid than the one it was trained on
+    (e.g. 3: 36,864 cells, 7.5° spacing, so errors can fall below the level-2 cell floor);
+    None: the model's ``grid_level``.
     """
     images = torch.as_tensor(np.asarray(images, dtype=np.float32))
     if images.ndim != 3:
@@ -627,16 +644,21 @@ def predict(
             f"{N}x{N} px images; resample them or train a model for this size"
         )
     device = model.image_mean.device
-    grid = so3.healpix_so3_grid(model.config.grid_level)
+    level = model.config.grid_level if level is None else int(level)
+    grid = so3.healpix_so3_grid(level)
+    wigner = model.grid_wigner
+    if level != model.config.grid_level:
+        wigner = torch.from_numpy(grid_wigner(level, model.config.lmax).T.copy()).float()
+        wigner = wigner.to(device)
     model.eval()
     logits_all, coeff_all = [], []
     starts = range(0, images.shape[0], int(batch_size))
     with torch.no_grad():
         for start in tqdm(starts, desc="predicting", disable=not progress):
             coeff = model.coefficients(images[start : start + batch_size].to(device))
-            logits_all.append(model.logits_from_coefficients(coeff).cpu())
+            logits_all.append((coeff @ wigner).cpu())
             coeff_all.append(coeff.cpu())
-    G, dim = model.grid_size, model.grid_wigner.shape[0]
+    G, dim = wigner.shape[1], wigner.shape[0]
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, G)
     coefficients = torch.cat(coeff_all) if coeff_all else torch.zeros(0, dim)
     probabilities = torch.softmax(logits, dim=1)

@@ -61,10 +61,9 @@ from tqdm.auto import tqdm
 
 from cryosphere import io
 from cryosphere.figures.plots import plot_sweep  # moved to figures in 0.2; re-exported until 0.3
-
+from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
 from cryosphere.poses import evaluate, labels, train
 from cryosphere.poses.model import ModelConfig
-from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
 
 __all__ = [
     "SWEEP_FOLDER",

@@ -1,0 +1,194 @@
+"""Benchmark: the default (streamed) pose network against template matching, per structure and SNR.
+
+For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
+
+1. train the default setting (:func:`cryosphere.runs.series.stream_model_config`: residual
+   encoder, lmax 4; :mod:`cryosphere.poses.stream`: fresh Haar-random particles every batch,
+   SNR drawn log-uniformly in ``--train-snr``, Bayes-posterior targets, cosine schedule) for
+   ``--steps`` steps or until ``--budget-min`` minutes have passed;
+2. for each test SNR, draw ``--n-test`` fresh held-out particles (never seen in training) and
+   score the model's most probable cell on the level-2 grid and on the level-3 grid (its
+   harmonic output read on 36,864 cells), and exhaustive template matching on the same grid
+   (symmetry-aware errors); the mean log-likelihood of the true pose
+   ``log(p(cell) · G / π²)`` for the model and for the Bayes posterior of the simulation's own
+   noise model (the ceiling);
+3. the equivariance of the trained network against its untrained start (out-of-plane pairs,
+   densities ``G · softmax`` compared after an exact Wigner-D left translation);
+4. inference images/s at level 2 and level 3.
+
+Usage::
+
+    python benchmarks/bench_accuracy.py                       # acceptance run (~30 min a structure)
+    python benchmarks/bench_accuracy.py --steps 200 --n-test 64 --structures 1ubi   # smoke run
+
+Prints figures as it goes, and as its last line one JSON object
+``{"cases": [{"structure", "snr", "level", "model_median_deg", "oracle_median_deg", "ratio",
+"acc15", "model_log_likelihood", "bayes_log_likelihood", ...}], "train_s", "images_seen",
+"infer_images_per_s", ...}`` (``train_s`` and ``images_seen`` summed over structures; per
+structure under ``"training"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def _median(errors: np.ndarray) -> float:
+    return float(np.median(errors))
+
+
+def _infer_rate(model, images: torch.Tensor, level: int, repeats: int = 2) -> float:
+    from cryosphere.poses import train
+
+    train.predict(model, images[:64], level=level)  # warm-up (caches the level's Wigner rows)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        train.predict(model, images, level=level)
+    return repeats * images.shape[0] / (time.perf_counter() - start)
+
+
+def _equivariance(model, untrained, volume, blur, n_pairs: int, seed: int) -> dict[str, float]:
+    from cryosphere.poses import evaluate
+
+    R, Q = evaluate.equivariance_pairs(n_pairs, "out_of_plane", seed)
+    images_R = evaluate._images(volume, R, blur, 0.0, 0)
+    images_QR = evaluate._images(volume, Q @ R, blur, 0.0, 0)
+    trained = evaluate.model_equivariance_mse(model, images_R, images_QR, Q, output="density")
+    random = evaluate.model_equivariance_mse(untrained, images_R, images_QR, Q, output="density")
+    return {
+        "model_mse": float(trained.mean()),
+        "random_mse": float(random.mean()),
+        "model_to_random": float(trained.mean() / random.mean()),
+    }
+
+
+def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    from cryosphere.geometry import so3
+    from cryosphere.imaging import simulate
+    from cryosphere.poses import evaluate, labels, train
+    from cryosphere.poses import targets as tg
+    from cryosphere.poses.model import build_model
+    from cryosphere.poses.stream import SimulatedStream, StreamConfig
+    from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+    from cryosphere.runs.series import stream_model_config
+
+    params = simulate.SimulationParameters(
+        structure=name, n_projections=1, image_size=args.image_size, blur_sigma=1.0
+    )
+    dataset = simulate.simulate_dataset(params, progress=False)
+    ops = dataset.symmetry_ops
+    low, high = args.train_snr
+    stream = SimulatedStream(
+        dataset.volume,
+        1.0,
+        2,
+        StreamConfig(snr=(low, high), target=args.target, batch_size=args.batch_size, seed=0),
+        ops,
+    )
+    templates = {2: stream.templates, 3: labels.template_bank(dataset.volume, 3, 1.0)}
+    validation = stream.heldout(200, snr=0.1)
+    model_config = stream_model_config(args.image_size, args.lmax, 2, tuple(args.channels))
+    config = StreamTrainingConfig(
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(200, args.steps // 10),
+        eval_every=max(1, args.steps // 10),
+        time_budget_s=args.budget_min * 60.0,
+        device=args.device,
+    )
+    print(f"== {name} ({dataset.point_group}): training {args.steps} steps ...", flush=True)
+    result = train_on_stream(stream, model_config, config, validation, ops, progress=False)
+    for row in result.history:
+        print("  ", {k: round(v, 3) for k, v in row.items()}, flush=True)
+    model = result.model.to("cpu")
+    cases = []
+    for snr in args.snrs:
+        test = stream.heldout(args.n_test, snr=snr, seed=1000 + int(snr * 1000))
+        bayes = tg.bayes_posterior(test.images, templates[2], test.noise_sigma)
+        bayes_ll = float(np.mean(evaluate.true_pose_log_likelihood(bayes, test.rotations, 2)))
+        for level in (2, 3):
+            grid = so3.healpix_so3_grid(level)
+            pred = train.predict(model, test.images, level=level)
+            model_err = train.pose_errors_deg(pred.best_rotation, test.rotations, ops)
+            matched = labels.template_matching(test.images, templates[level])
+            oracle_err = train.pose_errors_deg(grid[matched], test.rotations, ops)
+            ll = evaluate.true_pose_log_likelihood(pred.probabilities, test.rotations, level)
+            case = {
+                "structure": name,
+                "snr": snr,
+                "level": level,
+                "model_median_deg": _median(model_err),
+                "oracle_median_deg": _median(oracle_err),
+                "ratio": _median(model_err) / _median(oracle_err),
+                "acc15": float(np.mean(model_err < 15.0)),
+                "oracle_acc15": float(np.mean(oracle_err < 15.0)),
+                "model_log_likelihood": float(np.mean(ll)),
+                "bayes_log_likelihood": bayes_ll if level == 2 else None,
+                "n_test": int(args.n_test),
+            }
+            cases.append(case)
+            print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in case.items()})
+    images = stream.heldout(args.n_infer, snr=0.1, seed=99).images
+    untrained = build_model(model_config, seed=config.seed)
+    training = {
+        "structure": name,
+        "train_s": result.train_seconds,
+        "steps": result.steps_done,
+        "images_seen": result.images_seen,
+        "infer_images_per_s_level2": _infer_rate(model, images, 2),
+        "infer_images_per_s_level3": _infer_rate(model, images, 3),
+        "equivariance_out_of_plane": _equivariance(
+            model, untrained, dataset.volume, 1.0, args.n_pairs, seed=0
+        ),
+    }
+    print("  ", training, flush=True)
+    return cases, training
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])
+    parser.add_argument("--snrs", type=float, nargs="+", default=[1.0, 0.1, 0.03])
+    parser.add_argument("--train-snr", type=float, nargs=2, default=[0.03, 1.0])
+    parser.add_argument("--target", default="bayes", choices=["bayes", "pose", "soft"])
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--budget-min", type=float, default=30.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--lmax", type=int, default=4)
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--n-infer", type=int, default=2000)
+    parser.add_argument("--n-pairs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cases, trainings = [], []
+    for name in args.structures:
+        structure_cases, training = run_structure(name, args)
+        cases.extend(structure_cases)
+        trainings.append(training)
+    summary = {
+        "cases": cases,
+        "train_s": float(sum(t["train_s"] for t in trainings)),
+        "images_seen": int(sum(t["images_seen"] for t in trainings)),
+        "infer_images_per_s": float(min(t["infer_images_per_s_level2"] for t in trainings)),
+        "infer_images_per_s_level3": float(min(t["infer_images_per_s_level3"] for t in trainings)),
+        "training": trainings,
+        "settings": {k: v for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
