@@ -7,6 +7,7 @@ Examples::
     cryosphere run -p epochs 50 -p snr 0.1 --name low-snr
     cryosphere run --structure path/to/model.cif
     cryosphere profiles
+    cryosphere predict particles.star --checkpoint model.pt -o predicted.star
 """
 
 from __future__ import annotations
@@ -57,7 +58,57 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide per-cell progress bars")
 
     commands.add_parser("profiles", help="print the profiles and their parameters")
+    _add_predict_parser(commands)
     return parser
+
+
+def _add_predict_parser(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict", help="predict poses for a RELION particle STAR file with a trained model"
+    )
+    predict.add_argument("star", help="RELION 3.0 or 3.1+ particles STAR file")
+    predict.add_argument("--checkpoint", required=True, help="CryoSphere checkpoint (.pt)")
+    predict.add_argument("-o", "--output", required=True, help="STAR file to write")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    predict.add_argument("--top-k", type=int, default=10, help="cells kept per particle")
+    predict.add_argument(
+        "--ctf-correction",
+        default="auto",
+        choices=["auto", "phase_flip", "wiener", "none"],
+        help="auto: phase flip when the STAR file has defocus values",
+    )
+    predict.add_argument("--crop", type=int, default=None, help="real-space crop (px) first")
+    predict.add_argument(
+        "--no-normalise", action="store_true", help="skip the background normalisation"
+    )
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cryosphere.poses import inference  # imported here: torch start-up only when needed
+
+    try:
+        summary = inference.predict_star(
+            args.star,
+            args.checkpoint,
+            args.output,
+            batch_size=args.batch_size,
+            device=args.device,
+            top_k=args.top_k,
+            ctf_correction=args.ctf_correction,
+            crop_size=args.crop,
+            normalise=not args.no_normalise,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"cryosphere predict: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary.n_images} particles in {summary.seconds:.1f} s "
+        f"({summary.images_per_s:.0f} images/s): {summary.star}, {summary.topk}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "profiles":
         print(json.dumps(runs.PROFILES, indent=2))
         return 0
+    if args.command == "predict":
+        return _predict(args)
     overrides = {name: _parse_value(value) for name, value in args.parameter}
     try:
         plan = runs.plan_run(
