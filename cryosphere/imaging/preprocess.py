@@ -54,16 +54,29 @@ def fourier_crop(
     """Downsample to ``(n, size, size)`` by keeping the lowest frequencies; returns the images
     and the new pixel size ``pixel_size_angstrom · N / size`` (Å). ``size`` even, ``<= N``."""
     tensor = _as_stack(images)
-    n_pix, m = tensor.shape[-1], int(size)
+    n_pix, m = tensor.shape[-1], _check_crop_size(tensor.shape[-1], size)
     if m == n_pix:
         return tensor.clone(), float(pixel_size_angstrom)
-    if m > n_pix or m < 2 or m % 2:
-        raise ValueError(f"Fourier crop size must be even and in 2..{n_pix} px, got {size}")
-    spectrum = torch.fft.rfft2(tensor)
-    rows = torch.cat([torch.arange(m // 2), torch.arange(n_pix - m // 2, n_pix)])
-    cropped = spectrum[:, rows, : m // 2 + 1]
-    out = torch.fft.irfft2(cropped, s=(m, m)) * (m / n_pix) ** 2
+    out = torch.fft.irfft2(_cropped_spectrum(tensor, m), s=(m, m))
     return out, float(pixel_size_angstrom) * n_pix / m
+
+
+def _check_crop_size(n_pix: int, size: int) -> int:
+    m = int(size)
+    if m != n_pix and (m > n_pix or m < 2 or m % 2):
+        raise ValueError(f"Fourier crop size must be even and in 2..{n_pix} px, got {size}")
+    return m
+
+
+def _cropped_spectrum(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """``rfft2`` of ``(n, N, N)`` images cut to the ``(n, size, size // 2 + 1)`` lowest
+    frequencies, scaled by ``(size / N)²`` (so its ``irfft2`` keeps pixel values)."""
+    n_pix, m = tensor.shape[-1], int(size)
+    spectrum = torch.fft.rfft2(tensor)
+    if m == n_pix:
+        return spectrum
+    rows = torch.cat([torch.arange(m // 2), torch.arange(n_pix - m // 2, n_pix)])
+    return spectrum[:, rows.to(tensor.device), : m // 2 + 1] * (m / n_pix) ** 2
 
 
 def normalise_background(
@@ -74,7 +87,7 @@ def normalise_background(
     tensor = _as_stack(images)
     n_pix = tensor.shape[-1]
     radius = 0.375 * n_pix if radius_px is None else float(radius_px)
-    coords = torch.arange(n_pix, dtype=torch.float32) - n_pix // 2
+    coords = torch.arange(n_pix, dtype=torch.float32, device=tensor.device) - n_pix // 2
     outside = (coords[:, None] ** 2 + coords[None, :] ** 2) > radius**2
     if not bool(outside.any()):
         raise ValueError(
@@ -112,15 +125,21 @@ def prepare_images(
     tensor = _as_stack(images)
     if crop_size is not None:
         tensor = crop_images(tensor, crop_size)
-    tensor, pixel = fourier_crop(tensor, target_size, pixel_size_angstrom)
-    if ctf is not None and ctf_correction != "none":
+    if ctf is None or ctf_correction == "none":
+        tensor, pixel = fourier_crop(tensor, target_size, pixel_size_angstrom)
+    else:  # one FFT pair: crop the spectrum, correct it, transform back
         if len(ctf) != tensor.shape[0]:
             raise ValueError(f"{len(ctf)} CTFs given for {tensor.shape[0]} images")
-        transfer = ctf_module.ctf_2d(ctf, tensor.shape[-1], pixel, device=tensor.device)
+        m = _check_crop_size(tensor.shape[-1], target_size)
+        pixel = float(pixel_size_angstrom) * tensor.shape[-1] / m
+        transfer = ctf_module.ctf_2d(ctf, m, pixel, device=tensor.device)
         if ctf_correction == "phase_flip":
-            tensor = ctf_module.phase_flip(tensor, transfer)
+            transfer = torch.sign(transfer)
         else:
-            tensor = ctf_module.wiener_filter(tensor, transfer, wiener_constant)
+            if not wiener_constant > 0:
+                raise ValueError(f"wiener_constant must be positive, got {wiener_constant}")
+            transfer = transfer / (transfer**2 + float(wiener_constant))
+        tensor = torch.fft.irfft2(_cropped_spectrum(tensor, m) * transfer, s=(m, m))
     if normalise:
         tensor = normalise_background(tensor)
     return tensor, pixel

@@ -179,7 +179,7 @@ def predict_star(
         for indices, images in reader.batches(batch_size):
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
-                images,
+                torch.from_numpy(images).to(device),
                 pset.pixel_size_angstrom,
                 target_size=model.config.image_size,
                 crop_size=crop_size,
@@ -187,7 +187,7 @@ def predict_star(
                 ctf_correction=correction,
                 normalise=normalise,
             )
-            result = train.predict(model, prepared.numpy(), batch_size=batch_size)
+            result = train.predict(model, prepared.cpu().numpy(), batch_size=batch_size)
             top = torch.topk(torch.from_numpy(result.probabilities), k, dim=1)
             arrays["best_rotation"][indices] = result.best_rotation
             arrays["best_probability"][indices] = result.best_probability
