@@ -8,6 +8,7 @@ Examples::
     cryosphere run --structure path/to/model.cif
     cryosphere profiles
     cryosphere predict particles.star --checkpoint model.pt -o predicted.star
+    cryosphere train --star particles.star --map consensus.mrc --run-dir runs/mine
 """
 
 from __future__ import annotations
@@ -59,7 +60,52 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("profiles", help="print the profiles and their parameters")
     _add_predict_parser(commands)
+    _add_train_parser(commands)
     return parser
+
+
+def _add_train_parser(commands: Any) -> None:
+    fit = commands.add_parser(
+        "train", help="train on a consensus refinement (particles with poses + its map)"
+    )
+    fit.add_argument("--star", required=True, help="particles STAR file with refined angles")
+    fit.add_argument("--map", required=True, help="the refinement's map (MRC, particles' box)")
+    fit.add_argument("--run-dir", required=True, help="folder for model/checkpoint.pt and logs")
+    fit.add_argument("--box", type=int, default=64, help="model box in px (Fourier crop)")
+    fit.add_argument("--level", type=int, default=2, help="SO(3) grid level of the output")
+    fit.add_argument("--epochs", type=int, default=50)
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--q", type=float, default=0.05, help="label mask fraction")
+    fit.add_argument("--max-particles", type=int, default=None, help="use the first N only")
+    fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cryosphere.poses import model, train
+    from cryosphere.runs import refinement
+
+    try:
+        config = model.ModelConfig(image_size=args.box, grid_level=args.level)
+        training = train.TrainingConfig(
+            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
+        )
+        result = refinement.train_on_refinement(
+            args.star,
+            args.map,
+            args.run_dir,
+            model_config=config,
+            training_config=training,
+            q=args.q,
+            max_particles=args.max_particles,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"cryosphere train: {error}", file=sys.stderr)
+        return 2
+    print(f"trained {len(result.history)} epochs; checkpoint: {result.checkpoint}")
+    return 0
 
 
 def _add_predict_parser(commands: Any) -> None:
@@ -119,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "predict":
         return _predict(args)
+    if args.command == "train":
+        return _train(args)
     overrides = {name: _parse_value(value) for name, value in args.parameter}
     try:
         plan = runs.plan_run(
