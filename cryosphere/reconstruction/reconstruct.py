@@ -74,6 +74,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cryosphere.imaging import ctf as ctf_module
+
 __all__ = [
     "Reconstruction",
     "FSCCurve",
@@ -203,6 +205,8 @@ def _insert(
     batch_size: int,
     device: torch.device,
     progress: bool,
+    ctf: ctf_module.CTFParameters | None = None,
+    pixel_size: float | None = None,
 ) -> _Accumulators:
     """Accumulate ``Σ w t H Î`` and ``Σ w t H²`` for images ``(n,N,N)``, poses ``(n,k,3,3)``."""
     n_img, n_pix = images.shape[0], images.shape[-1]
@@ -248,11 +252,17 @@ def _insert(
         if not bool(used.any()):
             continue
         spectra, rots, wts = spectra[used], rots[used], wts[used]
+        h, h2 = base_h, base_h2
+        if ctf is not None:  # per-image transfer: H = blur · CTF on the padded grid
+            part = ctf.subset(np.arange(first, first + batch.shape[0]))
+            c = ctf_module.ctf_2d(part, p, pixel_size, device=device).reshape(len(part), -1)
+            c = c[:, keep][:, None].expand(-1, n_k, -1).reshape(-1, c[:, keep].shape[-1])[used]
+            h, h2 = base_h * c, base_h2 * c**2
         # Volume-frame frequencies Rᵀ k (row vectors: k @ R), folded to kx >= 0.
         k_vol = torch.einsum("mj,bjk->bmk", k_mic, rots)
         flip = k_vol[..., 0] < 0
         k_vol = torch.where(flip[..., None], -k_vol, k_vol)
-        spectra = spectra * (wts[:, None] * base_h)
+        spectra = spectra * (wts[:, None] * h)
         # Grid coordinates (x, y, z) -> indices [z, y, x]; z, y centred at P // 2.
         coords = (k_vol.flip(-1) + centre).reshape(-1, 3)
         floor = torch.floor(coords)
@@ -263,7 +273,7 @@ def _insert(
             [
                 spectra.real.reshape(-1),
                 torch.where(flip, -spectra.imag, spectra.imag).reshape(-1),
-                (wts[:, None] * base_h2).reshape(-1),
+                (wts[:, None] * h2).expand_as(spectra.real).reshape(-1),
             ]
         )
         fz, fy, fx = frac.unbind(-1)
@@ -328,6 +338,8 @@ def backproject(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    ctf: ctf_module.CTFParameters | None = None,
+    pixel_size_angstrom: float | None = None,
 ) -> torch.Tensor:
     """Reconstruct a map from images and poses (Fourier-slice back-projection).
 
@@ -361,6 +373,10 @@ def backproject(
         bytes for the float32 sums, twice that in float64 at the end).
     device
         Torch device (default: the images' for tensors, else CPU).
+    ctf, pixel_size_angstrom
+        Per-image CTFs (:class:`cryosphere.imaging.ctf.CTFParameters`, ``n`` entries) and the
+        images' pixel size (Å): ``H`` becomes blur · CTF of each image, so the Wiener ratio
+        corrects the CTF (images must be centred: shift them by their origins first).
 
     Returns
     -------
@@ -381,6 +397,8 @@ def backproject(
         device=device,
         progress=progress,
         check_symmetry=False,
+        ctf=ctf,
+        pixel_size_angstrom=pixel_size_angstrom,
     ).volume
 
 
@@ -420,6 +438,8 @@ def reconstruct(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    ctf: ctf_module.CTFParameters | None = None,
+    pixel_size_angstrom: float | None = None,
 ) -> Reconstruction:
     """:func:`backproject` that also keeps the C1 map and checks a stated point group.
 
@@ -447,12 +467,19 @@ def reconstruct(
         device = imgs.device if torch.is_tensor(images) else torch.device("cpu")
     device = torch.device(device)
     n_pix = imgs.shape[-1]
+    if ctf is not None and (len(ctf) != imgs.shape[0] or not (pixel_size_angstrom or 0) > 0):
+        raise ValueError(
+            f"ctf needs one entry per image ({imgs.shape[0]}, got {len(ctf)}) and a positive "
+            f"pixel_size_angstrom (got {pixel_size_angstrom})"
+        )
     common = dict(
         oversampling=int(oversampling),
         blur_sigma_px=float(blur_sigma_px),
         batch_size=batch_size,
         device=device,
         progress=progress,
+        ctf=ctf,
+        pixel_size=pixel_size_angstrom,
     )
     first = _insert(imgs, rots, wts, **common)
     if len(ops) == 1:
