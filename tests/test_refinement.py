@@ -93,3 +93,20 @@ def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, caps
         assert cli.main(argv + ["--box", "16", "--level", "1", "--no-progress"]) == 2
         assert message in capsys.readouterr().err
         assert not run.exists()
+
+
+def test_labels_refuse_a_ctf_dataset_and_refinement_data_gives_the_right_ones(refinement_folder):
+    from cryosphere.poses import labels
+
+    data, folder = refinement_folder
+    with pytest.raises(ValueError, match="CTF or shifts"):
+        labels.compute_labels(data, level=1, progress=False)
+    prepared = refinement.refinement_data(
+        folder / "particles.star", folder / "volume.mrc", 32, progress=False
+    )
+    made = labels.compute_labels(prepared, level=1, progress=False)
+    from cryosphere.geometry import so3
+
+    grid = so3.healpix_so3_grid(1)
+    nearest = so3.geodesic_distance_deg(data.rotations[:, None], grid[None]).argmin(axis=1)
+    assert made.mask[np.arange(16), nearest].mean() > 0.9  # the true cell is in the mask
