@@ -13,7 +13,11 @@ Conventions
 - STAR files follow RELION 3.1+: a ``data_optics`` table and a ``data_particles`` table; Euler
   angles (``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi``) in degrees, ZYZ, with the matrix
   ``Rz(psi) @ Ry(tilt) @ Rz(rot)`` mapping reference (volume) to image coordinates, which is
-  the package's pose convention (see :mod:`cryosphere.geometry.so3`).
+  the package's pose convention (see :mod:`cryosphere.geometry.so3`). Origins
+  (``rlnOriginXAngst/YAngst``) follow RELION's sign: shifting the image by ``+origin`` centres
+  the particle (:mod:`cryosphere.imaging.ctf`). Particle sets written by other programs
+  (RELION 3.0 or 3.1+, many stacks, memory-mapped) are read by
+  :mod:`cryosphere.imaging.particles`.
 """
 
 from __future__ import annotations
@@ -212,7 +216,11 @@ def write_particles_star(
         Å per pixel and box size in pixels (``rlnImagePixelSize``, ``rlnImageSize``).
     extra_columns
         Further particle columns (RELION label without the ``rln`` prefix, or with it), each
-        ``(n,)``; e.g. ``{"MaxValueProbDistribution": p}``.
+        ``(n,)``; e.g. ``{"MaxValueProbDistribution": p}``, or per-particle CTF
+        (``DefocusU``, ``DefocusV`` in Å, ``DefocusAngle`` in deg). ``OriginXAngst`` /
+        ``OriginYAngst`` (Å, RELION's sign) replace the default zero origins.
+    voltage_kv, spherical_aberration_mm, amplitude_contrast
+        Optics of the ``data_optics`` table (kV, mm, fraction).
     """
     angles = np.asarray(relion_angles_deg, dtype=np.float64)
     if angles.ndim != 2 or angles.shape[1] != 3:

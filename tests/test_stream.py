@@ -234,8 +234,10 @@ def test_streamed_training_resumes_to_the_same_weights(small_volume, tmp_path):
     full = StreamTrainingConfig(steps=12, eval_every=4, warmup_steps=2)
     straight = train_on_stream(stream, _tiny_model(), full, validation, progress=False)
     run = tmp_path / "run"
-    part = StreamTrainingConfig(steps=8, eval_every=4, warmup_steps=2)
-    train_on_stream(stream, _tiny_model(), part, validation, run_dir=run, progress=False)
+    stopped = train_on_stream(
+        stream, _tiny_model(), full, validation, run_dir=run, progress=False, stop_after=8
+    )
+    assert stopped.steps_done == 8
     resumed = train_on_stream(stream, _tiny_model(), full, validation, run_dir=run, progress=False)
     assert resumed.steps_done == 12 and resumed.images_seen == 12 * 8
     # same kernels, same inputs, same thread count: identical; a tolerance covers BLAS blocking
@@ -247,7 +249,8 @@ def test_streamed_training_resumes_to_the_same_weights(small_volume, tmp_path):
         other = StreamTrainingConfig(steps=12, eval_every=4, warmup_steps=2, learning_rate=5e-3)
         train_on_stream(stream, _tiny_model(), other, validation, run_dir=run, progress=False)
     with pytest.raises(ValueError, match="already holds"):
-        train_on_stream(stream, _tiny_model(), part, validation, run_dir=run, progress=False)
+        fewer = StreamTrainingConfig(steps=8, eval_every=4, warmup_steps=2)
+        train_on_stream(stream, _tiny_model(), fewer, validation, run_dir=run, progress=False)
 
 
 def test_predict_reads_the_harmonics_on_a_finer_grid(small_volume):
@@ -267,3 +270,27 @@ def test_predict_reads_the_harmonics_on_a_finer_grid(small_volume):
     np.testing.assert_allclose(
         fine.logits[:, match[exact]], coarse.logits[:, exact], rtol=1e-4, atol=1e-4
     )
+
+
+def test_density_equivariance_is_exact_for_quarter_turns_and_offset_free(small_volume):
+    """``output="density"`` compares G·softmax maps: exact for the quarter-turn network under
+    90° turns, and blind to a constant logit offset (which sigmoid maps are not)."""
+    from cryosphere.imaging.projection import rotate_images_quarter_turns
+    from cryosphere.poses import evaluate
+    from cryosphere.poses.model import build_model
+
+    config = ModelConfig(image_size=32, lmax=3, grid_level=LEVEL)
+    model = build_model(config, seed=1)
+    R = so3.random_rotations(4, 8)
+    images = gaussian_blur(project_volume(small_volume, R), 1.0).numpy()
+    Q = np.repeat(so3.rotation_about_z(90.0)[None], 4, axis=0)
+    turned = rotate_images_quarter_turns(images, 1).numpy()
+    mse = evaluate.model_equivariance_mse(model, images, turned, Q, output="density")
+    assert np.all(mse < 1e-8)
+    other = evaluate.model_equivariance_mse(model, images, images, Q, output="density")
+    with torch.no_grad():
+        model.output_bias += 5.0
+    shifted = evaluate.model_equivariance_mse(model, images, images, Q, output="density")
+    np.testing.assert_allclose(shifted, other, rtol=1e-3)
+    with pytest.raises(ValueError, match="density"):
+        evaluate.model_equivariance_mse(model, images, turned, Q, output="softmax")

@@ -9,10 +9,22 @@ A dataset is made in four steps, all seeded:
 4. noisy images: clean images plus white Gaussian noise with ``σ² = var(clean stack) / snr``,
    the variance taken over all pixels of the clean stack.
 
+Optional realism (all off by default, so default datasets are unchanged bit for bit): with
+``ctf=True`` each clean image is multiplied in Fourier space by its own CTF
+(:mod:`cryosphere.imaging.ctf`; mean defocus uniform in ``[defocus_min_angstrom,
+defocus_max_angstrom]``, astigmatism up to ``max_astigmatism_angstrom``); ``max_shift_px > 0``
+moves each particle by a sub-pixel shift uniform in ``±max_shift_px`` per axis; ``contrast_sigma
+> 0`` scales each clean image by ``exp(contrast_sigma · z)``, ``z ~ N(0, 1)``. These draws use
+their own generator (seeded by ``[seed, 1]``), so the poses and the noise draws do not change.
+The clean stack is ``contrast · shift(CTF(blur(projection)))`` and the SNR is measured on it.
+
 Run-folder files (:data:`SIMULATION_FILES`): ``volume.mrc`` (the map with its voxel size),
 ``particles.mrcs`` (noisy stack), ``particles_clean.mrcs`` (clean stack), ``particles.star``
 (RELION 3.1+ optics and particles tables, Euler angles in degrees), ``poses.npy`` (the exact
 float64 pose matrices) and ``simulation.json`` (parameters and derived values, written last).
+With CTF or shifts on, the STAR file also carries rlnDefocusU/V/Angle (and rlnCtfBfactor) and
+the RELION origins of the shifts (``rlnOriginXAngst = −shift_x · pixel_size``, see
+:mod:`cryosphere.imaging.ctf`), and :data:`REALISM_FILE` holds the exact arrays.
 """
 
 from __future__ import annotations
@@ -25,14 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cryosphere import io
 from cryosphere.geometry import so3
+from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import structure
 from cryosphere.imaging.projection import add_gaussian_noise, gaussian_blur, project_volume
 
 __all__ = [
     "SIMULATION_FILES",
+    "REALISM_FILE",
     "SimulationParameters",
     "ParticleDataset",
     "auto_pixel_size",
@@ -41,6 +56,7 @@ __all__ = [
     "load_dataset",
     "load_or_simulate",
     "run_folder_table",
+    "realism_star_columns",
 ]
 
 SIMULATION_FILES = {
@@ -51,6 +67,8 @@ SIMULATION_FILES = {
     "poses": "poses.npy",
     "record": "simulation.json",
 }
+#: Exact per-particle CTF parameters, shifts (px) and contrast factors; only when one is on.
+REALISM_FILE = "ctf_shifts.npz"
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,18 @@ class SimulationParameters:
         ``"auto"`` (detect from the chains), a point-group name such as ``"C2"``, or ``None``.
     seed
         Seed for poses and noise.
+    ctf
+        Modulate each image by its own CTF (off by default).
+    defocus_min_angstrom, defocus_max_angstrom
+        Range of the mean defocus, Å (default 5,000-25,000 Å = 0.5-2.5 µm).
+    max_astigmatism_angstrom
+        Largest ``U − V``, Å.
+    voltage_kv, spherical_aberration_mm, amplitude_contrast, ctf_b_factor
+        Optics: kV, mm, fraction, envelope B-factor in Å².
+    max_shift_px
+        Particle shifts uniform in ``±max_shift_px`` pixels per axis (0: centred).
+    contrast_sigma
+        Per-image contrast factor ``exp(contrast_sigma · z)`` (0: none).
     """
 
     structure: str = "1ubi"
@@ -88,6 +118,16 @@ class SimulationParameters:
     extra_b_factor: float = 0.0
     symmetry: str | None = "auto"
     seed: int = 0
+    ctf: bool = False
+    defocus_min_angstrom: float = 5000.0
+    defocus_max_angstrom: float = 25000.0
+    max_astigmatism_angstrom: float = 500.0
+    voltage_kv: float = 300.0
+    spherical_aberration_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    ctf_b_factor: float = 0.0
+    max_shift_px: float = 0.0
+    contrast_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if int(self.n_projections) < 1:
@@ -105,10 +145,33 @@ class SimulationParameters:
             raise ValueError(f"blur_sigma must be >= 0 pixels, got {self.blur_sigma}")
         if not self.extra_b_factor >= 0:
             raise ValueError(f"extra_b_factor must be >= 0 Å², got {self.extra_b_factor}")
+        if not 0 < self.defocus_min_angstrom <= self.defocus_max_angstrom:
+            raise ValueError(
+                "defocus range must satisfy 0 < defocus_min_angstrom <= defocus_max_angstrom "
+                f"(Å), got {self.defocus_min_angstrom}, {self.defocus_max_angstrom}"
+            )
+        if not (self.max_shift_px >= 0 and self.contrast_sigma >= 0):
+            raise ValueError("max_shift_px and contrast_sigma must be >= 0")
+        if self.max_shift_px >= int(self.image_size) / 4:
+            raise ValueError(
+                f"max_shift_px={self.max_shift_px} is too large for a {self.image_size}-px box; "
+                "keep it below a quarter of the box"
+            )
+
+    @property
+    def realism(self) -> bool:
+        """True when CTF, shifts or contrast variation are on."""
+        return bool(self.ctf) or self.max_shift_px > 0 or self.contrast_sigma > 0
 
     def to_dict(self) -> dict[str, Any]:
-        """Parameters as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """Parameters as a JSON-ready dict. The CTF/shift fields are left out while all of them
+        keep their defaults, so records of datasets made before they existed still match."""
+        record = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if all(record[name] == defaults[name] for name in _REALISM_FIELDS):
+            for name in _REALISM_FIELDS:
+                del record[name]
+        return record
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> SimulationParameters:
@@ -118,6 +181,20 @@ class SimulationParameters:
         if unknown:
             raise TypeError(f"unknown simulation parameters {unknown}; valid: {sorted(names)}")
         return cls(**record)
+
+
+_REALISM_FIELDS = (
+    "ctf",
+    "defocus_min_angstrom",
+    "defocus_max_angstrom",
+    "max_astigmatism_angstrom",
+    "voltage_kv",
+    "spherical_aberration_mm",
+    "amplitude_contrast",
+    "ctf_b_factor",
+    "max_shift_px",
+    "contrast_sigma",
+)
 
 
 @dataclass
@@ -143,6 +220,12 @@ class ParticleDataset:
     symmetry_ops
         ``(K, 3, 3)`` point-group rotations in volume coordinates, identity first; poses
         ``R`` and ``R @ g`` give the same image.
+    ctf
+        Per-image CTF parameters, or None without CTF.
+    shifts_px
+        ``(n, 2)`` shifts ``(sx, sy)`` in pixels applied to the particles, or None.
+    contrast
+        ``(n,)`` contrast factors, or None.
     """
 
     parameters: SimulationParameters
@@ -154,6 +237,9 @@ class ParticleDataset:
     noise_sigma: float
     point_group: str
     symmetry_ops: np.ndarray
+    ctf: ctf_module.CTFParameters | None = None
+    shifts_px: np.ndarray | None = None
+    contrast: np.ndarray | None = None
 
     @property
     def image_size(self) -> int:
@@ -191,7 +277,11 @@ def simulate_dataset(parameters: SimulationParameters, progress: bool = True) ->
     rotations = so3.random_rotations(parameters.n_projections, rng)
     projections = project_volume(volume, rotations, progress=progress)
     clean = gaussian_blur(projections, parameters.blur_sigma)
-    noisy, sigma = add_gaussian_noise(clean, parameters.snr, seed=int(rng.integers(2**31)))
+    noise_seed = int(rng.integers(2**31))
+    realism: dict[str, Any] = {}
+    if parameters.realism:
+        clean, realism = _add_realism(clean, parameters, float(pixel_size))
+    noisy, sigma = add_gaussian_noise(clean, parameters.snr, seed=noise_seed)
     return ParticleDataset(
         parameters=parameters,
         volume=np.asarray(volume, dtype=np.float32),
@@ -202,7 +292,58 @@ def simulate_dataset(parameters: SimulationParameters, progress: bool = True) ->
         noise_sigma=sigma,
         point_group=group_name,
         symmetry_ops=symmetry_ops,
+        **realism,
     )
+
+
+def _add_realism(
+    clean: torch.Tensor, parameters: SimulationParameters, pixel_size: float
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """CTF, shifts and contrast of the module docstring; returns the images and the draws."""
+    rng = np.random.default_rng([int(parameters.seed), 1])
+    n, size = clean.shape[0], clean.shape[-1]
+    drawn: dict[str, Any] = {}
+    if parameters.ctf:
+        drawn["ctf"] = ctf_module.random_ctf_parameters(
+            n,
+            rng,
+            defocus_range_angstrom=(
+                parameters.defocus_min_angstrom,
+                parameters.defocus_max_angstrom,
+            ),
+            max_astigmatism_angstrom=parameters.max_astigmatism_angstrom,
+            voltage_kv=parameters.voltage_kv,
+            spherical_aberration_mm=parameters.spherical_aberration_mm,
+            amplitude_contrast=parameters.amplitude_contrast,
+            b_factor=parameters.ctf_b_factor,
+        )
+        transfer = ctf_module.ctf_2d(drawn["ctf"], size, pixel_size, device=clean.device)
+        clean = ctf_module.apply_ctf(clean, transfer)
+    if parameters.max_shift_px > 0:
+        drawn["shifts_px"] = ctf_module.random_shifts_px(n, rng, parameters.max_shift_px)
+        clean = ctf_module.shift_images(clean, drawn["shifts_px"])
+    if parameters.contrast_sigma > 0:
+        drawn["contrast"] = np.exp(parameters.contrast_sigma * rng.standard_normal(n))
+        clean = clean * torch.as_tensor(drawn["contrast"], dtype=torch.float32)[:, None, None]
+    return clean, drawn
+
+
+def realism_star_columns(dataset: ParticleDataset) -> dict[str, np.ndarray]:
+    """Per-particle STAR columns of a dataset's CTF and shifts (empty when both are off):
+    rlnDefocusU/V (Å), rlnDefocusAngle (deg), rlnCtfBfactor (Å², when non-zero) and
+    rlnOriginXAngst/YAngst (Å, RELION's sign: ``−shift · pixel_size``)."""
+    columns: dict[str, np.ndarray] = {}
+    if dataset.ctf is not None:
+        columns["rlnDefocusU"] = dataset.ctf.defocus_u_angstrom
+        columns["rlnDefocusV"] = dataset.ctf.defocus_v_angstrom
+        columns["rlnDefocusAngle"] = dataset.ctf.defocus_angle_deg
+        if np.any(dataset.ctf.b_factor != 0):
+            columns["rlnCtfBfactor"] = dataset.ctf.b_factor
+    if dataset.shifts_px is not None:
+        origins = ctf_module.origin_angstrom_from_shift_px(dataset.shifts_px, dataset.pixel_size)
+        columns["rlnOriginXAngst"] = origins[:, 0]
+        columns["rlnOriginYAngst"] = origins[:, 1]
+    return columns
 
 
 def _stored_parameters(run_dir: Path) -> SimulationParameters | None:
@@ -235,12 +376,26 @@ def save_dataset(
     io.write_stack(paths["clean"], dataset.clean_images, dataset.pixel_size)
     with io.atomic_path(paths["poses"]) as tmp:
         np.save(tmp, dataset.rotations)
+    realism = dataset.parameters.realism
+    if realism:
+        arrays = {} if dataset.ctf is None else dataclasses.asdict(dataset.ctf)
+        for name in ("shifts_px", "contrast"):
+            if getattr(dataset, name) is not None:
+                arrays[name] = getattr(dataset, name)
+        io.write_npz(folder / REALISM_FILE, **arrays)
+    elif (folder / REALISM_FILE).exists():
+        (folder / REALISM_FILE).unlink()  # left by an overwritten dataset with CTF
+    optics = dataset.parameters
     io.write_particles_star(
         paths["star"],
         so3.relion_euler_from_matrices(dataset.rotations),
         stack_name=SIMULATION_FILES["noisy"],
         pixel_size=dataset.pixel_size,
         image_size=dataset.image_size,
+        extra_columns=realism_star_columns(dataset) if realism else None,
+        voltage_kv=optics.voltage_kv,
+        spherical_aberration_mm=optics.spherical_aberration_mm,
+        amplitude_contrast=optics.amplitude_contrast,
     )
     io.write_json(
         paths["record"],
@@ -272,8 +427,18 @@ def load_dataset(run_dir: str | os.PathLike[str]) -> ParticleDataset:
     noisy, _ = io.read_stack(folder / SIMULATION_FILES["noisy"])
     clean, _ = io.read_stack(folder / SIMULATION_FILES["clean"])
     rotations = np.load(folder / SIMULATION_FILES["poses"])
+    parameters = SimulationParameters.from_dict(record["parameters"])
+    realism: dict[str, Any] = {}
+    if parameters.realism:
+        with np.load(folder / REALISM_FILE) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        for name in ("shifts_px", "contrast"):
+            if name in arrays:
+                realism[name] = arrays.pop(name)
+        if arrays:
+            realism["ctf"] = ctf_module.CTFParameters(**arrays)
     return ParticleDataset(
-        parameters=SimulationParameters.from_dict(record["parameters"]),
+        parameters=parameters,
         volume=volume,
         pixel_size=float(record["pixel_size"]),
         rotations=rotations,
@@ -282,6 +447,7 @@ def load_dataset(run_dir: str | os.PathLike[str]) -> ParticleDataset:
         noise_sigma=float(record["noise_sigma"]),
         point_group=str(record["point_group"]),
         symmetry_ops=np.asarray(record["symmetry_ops"], dtype=np.float64),
+        **realism,
     )
 
 

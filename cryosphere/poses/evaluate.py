@@ -480,6 +480,7 @@ def equivariance_table(
     noise_sigma: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    output: str = "sigmoid",
 ) -> EquivarianceResult:
     """The poster's equivariance table (module docstring for the protocol).
 
@@ -495,6 +496,9 @@ def equivariance_table(
         noise_sigma: standard deviation of independent noise added to both images of a pair
             (0: noise-free, the default).
         seed: seeds the pairs and the noise.
+        output: how the model and random rows map logits to values: ``"sigmoid"`` per cell
+            (the poster's BCE-trained model) or ``"density"`` ``G · softmax`` (models trained
+            with cross-entropy, whose logits carry no offset of their own).
 
     Returns:
         :class:`EquivarianceResult` with one entry per given predictor and kind.
@@ -505,9 +509,11 @@ def equivariance_table(
         raise ValueError("give at least one of model, random_model, templates")
     predictors: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {}
     if model is not None:
-        predictors["model"] = lambda a, b, q: model_equivariance_mse(model, a, b, q)
+        predictors["model"] = lambda a, b, q: model_equivariance_mse(model, a, b, q, output=output)
     if random_model is not None:
-        predictors["random"] = lambda a, b, q: model_equivariance_mse(random_model, a, b, q)
+        predictors["random"] = lambda a, b, q: model_equivariance_mse(
+            random_model, a, b, q, output=output
+        )
     if templates is not None:
         predictors["labels"] = lambda a, b, q: label_equivariance_mse(
             a, b, q, templates, level, float(lam)
@@ -525,7 +531,8 @@ def equivariance_table(
         "noise_sigma": float(noise_sigma),
         "grid_level": int(level),
         "lam": None if lam is None else float(lam),
-        "compared": "model/random: per-cell sigmoid of the grid logits, exact Wigner-D left "
+        "output": output,
+        "compared": f"model/random: per-cell {output} of the grid logits, exact Wigner-D left "
         "translation; labels: exp(-lam*MSE)^2 (unnormalised), nearest-cell resampling; MSE "
         "over grid cells per pair",
     }

@@ -616,6 +616,12 @@ def compute_labels(
     """
     level = _check_level(level)
     q = _check_q(q)
+    if getattr(dataset, "ctf", None) is not None or getattr(dataset, "shifts_px", None) is not None:
+        raise ValueError(
+            "this dataset's clean images carry a CTF or shifts but the templates do not; make "
+            "labels from the projections at its true poses instead "
+            "(cryosphere.runs.refinement.refinement_data on its run folder)"
+        )
     if lam is not None:
         lam = _check_lam(lam)
     radius = default_radius_deg(level) if radius_deg is None else float(radius_deg)

@@ -196,6 +196,7 @@ def train_on_stream(
     run_dir: str | os.PathLike[str] | None = None,
     resume: bool = True,
     progress: bool = True,
+    stop_after: int | None = None,
 ) -> StreamTrainingResult:
     """Train a :class:`PoseDistributionNetwork` on ``stream`` (module docstring).
 
@@ -210,6 +211,10 @@ def train_on_stream(
         resume: continue from an existing checkpoint with the same settings (ValueError when
             they differ); False starts over.
         progress: tqdm bar over steps.
+        stop_after: stop once this many steps are done in all, as an interrupted run would
+            (the schedule stays that of ``config.steps``; calling again resumes). None: run to
+            ``config.steps``. Resuming with another ``config.steps`` is allowed and changes the
+            remaining schedule.
     """
     ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
     device = config.resolved_device()
@@ -228,7 +233,8 @@ def train_on_stream(
         step, history, seconds, seen = _resume(ckpt, identity, model, optimizer, config)
     bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", disable=not progress)
     started, running, count = time.perf_counter() - seconds, 0.0, 0
-    while step < config.steps:
+    last = config.steps if stop_after is None else min(config.steps, int(stop_after))
+    while step < last:
         if (
             config.time_budget_s is not None
             and time.perf_counter() - started > config.time_budget_s

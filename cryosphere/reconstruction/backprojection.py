@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cryosphere.imaging import ctf as ctf_module
 from cryosphere.reconstruction._checks import as_images, as_ops, as_poses
 from cryosphere.reconstruction.symmetry import raise_frame_mismatch, symmetry_correlation
 
@@ -150,9 +151,16 @@ def _insert_batch(
     rots: torch.Tensor,
     wts: torch.Tensor,
     samples: _SliceSamples,
+    ctf: torch.Tensor | None = None,
 ) -> None:
-    """Insert a batch: ``spectra`` ``(b, M)``, poses ``(b, k, 3, 3)``, weights ``(b, k)``."""
+    """Insert a batch: ``spectra`` ``(b, M)``, poses ``(b, k, 3, 3)``, weights ``(b, k)``;
+    ``ctf`` ``(b, M)``: each image's CTF at the kept samples (None: none)."""
     n_k = rots.shape[1]
+    h, h2 = samples.h[None], samples.h2[None]
+    if ctf is not None:  # per-image transfer H = blur · CTF
+        h, h2 = h * ctf, h2 * ctf**2
+        h = h[:, None].expand(-1, n_k, -1).reshape(-1, h.shape[-1])
+        h2 = h2[:, None].expand(-1, n_k, -1).reshape(-1, h2.shape[-1])
     # Flatten (image, pose) pairs; skip zero weights (one-hot, top-k padding).
     spectra = spectra[:, None].expand(-1, n_k, -1).reshape(-1, spectra.shape[-1])
     rots = rots.reshape(-1, 3, 3)
@@ -161,18 +169,20 @@ def _insert_batch(
     if not bool(used.any()):
         return
     spectra, rots, wts = spectra[used], rots[used], wts[used]
+    if ctf is not None:
+        h, h2 = h[used], h2[used]
     # Volume-frame frequencies Rᵀ k (row vectors: k @ R), folded to kx >= 0.
     k_vol = torch.einsum("mj,bjk->bmk", samples.k_mic, rots)
     flip = k_vol[..., 0] < 0
     k_vol = torch.where(flip[..., None], -k_vol, k_vol)
-    spectra = spectra * (wts[:, None] * samples.h)
+    spectra = spectra * (wts[:, None] * h)
     # Grid coordinates (x, y, z) -> indices [z, y, x]; z, y centred at P // 2.
     coords = (k_vol.flip(-1) + samples.centre).reshape(-1, 3)
     source = torch.stack(
         [
             spectra.real.reshape(-1),
             torch.where(flip, -spectra.imag, spectra.imag).reshape(-1),
-            (wts[:, None] * samples.h2).reshape(-1),
+            (wts[:, None] * h2).expand_as(spectra.real).reshape(-1),
         ]
     )
     _spread(acc, coords, source, samples.padded)
@@ -187,6 +197,8 @@ def _insert(
     batch_size: int,
     device: torch.device,
     progress: bool,
+    ctf: ctf_module.CTFParameters | None = None,
+    pixel_size: float | None = None,
 ) -> _Accumulators:
     """Accumulate ``Σ w t H Î`` and ``Σ w t H²`` for images ``(n,N,N)``, poses ``(n,k,3,3)``."""
     n_img, n_pix = images.shape[0], images.shape[-1]
@@ -204,12 +216,18 @@ def _insert(
         padded = torch.zeros((batch.shape[0], p, p), dtype=torch.float32, device=device)
         padded[:, start : start + n_pix, start : start + n_pix] = batch
         spectra = torch.fft.rfft2(padded).reshape(batch.shape[0], -1)[:, samples.keep]
+        transfer = None
+        if ctf is not None:
+            part = ctf.subset(np.arange(first, first + batch.shape[0]))
+            full = ctf_module.ctf_2d(part, p, pixel_size, device=device)
+            transfer = full.reshape(len(part), -1)[:, samples.keep].to(torch.float32)
         _insert_batch(
             acc,
             spectra * samples.sign,
             rotations[first : first + step].to(device=device, dtype=torch.float32),
             weights[first : first + step].to(device=device, dtype=torch.float32),
             samples,
+            transfer,
         )
     numerator = torch.complex(acc[0].double(), acc[1].double()).reshape(p, p, half)
     weight = acc[2].double().reshape(p, p, half)
@@ -301,6 +319,8 @@ def reconstruct(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    ctf: ctf_module.CTFParameters | None = None,
+    pixel_size_angstrom: float | None = None,
 ) -> Reconstruction:
     """Reconstruct a map from images and poses (Fourier-slice back-projection).
 
@@ -338,6 +358,10 @@ def reconstruct(
         bytes for the float32 sums, twice that in float64 at the end).
     device
         Torch device (default: the images' for tensors, else CPU).
+    ctf, pixel_size_angstrom
+        Per-image CTFs (:class:`cryosphere.imaging.ctf.CTFParameters`, ``n`` entries) and the
+        images' pixel size (Å): ``H`` becomes blur · CTF of each image, so the Wiener ratio
+        corrects the CTF (images must be centred: shift them by their origins first).
 
     Returns
     -------
@@ -352,12 +376,19 @@ def reconstruct(
     _check_settings(regularisation, oversampling, n_pix, batch_size)
     if device is None:
         device = imgs.device if torch.is_tensor(images) else torch.device("cpu")
+    if ctf is not None and (len(ctf) != imgs.shape[0] or not (pixel_size_angstrom or 0) > 0):
+        raise ValueError(
+            f"ctf needs one entry per image ({imgs.shape[0]}, got {len(ctf)}) and a positive "
+            f"pixel_size_angstrom (got {pixel_size_angstrom})"
+        )
     insert = dict(
         oversampling=int(oversampling),
         blur_sigma_px=float(blur_sigma_px),
         batch_size=batch_size,
         device=torch.device(device),
         progress=progress,
+        ctf=ctf,
+        pixel_size=pixel_size_angstrom,
     )
     finish = dict(
         n_pix=n_pix, regularisation=regularisation, gridding_correction=gridding_correction

@@ -7,6 +7,8 @@ Examples::
     cryosphere run -p epochs 50 -p snr 0.1 --name low-snr
     cryosphere run --structure path/to/model.cif
     cryosphere profiles
+    cryosphere predict particles.star --checkpoint model.pt -o predicted.star
+    cryosphere train --star particles.star --map consensus.mrc --run-dir runs/mine
 """
 
 from __future__ import annotations
@@ -57,7 +59,102 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide per-cell progress bars")
 
     commands.add_parser("profiles", help="print the profiles and their parameters")
+    _add_predict_parser(commands)
+    _add_train_parser(commands)
     return parser
+
+
+def _add_train_parser(commands: Any) -> None:
+    fit = commands.add_parser(
+        "train", help="train on a consensus refinement (particles with poses + its map)"
+    )
+    fit.add_argument("--star", required=True, help="particles STAR file with refined angles")
+    fit.add_argument("--map", required=True, help="the refinement's map (MRC, particles' box)")
+    fit.add_argument("--run-dir", required=True, help="folder for model/checkpoint.pt and logs")
+    fit.add_argument("--box", type=int, default=64, help="model box in px (Fourier crop)")
+    fit.add_argument("--level", type=int, default=2, help="SO(3) grid level of the output")
+    fit.add_argument("--epochs", type=int, default=50)
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--q", type=float, default=0.05, help="label mask fraction")
+    fit.add_argument("--max-particles", type=int, default=None, help="use the first N only")
+    fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cryosphere.poses import model, train
+    from cryosphere.runs import refinement
+
+    try:
+        config = model.ModelConfig(image_size=args.box, grid_level=args.level)
+        training = train.TrainingConfig(
+            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
+        )
+        result = refinement.train_on_refinement(
+            args.star,
+            args.map,
+            args.run_dir,
+            model_config=config,
+            training_config=training,
+            q=args.q,
+            max_particles=args.max_particles,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"cryosphere train: {error}", file=sys.stderr)
+        return 2
+    print(f"trained {len(result.history)} epochs; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _add_predict_parser(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict", help="predict poses for a RELION particle STAR file with a trained model"
+    )
+    predict.add_argument("star", help="RELION 3.0 or 3.1+ particles STAR file")
+    predict.add_argument("--checkpoint", required=True, help="CryoSphere checkpoint (.pt)")
+    predict.add_argument("-o", "--output", required=True, help="STAR file to write")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    predict.add_argument("--top-k", type=int, default=10, help="cells kept per particle")
+    predict.add_argument(
+        "--ctf-correction",
+        default="auto",
+        choices=["auto", "phase_flip", "wiener", "none"],
+        help="auto: phase flip when the STAR file has defocus values",
+    )
+    predict.add_argument("--crop", type=int, default=None, help="real-space crop (px) first")
+    predict.add_argument(
+        "--no-normalise", action="store_true", help="skip the background normalisation"
+    )
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cryosphere.poses import inference  # imported here: torch start-up only when needed
+
+    try:
+        summary = inference.predict_star(
+            args.star,
+            args.checkpoint,
+            args.output,
+            batch_size=args.batch_size,
+            device=args.device,
+            top_k=args.top_k,
+            ctf_correction=args.ctf_correction,
+            crop_size=args.crop,
+            normalise=not args.no_normalise,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"cryosphere predict: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary.n_images} particles in {summary.seconds:.1f} s "
+        f"({summary.images_per_s:.0f} images/s): {summary.star}, {summary.topk}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "profiles":
         print(json.dumps(runs.PROFILES, indent=2))
         return 0
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "train":
+        return _train(args)
     overrides = {name: _parse_value(value) for name, value in args.parameter}
     try:
         plan = runs.plan_run(

@@ -8,7 +8,8 @@ the executed notebooks under ``notebooks/``, ``run.json`` (the run's profile and
 record every notebook leaves through :func:`record_results`, plus timings).
 
 Profiles (:data:`PROFILES`) are parameter sets: ``quick`` runs the series on a laptop CPU in
-minutes; ``paper`` is the poster's setting (400 images, 200 epochs, lmax 4). Parameters not in
+minutes; ``paper`` is the poster's setting (400 images, 200 epochs, lmax 4). Both also train the
+default model of the series, the streamed network (``stream_*`` parameters, notebook 03). Parameters not in
 the profile keep the notebooks' own defaults; ``overrides`` replace either.
 """
 
@@ -56,6 +57,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "snr_levels": [1.0, 0.1],
         "image_counts": [50, 200],
         "n_pairs": 32,
+        "stream_steps": 1500,
+        "stream_batch_size": 64,
     },
     "paper": {
         "n_projections": 400,
@@ -69,6 +72,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "snr_levels": [1.0, 0.3, 0.1, 0.03],
         "image_counts": [50, 100, 200, 400, 1000, 3000],
         "n_pairs": 200,
+        "stream_steps": 6000,
+        "stream_batch_size": 64,
     },
 }
 

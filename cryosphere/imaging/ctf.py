@@ -1,0 +1,259 @@
+"""Contrast transfer function (CTF), in-plane shifts and CTF correction of particle images.
+
+Signal
+------
+Images are float arrays ``(n, N, N)`` indexed ``[image, y, x]``, centre at pixel ``N // 2``.
+Fourier arrays use the ``torch.fft.rfft2`` layout ``(n, N, N // 2 + 1)``: rows are ``ky =
+fftfreq(N)``, columns ``kx = rfftfreq(N)`` (cycles per pixel; divide by the pixel size for
+cycles per Å).
+
+CTF (RELION's form, computed by ``torch-ctf``)
+---------------------------------------------
+For a spatial frequency ``k`` (1/Å) at angle ``φ = atan2(ky, kx)`` from the image x axis::
+
+    Δf(φ)  = (U + V) / 2 + (U − V) / 2 · cos(2 (φ − θ))          (U, V, θ: rlnDefocusU/V/Angle)
+    χ(k)   = π λ Δf |k|² − (π / 2) Cs λ³ |k|⁴ + asin(w)          (w: rlnAmplitudeContrast)
+    CTF(k) = sin(χ(k)) · exp(−B |k|² / 4)
+
+with λ the relativistic electron wavelength at the voltage, Cs in Å and B the B-factor (Å²).
+Defocus is positive for underfocus; CTF(0) = +w and the first lobe is positive, so a particle of
+positive density stays positive at low resolution (RELION's sign). Measured against this closed
+form, ``torch_ctf.calculate_ctf_2d`` (angle θ measured from x, as RELION) agrees within 0.002
+(float32; ``tests/test_ctf.py``). A simulated particle is ``irfft2(CTF · rfft2(projection))``.
+
+Shifts and RELION origins
+-------------------------
+:func:`shift_images` moves image content by ``(sx, sy)`` pixels (a Fourier phase ramp, exact
+for integer shifts up to the unpaired Nyquist row/column of even boxes): ``out(x) = in(x − s)``.
+RELION 3.1+ stores ``rlnOriginXAngst/YAngst`` = ``o`` such that the particle's centre lies at
+``box centre − o / pixel_size``: RELION predicts a particle as the reference projection shifted
+by ``−o`` (``ObservationModel::predictObservation`` shifts by ``N/2 − o``), and re-centring
+moves a particle's coordinate to ``rlnCoordinate − o``. So **shifting a particle image by
+``+o / pixel_size`` centres it** (:func:`centring_shift_px`), and a simulated particle displaced
+by ``s`` pixels is written with origin ``o = −s · pixel_size``.
+
+CTF correction
+--------------
+:func:`phase_flip` multiplies the spectrum by ``sign(CTF)`` (restores contrast signs, keeps the
+noise white); :func:`wiener_filter` by ``CTF / (CTF² + K)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch_ctf
+
+__all__ = [
+    "CTFParameters",
+    "random_ctf_parameters",
+    "ctf_2d",
+    "apply_ctf",
+    "phase_flip",
+    "wiener_filter",
+    "shift_images",
+    "random_shifts_px",
+    "centring_shift_px",
+    "origin_angstrom_from_shift_px",
+]
+
+
+@dataclass(frozen=True)
+class CTFParameters:
+    """Per-particle CTF parameters (RELION labels in brackets).
+
+    Attributes:
+        defocus_u_angstrom, defocus_v_angstrom: ``(n,)`` defocus in Å, positive underfocus
+            (rlnDefocusU, rlnDefocusV).
+        defocus_angle_deg: ``(n,)`` direction of U from the image x axis, deg (rlnDefocusAngle).
+        voltage_kv: ``(n,)`` acceleration voltage, kV (rlnVoltage).
+        spherical_aberration_mm: ``(n,)`` Cs, mm (rlnSphericalAberration).
+        amplitude_contrast: ``(n,)`` fraction in [0, 1) (rlnAmplitudeContrast).
+        b_factor: ``(n,)`` envelope B-factor, Å² (rlnCtfBfactor); 0 for none.
+    """
+
+    defocus_u_angstrom: np.ndarray
+    defocus_v_angstrom: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    spherical_aberration_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    b_factor: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = np.asarray(self.defocus_u_angstrom).reshape(-1).shape[0]
+        for name in self.__dataclass_fields__:
+            value = np.asarray(getattr(self, name), dtype=np.float64).reshape(-1)
+            if value.shape[0] == 1 and n > 1:
+                value = np.full(n, value[0])
+            if value.shape != (n,):
+                raise ValueError(f"CTF field {name} must have shape ({n},), got {value.shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"CTF field {name} holds NaN or infinite values")
+            object.__setattr__(self, name, value)
+        if np.any(self.voltage_kv <= 0):
+            raise ValueError("voltage_kv must be positive (e.g. 300 kV)")
+        if np.any((self.amplitude_contrast < 0) | (self.amplitude_contrast >= 1)):
+            raise ValueError("amplitude_contrast must lie in [0, 1) (typically 0.07-0.1)")
+
+    def __len__(self) -> int:
+        return int(self.defocus_u_angstrom.shape[0])
+
+    def subset(self, indices: np.ndarray) -> CTFParameters:
+        """The parameters of particles ``indices``."""
+        return CTFParameters(**{k: getattr(self, k)[indices] for k in self.__dataclass_fields__})
+
+
+def random_ctf_parameters(
+    n: int,
+    rng: np.random.Generator,
+    *,
+    defocus_range_angstrom: tuple[float, float] = (5000.0, 25000.0),
+    max_astigmatism_angstrom: float = 500.0,
+    voltage_kv: float = 300.0,
+    spherical_aberration_mm: float = 2.7,
+    amplitude_contrast: float = 0.1,
+    b_factor: float = 0.0,
+) -> CTFParameters:
+    """Draw ``n`` particles' CTFs: mean defocus uniform in ``defocus_range_angstrom`` (Å),
+    ``(U − V) / 2`` uniform in ``[0, max_astigmatism_angstrom / 2]``, angle uniform in
+    [0, 180) deg; the optics are shared."""
+    low, high = (float(v) for v in defocus_range_angstrom)
+    if not 0 < low <= high:
+        raise ValueError(f"defocus range must satisfy 0 < min <= max (Å), got {(low, high)}")
+    if max_astigmatism_angstrom < 0:
+        raise ValueError(f"max_astigmatism_angstrom must be >= 0, got {max_astigmatism_angstrom}")
+    mean = rng.uniform(low, high, n)
+    half = rng.uniform(0.0, max_astigmatism_angstrom / 2.0, n)
+    angle = rng.uniform(0.0, 180.0, n)
+    return CTFParameters(
+        defocus_u_angstrom=mean + half,
+        defocus_v_angstrom=mean - half,
+        defocus_angle_deg=angle,
+        voltage_kv=np.full(n, voltage_kv),
+        spherical_aberration_mm=np.full(n, spherical_aberration_mm),
+        amplitude_contrast=np.full(n, amplitude_contrast),
+        b_factor=np.full(n, b_factor),
+    )
+
+
+def ctf_2d(
+    parameters: CTFParameters,
+    image_size: int,
+    pixel_size_angstrom: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The CTF of every particle on the ``rfft2`` grid: ``(n, N, N // 2 + 1)`` float32.
+
+    ``pixel_size_angstrom`` is that of the images the CTF multiplies (after any downsampling).
+    """
+    if pixel_size_angstrom <= 0:
+        raise ValueError(f"pixel size must be positive (Å), got {pixel_size_angstrom}")
+    device = torch.device(device or "cpu")
+
+    def tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32, device=device)
+
+    u, v = parameters.defocus_u_angstrom, parameters.defocus_v_angstrom
+    ctf = torch_ctf.calculate_ctf_2d(
+        defocus=tensor((u + v) / 2e4),  # µm
+        astigmatism=tensor((u - v) / 2e4),
+        astigmatism_angle=tensor(parameters.defocus_angle_deg),
+        voltage=tensor(parameters.voltage_kv),
+        spherical_aberration=tensor(parameters.spherical_aberration_mm),
+        amplitude_contrast=tensor(parameters.amplitude_contrast),
+        phase_shift=tensor(np.zeros(len(parameters))),
+        pixel_size=float(pixel_size_angstrom),
+        image_shape=(int(image_size), int(image_size)),
+        rfft=True,
+        fftshift=False,
+    ).reshape(len(parameters), int(image_size), int(image_size) // 2 + 1)
+    if np.any(parameters.b_factor != 0):
+        k2 = _frequency_squared(int(image_size), device) / float(pixel_size_angstrom) ** 2
+        ctf = ctf * torch.exp(-tensor(parameters.b_factor)[:, None, None] * k2 / 4.0)
+    return ctf
+
+
+def _frequency_squared(image_size: int, device: torch.device) -> torch.Tensor:
+    """``|k|²`` in cycles²/px² on the rfft2 grid ``(N, N // 2 + 1)``."""
+    ky = torch.fft.fftfreq(image_size, device=device)
+    kx = torch.fft.rfftfreq(image_size, device=device)
+    return ky[:, None] ** 2 + kx[None, :] ** 2
+
+
+def _filter(images: np.ndarray | torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
+        raise ValueError(f"images must have shape (n, N, N), got {tuple(tensor.shape)}")
+    n_pix = tensor.shape[-1]
+    expected = (tensor.shape[0], n_pix, n_pix // 2 + 1)
+    if tuple(transfer.shape) != expected:
+        raise ValueError(f"the CTF must have shape {expected}, got {tuple(transfer.shape)}")
+    spectrum = torch.fft.rfft2(tensor) * transfer.to(tensor.device)
+    return torch.fft.irfft2(spectrum, s=(n_pix, n_pix))
+
+
+def apply_ctf(images: np.ndarray | torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Images ``(n, N, N)`` modulated by their CTFs ``(n, N, N // 2 + 1)`` (:func:`ctf_2d`)."""
+    return _filter(images, ctf)
+
+
+def phase_flip(images: np.ndarray | torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Images ``(n, N, N)`` with each frequency multiplied by ``sign(CTF)`` (0 stays 0)."""
+    return _filter(images, torch.sign(ctf))
+
+
+def wiener_filter(
+    images: np.ndarray | torch.Tensor, ctf: torch.Tensor, wiener_constant: float = 0.1
+) -> torch.Tensor:
+    """Images ``(n, N, N)`` multiplied in Fourier space by ``CTF / (CTF² + K)``, ``K > 0``
+    (about 1 / SNR per frequency)."""
+    if not wiener_constant > 0:
+        raise ValueError(f"wiener_constant must be positive, got {wiener_constant}")
+    return _filter(images, ctf / (ctf**2 + float(wiener_constant)))
+
+
+def shift_images(images: np.ndarray | torch.Tensor, shifts_px: np.ndarray) -> torch.Tensor:
+    """Move the content of each image by ``shifts_px[i] = (sx, sy)`` pixels (sub-pixel allowed):
+    ``out(x) = in(x − s)``, periodic, by a Fourier phase ramp. Returns ``(n, N, N)`` float32."""
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    shifts = torch.as_tensor(np.asarray(shifts_px, dtype=np.float64), dtype=torch.float64)
+    if shifts.shape != (tensor.shape[0], 2):
+        raise ValueError(
+            f"shifts must have shape ({tensor.shape[0]}, 2), got {tuple(shifts.shape)}"
+        )
+    n_pix = tensor.shape[-1]
+    ky = torch.fft.fftfreq(n_pix, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(n_pix, dtype=torch.float64)
+    phase = (
+        -2.0
+        * math.pi
+        * (
+            shifts[:, 0, None, None] * kx[None, None, :]
+            + shifts[:, 1, None, None] * ky[None, :, None]
+        )
+    )
+    ramp = torch.polar(torch.ones_like(phase), phase).to(torch.complex64).to(tensor.device)
+    return torch.fft.irfft2(torch.fft.rfft2(tensor) * ramp, s=(n_pix, n_pix))
+
+
+def random_shifts_px(n: int, rng: np.random.Generator, max_shift_px: float) -> np.ndarray:
+    """``(n, 2)`` shifts ``(sx, sy)`` uniform in ``[−max_shift_px, max_shift_px]`` per axis."""
+    if max_shift_px < 0:
+        raise ValueError(f"max_shift_px must be >= 0, got {max_shift_px}")
+    return rng.uniform(-max_shift_px, max_shift_px, (n, 2))
+
+
+def centring_shift_px(origins_angstrom: np.ndarray, pixel_size_angstrom: float) -> np.ndarray:
+    """The shift ``(n, 2)`` px that centres particles with RELION origins ``(n, 2)`` Å
+    (rlnOriginXAngst, rlnOriginYAngst): ``+origin / pixel_size`` (see module docstring)."""
+    return np.asarray(origins_angstrom, dtype=np.float64) / float(pixel_size_angstrom)
+
+
+def origin_angstrom_from_shift_px(shifts_px: np.ndarray, pixel_size_angstrom: float) -> np.ndarray:
+    """RELION origins ``(n, 2)`` Å of particles whose content was moved by ``shifts_px``
+    ``(n, 2)`` from the box centre: ``−shift · pixel_size``."""
+    return -np.asarray(shifts_px, dtype=np.float64) * float(pixel_size_angstrom)

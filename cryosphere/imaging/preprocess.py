@@ -1,0 +1,145 @@
+"""Particle images to network input: crop, downsample, CTF-correct, normalise.
+
+Images are ``(n, N, N)`` ``[image, y, x]`` with the centre at pixel ``N // 2``; every function
+keeps that centre at ``M // 2`` of its ``M``-px output and returns the new pixel size in Å.
+
+* :func:`crop_images`: real-space window of ``M`` px around the centre (pixel size unchanged).
+* :func:`fourier_crop`: keep the ``M × M`` lowest frequencies (same field of view, pixel size
+  × ``N / M``), scaled by ``(M / N)²`` so pixel values keep their scale.
+* :func:`normalise_background`: per image, subtract the mean and divide by the standard
+  deviation of the pixels outside a circle of ``radius_px`` around the centre (the background),
+  as RELION's preprocessing does; default radius ``0.375 · N`` (three quarters of the half box).
+* :func:`prepare_images`: the three above plus CTF correction (phase flip or Wiener) at the
+  final pixel size, in the order crop → downsample → correct → normalise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cryosphere.imaging import ctf as ctf_module
+
+__all__ = [
+    "CTF_CORRECTIONS",
+    "crop_images",
+    "fourier_crop",
+    "normalise_background",
+    "prepare_images",
+]
+
+CTF_CORRECTIONS = ("phase_flip", "wiener", "none")
+
+
+def _as_stack(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
+        raise ValueError(f"images must have shape (n, N, N), got {tuple(tensor.shape)}")
+    return tensor
+
+
+def crop_images(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Centre window ``(n, size, size)``; ``size <= N``. Pixel ``N // 2`` becomes ``size // 2``."""
+    tensor = _as_stack(images)
+    n_pix = tensor.shape[-1]
+    if not 1 <= int(size) <= n_pix:
+        raise ValueError(f"crop size must be in 1..{n_pix} px, got {size}")
+    start = n_pix // 2 - int(size) // 2
+    return tensor[:, start : start + int(size), start : start + int(size)].clone()
+
+
+def fourier_crop(
+    images: np.ndarray | torch.Tensor, size: int, pixel_size_angstrom: float
+) -> tuple[torch.Tensor, float]:
+    """Downsample to ``(n, size, size)`` by keeping the lowest frequencies; returns the images
+    and the new pixel size ``pixel_size_angstrom · N / size`` (Å). ``size`` even, ``<= N``."""
+    tensor = _as_stack(images)
+    n_pix, m = tensor.shape[-1], _check_crop_size(tensor.shape[-1], size)
+    if m == n_pix:
+        return tensor.clone(), float(pixel_size_angstrom)
+    out = torch.fft.irfft2(_cropped_spectrum(tensor, m), s=(m, m))
+    return out, float(pixel_size_angstrom) * n_pix / m
+
+
+def _check_crop_size(n_pix: int, size: int) -> int:
+    m = int(size)
+    if m != n_pix and (m > n_pix or m < 2 or m % 2):
+        raise ValueError(f"Fourier crop size must be even and in 2..{n_pix} px, got {size}")
+    return m
+
+
+def _cropped_spectrum(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """``rfft2`` of ``(n, N, N)`` images cut to the ``(n, size, size // 2 + 1)`` lowest
+    frequencies, scaled by ``(size / N)²`` (so its ``irfft2`` keeps pixel values)."""
+    n_pix, m = tensor.shape[-1], int(size)
+    spectrum = torch.fft.rfft2(tensor)
+    if m == n_pix:
+        return spectrum
+    rows = torch.cat([torch.arange(m // 2), torch.arange(n_pix - m // 2, n_pix)])
+    return spectrum[:, rows.to(tensor.device), : m // 2 + 1] * (m / n_pix) ** 2
+
+
+def normalise_background(
+    images: np.ndarray | torch.Tensor, radius_px: float | None = None
+) -> torch.Tensor:
+    """Per image: ``(image − mean_bg) / std_bg`` over the pixels farther than ``radius_px``
+    from the centre (default ``0.375 · N``). Raises when no pixel is background."""
+    tensor = _as_stack(images)
+    n_pix = tensor.shape[-1]
+    radius = 0.375 * n_pix if radius_px is None else float(radius_px)
+    coords = torch.arange(n_pix, dtype=torch.float32, device=tensor.device) - n_pix // 2
+    outside = (coords[:, None] ** 2 + coords[None, :] ** 2) > radius**2
+    if not bool(outside.any()):
+        raise ValueError(
+            f"a background radius of {radius:g} px leaves no background in a {n_pix}-px box"
+        )
+    background = tensor[:, outside]
+    mean = background.mean(dim=1)
+    std = background.std(dim=1, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (tensor - mean[:, None, None]) / std[:, None, None]
+
+
+def prepare_images(
+    images: np.ndarray | torch.Tensor,
+    pixel_size_angstrom: float,
+    *,
+    target_size: int,
+    crop_size: int | None = None,
+    ctf: ctf_module.CTFParameters | None = None,
+    ctf_correction: str = "phase_flip",
+    wiener_constant: float = 0.1,
+    normalise: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """Network input ``(n, target_size, target_size)`` float32 and its pixel size (Å).
+
+    Args:
+        images: ``(n, N, N)`` particle images.
+        crop_size: optional real-space crop (px) before downsampling.
+        ctf: the images' CTFs; with ``ctf_correction`` ``"phase_flip"`` or ``"wiener"``
+            they are corrected at the final pixel size; ``"none"`` or ``ctf=None`` leaves them.
+        normalise: background normalisation (:func:`normalise_background`) last.
+    """
+    if ctf_correction not in CTF_CORRECTIONS:
+        raise ValueError(f"ctf_correction must be one of {CTF_CORRECTIONS}, got {ctf_correction!r}")
+    tensor = _as_stack(images)
+    if crop_size is not None:
+        tensor = crop_images(tensor, crop_size)
+    if ctf is None or ctf_correction == "none":
+        tensor, pixel = fourier_crop(tensor, target_size, pixel_size_angstrom)
+    else:  # one FFT pair: crop the spectrum, correct it, transform back
+        if len(ctf) != tensor.shape[0]:
+            raise ValueError(f"{len(ctf)} CTFs given for {tensor.shape[0]} images")
+        m = _check_crop_size(tensor.shape[-1], target_size)
+        pixel = float(pixel_size_angstrom) * tensor.shape[-1] / m
+        transfer = ctf_module.ctf_2d(ctf, m, pixel, device=tensor.device)
+        if ctf_correction == "phase_flip":
+            transfer = torch.sign(transfer)
+        else:
+            if not wiener_constant > 0:
+                raise ValueError(f"wiener_constant must be positive, got {wiener_constant}")
+            transfer = transfer / (transfer**2 + float(wiener_constant))
+        tensor = torch.fft.irfft2(_cropped_spectrum(tensor, m) * transfer, s=(m, m))
+    if normalise:
+        tensor = normalise_background(tensor)
+    return tensor, pixel

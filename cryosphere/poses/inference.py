@@ -1,0 +1,202 @@
+"""Predict poses for a user's particle set: RELION STAR in, STAR with predicted angles out.
+
+:func:`predict_star` (the ``cryosphere predict`` command) reads a RELION 3.0 or 3.1+ particle
+STAR file and its stacks in batches (:mod:`cryosphere.imaging.particles`), brings every batch
+to the network's box (:func:`cryosphere.imaging.preprocess.prepare_images`: optional crop,
+Fourier crop, CTF phase flip when the set has defocus values, background normalisation), runs
+:func:`cryosphere.poses.train.predict`, and writes
+
+* ``OUTPUT.star``: every input table and column unchanged (image names included, so keep the
+  output beside the input STAR file or the relative stack paths no longer resolve), with
+  ``rlnAngleRot/Tilt/Psi`` set to the most probable grid pose (RELION ZYZ, degrees),
+  ``rlnMaxValueProbDistribution`` its probability, and ``rlnCryoSphereAngularSpread`` the
+  uncertainty: the probability-weighted RMS geodesic angle (deg) between the best cell and the
+  ``top_k`` most probable cells, ``sqrt(Σ_j p_j d_j² / Σ_j p_j)`` (not symmetry-aware);
+* ``OUTPUT_topk.npz``: ``top_index`` ``(n, k)`` grid cells, ``top_probability`` ``(n, k)``,
+  ``top_angles_deg`` ``(n, k, 3)`` RELION angles, ``image_name`` ``(n,)``, ``grid_level``.
+
+Everything is checked before the first batch (STAR, stacks, checkpoint, box sizes), and both
+files are written atomically at the end: a failure writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import starfile
+import torch
+from tqdm.auto import tqdm
+
+from cryosphere import io
+from cryosphere.geometry import so3
+from cryosphere.imaging import preprocess
+from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
+from cryosphere.poses import train
+
+__all__ = ["PredictionSummary", "angular_spread_deg", "topk_path", "predict_star"]
+
+SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What :func:`predict_star` did: output paths, image count, seconds, images per second."""
+
+    star: Path
+    topk: Path
+    n_images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput over the whole call (reading, preprocessing, network)."""
+        return self.n_images / self.seconds if self.seconds > 0 else float("inf")
+
+
+def topk_path(output_star: str | os.PathLike[str]) -> Path:
+    """``predicted.star`` -> ``predicted_topk.npz`` beside it."""
+    path = Path(output_star)
+    return path.with_name(f"{path.stem}_topk.npz")
+
+
+def angular_spread_deg(
+    grid: np.ndarray, top_index: np.ndarray, top_probability: np.ndarray
+) -> np.ndarray:
+    """Probability-weighted RMS geodesic angle (deg) from the best cell (column 0) to the
+    ``k`` cells of ``top_index`` ``(n, k)`` with probabilities ``(n, k)``: ``(n,)``."""
+    best = grid[top_index[:, :1]]
+    distance = so3.geodesic_distance_deg(best, grid[top_index])
+    weights = top_probability / np.maximum(top_probability.sum(axis=1, keepdims=True), 1e-30)
+    return np.sqrt((weights * distance**2).sum(axis=1))
+
+
+def _check_request(
+    pset: ParticleSet, model, output: Path, crop_size: int | None, ctf_correction: str
+) -> str:
+    if output.resolve() == pset.star_path.resolve():
+        raise FileExistsError(f"the output {output} is the input STAR file; choose another name")
+    if output.suffix != ".star":
+        raise ValueError(f"the output must be a .star file, got {output}")
+    target = int(model.config.image_size)
+    box = pset.image_size if crop_size is None else int(crop_size)
+    if crop_size is not None and not target <= box <= pset.image_size:
+        raise ValueError(f"crop size must lie in {target}..{pset.image_size} px, got {crop_size}")
+    if box < target:
+        raise ValueError(
+            f"the particles are {box} px but the model takes {target} px images; it cannot "
+            "upsample: train a model for a smaller box"
+        )
+    if box != target and box % 2:
+        raise ValueError(
+            f"a {box}-px box cannot be Fourier-cropped to {target} px; crop it to even"
+        )
+    options = ("auto", *preprocess.CTF_CORRECTIONS)
+    if ctf_correction not in options:
+        raise ValueError(f"ctf_correction must be one of {options}, got {ctf_correction!r}")
+    if ctf_correction == "auto":
+        return "phase_flip" if pset.ctf is not None else "none"
+    if ctf_correction != "none" and pset.ctf is None:
+        raise ValueError(f"ctf_correction={ctf_correction!r} but {pset.star_path} has no defocus")
+    return ctf_correction
+
+
+def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray], level: int):
+    table = pset.particles.copy()
+    angles = so3.relion_euler_from_matrices(arrays["best_rotation"]).reshape(-1, 3)
+    for column, values in zip(
+        ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"), angles.T, strict=True
+    ):
+        table[column] = values
+    table["rlnMaxValueProbDistribution"] = arrays["best_probability"]
+    table[SPREAD_COLUMN] = arrays["spread_deg"]
+    top_angles = so3.relion_euler_from_matrices(
+        so3.healpix_so3_grid(level)[arrays["top_index"].reshape(-1)]
+    ).reshape(*arrays["top_index"].shape, 3)
+    io.write_npz(
+        topk_path(output),
+        top_index=arrays["top_index"],
+        top_probability=arrays["top_probability"],
+        top_angles_deg=top_angles,
+        image_name=np.asarray(pset.particles["rlnImageName"], dtype=str),
+        grid_level=np.int64(level),
+    )
+    tables = dict(pset.tables)
+    tables[pset.particles_key] = table
+    with io.atomic_path(output) as tmp:
+        if pset.particles_key == "" and len(tables) == 1:
+            starfile.write(table, tmp, float_format="%.6f")
+        else:
+            starfile.write(tables, tmp, float_format="%.6f")
+
+
+def predict_star(
+    star_path: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    top_k: int = 10,
+    ctf_correction: str = "auto",
+    crop_size: int | None = None,
+    normalise: bool = True,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Predict a pose for every particle of ``star_path`` (see module docstring).
+
+    Args:
+        checkpoint: a CryoSphere checkpoint (:func:`cryosphere.poses.train.load_model`).
+        output: the STAR file to write; ``OUTPUT_topk.npz`` goes beside it.
+        device: ``"cpu"``, ``"cuda"``; default CUDA when available.
+        top_k: cells kept per particle in the side file and the spread.
+        ctf_correction: ``"auto"`` (phase flip when the set has defocus values), or one of
+            ``"phase_flip"``, ``"wiener"``, ``"none"``.
+        crop_size: real-space crop (px) before downsampling to the model's box.
+        normalise: background normalisation of each image (mean 0, std 1 outside a circle).
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    pset = read_particle_set(star_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = train.load_model(checkpoint, device=device)
+    correction = _check_request(pset, model, output, crop_size, ctf_correction)
+    level = int(model.config.grid_level)
+    grid = so3.healpix_so3_grid(level)
+    k = max(1, min(int(top_k), grid.shape[0]))
+    n = len(pset)
+    arrays = {
+        "best_rotation": np.empty((n, 3, 3)),
+        "best_probability": np.empty(n, np.float32),
+        "top_index": np.empty((n, k), np.int64),
+        "top_probability": np.empty((n, k), np.float32),
+    }
+    bar = tqdm(total=n, desc="predicting", disable=not progress, unit="img")
+    with StackReader(pset) as reader:
+        for indices, images in reader.batches(batch_size):
+            ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
+            prepared, _ = preprocess.prepare_images(
+                torch.from_numpy(images).to(device),
+                pset.pixel_size_angstrom,
+                target_size=model.config.image_size,
+                crop_size=crop_size,
+                ctf=ctf,
+                ctf_correction=correction,
+                normalise=normalise,
+            )
+            result = train.predict(model, prepared.cpu().numpy(), batch_size=batch_size)
+            top = torch.topk(torch.from_numpy(result.probabilities), k, dim=1)
+            arrays["best_rotation"][indices] = result.best_rotation
+            arrays["best_probability"][indices] = result.best_probability
+            arrays["top_index"][indices] = top.indices.numpy()
+            arrays["top_probability"][indices] = top.values.numpy()
+            bar.update(len(indices))
+    bar.close()
+    arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
+    _write_outputs(pset, output, arrays, level)
+    return PredictionSummary(
+        star=output, topk=topk_path(output), n_images=n, seconds=time.perf_counter() - started
+    )

@@ -1,0 +1,177 @@
+"""CTF-aware template matching with a translation search.
+
+For image ``i`` (spectrum ``F_i``, CTF ``C_i``), template ``g`` (spectrum ``T_g``, a projection
+of the map at grid pose ``R_g``, e.g. from :func:`cryosphere.poses.labels.template_bank`) and
+a trial shift ``s`` (px) applied to the image, the score is the mean squared error
+
+    MSE_i(g, s) = (1 / N⁴) Σ_k w_k |F_i(k) e^{−2πi k·s} − M_i(k) T_g(k)|²
+
+over the ``rfft2`` half-plane (``w_k`` = 2 for columns counted twice, 1 otherwise; Parseval),
+with the model filter ``M_i`` set by ``mode``:
+
+* ``"ctf_templates"`` (default): ``M_i = C_i``, i.e. every template carries the image's own CTF.
+  Expanding the square gives one matrix product per shift for the cross term
+  ``Re Σ w C_i F_i e_s conj(T_g)`` and one for ``Σ w C_i² |T_g|²``: no per-image template bank.
+* ``"phase_flip"``: the image is phase-flipped (``F_i → sign(C_i) F_i``) and compared with the
+  bare templates (``M_i = 1``), as real-data tools that flip before comparison do.
+* ``"none"``: the CTF is ignored.
+
+Shifts are searched on a square grid ``{−max, …, max}²`` (step ``shift_step_px``); the best
+``(g, s)`` over both is returned. ``shift_px`` is the shift that centres the particle, so in
+RELION's convention the particle's origin is ``rlnOriginXAngst/YAngst = shift_px ·
+pixel_size`` (:mod:`cryosphere.imaging.ctf`). Measured choice: ``"ctf_templates"`` (see
+``tests/test_matching.py`` and the report of issue 13).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cryosphere.imaging import ctf as ctf_module
+
+__all__ = ["MATCHING_MODES", "MatchResult", "shift_grid_px", "ctf_template_matching"]
+
+MATCHING_MODES = ("ctf_templates", "phase_flip", "none")
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """Best template and shift per image.
+
+    Attributes:
+        best_index: ``(n,)`` int64 grid index of the best template.
+        shift_px: ``(n, 2)`` float64 ``(sx, sy)`` shift that centres each image (px).
+        best_mse: ``(n,)`` float64 mean squared error per pixel at the best (g, s).
+    """
+
+    best_index: np.ndarray
+    shift_px: np.ndarray
+    best_mse: np.ndarray
+
+    def origins_angstrom(self, pixel_size_angstrom: float) -> np.ndarray:
+        """RELION origins ``(n, 2)`` Å of the particles: ``shift_px · pixel_size``."""
+        return self.shift_px * float(pixel_size_angstrom)
+
+
+def shift_grid_px(max_shift_px: float, step_px: float = 1.0) -> np.ndarray:
+    """``(S, 2)`` trial shifts ``(sx, sy)`` on a square grid in ``[−max, max]``, zero first."""
+    if max_shift_px < 0 or not step_px > 0:
+        raise ValueError(f"need max_shift_px >= 0 and step_px > 0, got {max_shift_px}, {step_px}")
+    half = int(math.floor(max_shift_px / step_px + 1e-9))
+    axis = np.arange(-half, half + 1) * float(step_px)
+    grid = np.stack(np.meshgrid(axis, axis, indexing="xy"), axis=-1).reshape(-1, 2)
+    order = np.argsort(np.abs(grid).sum(axis=1), kind="stable")  # ties go to smaller shifts
+    return grid[order]
+
+
+def _half_plane_weights(n_pix: int) -> torch.Tensor:
+    weights = torch.full((n_pix, n_pix // 2 + 1), 2.0)
+    weights[:, 0] = 1.0
+    if n_pix % 2 == 0:
+        weights[:, -1] = 1.0
+    return weights
+
+
+def _ramps(shifts: np.ndarray, n_pix: int) -> torch.Tensor:
+    """``(S, N, N//2+1)`` complex64 phase ramps ``e^{−2πi k·s}``."""
+    ky = torch.fft.fftfreq(n_pix, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(n_pix, dtype=torch.float64)
+    s = torch.as_tensor(shifts, dtype=torch.float64)
+    phase = -2 * math.pi * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky[:, None])
+    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
+
+
+def _real_pair(z: torch.Tensor) -> torch.Tensor:
+    """Complex ``(..., K)`` -> real ``(..., 2K)`` so that ``Re(a · conj(b)) = pair(a) · pair(b)``."""
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def _check(images, templates, ctf, mode) -> tuple[torch.Tensor, torch.Tensor]:
+    if mode not in MATCHING_MODES:
+        raise ValueError(f"mode must be one of {MATCHING_MODES}, got {mode!r}")
+    a = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    b = torch.as_tensor(np.asarray(templates), dtype=torch.float32)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:] or a.shape[1] != a.shape[2]:
+        raise ValueError(
+            f"images (n, N, N) and templates (G, N, N) must share one square box, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if mode != "none" and ctf is None:
+        raise ValueError(f"mode={mode!r} needs the images' CTF parameters (or use mode='none')")
+    if ctf is not None and len(ctf) != a.shape[0]:
+        raise ValueError(f"{len(ctf)} CTFs given for {a.shape[0]} images")
+    return a, b
+
+
+def ctf_template_matching(
+    images: np.ndarray | torch.Tensor,
+    templates: np.ndarray | torch.Tensor,
+    *,
+    ctf: ctf_module.CTFParameters | None,
+    pixel_size_angstrom: float,
+    mode: str = "ctf_templates",
+    max_shift_px: float = 3.0,
+    shift_step_px: float = 1.0,
+    batch_size: int = 64,
+    template_block: int = 1024,
+    progress: bool = False,
+) -> MatchResult:
+    """Best grid template and centring shift for each image (see module docstring).
+
+    Args:
+        images: ``(n, N, N)`` particle images (CTF-modulated, shifted, noisy).
+        templates: ``(G, N, N)`` CTF-free templates in grid order.
+        ctf: the images' CTF parameters (None only with ``mode="none"``).
+        pixel_size_angstrom: Å per pixel of the images (for the CTF).
+        max_shift_px, shift_step_px: the translation search grid (:func:`shift_grid_px`).
+        batch_size, template_block: images and templates per block; work memory is about
+            ``S · batch_size · N² · 4 + template_block · N² · 8`` bytes for ``S`` shifts.
+    """
+    a, b = _check(images, templates, ctf, mode)
+    n, n_pix = a.shape[0], a.shape[-1]
+    shifts = shift_grid_px(max_shift_px, shift_step_px)
+    ramps = _ramps(shifts, n_pix).reshape(len(shifts), -1)
+    weights = _half_plane_weights(n_pix).reshape(-1)
+    spectra_t = torch.fft.rfft2(b).reshape(b.shape[0], -1)
+    power_t = spectra_t.real**2 + spectra_t.imag**2
+    best_score = torch.full((n,), math.inf, dtype=torch.float64)
+    best_index = torch.zeros(n, dtype=torch.int64)
+    best_shift = torch.zeros(n, dtype=torch.int64)
+    image_power = torch.zeros(n, dtype=torch.float64)
+    starts = range(0, n, int(batch_size))
+    for start in tqdm(starts, desc="matching", disable=not progress, unit="batch"):
+        stop = min(start + int(batch_size), n)
+        spectra = torch.fft.rfft2(a[start:stop]).reshape(stop - start, -1)
+        image_power[start:stop] = (weights * spectra.abs() ** 2).sum(1, dtype=torch.float64)
+        if ctf is not None and mode != "none":
+            transfer = ctf_module.ctf_2d(
+                ctf.subset(np.arange(start, stop)), n_pix, pixel_size_angstrom
+            ).reshape(stop - start, -1)
+            model = transfer if mode == "ctf_templates" else torch.ones_like(transfer)
+            spectra = spectra * (transfer if mode == "ctf_templates" else torch.sign(transfer))
+        else:
+            model = torch.ones(stop - start, spectra.shape[1])
+        cross_in = _real_pair((weights * spectra)[None] * ramps[:, None])  # (S, k, 2K)
+        model_power = weights * model**2  # (k, K)
+        for g0 in range(0, b.shape[0], int(template_block)):
+            block = spectra_t[g0 : g0 + int(template_block)]
+            norms = model_power @ power_t[g0 : g0 + block.shape[0]].T  # (k, g)
+            scores = norms[None] - 2.0 * (cross_in @ _real_pair(block).T)  # (S, k, g)
+            flat = scores.permute(1, 0, 2).reshape(stop - start, -1)
+            value, where = flat.min(dim=1)
+            better = value.double() < best_score[start:stop]
+            rows = torch.arange(start, stop)[better]
+            best_score[rows] = value.double()[better]
+            best_shift[rows] = (where // block.shape[0])[better]
+            best_index[rows] = (where % block.shape[0])[better] + g0
+    mse = (image_power + best_score) / n_pix**4
+    return MatchResult(
+        best_index=best_index.numpy(),
+        shift_px=shifts[best_shift.numpy()].astype(np.float64),
+        best_mse=np.maximum(mse.numpy(), 0.0),
+    )

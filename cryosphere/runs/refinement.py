@@ -1,0 +1,177 @@
+"""Train the pose network on a consensus refinement: a RELION particle STAR file with poses
+and the map they were refined against (``cryosphere train --star particles.star --map map.mrc``).
+
+Steps (everything checked before any work):
+
+1. read the particle set with its angles (:func:`cryosphere.imaging.particles.read_particle_set`,
+   ``require_angles=True``) and the map (:func:`cryosphere.io.read_map`); the map's box and voxel
+   size must match the particles' (1 % tolerance);
+2. images: each particle is recentred by its origin (shifted by ``+origin / pixel_size``, RELION's
+   sign), Fourier-cropped to the model box, CTF phase-flipped when the set has defocus values, and
+   background-normalised (:func:`cryosphere.imaging.preprocess.prepare_images`); they are held in
+   memory (the array trainer of :mod:`cryosphere.poses.train`);
+3. labels: the map is Fourier-cropped to the same box; the noise-free, CTF-free projection at
+   each particle's refined pose plays the clean image of the poster's labels
+   (:func:`cryosphere.poses.labels.compute_labels`: MSE against the template bank, top-``q``
+   mask, tuned λ), which is consistent with phase-flipped network input;
+4. :func:`cryosphere.poses.train.train_model` into ``run_dir/model/`` (checkpoint usable by
+   ``cryosphere predict``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosphere import io
+from cryosphere.imaging import ctf as ctf_module
+from cryosphere.imaging import preprocess
+from cryosphere.imaging.particles import StackReader, read_particle_set
+from cryosphere.imaging.projection import project_volume
+from cryosphere.poses import labels, train
+from cryosphere.poses.model import ModelConfig
+
+__all__ = ["RefinementData", "fourier_crop_volume", "refinement_data", "train_on_refinement"]
+
+
+@dataclass(frozen=True)
+class _Parameters:
+    blur_sigma: float = 0.0
+
+
+@dataclass
+class RefinementData:
+    """A refinement brought to the model box, shaped like a simulated dataset for labels.
+
+    Attributes:
+        volume: ``(M, M, M)`` float32 map at ``pixel_size``.
+        pixel_size: Å per pixel of the model box.
+        noisy_images: ``(n, M, M)`` prepared particle images.
+        clean_images: ``(n, M, M)`` projections of ``volume`` at the refined poses.
+        rotations: ``(n, 3, 3)`` refined poses.
+        symmetry_ops: ``(1, 3, 3)`` identity (C1).
+    """
+
+    volume: np.ndarray
+    pixel_size: float
+    noisy_images: np.ndarray
+    clean_images: np.ndarray
+    rotations: np.ndarray
+    symmetry_ops: np.ndarray
+    parameters: _Parameters = _Parameters()
+
+    @property
+    def image_size(self) -> int:
+        """Model box ``M`` in pixels."""
+        return int(self.volume.shape[0])
+
+
+def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
+    """Downsample a cubic map ``(N, N, N)`` to ``(size,)*3`` by keeping its lowest frequencies
+    (centre voxel ``N // 2`` -> ``size // 2``; values keep their scale). ``size`` even ``<= N``."""
+    tensor = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    n_pix, m = tensor.shape[-1], int(size)
+    if m == n_pix:
+        return tensor.numpy().copy()
+    if m > n_pix or m < 2 or m % 2:
+        raise ValueError(f"map crop size must be even and in 2..{n_pix} voxels, got {size}")
+    spectrum = torch.fft.rfftn(tensor)
+    keep = torch.cat([torch.arange(m // 2), torch.arange(n_pix - m // 2, n_pix)])
+    cropped = spectrum[keep][:, keep][:, :, : m // 2 + 1]
+    return (torch.fft.irfftn(cropped, s=(m, m, m)) * (m / n_pix) ** 3).numpy()
+
+
+def refinement_data(
+    star_path: str | os.PathLike[str],
+    map_path: str | os.PathLike[str],
+    image_size: int,
+    *,
+    max_particles: int | None = None,
+    progress: bool = True,
+) -> RefinementData:
+    """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3)."""
+    pset = read_particle_set(star_path, require_angles=True)
+    volume, voxel = io.read_map(map_path)
+    if volume.shape[0] != pset.image_size:
+        raise ValueError(
+            f"the map is {volume.shape[0]} voxels wide but the particles are {pset.image_size} px; "
+            "give the map of this refinement at the particles' box (relion_image_handler --new_box)"
+        )
+    if voxel > 0 and abs(voxel - pset.pixel_size_angstrom) > 0.01 * pset.pixel_size_angstrom:
+        raise ValueError(
+            f"the map's voxel size is {voxel:g} Å but the particles' pixel size is "
+            f"{pset.pixel_size_angstrom:g} Å; rescale the map (relion_image_handler --rescale_angpix)"
+        )
+    n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
+    rotations = pset.rotations()[:n]
+    images = []
+    with StackReader(pset) as reader:
+        for indices, batch in reader.batches(256, progress=progress):
+            if indices[0] >= n:
+                break
+            keep = indices < n
+            indices, batch = indices[keep], batch[keep]
+            shifts = ctf_module.centring_shift_px(
+                pset.origins_angstrom[indices], pset.pixel_size_angstrom
+            )
+            centred = ctf_module.shift_images(batch, shifts)
+            prepared, pixel = preprocess.prepare_images(
+                centred,
+                pset.pixel_size_angstrom,
+                target_size=image_size,
+                ctf=None if pset.ctf is None else pset.ctf.subset(indices),
+            )
+            images.append(prepared.numpy())
+    small = fourier_crop_volume(volume, image_size)
+    clean = project_volume(small, rotations, progress=progress).numpy()
+    return RefinementData(
+        volume=small,
+        pixel_size=float(pixel),
+        noisy_images=np.concatenate(images),
+        clean_images=clean,
+        rotations=rotations,
+        symmetry_ops=np.eye(3)[None],
+    )
+
+
+def train_on_refinement(
+    star_path: str | os.PathLike[str],
+    map_path: str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    model_config: ModelConfig | None = None,
+    training_config: train.TrainingConfig | None = None,
+    q: float = 0.05,
+    max_particles: int | None = None,
+    progress: bool = True,
+) -> train.TrainingResult:
+    """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
+
+    ``model_config`` defaults to ``ModelConfig()`` (64-px box, level-2 grid); its ``image_size``
+    is the box the particles and the map are Fourier-cropped to.
+    """
+    model_config = model_config or ModelConfig()
+    data = refinement_data(
+        star_path,
+        map_path,
+        model_config.image_size,
+        max_particles=max_particles,
+        progress=progress,
+    )
+    made = labels.compute_labels(data, level=model_config.grid_level, q=q, progress=progress)
+    training_config = training_config or train.TrainingConfig()
+    targets = made.mask if training_config.loss == "bce" else made.soft
+    return train.train_model(
+        data.noisy_images,
+        np.asarray(targets, dtype=np.float32),
+        data.rotations,
+        None,
+        model_config,
+        training_config,
+        run_dir=Path(run_dir),
+        progress=progress,
+    )

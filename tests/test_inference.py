@@ -1,0 +1,132 @@
+"""`cryosphere predict`: STAR + stacks in, STAR with predicted poses out (poses.inference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cryosphere.geometry import so3
+from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
+from cryosphere.poses import inference, train
+from cryosphere.poses.model import ModelConfig
+from cryosphere.runs import cli
+
+TINY = ModelConfig(
+    image_size=16, lmax=2, conv_channels=(4, 4), sphere_channels=4, so3_channels=4, grid_level=1
+)
+
+
+@pytest.fixture(scope="module")
+def particle_run(tmp_path_factory):
+    """A 32-px realistic set on disk and a 16-px model checkpoint trained for one epoch."""
+    folder = tmp_path_factory.mktemp("predict")
+    data = simulate_dataset(
+        SimulationParameters(
+            n_projections=12, image_size=32, seed=6, ctf=True, max_shift_px=2.0, snr=1.0
+        ),
+        progress=False,
+    )
+    save_dataset(data, folder / "data")
+    from cryosphere.imaging import preprocess
+
+    small, _ = preprocess.prepare_images(data.noisy_images, data.pixel_size, target_size=16)
+    G = so3.healpix_so3_grid_size(1)
+    d = so3.geodesic_distance_deg(data.rotations[:, None], so3.healpix_so3_grid(1)[None])
+    mask = (d <= np.quantile(d, 0.05, axis=1, keepdims=True)).astype(np.float32)
+    assert mask.shape == (12, G)
+    result = train.train_model(
+        small.numpy(),
+        mask,
+        data.rotations,
+        None,
+        TINY,
+        train.TrainingConfig(epochs=1, batch_size=4),
+        run_dir=folder / "run",
+        progress=False,
+    )
+    return data, folder, result.checkpoint
+
+
+def test_predict_star_writes_every_column_and_the_poses(particle_run):
+    data, folder, checkpoint = particle_run
+    star_in = folder / "data" / "particles.star"
+    out = folder / "data" / "predicted.star"
+    summary = inference.predict_star(
+        star_in, checkpoint, out, batch_size=5, top_k=4, progress=False
+    )
+    assert summary.n_images == 12 and summary.star == out and summary.images_per_s > 0
+    before = starfile.read(star_in, always_dict=True)
+    after = starfile.read(out, always_dict=True)
+    pd.testing.assert_frame_equal(after["optics"], before["optics"])
+    new = {"rlnMaxValueProbDistribution", inference.SPREAD_COLUMN}
+    assert set(after["particles"].columns) == set(before["particles"].columns) | new
+    unchanged = [c for c in before["particles"] if not c.startswith("rlnAngle")]
+    pd.testing.assert_frame_equal(after["particles"][unchanged], before["particles"][unchanged])
+    # the written angles are those of the network's own prediction on the same preprocessing
+    from cryosphere.imaging import preprocess
+
+    model = train.load_model(checkpoint)
+    prepared, _ = preprocess.prepare_images(
+        data.noisy_images, data.pixel_size, target_size=16, ctf=data.ctf
+    )
+    expected = train.predict(model, prepared.numpy())
+    got = so3.matrices_from_relion_euler(
+        after["particles"][["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    )
+    assert so3.geodesic_distance_deg(got, expected.best_rotation).max() < 1e-3
+    np.testing.assert_allclose(
+        after["particles"]["rlnMaxValueProbDistribution"], expected.best_probability, atol=1e-5
+    )
+    side = np.load(inference.topk_path(out))
+    assert side["top_index"].shape == (12, 4) and side["top_angles_deg"].shape == (12, 4, 3)
+    np.testing.assert_array_equal(side["top_index"][:, 0], expected.best_index)
+    assert np.all(np.diff(side["top_probability"], axis=1) <= 0)
+    spread = after["particles"][inference.SPREAD_COLUMN].to_numpy()
+    assert np.all((spread >= 0) & (spread <= 180))
+
+
+def test_angular_spread_is_zero_for_a_sharp_distribution_and_grows_when_spread():
+    grid = so3.healpix_so3_grid(1)
+    top = np.array([[0, 1, 2], [0, 1, 2]])
+    sharp = np.array([[1.0, 0.0, 0.0], [0.4, 0.3, 0.3]])
+    spread = inference.angular_spread_deg(grid, top, sharp)
+    assert spread[0] == 0.0
+    d = so3.geodesic_distance_deg(grid[[0, 0]], grid[[1, 2]])
+    assert spread[1] == pytest.approx(np.sqrt(0.3 * d[0] ** 2 + 0.3 * d[1] ** 2), rel=1e-6)
+
+
+def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path, capsys):
+    data, folder, checkpoint = particle_run
+    star_in = folder / "data" / "particles.star"
+    out = folder / "data" / "cli.star"
+    code = cli.main(
+        [
+            "predict", str(star_in), "--checkpoint", str(checkpoint), "-o", str(out),
+            "--no-progress", "--batch-size", "7",
+        ]
+    )  # fmt: skip
+    assert code == 0 and out.is_file() and inference.topk_path(out).is_file()
+    assert "12 particles" in capsys.readouterr().out
+    # bad requests: clear message, exit 2, nothing written
+    bad = folder / "data" / "bad.star"
+    cases = [
+        ([str(folder / "nothing.star")], "no STAR file"),
+        ([str(star_in), "--crop", "8"], "crop size"),
+        ([str(star_in), "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint"),
+    ]
+    for extra, message in cases:
+        argv = ["predict", *extra[:1], "--checkpoint", str(checkpoint), "-o", str(bad)]
+        argv += extra[1:]
+        assert cli.main(argv + ["--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert not bad.exists() and not inference.topk_path(bad).exists()
+    with pytest.raises(FileExistsError, match="input STAR"):
+        inference.predict_star(star_in, checkpoint, star_in, progress=False)
+    plain = starfile.read(star_in, always_dict=True)
+    plain["particles"].loc[0, "rlnImageName"] = "99@particles.mrcs"
+    starfile.write(plain, folder / "data" / "past.star")
+    with pytest.raises(ValueError, match="image 99"):
+        inference.predict_star(folder / "data" / "past.star", checkpoint, bad, progress=False)
+    assert not bad.exists()
