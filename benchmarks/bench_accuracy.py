@@ -20,6 +20,10 @@ Usage::
 
     python benchmarks/bench_accuracy.py                       # acceptance run (~30 min a structure)
     python benchmarks/bench_accuracy.py --steps 200 --n-test 64 --structures 1ubi   # smoke run
+    # one structure per process, then one summary:
+    python benchmarks/bench_accuracy.py --structures 1ubi > ubi.log &
+    python benchmarks/bench_accuracy.py --structures 1hvr > hvr.log; wait
+    python benchmarks/bench_accuracy.py --combine ubi.log hvr.log
 
 Prints figures as it goes, and as its last line one JSON object
 ``{"cases": [{"structure", "snr", "level", "model_median_deg", "oracle_median_deg", "ratio",
@@ -102,7 +106,7 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
         device=args.device,
     )
     print(f"== {name} ({dataset.point_group}): training {args.steps} steps ...", flush=True)
-    result = train_on_stream(stream, model_config, config, validation, ops, progress=False)
+    result = train_on_stream(stream, model_config, config, validation, ops, progress=args.progress)
     for row in result.history:
         print("  ", {k: round(v, 3) for k, v in row.items()}, flush=True)
     model = result.model.to("cpu")
@@ -150,6 +154,35 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
     return cases, training
 
 
+def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
+    return {
+        "cases": cases,
+        "train_s": float(sum(t["train_s"] for t in trainings)),
+        "images_seen": int(sum(t["images_seen"] for t in trainings)),
+        "infer_images_per_s": float(min(t["infer_images_per_s_level2"] for t in trainings)),
+        "infer_images_per_s_level3": float(min(t["infer_images_per_s_level3"] for t in trainings)),
+        "training": trainings,
+        "settings": settings,
+    }
+
+
+def _combine(paths: list[str]) -> dict:
+    parts = []
+    for path in paths:
+        with open(path) as handle:
+            lines = [line for line in handle.read().splitlines() if line.startswith("{")]
+        if not lines:
+            raise SystemExit(f"{path} holds no JSON summary line; did that run finish?")
+        parts.append(json.loads(lines[-1]))
+    summary = _summary(
+        [c for p in parts for c in p["cases"]],
+        [t for p in parts for t in p["training"]],
+        {"combined_from": paths, "runs": [p["settings"] for p in parts]},
+    )
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])
@@ -168,24 +201,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-pairs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--progress", action="store_true", help="tqdm bar while training")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        help="instead of running: merge the last JSON lines of earlier runs' logs (e.g. one "
+        "structure per process) into one summary",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.combine:
+        return _combine(args.combine)
 
     cases, trainings = [], []
     for name in args.structures:
         structure_cases, training = run_structure(name, args)
         cases.extend(structure_cases)
         trainings.append(training)
-    summary = {
-        "cases": cases,
-        "train_s": float(sum(t["train_s"] for t in trainings)),
-        "images_seen": int(sum(t["images_seen"] for t in trainings)),
-        "infer_images_per_s": float(min(t["infer_images_per_s_level2"] for t in trainings)),
-        "infer_images_per_s_level3": float(min(t["infer_images_per_s_level3"] for t in trainings)),
-        "training": trainings,
-        "settings": {k: v for k, v in vars(args).items()},
-        "threads": torch.get_num_threads(),
-    }
+    settings = {**vars(args), "torch_threads": torch.get_num_threads()}
+    summary = _summary(cases, trainings, settings)
     print(json.dumps(summary))
     return summary
 

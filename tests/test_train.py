@@ -289,3 +289,18 @@ def test_cosine_schedule_resumes_like_an_uninterrupted_run(random_poses, tmp_pat
     assert record["epoch"] == 1 and record["training_config"]["lr_schedule"] == "cosine"
     resumed = train.train_model(images, mask, R, None, TINY, full, run_dir=tmp_path, progress=False)
     assert _same_weights(resumed.model, straight.model)
+
+
+def test_a_release_0_1_checkpoint_without_the_encoder_keys_still_resumes(random_poses, tmp_path):
+    images, mask, R = random_poses
+    config = train.TrainingConfig(epochs=1, batch_size=8, seed=1, device="cpu")
+    train.train_model(images, mask, R, None, TINY, config, run_dir=tmp_path, progress=False)
+    path = train.checkpoint_path(tmp_path)
+    record = torch.load(path, weights_only=True)
+    for key in ("encoder", "encoder_channels", "encoder_blocks", "per_image_normalisation"):
+        record["model_config"].pop(key)  # what 0.1 wrote
+    torch.save(record, path)
+    more = dataclasses.replace(config, epochs=2)
+    result = train.train_model(images, mask, R, None, TINY, more, run_dir=tmp_path, progress=False)
+    assert len(result.history) == 2
+    assert train.load_model(path).config == TINY

@@ -502,7 +502,8 @@ def train_model(
     log_path = ckpt.parent / "training_log.csv" if ckpt is not None else None
     if ckpt is not None and resume and ckpt.exists():
         record = load_checkpoint(ckpt)
-        if record["model_config"] != model_config.to_dict():
+        saved_model = ModelConfig.from_dict(dict(record["model_config"])).to_dict()  # 0.1 keys
+        if saved_model != model_config.to_dict():
             raise ValueError(
                 f"{ckpt} was trained with model config {record['model_config']}, not "
                 f"{model_config.to_dict()}; use another run folder or resume=False"
