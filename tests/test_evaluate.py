@@ -261,3 +261,28 @@ def test_equivariance_example_matches_the_table_entry(ubi_map_32, small_dataset)
     )
     assert example["map_QR"].shape == (so3.healpix_so3_grid_size(2),)
     assert example["mse"] == pytest.approx(table.mse["random"]["out_of_plane"][1], rel=1e-5)
+
+
+def test_log_likelihood_counts_every_symmetry_mate():
+    level, G = 1, 576
+    grid = so3.healpix_so3_grid(level)
+    ops = so3.point_group("C2")
+    R = so3.random_rotations(6, 21)
+    own = so3.nearest_grid_indices(R, grid)
+    mate = so3.nearest_grid_indices(R @ ops[1], grid)
+    on_mate = np.zeros((6, G))
+    on_mate[np.arange(6), mate] = 1.0
+    on_own = np.zeros((6, G))
+    on_own[np.arange(6), own] = 1.0
+    split = 0.5 * (on_mate + on_own)
+    expected = math.log(G / (2 * math.pi**2))
+    for probs in (on_mate, on_own, split):
+        np.testing.assert_allclose(
+            evaluate.true_pose_log_likelihood(probs, R, level, ops), expected, atol=1e-12
+        )
+    uniform = np.full((6, G), 1.0 / G)
+    np.testing.assert_allclose(
+        evaluate.true_pose_log_likelihood(uniform, R, level, ops), -math.log(math.pi**2)
+    )
+    # without the group, the mass on the mate is not seen
+    assert np.all(np.isneginf(evaluate.true_pose_log_likelihood(on_mate, R, level)))

@@ -146,13 +146,24 @@ def pose_error_parts_deg(
     return distances[np.arange(len(P)), best], viewing, in_plane
 
 
-def true_pose_log_likelihood(probabilities: np.ndarray, true: np.ndarray, level: int) -> np.ndarray:
+def true_pose_log_likelihood(
+    probabilities: np.ndarray,
+    true: np.ndarray,
+    level: int,
+    symmetry_ops: np.ndarray | None = None,
+) -> np.ndarray:
     """``log(p(cell nearest T) · G / π²)`` per image ``(n,)`` (module docstring).
+
+    With a point group of ``K`` operators the mass of the cells nearest every mate ``T @ g``
+    counts, as a density on the quotient: ``log(Σ_g p(cell(T g)) · G / (K π²))``, so a guess
+    that splits its mass over the mates scores as one that picks the right mate, and a uniform
+    guess still scores ``−log π²``.
 
     Args:
         probabilities: ``(n, G)`` normalised grid distributions (rows summing to 1).
         true: ``(n, 3, 3)`` true poses.
         level: grid level of ``probabilities``.
+        symmetry_ops: ``(K, 3, 3)`` point group (None: C1).
     """
     probs = np.asarray(probabilities, dtype=np.float64)
     G = so3.healpix_so3_grid_size(level)
@@ -164,10 +175,18 @@ def true_pose_log_likelihood(probabilities: np.ndarray, true: np.ndarray, level:
         )
     if not np.all(np.isfinite(probs)) or np.any(probs < 0):
         raise ValueError("probabilities must be finite and non-negative")
-    cells = so3.nearest_grid_indices(T, so3.healpix_so3_grid(level))
-    p = probs[np.arange(len(T)), cells]
+    ops = _ops_or_identity(symmetry_ops)
+    grid = so3.healpix_so3_grid(level)
+    rows = np.arange(len(T))
+    mass = np.zeros(len(T))
+    taken = np.zeros((len(T), 0), dtype=np.int64)
+    for g in ops:
+        cells = so3.nearest_grid_indices(T @ g, grid)
+        fresh = ~np.any(taken == cells[:, None], axis=1)  # mates in one cell count once
+        mass += np.where(fresh, probs[rows, cells], 0.0)
+        taken = np.concatenate([taken, cells[:, None]], axis=1)
     with np.errstate(divide="ignore"):
-        return np.log(p * G) + UNIFORM_LOG_LIKELIHOOD
+        return np.log(mass * G / len(ops)) + UNIFORM_LOG_LIKELIHOOD
 
 
 def pose_metrics(
@@ -190,7 +209,7 @@ def pose_metrics(
     if probabilities is not None:
         if level is None:
             raise ValueError("level is needed with probabilities")
-        ll = float(np.mean(true_pose_log_likelihood(probabilities, true, level)))
+        ll = float(np.mean(true_pose_log_likelihood(probabilities, true, level, symmetry_ops)))
     else:
         ll = None if log_likelihood is None else float(log_likelihood)
     return {
