@@ -359,8 +359,10 @@ def mse_landscape(
     images and its scores) stay below ``memory_limit_bytes``; the inputs and the returned
     ``(n, G)`` array are not counted. Blocks are multiples of 64 rows and the template axis is
     split only when the centred templates alone exceed half the limit. Every output element
-    is one whole dot product whatever the block sizes, so with MKL (PyTorch's CPU BLAS)
-    chunked and unchunked results are bitwise identical.
+    is one whole dot product whatever the block sizes, but BLAS libraries (MKL included) may
+    sum it in another order for another block height or thread count, so chunked and
+    unchunked results agree within ``2·eps·‖a−c‖·‖b−c‖`` (float32 eps), not bit for bit;
+    the same call with the same inputs and thread count repeats exactly.
 
     Args:
         images: ``(n, N, N)`` images (clean for labels, noisy for template matching).
