@@ -135,9 +135,7 @@ def test_template_matching_on_noisy_images(small_dataset, ubi_labels):
     assert best.shape == (len(small_dataset),) and best.dtype == np.int64
     noisy_mse = labels.mse_landscape(small_dataset.noisy_images, templates)
     # template_matching drops ‖a‖² and sums in other blocks: same argmin up to near-ties
-    _assert_is_a_minimiser(
-        best, noisy_mse, _mse_tolerance(small_dataset.noisy_images, templates)
-    )
+    _assert_is_a_minimiser(best, noisy_mse, _mse_tolerance(small_dataset.noisy_images, templates))
     _assert_is_a_minimiser(
         labels.template_matching(small_dataset.clean_images, templates),
         lab.mse,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryosphere.imaging import simulate
-
 from cryosphere.poses import labels, train
 from cryosphere.poses.model import ModelConfig
 

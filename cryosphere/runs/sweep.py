@@ -60,10 +60,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from cryosphere import io
-
+from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
 from cryosphere.poses import evaluate, labels, train
 from cryosphere.poses.model import ModelConfig
-from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
 
 __all__ = [
     "SWEEP_FOLDER",
