@@ -90,6 +90,7 @@ class SimulationParameters:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if int(self.n_projections) < 1:
             raise ValueError(f"n_projections must be >= 1, got {self.n_projections}")
         if int(self.image_size) < 16:
@@ -118,6 +119,28 @@ class SimulationParameters:
         if unknown:
             raise TypeError(f"unknown simulation parameters {unknown}; valid: {sorted(names)}")
         return cls(**record)
+
+
+_INTEGER_FIELDS = ("n_projections", "image_size", "seed")
+_NUMBER_FIELDS = ("snr", "blur_sigma", "extra_b_factor")
+
+
+def _check_types(parameters: SimulationParameters) -> None:
+    """``TypeError`` naming a field of the wrong type (``"64"``, ``64.5``, ``True``…)."""
+    for name in _INTEGER_FIELDS:
+        value = getattr(parameters, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    for name in _NUMBER_FIELDS + ("pixel_size",):
+        value = getattr(parameters, name)
+        if name == "pixel_size" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    if parameters.pixel_size is not None and not math.isfinite(parameters.pixel_size):
+        raise ValueError(
+            f"pixel_size must be a finite number of Å or None, got {parameters.pixel_size}"
+        )
 
 
 @dataclass
@@ -181,6 +204,7 @@ def auto_pixel_size(atom_structure: Any, image_size: int, margin_angstrom: float
 def simulate_dataset(parameters: SimulationParameters, progress: bool = True) -> ParticleDataset:
     """Make a dataset from ``parameters`` (deterministic for a given seed)."""
     atoms = structure.load_structure(parameters.structure)
+    structure.check_imageable(atoms, repr(parameters.structure))
     pixel_size = parameters.pixel_size or auto_pixel_size(atoms, parameters.image_size)
     volume = structure.coulomb_potential_map(
         atoms, parameters.image_size, pixel_size, extra_b_factor=parameters.extra_b_factor
