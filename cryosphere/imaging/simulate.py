@@ -291,11 +291,24 @@ def load_dataset(run_dir: str | os.PathLike[str]) -> ParticleDataset:
             f"{folder} holds no simulated dataset ({SIMULATION_FILES['record']} is missing); "
             "run notebook 01 or cryosphere.imaging.simulate.load_or_simulate first"
         )
-    record = io.read_json(record_path)
-    volume, pixel_size = io.read_map(folder / SIMULATION_FILES["volume"])
-    noisy, _ = io.read_stack(folder / SIMULATION_FILES["noisy"])
-    clean, _ = io.read_stack(folder / SIMULATION_FILES["clean"])
-    rotations = np.load(folder / SIMULATION_FILES["poses"])
+    try:
+        record = io.read_json(record_path)
+        volume, pixel_size = io.read_map(folder / SIMULATION_FILES["volume"])
+        noisy, _ = io.read_stack(folder / SIMULATION_FILES["noisy"])
+        clean, _ = io.read_stack(folder / SIMULATION_FILES["clean"])
+        rotations = np.load(folder / SIMULATION_FILES["poses"])
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"{folder} holds a damaged dataset ({error}); simulate it again: notebook 01 with "
+            "overwrite=True, load_or_simulate(..., overwrite=True) or cryosphere run --overwrite"
+        ) from error
+    n = int(record["n_projections"])
+    if rotations.shape != (n, 3, 3) or len(noisy) != n or len(clean) != n:
+        raise ValueError(
+            f"{folder} holds a damaged dataset: {n} images recorded, but {len(noisy)} noisy, "
+            f"{len(clean)} clean images and {len(rotations)} poses on disk; simulate it again "
+            "(overwrite=True, or cryosphere run --overwrite)"
+        )
     return ParticleDataset(
         parameters=SimulationParameters.from_dict(record["parameters"]),
         volume=volume,

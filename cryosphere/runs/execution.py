@@ -256,6 +256,18 @@ def _load_steps(run_dir: Path) -> dict[str, Any]:
     return io.read_json(path) if path.is_file() else {}
 
 
+def _damaged_results(run_dir: Path) -> list[str]:
+    """Steps whose ``results/<step>.json`` is unreadable (removed, so the step reruns)."""
+    damaged = []
+    for path in sorted((run_dir / RESULTS_FOLDER).glob("*.json")):
+        try:
+            io.read_json(path)
+        except ValueError:
+            path.unlink()
+            damaged.append(path.stem)
+    return damaged
+
+
 def _open_run_folder(run_dir: Path, overwrite: bool) -> checks.RunLock:
     """Create the run folder, take its lock, clear it for ``overwrite``; return the lock."""
     if overwrite and run_dir.exists():
@@ -323,6 +335,9 @@ def _execute_steps(
     run_dir = plan.run_dir
     io.write_json(run_dir / "run.json", {"profile": plan.profile, "parameters": plan.parameters})
     steps = _load_steps(run_dir)
+    for stem in _damaged_results(run_dir):
+        log(f"results/{stem}.json is damaged: step {stem} runs again")
+        steps.pop(stem, None)
     manager = kernel_manager_class()
     for index, notebook in enumerate(plan.notebooks, start=1):
         stem = notebook.stem
