@@ -199,6 +199,9 @@ def test_killed_run_resumes_to_the_summary_of_an_uninterrupted_run(tmp_path):
         process.wait()
     assert set(_steps(killed)) == {"01_first"} and not (killed / "summary.json").exists()
     assert (killed / checks.LOCK_FILE).exists()  # left by the killed run: stale, taken over
+    debris = killed / "results" / ".02_second.k1ll3d.tmp.json"  # as a write cut short leaves
+    debris.parent.mkdir(exist_ok=True)
+    debris.write_text('{"half')
     (root / "release").write_text("")
     assert cli.main([*argv, "--name", "killed"]) == 0
     assert cli.main([*argv, "--name", "straight"]) == 0
@@ -208,4 +211,4 @@ def test_killed_run_resumes_to_the_summary_of_an_uninterrupted_run(tmp_path):
     )
     assert resumed == straight
     assert resumed["results"]["02_second"] == {"epochs": runs.PROFILES["quick"]["epochs"]}
-    assert not (killed / checks.LOCK_FILE).exists()
+    assert not (killed / checks.LOCK_FILE).exists() and not debris.exists()

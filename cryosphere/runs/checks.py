@@ -46,9 +46,12 @@ def _is_number(value: Any) -> bool:
 
 def _integer(low: int, high: int | None = None, even: bool = False) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if not _is_int(value):
-            return "an integer"
-        if value < low or (high is not None and value > high) or (even and value % 2):
+        if (
+            not _is_int(value)
+            or value < low
+            or (high is not None and value > high)
+            or (even and value % 2)
+        ):
             return _integer_text(low, high, even)
         return None
 

@@ -269,7 +269,9 @@ def _damaged_results(run_dir: Path) -> list[str]:
 
 
 def _open_run_folder(run_dir: Path, overwrite: bool) -> checks.RunLock:
-    """Create the run folder, take its lock, clear it for ``overwrite``; return the lock."""
+    """Create the run folder, take its lock, remove the temporary files a killed run left
+    (``io.atomic_path``'s ``.<name>.<random>.tmp<suffix>``), clear it for ``overwrite``;
+    return the lock."""
     if overwrite and run_dir.exists():
         if not (run_dir / "run.json").is_file() and any(
             p.name != checks.LOCK_FILE for p in run_dir.iterdir()
@@ -284,6 +286,9 @@ def _open_run_folder(run_dir: Path, overwrite: bool) -> checks.RunLock:
             f"cannot write into {run_dir} ({error.strerror}); make the runs folder writable "
             "or choose another with --runs-root"
         ) from error
+    for debris in run_dir.rglob(".*.tmp*"):  # io.atomic_path files of a killed run
+        if debris.is_file():
+            debris.unlink()
     if overwrite:
         for child in run_dir.iterdir():
             if child.name == checks.LOCK_FILE:
