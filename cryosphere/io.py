@@ -98,8 +98,18 @@ def write_json(path: str | os.PathLike[str], record: dict[str, Any]) -> Path:
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a JSON object written by :func:`write_json`."""
-    return json.loads(Path(path).read_text())
+    """Read a JSON object written by :func:`write_json`.
+
+    A file that is not valid JSON (truncated, edited by hand) raises ``ValueError`` naming it.
+    """
+    source = Path(path)
+    try:
+        return json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{source} is not valid JSON ({error}); it may be truncated or edited: delete it "
+            "(or rerun with --overwrite) so that the step that writes it runs again"
+        ) from error
 
 
 def write_npz(path: str | os.PathLike[str], **arrays: Any) -> Path:
@@ -188,6 +198,7 @@ def read_stack(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
         images = images[None]
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"{path} holds images of shape {images.shape[1:]}; they must be square")
+    _check_finite(images, f"the image stack in {path}")
     return images, pixel
 
 
@@ -278,7 +289,7 @@ def read_particles_star(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     particles = tables["particles"]
     optics = tables["optics"]
-    angles = particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64)
+    angles = _star_angles(particles, source)
     return {
         "angles_deg": angles,
         "pixel_size": float(optics["rlnImagePixelSize"].iloc[0]),
@@ -286,3 +297,28 @@ def read_particles_star(path: str | os.PathLike[str]) -> dict[str, Any]:
         "image_names": list(particles["rlnImageName"]),
         "particles": particles,
     }
+
+
+_ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+
+
+def _star_angles(particles: pd.DataFrame, source: Path) -> np.ndarray:
+    """``(n, 3)`` float64 (rot, tilt, psi) from a particles table; ``ValueError`` naming missing
+    columns or the first row whose angles are not finite numbers."""
+    missing = [name for name in _ANGLE_COLUMNS if name not in particles.columns]
+    if missing:
+        raise ValueError(
+            f"{source} has no {', '.join(missing)} column(s); CryoSphere needs the particles' "
+            "Euler angles (rot, tilt, psi in degrees): export them from the refinement that "
+            "estimated the poses"
+        )
+    angles = particles[list(_ANGLE_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    values = angles.to_numpy(np.float64)
+    bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+    if bad.size:
+        row = particles.iloc[bad[0]][list(_ANGLE_COLUMNS)].tolist()
+        raise ValueError(
+            f"{source}: {bad.size} particle(s) have angles that are not finite numbers, the "
+            f"first is row {bad[0] + 1} with (rot, tilt, psi) = {row}; fix or remove them"
+        )
+    return values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,10 @@ import torch
 from cryosphere.imaging import structure
 from cryosphere.imaging.simulate import SimulationParameters, auto_pixel_size, simulate_dataset
 
-torch.set_num_threads(2)
+#: Torch intra-op threads for the suite: 2 (the CI machines' cores) unless
+#: CRYOSPHERE_TEST_THREADS says otherwise (the suite is checked with 1 and 2).
+TEST_THREADS = int(os.environ.get("CRYOSPHERE_TEST_THREADS", "2"))
+torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

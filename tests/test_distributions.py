@@ -73,8 +73,11 @@ def test_mass_within_deg_and_symmetry():
     np.testing.assert_allclose(share, [1.0, 1.0])
     # uniform mass: share equals the fraction of cells within the ball
     within = distributions.cells_within_deg(grid, truth, radius_deg=20)
-    direct = so3.geodesic_distance_deg(grid[None], truth[:, None]) <= 20
-    assert np.array_equal(within, direct)
+    distance = so3.geodesic_distance_deg(grid[None], truth[:, None])
+    # quaternion and matrix formulas agree to ~1e-12 deg; a cell that close to the radius
+    # may fall on either side, every other cell must agree
+    clear = np.abs(distance - 20) > 1e-9
+    assert np.array_equal(within[clear], (distance <= 20)[clear]) and clear.mean() > 0.99
     uniform = distributions.mass_within_deg(np.ones((2, len(grid))), grid, truth, radius_deg=20)
     np.testing.assert_allclose(uniform, within.mean(axis=1))
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cryosphere.geometry import distributions, so3
 from cryosphere.imaging.simulate import SimulationParameters, simulate_dataset
@@ -73,6 +72,33 @@ def test_matrix_product_mse_matches_direct(small_dataset, ubi_labels):
     assert lab.mse.dtype == np.float32
 
 
+def _mse_tolerance(images, templates):
+    """Bound on how far two float32 evaluations of :func:`labels.mse_landscape` may differ.
+
+    Each element is ``(‖x‖² + ‖y‖² − 2 x·y) / P`` with ``x = a_i − c``, ``y = b_g − c`` (``c`` the
+    mean template), the norms summed in float64 and the dot product in float32 over ``P``
+    pixels. A float32 dot product of length ``P`` in any summation order is within
+    ``P·u·Σ|x_k y_k| ≤ P·u·‖x‖‖y‖`` of the exact value (``u = eps/2``), so two evaluations that
+    block or vectorise the sum differently differ by at most ``P·eps·‖x‖‖y‖``, i.e.
+    ``2·eps·‖x‖‖y‖`` in the MSE, plus ``eps·|MSE|`` for rounding the result to float32.
+    Returns ``(n, G)`` float64. A misplaced block would be off by ~MSE, ~10³ times more.
+    """
+    eps = float(np.finfo(np.float32).eps)
+    flat_t = templates.reshape(len(templates), -1).astype(np.float64)
+    centre = flat_t.mean(axis=0)
+    x = np.linalg.norm(images.reshape(len(images), -1) - centre, axis=1)
+    y = np.linalg.norm(flat_t - centre, axis=1)
+    return 2 * eps * np.outer(x, y)
+
+
+def _assert_is_a_minimiser(best, mse, tolerance):
+    """``best[i]`` reaches ``min_g mse[i, g]`` within the evaluation tolerance (ties and
+    near-ties may resolve either way between differently blocked evaluations)."""
+    rows = np.arange(len(best))
+    slack = tolerance[rows, best] + tolerance[rows, mse.argmin(axis=1)] + 2e-7 * mse.min(axis=1)
+    assert np.all(mse[rows, best] <= mse.min(axis=1) + slack)
+
+
 def test_chunked_equals_unchunked(ubi_labels):
     templates, _ = ubi_labels
     rng = np.random.default_rng(0)
@@ -84,15 +110,13 @@ def test_chunked_equals_unchunked(ubi_labels):
     rows, cells = labels._block_sizes(len(images), G, P, limit)
     assert rows == 128 and cells == 192  # both axes are split
     chunked = labels.mse_landscape(images, templates, memory_limit_bytes=limit)
-    # Only the image axis is chunked (64-row chunks here), so each element is the same dot
-    # product; MKL gives identical bits. Other BLAS libraries may pick different kernels by
-    # matrix height, hence the tolerance fallback.
-    if torch.backends.mkl.is_available():
-        assert np.array_equal(whole, chunked)
-    else:
-        np.testing.assert_allclose(whole, chunked, rtol=1e-6, atol=1e-6 * whole.max())
-    best = labels.template_matching(images, templates, memory_limit_bytes=4 * (G + P) * 70)
-    assert np.array_equal(best, whole.argmin(axis=1))
+    # Each element is one whole dot product in both, but BLAS (MKL included) may pick other
+    # kernels or thread splits for other matrix heights: equal within the derived bound only.
+    tolerance = _mse_tolerance(images, templates)
+    assert np.all(np.abs(whole - chunked) <= tolerance + 1.2e-7 * np.abs(whole))
+    assert tolerance.max() < 1e-2 * np.median(whole)  # tight enough to catch a misplaced block
+    best = labels.template_matching(images, templates, memory_limit_bytes=limit)
+    _assert_is_a_minimiser(best, whole, tolerance)
 
 
 @pytest.mark.parametrize("limit", [2**17, 2**20, 2**24, 2**29])
@@ -110,9 +134,12 @@ def test_template_matching_on_noisy_images(small_dataset, ubi_labels):
     best = labels.template_matching(small_dataset.noisy_images, templates)
     assert best.shape == (len(small_dataset),) and best.dtype == np.int64
     noisy_mse = labels.mse_landscape(small_dataset.noisy_images, templates)
-    assert np.array_equal(best, noisy_mse.argmin(axis=1))
-    assert np.array_equal(
-        labels.template_matching(small_dataset.clean_images, templates), lab.mse.argmin(axis=1)
+    # template_matching drops ‖a‖² and sums in other blocks: same argmin up to near-ties
+    _assert_is_a_minimiser(best, noisy_mse, _mse_tolerance(small_dataset.noisy_images, templates))
+    _assert_is_a_minimiser(
+        labels.template_matching(small_dataset.clean_images, templates),
+        lab.mse,
+        _mse_tolerance(small_dataset.clean_images, templates),
     )
 
 

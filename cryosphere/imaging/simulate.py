@@ -130,6 +130,7 @@ class SimulationParameters:
     contrast_sigma: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if int(self.n_projections) < 1:
             raise ValueError(f"n_projections must be >= 1, got {self.n_projections}")
         if int(self.image_size) < 16:
@@ -195,6 +196,28 @@ _REALISM_FIELDS = (
     "max_shift_px",
     "contrast_sigma",
 )
+
+
+_INTEGER_FIELDS = ("n_projections", "image_size", "seed")
+_NUMBER_FIELDS = ("snr", "blur_sigma", "extra_b_factor")
+
+
+def _check_types(parameters: SimulationParameters) -> None:
+    """``TypeError`` naming a field of the wrong type (``"64"``, ``64.5``, ``True``…)."""
+    for name in _INTEGER_FIELDS:
+        value = getattr(parameters, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    for name in _NUMBER_FIELDS + ("pixel_size",):
+        value = getattr(parameters, name)
+        if name == "pixel_size" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    if parameters.pixel_size is not None and not math.isfinite(parameters.pixel_size):
+        raise ValueError(
+            f"pixel_size must be a finite number of Å or None, got {parameters.pixel_size}"
+        )
 
 
 @dataclass
@@ -267,6 +290,7 @@ def auto_pixel_size(atom_structure: Any, image_size: int, margin_angstrom: float
 def simulate_dataset(parameters: SimulationParameters, progress: bool = True) -> ParticleDataset:
     """Make a dataset from ``parameters`` (deterministic for a given seed)."""
     atoms = structure.load_structure(parameters.structure)
+    structure.check_imageable(atoms, repr(parameters.structure))
     pixel_size = parameters.pixel_size or auto_pixel_size(atoms, parameters.image_size)
     volume = structure.coulomb_potential_map(
         atoms, parameters.image_size, pixel_size, extra_b_factor=parameters.extra_b_factor
@@ -422,11 +446,24 @@ def load_dataset(run_dir: str | os.PathLike[str]) -> ParticleDataset:
             f"{folder} holds no simulated dataset ({SIMULATION_FILES['record']} is missing); "
             "run notebook 01 or cryosphere.imaging.simulate.load_or_simulate first"
         )
-    record = io.read_json(record_path)
-    volume, pixel_size = io.read_map(folder / SIMULATION_FILES["volume"])
-    noisy, _ = io.read_stack(folder / SIMULATION_FILES["noisy"])
-    clean, _ = io.read_stack(folder / SIMULATION_FILES["clean"])
-    rotations = np.load(folder / SIMULATION_FILES["poses"])
+    try:
+        record = io.read_json(record_path)
+        volume, pixel_size = io.read_map(folder / SIMULATION_FILES["volume"])
+        noisy, _ = io.read_stack(folder / SIMULATION_FILES["noisy"])
+        clean, _ = io.read_stack(folder / SIMULATION_FILES["clean"])
+        rotations = np.load(folder / SIMULATION_FILES["poses"])
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"{folder} holds a damaged dataset ({error}); simulate it again: notebook 01 with "
+            "overwrite=True, load_or_simulate(..., overwrite=True) or cryosphere run --overwrite"
+        ) from error
+    n = int(record["n_projections"])
+    if rotations.shape != (n, 3, 3) or len(noisy) != n or len(clean) != n:
+        raise ValueError(
+            f"{folder} holds a damaged dataset: {n} images recorded, but {len(noisy)} noisy, "
+            f"{len(clean)} clean images and {len(rotations)} poses on disk; simulate it again "
+            "(overwrite=True, or cryosphere run --overwrite)"
+        )
     parameters = SimulationParameters.from_dict(record["parameters"])
     realism: dict[str, Any] = {}
     if parameters.realism:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,8 +207,11 @@ def template_bank(
         folder = Path(cache_dir)
         npy_path = folder / f"templates_L{level}.npy"
         json_path = folder / f"templates_L{level}.json"
-        if npy_path.is_file() and json_path.is_file() and io.read_json(json_path) == record:
-            return np.load(npy_path)
+        if npy_path.is_file() and json_path.is_file() and _read_record(json_path) == record:
+            cached = _read_cache(npy_path, lambda path: np.load(path))
+            expected = (record["n_templates"], record["image_size"], record["image_size"])
+            if cached is not None and _cache_is_whole(npy_path, cached, expected):
+                return cached
     grid = so3.healpix_so3_grid(level)
     spectrum = volume_spectrum(vol, oversampling)
     projections = project_volume(
@@ -359,8 +364,10 @@ def mse_landscape(
     images and its scores) stay below ``memory_limit_bytes``; the inputs and the returned
     ``(n, G)`` array are not counted. Blocks are multiples of 64 rows and the template axis is
     split only when the centred templates alone exceed half the limit. Every output element
-    is one whole dot product whatever the block sizes, so with MKL (PyTorch's CPU BLAS)
-    chunked and unchunked results are bitwise identical.
+    is one whole dot product whatever the block sizes, but BLAS libraries (MKL included) may
+    sum it in another order for another block height or thread count, so chunked and
+    unchunked results agree within ``2·eps·‖a−c‖·‖b−c‖`` (float32 eps), not bit for bit;
+    the same call with the same inputs and thread count repeats exactly.
 
     Args:
         images: ``(n, N, N)`` images (clean for labels, noisy for template matching).
@@ -659,6 +666,48 @@ def compute_labels(
     )
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A cache's JSON record, or None (with a warning) when it is unreadable."""
+    try:
+        return io.read_json(path)
+    except ValueError as error:
+        warnings.warn(f"ignoring a damaged cache record: {error}", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _load_label_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    with np.load(path) as data:
+        return data["mse"], data["mask"], float(data["lam"])
+
+
+def _read_cache(path: Path, reader: Any) -> Any:
+    """``reader(path)``, or None with a warning when the file is truncated or damaged."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        warnings.warn(
+            f"{path} is damaged ({type(error).__name__}: {error}); recomputing it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _cache_is_whole(path: Path, values: np.ndarray, shape: tuple, mask: Any = None) -> bool:
+    """Whether cached arrays have the recorded shape and finite values (else warn)."""
+    whole = values.shape == shape and bool(np.all(np.isfinite(values)))
+    if mask is not None:
+        whole = whole and mask.shape == shape and mask.dtype == bool
+    if not whole:
+        warnings.warn(
+            f"{path} does not hold the recorded arrays (shape {values.shape}, expected {shape}, "
+            "or non-finite values); recomputing it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return whole
+
+
 def load_or_make_labels(
     run_dir: str | os.PathLike[str],
     dataset: Any,
@@ -692,11 +741,12 @@ def load_or_make_labels(
         "dataset_sha256": _dataset_sha256(dataset),
     }
     npz_path, json_path = folder / "labels.npz", folder / "labels.json"
-    if npz_path.is_file() and json_path.is_file():
-        stored = io.read_json(json_path)
-        if stored.get("parameters") == record:
-            with np.load(npz_path) as data:
-                mse, mask, lam_used = data["mse"], data["mask"], float(data["lam"])
+    stored = _read_record(json_path) if json_path.is_file() and npz_path.is_file() else None
+    if stored is not None and stored.get("parameters") == record:
+        cached = _read_cache(npz_path, _load_label_arrays)
+        shape = (record["n_images"], so3.healpix_so3_grid_size(level))
+        if cached is not None and _cache_is_whole(npz_path, cached[0], shape, cached[1]):
+            mse, mask, lam_used = cached
             return PoseLabels(
                 mse=mse,
                 soft=soft_labels(mse, lam_used),

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from cryosphere import __version__, runs
+from cryosphere.runs.checks import RunLockedError
 
 
 def _parse_value(text: str) -> Any:
@@ -57,6 +58,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace a run folder's old data")
     run.add_argument("--no-progress", action="store_true", help="hide per-cell progress bars")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per notebook (default: the cores, or OMP_NUM_THREADS); results "
+        "repeat bit for bit for the same thread count",
+    )
 
     commands.add_parser("profiles", help="print the profiles and their parameters")
     _add_predict_parser(commands)
@@ -183,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run folder {plan.run_dir} (profile {plan.profile}, structure {plan.structure})")
     try:
-        summary = runs.execute_run(plan, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = runs.execute_run(
+            plan, overwrite=args.overwrite, progress=not args.no_progress, threads=args.threads
+        )
+    except (ValueError, FileExistsError, PermissionError, RunLockedError) as error:
+        print(f"cryosphere run: {error}", file=sys.stderr)
+        return 2
     except runs.RunStepError as error:
         print(f"cryosphere run: {error}", file=sys.stderr)
         return 1

@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from cryosphere import io
+from cryosphere.runs import checks
+from cryosphere.runs.reproducibility import (
+    comparable_summary,
+    default_threads,
+    kernel_manager_class,
+    kernel_threads,
+    reproducibility_record,
+)
 
 __all__ = [
     "PROFILES",
@@ -39,6 +47,9 @@ __all__ = [
     "record_results",
     "read_results",
     "collect_summary",
+    "reproducibility_record",
+    "comparable_summary",
+    "kernel_manager_class",
 ]
 
 RESULTS_FOLDER = "results"
@@ -136,6 +147,9 @@ class RunPlan:
         The series' notebook paths, in order.
     notebook_parameters
         Per notebook stem, the parameters passed to it (only the names it declares).
+    seeds
+        Every seed parameter the notebooks use (``seed``, ``sweep_seeds``…), with the value
+        they get: the run's, or the notebooks' own default.
     """
 
     run_dir: Path
@@ -144,19 +158,25 @@ class RunPlan:
     parameters: dict[str, Any]
     notebooks: list[Path] = field(default_factory=list)
     notebook_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve_structure(structure: str) -> str:
-    from cryosphere.imaging.structure import EMBEDDED_STRUCTURES
+def _resolve_structure(structure: Any, what: str = "structure") -> str:
+    """An embedded name, or the absolute path of a PDB/mmCIF file that loads and can be
+    imaged (:func:`cryosphere.imaging.structure.check_imageable`)."""
+    from cryosphere.imaging import structure as structures
 
-    if structure.lower() in EMBEDDED_STRUCTURES:
+    if not isinstance(structure, str) or not structure:
+        raise ValueError(f"{what} must be an embedded name or a file path, got {structure!r}")
+    if structure.lower() in structures.EMBEDDED_STRUCTURES:
         return structure.lower()
     path = Path(structure).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"structure {structure!r} is neither an embedded name "
-            f"({', '.join(sorted(EMBEDDED_STRUCTURES))}) nor an existing PDB/mmCIF file"
+            f"{what} {structure!r} is neither an embedded name "
+            f"({', '.join(sorted(structures.EMBEDDED_STRUCTURES))}) nor an existing PDB/mmCIF file"
         )
+    structures.check_imageable(structures.load_structure(path), repr(str(path)))
     return str(path.resolve())
 
 
@@ -171,9 +191,11 @@ def plan_run(
 ) -> RunPlan:
     """Check everything about a run before any work starts, and return its plan.
 
-    Raises ``ValueError`` for an unknown profile or parameter name (listing the valid ones),
-    ``FileNotFoundError`` for a structure path that does not exist, and ``FileExistsError``
-    for a run folder that holds another run's data (unless ``overwrite``).
+    Raises ``ValueError`` for an unknown profile or parameter name (listing the valid ones), a
+    parameter value of the wrong type or out of range (:func:`checks.check_parameter_values`)
+    or a ``name`` that is not a plain folder name, ``FileNotFoundError`` for a structure path
+    that does not exist, and ``FileExistsError`` for a run folder that holds another run's data
+    (unless ``overwrite``). Nothing is written.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
@@ -190,9 +212,14 @@ def plan_run(
             "(structure and run folder have their own options)"
         )
     label = Path(resolved_structure).stem.split(".")[0] if "/" in resolved_structure else structure
-    run_name = name or f"{label}-{profile}"
+    run_name = checks.check_run_name(name if name is not None else f"{label}-{profile}")
     run_dir = (Path(runs_root) / run_name).resolve()
     shared = {**PROFILES[profile], **overrides}
+    checks.check_parameter_values(shared)
+    if "compare_structure" in shared:
+        shared["compare_structure"] = _resolve_structure(
+            shared["compare_structure"], "compare_structure"
+        )
     shared["structure"] = resolved_structure
     shared["run_dir"] = str(run_dir)
     record = {"profile": profile, "parameters": shared}
@@ -212,7 +239,14 @@ def plan_run(
         stem: {key: value for key, value in shared.items() if key in params}
         for stem, params in declared.items()
     }
+    seeds = {
+        key: shared.get(key, value)
+        for params in declared.values()
+        for key, value in params.items()
+        if "seed" in key
+    }
     return RunPlan(
+        seeds=dict(sorted(seeds.items())),
         run_dir=run_dir,
         profile=profile,
         structure=resolved_structure,
@@ -227,29 +261,94 @@ def _load_steps(run_dir: Path) -> dict[str, Any]:
     return io.read_json(path) if path.is_file() else {}
 
 
+def _damaged_results(run_dir: Path) -> list[str]:
+    """Steps whose ``results/<step>.json`` is unreadable (removed, so the step reruns)."""
+    damaged = []
+    for path in sorted((run_dir / RESULTS_FOLDER).glob("*.json")):
+        try:
+            io.read_json(path)
+        except ValueError:
+            path.unlink()
+            damaged.append(path.stem)
+    return damaged
+
+
+def _open_run_folder(run_dir: Path, overwrite: bool) -> checks.RunLock:
+    """Create the run folder, take its lock, remove the temporary files a killed run left
+    (``io.atomic_path``'s ``.<name>.<random>.tmp<suffix>``), clear it for ``overwrite``;
+    return the lock."""
+    if overwrite and run_dir.exists():
+        if not (run_dir / "run.json").is_file() and any(
+            p.name != checks.LOCK_FILE for p in run_dir.iterdir()
+        ):
+            raise FileExistsError(f"refusing to clear {run_dir}: it is not a CryoSphere run folder")
+    try:
+        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        lock = checks.RunLock(run_dir)
+        lock.acquire()
+    except PermissionError as error:
+        raise PermissionError(
+            f"cannot write into {run_dir} ({error.strerror}); make the runs folder writable "
+            "or choose another with --runs-root"
+        ) from error
+    for debris in run_dir.rglob(".*.tmp*"):  # io.atomic_path files of a killed run
+        if debris.is_file():
+            debris.unlink()
+    if overwrite:
+        for child in run_dir.iterdir():
+            if child.name == checks.LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        (run_dir / "notebooks").mkdir()
+    return lock
+
+
 def execute_run(
     plan: RunPlan,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Execute the plan's notebooks in order; return the run summary (also ``summary.json``).
 
     A step whose executed notebook exists and ran with the same parameters is skipped. A
     failing step stops the run with :class:`RunStepError` naming the notebook and cell; its
     partly executed notebook is kept in ``<run_dir>/notebooks/`` for inspection.
+
+    ``threads`` sets the torch (OpenMP/MKL) threads of every notebook's kernel; ``None`` uses
+    :func:`default_threads`. Results repeat bit for bit for the same parameters, thread count,
+    device and package versions (see :func:`reproducibility_record`). Two runs into one folder
+    at once are refused (:class:`checks.RunLockedError`); a folder that cannot be written
+    raises ``PermissionError`` naming it.
     """
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    lock = _open_run_folder(plan.run_dir, overwrite)
+    try:
+        with kernel_threads(threads):
+            return _execute_steps(plan, progress, log, threads)
+    finally:
+        lock.release()
+
+
+def _execute_steps(
+    plan: RunPlan, progress: bool, log: Callable[[str], None], threads: int
+) -> dict[str, Any]:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     run_dir = plan.run_dir
-    if overwrite and run_dir.exists():
-        if not (run_dir / "run.json").is_file() and any(run_dir.iterdir()):
-            raise FileExistsError(f"refusing to clear {run_dir}: it is not a CryoSphere run folder")
-        shutil.rmtree(run_dir)
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     io.write_json(run_dir / "run.json", {"profile": plan.profile, "parameters": plan.parameters})
     steps = _load_steps(run_dir)
+    for stem in _damaged_results(run_dir):
+        log(f"results/{stem}.json is damaged: step {stem} runs again")
+        steps.pop(stem, None)
+    manager = kernel_manager_class()
     for index, notebook in enumerate(plan.notebooks, start=1):
         stem = notebook.stem
         parameters = plan.notebook_parameters[stem]
@@ -269,6 +368,7 @@ def execute_run(
                 parameters=parameters,
                 cwd=str(notebook.parent),
                 progress_bar=progress,
+                kernel_manager_class=manager,
             )
         except PapermillExecutionError as error:
             steps.pop(stem, None)
@@ -278,10 +378,10 @@ def execute_run(
                 f"the executed notebook is {output}"
             ) from error
         seconds = time.perf_counter() - start
-        steps[stem] = {"parameters": parameters, "seconds": round(seconds, 2)}
+        steps[stem] = {"parameters": parameters, "seconds": round(seconds, 2), "threads": threads}
         io.write_json(run_dir / "steps.json", steps)
         log(f"    {stem} finished in {seconds:.1f} s")
-    summary = collect_summary(run_dir)
+    summary = collect_summary(run_dir, reproducibility_record(plan.seeds, threads))
     io.write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -301,15 +401,18 @@ def read_results(run_dir: str | os.PathLike[str], step: str) -> dict[str, Any]:
     return io.read_json(path)
 
 
-def collect_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run's summary: its parameters, each step's results and timings."""
+def collect_summary(
+    run_dir: str | os.PathLike[str], reproducibility: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's summary: its parameters, each step's results and timings, and (when given)
+    the :func:`reproducibility_record` of the run."""
     folder = Path(run_dir)
     record = io.read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
     steps = _load_steps(folder)
     results = {
         path.stem: io.read_json(path) for path in sorted((folder / RESULTS_FOLDER).glob("*.json"))
     }
-    return {
+    summary = {
         "run_dir": str(folder.resolve()),
         "profile": record.get("profile"),
         "parameters": record.get("parameters", {}),
@@ -317,3 +420,11 @@ def collect_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "total_s": round(sum(step["seconds"] for step in steps.values()), 2),
         "results": results,
     }
+    if reproducibility is not None:
+        summary["reproducibility"] = reproducibility
+        used = sorted({step.get("threads") for step in steps.values()} - {None})
+        if len(used) > 1:
+            summary["reproducibility"]["threads_by_step"] = {
+                stem: step.get("threads") for stem, step in steps.items()
+            }
+    return summary

@@ -38,8 +38,9 @@ same for every run (same map, blur and grid), so it is computed once into
 ``run_dir/sweep/templates/`` and hard-linked (copied where links are not possible) into each
 run's ``labels/`` folder, where :func:`cryosphere.poses.labels.template_bank` finds and checks it.
 
-Determinism: on CPU, the same inputs give identical rows, and a rerun on the same folder reloads
-every finished run and gives the same numbers. A run folder that holds a run made with other
+Determinism: on CPU, the same inputs and torch thread count give identical rows (another
+thread count trains to other weights: see the README's Reproducibility), and a rerun on the
+same folder reloads every finished run and gives the same numbers. A run folder that holds a run made with other
 settings is an error from the step that finds it (``FileExistsError`` for the dataset,
 ``ValueError`` for the checkpoint): choose another ``run_dir``.
 """
