@@ -410,3 +410,11 @@ def test_non_rotation_inputs_rejected() -> None:
         so3.quaternions_to_matrices(np.ones(3))
     with pytest.raises(ValueError, match="shape"):
         so3.matrices_from_relion_euler(np.zeros(2))
+
+
+def test_as_symmetry_ops_defaults_to_the_identity_and_names_a_bad_shape():
+    np.testing.assert_array_equal(so3.as_symmetry_ops(None), np.eye(3)[None])
+    c2 = so3.point_group("C2")
+    assert so3.as_symmetry_ops(c2).shape == (2, 3, 3)
+    with pytest.raises(ValueError, match=r"\(K, 3, 3\)"):
+        so3.as_symmetry_ops(np.eye(3))

@@ -68,6 +68,7 @@ __all__ = [
     "point_group",
     "symmetry_mates",
     "symmetric_geodesic_distance_deg",
+    "as_symmetry_ops",
     "grid_nearest_neighbour_spacing_deg",
     "MAX_HEALPIX_LEVEL",
 ]
@@ -631,6 +632,19 @@ def symmetry_mates(R: np.ndarray, ops: np.ndarray) -> np.ndarray:
     R = _as_matrices(R)
     ops = _as_matrices(ops, "ops")
     return R[..., None, :, :] @ ops
+
+
+def as_symmetry_ops(symmetry_ops: np.ndarray | None) -> np.ndarray:
+    """Point-group operators as a float64 ``(K, 3, 3)`` array; None gives C1 (the identity).
+
+    Raises ValueError naming the shape when it is not ``(K, 3, 3)`` with ``K >= 1``.
+    """
+    if symmetry_ops is None:
+        return np.eye(3)[None]
+    ops = np.asarray(symmetry_ops, dtype=np.float64)
+    if ops.ndim != 3 or ops.shape[1:] != (3, 3) or ops.shape[0] < 1:
+        raise ValueError(f"symmetry_ops must have shape (K, 3, 3), got {ops.shape}")
+    return ops
 
 
 def symmetric_geodesic_distance_deg(A: np.ndarray, B: np.ndarray, ops: np.ndarray) -> np.ndarray:

@@ -107,13 +107,7 @@ def _as_poses(R: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _ops_or_identity(symmetry_ops: np.ndarray | None) -> np.ndarray:
-    if symmetry_ops is None:
-        return np.eye(3)[None]
-    ops = np.asarray(symmetry_ops, dtype=np.float64)
-    if ops.ndim != 3 or ops.shape[1:] != (3, 3) or ops.shape[0] < 1:
-        raise ValueError(f"symmetry_ops must have shape (K, 3, 3), got {ops.shape}")
-    return ops
+_ops_or_identity = so3.as_symmetry_ops
 
 
 def pose_error_parts_deg(

@@ -45,15 +45,6 @@ __all__ = [
 TARGETS = ("pose", "bayes", "soft")
 
 
-def _ops(symmetry_ops: np.ndarray | None) -> np.ndarray:
-    if symmetry_ops is None:
-        return np.eye(3)[None]
-    ops = np.asarray(symmetry_ops, dtype=np.float64)
-    if ops.ndim != 3 or ops.shape[1:] != (3, 3) or ops.shape[0] < 1:
-        raise ValueError(f"symmetry_ops must have shape (K, 3, 3), got {ops.shape}")
-    return ops
-
-
 def pose_kernel_targets(
     rotations: np.ndarray,
     level: int,
@@ -79,7 +70,7 @@ def pose_kernel_targets(
     if not (math.isfinite(width) and width > 0):
         raise ValueError(f"width_deg must be a positive number of degrees, got {width_deg}")
     grid_q = torch.from_numpy(so3.matrices_to_quaternions(so3.healpix_so3_grid(level)))
-    mates = np.einsum("nij,kjl->nkil", R, _ops(symmetry_ops))  # (n, K, 3, 3)
+    mates = np.einsum("nij,kjl->nkil", R, so3.as_symmetry_ops(symmetry_ops))  # (n, K, 3, 3)
     mate_q = torch.from_numpy(so3.matrices_to_quaternions(mates.reshape(-1, 3, 3)))
     # |q_R · q_g| = cos(d / 2); the nearest mate has the largest |dot|.
     dots = (mate_q @ grid_q.T).abs().reshape(R.shape[0], -1, grid_q.shape[0]).amax(dim=1)
