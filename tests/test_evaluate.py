@@ -286,3 +286,27 @@ def test_log_likelihood_counts_every_symmetry_mate():
     )
     # without the group, the mass on the mate is not seen
     assert np.all(np.isneginf(evaluate.true_pose_log_likelihood(on_mate, R, level)))
+
+
+def test_accuracy_vs_snr_scores_extra_models_on_the_same_images(tmp_path):
+    from cryosphere.imaging.simulate import SimulationParameters
+    from cryosphere.poses.model import ModelConfig, build_model
+
+    params = SimulationParameters(structure="1ubi", n_projections=10, image_size=32, seed=2)
+    model_config = ModelConfig(image_size=32, lmax=2, grid_level=1)
+    extra = build_model(ModelConfig(image_size=32, lmax=2, grid_level=1, encoder="resnet"))
+    rows = evaluate.accuracy_vs_snr(
+        tmp_path,
+        params,
+        [1.0, 0.5],
+        level=1,
+        model_config=model_config,
+        training_config=train.TrainingConfig(epochs=1, batch_size=8),
+        progress=False,
+        extra_models={"other": extra},
+    )
+    assert [row["snr"] for row in rows] == [1.0, 0.5]
+    for row in rows:
+        assert set(row) == {"snr", "model", "template_matching", "uniform", "other"}
+        assert row["other"]["n"] == row["model"]["n"]
+        assert 0 <= row["other"]["median_deg"] <= 180 and row["other"]["log_likelihood"] is not None

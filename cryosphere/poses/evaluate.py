@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -565,6 +565,7 @@ def accuracy_vs_snr(
     model_config: Any = None,
     training_config: Any = None,
     progress: bool = True,
+    extra_models: Mapping[str, PoseDistributionNetwork] | None = None,
 ) -> list[dict[str, Any]]:
     """Model vs template matching vs uniform at several SNRs, each in its own run folder.
 
@@ -573,8 +574,12 @@ def accuracy_vs_snr(
     and a model is trained (or reloaded) there; the three estimators are scored on that model's
     validation images.
 
+    ``extra_models`` (name -> trained network, e.g. the streamed default model, which was
+    trained on a range of SNRs and so serves every level) are scored on the same images and
+    added to each row under their names.
+
     Returns one dict per SNR: ``{"snr": s, "model": metrics, "template_matching": metrics,
-    "uniform": metrics}`` (metrics from :func:`pose_metrics`).
+    "uniform": metrics, <extra name>: metrics}`` (metrics from :func:`pose_metrics`).
     """
     from cryosphere.imaging.simulate import load_or_simulate
     from cryosphere.poses import labels, train
@@ -605,5 +610,14 @@ def accuracy_vs_snr(
             template_poses=template_matched_poses(dataset.noisy_images[val], templates, level),
             level=level,
         )
+        for name, extra in (extra_models or {}).items():
+            extra_pred = train.predict(extra, dataset.noisy_images[val])
+            metrics[name] = pose_metrics(
+                extra_pred.best_rotation,
+                dataset.rotations[val],
+                dataset.symmetry_ops,
+                probabilities=extra_pred.probabilities,
+                level=level,
+            )
         rows.append({"snr": float(snr), **metrics})
     return rows
