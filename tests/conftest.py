@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import torch
+from nbformat.v4 import new_code_cell, new_notebook
 
 from cryosphere.imaging import structure
 from cryosphere.imaging.simulate import SimulationParameters, auto_pixel_size, simulate_dataset
@@ -39,4 +42,60 @@ def small_dataset():
     return simulate_dataset(
         SimulationParameters(structure="1ubi", n_projections=40, image_size=32, seed=3),
         progress=False,
+    )
+
+
+def _write_notebook(path: Path, parameters_source: str, body_source: str) -> None:
+    """A two-cell notebook: a cell tagged ``parameters``, then ``body_source``."""
+    notebook = new_notebook()
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    cell = new_code_cell(parameters_source)
+    cell.metadata["tags"] = ["parameters"]
+    notebook.cells = [cell, new_code_cell(body_source)]
+    nbformat.write(notebook, path)
+
+
+def _write_tiny_series(folder: Path, second_body: str = "print(epochs)") -> Path:
+    """``01_first`` records ``n`` and ``seed``; ``02_second`` runs ``second_body``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_notebook(
+        folder / "01_first.ipynb",
+        'run_dir = "x"\nn_projections = 3\nseed = 0',
+        "from cryosphere import runs\n"
+        "runs.record_results(run_dir, '01_first', {'n': n_projections * 2, 'seed': seed})",
+    )
+    _write_notebook(folder / "02_second.ipynb", 'run_dir = "x"\nepochs = 1', second_body)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_notebook():
+    """``write_notebook(path, parameters_source, body_source)``: a tiny series notebook."""
+    return _write_notebook
+
+
+@pytest.fixture(scope="session")
+def write_tiny_series():
+    """``write_tiny_series(folder, second_body)``: a two-notebook series, returns ``folder``."""
+    return _write_tiny_series
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> dict:
+    """Keyword arguments of a tiny ``series.load_or_train_run``: 12 images of 1UBI at 32 px,
+    level-1 grid, lmax 2, 2 epochs."""
+    return dict(
+        structure="1ubi",
+        n_projections=12,
+        image_size=32,
+        snr=1.0,
+        blur_sigma=1.0,
+        seed=4,
+        grid_level=1,
+        lmax=2,
+        epochs=2,
     )

@@ -17,12 +17,10 @@ import sys
 from pathlib import Path
 
 import mrcfile
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from nbformat.v4 import new_code_cell, new_notebook
 
 from cryosphere import io, runs
 from cryosphere.imaging import structure
@@ -223,31 +221,7 @@ def test_run_name_must_be_a_plain_folder_name(tmp_path, name):
     assert not (tmp_path / "escape").exists()
 
 
-def _tiny_series(folder: Path, second_body: str = "print(epochs)") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, params, body in [
-        (
-            "01_first",
-            'run_dir = "x"\nn_projections = 3\nseed = 0',
-            "from cryosphere import runs\n"
-            "runs.record_results(run_dir, '01_first', {'n': n_projections * 2, 'seed': seed})",
-        ),
-        ("02_second", 'run_dir = "x"\nepochs = 1', second_body),
-    ]:
-        notebook = new_notebook()
-        notebook.metadata["kernelspec"] = {
-            "name": "python3",
-            "display_name": "Python 3",
-            "language": "python",
-        }
-        cell = new_code_cell(params)
-        cell.metadata["tags"] = ["parameters"]
-        notebook.cells = [cell, new_code_cell(body)]
-        nbformat.write(notebook, folder / f"{stem}.ipynb")
-    return folder
-
-
-def test_read_only_runs_folder(tmp_path, monkeypatch, capsys):
+def test_read_only_runs_folder(tmp_path, monkeypatch, capsys, write_tiny_series):
     root = tmp_path / "runs"
     root.mkdir()
     root.chmod(0o555)
@@ -260,7 +234,7 @@ def test_read_only_runs_folder(tmp_path, monkeypatch, capsys):
             return real_mkdir(self, *args, **kwargs)
 
         monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
-    notebooks = _tiny_series(tmp_path / "nb")
+    notebooks = write_tiny_series(tmp_path / "nb")
     argv = ["run", "--runs-root", str(root), "--notebooks", str(notebooks), "--no-progress"]
     assert cli.main(argv) == 2
     assert "make the runs folder writable or choose another with --runs-root" in (
@@ -270,8 +244,10 @@ def test_read_only_runs_folder(tmp_path, monkeypatch, capsys):
     assert list(root.iterdir()) == []
 
 
-def test_two_runs_into_one_folder_at_once_are_refused(tmp_path):
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=_tiny_series(tmp_path))
+def test_two_runs_into_one_folder_at_once_are_refused(tmp_path, write_tiny_series):
+    plan = runs.plan_run(
+        "quick", runs_root=tmp_path / "runs", notebooks_dir=write_tiny_series(tmp_path)
+    )
     runs.execute_run(plan, progress=False, log=lambda _: None)
     before = _tree(plan.run_dir)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -407,31 +383,20 @@ def test_garbage_labels_record_is_recomputed(tmp_path, small_dataset):
     assert json.loads((tmp_path / "labels" / "labels.json").read_text())["parameters"]
 
 
-TINY_RUN = dict(
-    structure="1ubi",
-    n_projections=12,
-    image_size=32,
-    snr=1.0,
-    blur_sigma=1.0,
-    seed=4,
-    grid_level=1,
-    lmax=2,
-    epochs=2,
-)
-
-
-def test_truncated_checkpoint_stops_clearly_and_is_kept(tmp_path):
-    series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+def test_truncated_checkpoint_stops_clearly_and_is_kept(tmp_path, tiny_run):
+    series.load_or_train_run(tmp_path, progress=False, **tiny_run)
     checkpoint = train.checkpoint_path(tmp_path)
     checkpoint.write_bytes(checkpoint.read_bytes()[:3000])
     damaged = checkpoint.read_bytes()
     with pytest.raises(ValueError, match="checkpoint.pt is not a readable CryoSphere checkpoint"):
-        series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+        series.load_or_train_run(tmp_path, progress=False, **tiny_run)
     assert checkpoint.read_bytes() == damaged  # kept for the user to inspect or delete
 
 
-def test_damaged_steps_record_stops_the_run_clearly(tmp_path):
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=_tiny_series(tmp_path))
+def test_damaged_steps_record_stops_the_run_clearly(tmp_path, write_tiny_series):
+    plan = runs.plan_run(
+        "quick", runs_root=tmp_path / "runs", notebooks_dir=write_tiny_series(tmp_path)
+    )
     runs.execute_run(plan, progress=False, log=lambda _: None)
     (plan.run_dir / "steps.json").write_text('{"01_first": {"param')
     with pytest.raises(ValueError, match="steps.json is not valid JSON .*--overwrite"):
@@ -439,8 +404,10 @@ def test_damaged_steps_record_stops_the_run_clearly(tmp_path):
     assert not (plan.run_dir / checks.LOCK_FILE).exists()  # the lock went with the error
 
 
-def test_damaged_step_results_rerun_that_step(tmp_path):
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=_tiny_series(tmp_path))
+def test_damaged_step_results_rerun_that_step(tmp_path, write_tiny_series):
+    plan = runs.plan_run(
+        "quick", runs_root=tmp_path / "runs", notebooks_dir=write_tiny_series(tmp_path)
+    )
     first = runs.execute_run(plan, progress=False, log=lambda _: None)
     (plan.run_dir / "results" / "01_first.json").write_text('{"n": 4')
     messages = []

@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import torch
 from jupyter_client.manager import KernelManager
-from nbformat.v4 import new_code_cell, new_notebook
 
 from cryosphere import runs
 from cryosphere.poses import labels
@@ -47,32 +45,8 @@ WAIT_FOR_RELEASE = (
 )
 
 
-def _series(folder: Path, second_body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, params, body in [
-        (
-            "01_first",
-            'run_dir = "x"\nn_projections = 3\nseed = 0',
-            "from cryosphere import runs\n"
-            "runs.record_results(run_dir, '01_first', {'n': n_projections * 2, 'seed': seed})",
-        ),
-        ("02_second", 'run_dir = "x"\nepochs = 1', second_body),
-    ]:
-        notebook = new_notebook()
-        notebook.metadata["kernelspec"] = {
-            "name": "python3",
-            "display_name": "Python 3",
-            "language": "python",
-        }
-        cell = new_code_cell(params)
-        cell.metadata["tags"] = ["parameters"]
-        notebook.cells = [cell, new_code_cell(body)]
-        nbformat.write(notebook, folder / f"{stem}.ipynb")
-    return folder
-
-
-def test_run_prints_no_kernel_transport_warning(tmp_path, capfd, monkeypatch):
-    notebooks = _series(tmp_path / "nb", "print('second step ran')")
+def test_run_prints_no_kernel_transport_warning(tmp_path, capfd, monkeypatch, write_tiny_series):
+    notebooks = write_tiny_series(tmp_path / "nb", "print('second step ran')")
     plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
     runs.execute_run(plan, progress=False)
     out, err = capfd.readouterr()  # file-descriptor level: the kernels' own stderr included
@@ -84,16 +58,16 @@ def test_run_prints_no_kernel_transport_warning(tmp_path, capfd, monkeypatch):
     assert "Kernel is running over TCP without encryption" in "".join(capfd.readouterr())
 
 
-def test_a_failing_step_still_reports_its_error(tmp_path, capfd):
-    notebooks = _series(tmp_path / "nb", "raise RuntimeError('real problem here')")
+def test_a_failing_step_still_reports_its_error(tmp_path, capfd, write_tiny_series):
+    notebooks = write_tiny_series(tmp_path / "nb", "raise RuntimeError('real problem here')")
     plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
     with pytest.raises(runs.RunStepError, match="RuntimeError: real problem here"):
         runs.execute_run(plan, progress=False, log=lambda _: None)
     assert not (plan.run_dir / checks.LOCK_FILE).exists()
 
 
-def test_summary_records_what_decides_reproducibility(tmp_path):
-    notebooks = _series(tmp_path / "nb", THREAD_PROBE)
+def test_summary_records_what_decides_reproducibility(tmp_path, write_tiny_series):
+    notebooks = write_tiny_series(tmp_path / "nb", THREAD_PROBE)
     plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
     environment = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     summary = runs.execute_run(plan, progress=False, log=lambda _: None, threads=1)
@@ -113,8 +87,8 @@ def test_summary_records_what_decides_reproducibility(tmp_path):
     assert stored["reproducibility"] == record
 
 
-def test_same_threads_give_identical_comparable_summaries(tmp_path):
-    notebooks = _series(tmp_path / "nb", THREAD_PROBE)
+def test_same_threads_give_identical_comparable_summaries(tmp_path, write_tiny_series):
+    notebooks = write_tiny_series(tmp_path / "nb", THREAD_PROBE)
     summaries = []
     for name in ("a", "b"):
         plan = runs.plan_run("quick", runs_root=tmp_path, name=name, notebooks_dir=notebooks)
@@ -178,8 +152,8 @@ def _steps(run_dir: Path) -> dict:
         return {}
 
 
-def test_killed_run_resumes_to_the_summary_of_an_uninterrupted_run(tmp_path):
-    notebooks = _series(tmp_path / "nb", WAIT_FOR_RELEASE)
+def test_killed_run_resumes_to_the_summary_of_an_uninterrupted_run(tmp_path, write_tiny_series):
+    notebooks = write_tiny_series(tmp_path / "nb", WAIT_FOR_RELEASE)
     root = tmp_path / "runs"
     argv = ["run", "--runs-root", str(root), "--notebooks", str(notebooks), "--no-progress"]
     argv += ["--threads", "1"]

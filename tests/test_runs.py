@@ -6,35 +6,21 @@ import json
 
 import nbformat
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook
 
 from cryosphere import runs
 from cryosphere.runs import cli
 
 
-def _write_notebook(path, parameters_source, body_source):
-    notebook = new_notebook()
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    cell = new_code_cell(parameters_source)
-    cell.metadata["tags"] = ["parameters"]
-    notebook.cells = [cell, new_code_cell(body_source)]
-    nbformat.write(notebook, path)
-
-
 @pytest.fixture
-def tiny_series(tmp_path):
+def tiny_series(tmp_path, write_notebook):
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    _write_notebook(
+    write_notebook(
         folder / "01_first.ipynb",
         'run_dir = "x"\nstructure = "1ubi"\nn_projections = 3',
         "from cryosphere import runs\nruns.record_results(run_dir, '01_first', {'n': n_projections * 2})",
     )
-    _write_notebook(
+    write_notebook(
         folder / "02_second.ipynb",
         'run_dir = "x"\nepochs = 1\nfail = False',
         "assert not fail, 'asked to fail'\nprint(epochs)",

@@ -8,41 +8,29 @@ import pytest
 from cryosphere.poses import train
 from cryosphere.runs import series
 
-TINY_RUN = dict(
-    structure="1ubi",
-    n_projections=12,
-    image_size=32,
-    snr=1.0,
-    blur_sigma=1.0,
-    seed=4,
-    grid_level=1,
-    lmax=2,
-    epochs=2,
-)
 
-
-def test_one_call_makes_then_reloads_the_same_run(tmp_path):
-    first = series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+def test_one_call_makes_then_reloads_the_same_run(tmp_path, tiny_run):
+    first = series.load_or_train_run(tmp_path, progress=False, **tiny_run)
     assert len(first.dataset) == 12 and first.labels.level == 1
     assert first.predictions.probabilities.shape == (12, 576)
     assert len(first.result.history) == 2 and first.training_config.seed == 4
     assert first.model_config.image_size == 32 and first.model_config.lmax == 2
     checkpoint = train.checkpoint_path(tmp_path)
     stamp = checkpoint.stat().st_mtime_ns
-    again = series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+    again = series.load_or_train_run(tmp_path, progress=False, **tiny_run)
     assert checkpoint.stat().st_mtime_ns == stamp  # reloaded, not retrained
     np.testing.assert_array_equal(again.predictions.logits, first.predictions.logits)
     np.testing.assert_array_equal(again.labels.mask, first.labels.mask)
 
 
-def test_a_folder_made_with_other_parameters_is_refused(tmp_path):
-    series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+def test_a_folder_made_with_other_parameters_is_refused(tmp_path, tiny_run):
+    series.load_or_train_run(tmp_path, progress=False, **tiny_run)
     with pytest.raises(FileExistsError, match="other parameters"):
-        series.load_or_train_run(tmp_path, progress=False, **{**TINY_RUN, "snr": 0.5})
+        series.load_or_train_run(tmp_path, progress=False, **{**tiny_run, "snr": 0.5})
 
 
-def test_streamed_model_trains_predicts_the_run_images_and_reloads(tmp_path):
-    run = series.load_or_train_run(tmp_path, progress=False, **TINY_RUN)
+def test_streamed_model_trains_predicts_the_run_images_and_reloads(tmp_path, tiny_run):
+    run = series.load_or_train_run(tmp_path, progress=False, **tiny_run)
     kwargs = dict(steps=6, batch_size=8, lmax=2, channels=(8, 16), grid_level=1, seed=4)
     first = series.load_or_train_stream(
         tmp_path, run.dataset, validation_size=16, progress=False, **kwargs
