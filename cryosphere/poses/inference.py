@@ -161,7 +161,7 @@ def predict_star(
     started = time.perf_counter()
     output = Path(output)
     pset = read_particle_set(star_path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = train.resolve_device(device)
     model = train.load_model(checkpoint, device=device)
     correction = _check_request(pset, model, output, crop_size, ctf_correction)
     level = int(model.config.grid_level)

@@ -102,9 +102,7 @@ class StreamTrainingConfig:
         return dataclasses.asdict(self)
 
     def resolved_device(self) -> torch.device:
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return tr.resolve_device(self.device)
 
 
 @dataclass(frozen=True)

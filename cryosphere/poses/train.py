@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from cryosphere import io
 from cryosphere.geometry import so3
+from cryosphere.imaging.projection import default_device
 from cryosphere.poses.model import (
     ARCHITECTURE,
     ModelConfig,
@@ -57,6 +58,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingResult",
     "Predictions",
+    "resolve_device",
     "split_indices",
     "compute_loss",
     "pose_errors_deg",
@@ -144,9 +146,7 @@ class TrainingConfig:
         return cls(**record)
 
     def resolved_device(self) -> torch.device:
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,12 @@ class Predictions:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device; None: CUDA when available, else CPU
+    (:func:`cryosphere.imaging.projection.default_device`)."""
+    return default_device() if device is None else torch.device(device)
+
+
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into sorted (train, validation) index arrays.
 
