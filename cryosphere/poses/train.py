@@ -70,6 +70,7 @@ __all__ = [
     "predict",
     "save_predictions",
     "load_or_train",
+    "predict_dataset",
     "read_training_log",
     "write_log_rows",
 ]
@@ -756,7 +757,19 @@ def load_or_train(
         resume=True,
         progress=progress,
     )
-    predictions = predict(result.model, dataset.noisy_images)
+    return result, predict_dataset(run_dir, result.model, dataset)
+
+
+def predict_dataset(
+    run_dir: str | os.PathLike[str],
+    model: PoseDistributionNetwork,
+    dataset: Any,
+    stack_name: str = "../particles.mrcs",
+) -> Predictions:
+    """:func:`predict` every image of ``dataset`` and :func:`save_predictions` them (with the
+    errors against its true poses) under ``run_dir/model/``; ``stack_name`` is the dataset's
+    stack relative to that folder."""
+    predictions = predict(model, dataset.noisy_images)
     save_predictions(
         run_dir,
         predictions,
@@ -764,5 +777,6 @@ def load_or_train(
         image_size=dataset.image_size,
         true_rotations=dataset.rotations,
         symmetry_ops=dataset.symmetry_ops,
+        stack_name=stack_name,
     )
-    return result, predictions
+    return predictions

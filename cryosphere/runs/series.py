@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cryosphere.imaging import simulate
 from cryosphere.poses import labels, train
 from cryosphere.poses.model import ModelConfig
@@ -212,14 +210,7 @@ def load_or_train_stream(
         run_dir=folder,
         progress=progress,
     )
-    predictions = train.predict(result.model, np.asarray(dataset.noisy_images))
-    train.save_predictions(
-        folder,
-        predictions,
-        pixel_size=dataset.pixel_size,
-        image_size=dataset.image_size,
-        true_rotations=dataset.rotations,
-        symmetry_ops=dataset.symmetry_ops,
-        stack_name="../../particles.mrcs",
+    predictions = train.predict_dataset(
+        folder, result.model, dataset, stack_name="../../particles.mrcs"
     )
     return StreamedRun(model_config, stream_config, training_config, result, predictions, folder)
