@@ -293,3 +293,16 @@ def test_density_equivariance_is_exact_for_quarter_turns_and_offset_free(small_v
     np.testing.assert_allclose(shifted, other, rtol=1e-3)
     with pytest.raises(ValueError, match="density"):
         evaluate.model_equivariance_mse(model, images, turned, Q, output="softmax")
+
+
+def test_soft_target_stream_tunes_lambda_on_its_reference_stack(small_volume):
+    stream = SimulatedStream(
+        small_volume, 1.0, LEVEL, StreamConfig(snr=1.0, target="soft", batch_size=4)
+    )
+    assert stream.soft_lambda > 0
+    batch = stream.batch(0)
+    np.testing.assert_allclose(batch.targets.sum(1).numpy(), 1.0, atol=1e-5)
+    fixed = SimulatedStream(
+        small_volume, 1.0, LEVEL, StreamConfig(target="soft", soft_lambda=2.0, batch_size=4)
+    )
+    assert fixed.soft_lambda == 2.0

@@ -31,7 +31,13 @@ import torch
 from cryosphere.geometry import so3
 from cryosphere.imaging.projection import gaussian_blur, project_volume, volume_spectrum
 from cryosphere.poses import targets as tg
-from cryosphere.poses.labels import mse_landscape, soft_labels, template_bank, tune_lambda
+from cryosphere.poses.labels import (
+    default_radius_deg,
+    mse_landscape,
+    soft_labels,
+    template_bank,
+    tune_lambda,
+)
 
 __all__ = ["Batch", "StreamConfig", "SimulatedStream", "FixedSetStream", "stream_seed"]
 
@@ -148,7 +154,8 @@ class SimulatedStream:
         self.templates = templates
         if config.target in ("bayes", "soft") and templates is None:
             self.templates = template_bank(self.volume, self.level, self.blur_sigma)
-        reference = self._clean(so3.random_rotations(config.reference_images, config.seed + 7919))
+        reference_poses = so3.random_rotations(config.reference_images, config.seed + 7919)
+        reference = self._clean(reference_poses)
         self.signal_variance = float(reference.double().var(unbiased=False))
         if not self.signal_variance > 0:
             raise ValueError("the map projects to constant images; check the volume")
@@ -156,8 +163,13 @@ class SimulatedStream:
         if config.target == "soft" and self.soft_lambda is None:
             mse = mse_landscape(reference[:256], self.templates)
             grid = so3.healpix_so3_grid(self.level)
-            R = so3.random_rotations(config.reference_images, config.seed + 7919)[:256]
-            self.soft_lambda = tune_lambda(mse, grid, R, self.symmetry_ops)
+            self.soft_lambda = tune_lambda(
+                mse,
+                grid,
+                reference_poses[:256],
+                self.symmetry_ops,
+                radius_deg=default_radius_deg(self.level),
+            )
 
     @property
     def image_size(self) -> int:

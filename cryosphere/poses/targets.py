@@ -142,9 +142,5 @@ def rotate_in_plane(
         raise ValueError("images, targets and steps need one entry per image")
     step_deg = in_plane_step_deg(level)
     rotated = rotate_images(images_t, steps * step_deg)
-    n_psi = 6 * 2 ** int(level)
-    G = targets_t.shape[1]
-    cells = torch.arange(G).reshape(-1, n_psi)
-    j = torch.arange(n_psi)
-    index = torch.stack([cells[:, (j + int(s)) % n_psi].reshape(-1) for s in steps])  # (n, G)
+    index = torch.from_numpy(np.stack([in_plane_permutation(level, s) for s in steps]))  # (n, G)
     return rotated, torch.gather(targets_t, 1, index.to(targets_t.device))
