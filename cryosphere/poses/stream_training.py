@@ -142,22 +142,18 @@ def learning_rate_at_step(config: StreamTrainingConfig, step: int) -> float:
 def _validate(
     model: PoseDistributionNetwork, validation: Batch, ops: np.ndarray, loss: str
 ) -> dict[str, float]:
-    grid = so3.healpix_so3_grid(model.config.grid_level)
+    """Validation loss, acc@15° and median error: the fixed-set trainer's evaluation."""
     device = model.image_mean.device
-    model.eval()
-    best, total = [], 0.0
-    with torch.no_grad():
-        for start in range(0, validation.images.shape[0], 256):
-            logits = model(validation.images[start : start + 256].to(device))
-            target = validation.targets[start : start + 256].to(device)
-            total += float(tr.compute_loss(logits, target, loss)) * logits.shape[0]
-            best.append(logits.argmax(dim=1).cpu())
-    errors = tr.pose_errors_deg(grid[torch.cat(best).numpy()], validation.rotations, ops)
-    return {
-        "val_loss": total / validation.images.shape[0],
-        "val_acc15": float(np.mean(errors < 15.0)),
-        "val_median_deg": float(np.median(errors)),
-    }
+    return tr._evaluate(
+        model,
+        validation.images.to(device),
+        validation.targets.to(device),
+        validation.rotations,
+        ops,
+        so3.healpix_so3_grid(model.config.grid_level),
+        loss,
+        256,
+    )
 
 
 def _identity(model_config: ModelConfig, config: StreamTrainingConfig, stream: BatchSource) -> dict:
