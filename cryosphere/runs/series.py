@@ -1,13 +1,9 @@
-"""The notebook series' shared first steps: dataset → labels → trained network, in one call.
+"""What the series' training stages give a notebook, and the streamed network's stage.
 
-Notebooks 03–08 all start from the same three steps with the same shared parameters; this module
-runs them through the library calls that own each step, so every notebook reuses what an earlier
-one wrote to the run folder (or makes it now, identically):
-
-1. :func:`cryosphere.imaging.simulate.load_or_simulate` (``run_dir/particles.*``, ``volume.mrc``…),
-2. :func:`cryosphere.poses.labels.load_or_make_labels` (``run_dir/labels/``),
-3. :func:`cryosphere.poses.train.load_or_train` (``run_dir/model/``: reloads a finished checkpoint,
-   resumes an interrupted one).
+:class:`cryosphere.runs.pipeline.Run` makes the stages (dataset → labels → trained network) with
+one cache rule; this module holds their result types (:class:`TrainedRun`, :class:`StreamedRun`)
+and :func:`load_or_train_stream`, the stage :meth:`~cryosphere.runs.pipeline.Run.streamed` runs.
+:func:`load_or_train_run` is the 0.1 spelling of ``Run(…).trained()``.
 
 :func:`load_or_train_stream` is the setting a user trains for real (the default model of the
 series): the network learns from a stream of freshly simulated particles of the run's map
@@ -20,9 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cryosphere.imaging import simulate
+from cryosphere.imaging.simulate import ParticleDataset
 from cryosphere.poses import labels, train
 from cryosphere.poses.model import ModelConfig
 from cryosphere.poses.stream import SimulatedStream, StreamConfig
@@ -55,7 +50,7 @@ class TrainedRun:
         predictions: :class:`cryosphere.poses.train.Predictions` for every image.
     """
 
-    dataset: Any
+    dataset: ParticleDataset
     labels: labels.PoseLabels
     model_config: ModelConfig
     training_config: train.TrainingConfig
@@ -84,34 +79,18 @@ def load_or_train_run(
 ) -> TrainedRun:
     """Simulate (or load), label (or load) and train (or reload) one run folder.
 
-    The keyword arguments are the series' shared notebook parameters (image size in pixels,
-    blur σ in pixels, SNR as ``var(clean) / σ²_noise``; ``grid_level`` of the HEALPix SO(3) grid;
-    ``q`` the mask fraction; ``lam`` the soft-map λ, None to tune it). A folder that holds a
-    dataset or checkpoint made with other parameters raises the owning step's error.
+    The 0.1 spelling of ``Run(RunConfig…, run_dir).trained()``
+    (:class:`cryosphere.runs.pipeline.Run`), kept for one release: the keyword arguments are
+    flat :class:`~cryosphere.runs.pipeline.RunConfig` names (image size in pixels, blur σ in
+    pixels, SNR as ``var(clean) / σ²_noise``; ``grid_level`` of the HEALPix SO(3) grid; ``q``
+    the mask fraction; ``lam`` the soft-map λ, None to tune it). A folder holding a stage made
+    with other settings raises :class:`~cryosphere.runs.pipeline.StageMismatchError`.
     """
-    dataset = simulate.load_or_simulate(
-        run_dir,
-        simulate.SimulationParameters(
-            structure=structure,
-            n_projections=n_projections,
-            image_size=image_size,
-            snr=snr,
-            blur_sigma=blur_sigma,
-            seed=seed,
-        ),
-        progress=progress,
-    )
-    pose_labels = labels.load_or_make_labels(
-        run_dir, dataset, level=grid_level, q=q, lam=lam, progress=progress
-    )
-    model_config = ModelConfig(image_size=image_size, lmax=lmax, grid_level=grid_level)
-    training_config = train.TrainingConfig(
-        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed, loss=loss
-    )
-    result, predictions = train.load_or_train(
-        run_dir, dataset, pose_labels, model_config, training_config, progress=progress
-    )
-    return TrainedRun(dataset, pose_labels, model_config, training_config, result, predictions)
+    flat = dict(locals())
+    folder, progress = flat.pop("run_dir"), flat.pop("progress")
+    from cryosphere.runs.pipeline import Run, RunConfig  # the layer above this module
+
+    return Run(RunConfig.from_flat(flat), folder, progress=progress).trained()
 
 
 @dataclass(frozen=True)
@@ -151,7 +130,7 @@ def stream_model_config(
 
 def load_or_train_stream(
     run_dir: str | os.PathLike[str],
-    dataset: Any,
+    dataset: ParticleDataset,
     *,
     steps: int,
     snr: float | tuple[float, float] | None = None,

@@ -1,0 +1,125 @@
+"""The pipeline layer (cryosphere.runs.pipeline): RunConfig, Run and the one cache rule."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cryosphere.poses import train
+from cryosphere.runs import pipeline, series
+from cryosphere.runs.pipeline import PROFILES, Run, RunConfig, StageMismatchError
+
+STREAM = dict(stream_steps=4, stream_batch_size=8, stream_channels=[8, 16], stream_snr=[0.5, 1.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_run) -> RunConfig:
+    return RunConfig.from_profile("tiny", {**tiny_run, **STREAM})
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory, tiny_config) -> Run:
+    """A run folder with all four stages made once (copied by the tests that change it)."""
+    run = Run(tiny_config, tmp_path_factory.mktemp("made"), progress=False)
+    run.trained()
+    run.streamed()
+    return run
+
+
+def _copy(run: Run, tmp_path) -> str:
+    folder = tmp_path / "copy"
+    shutil.copytree(run.folder, folder)
+    return folder
+
+
+def test_profiles_flat_names_and_seed_coupling():
+    tiny = RunConfig.from_profile("tiny")
+    assert tiny.simulation.n_projections == 64 and tiny.stream.steps == 12
+    assert RunConfig.from_flat(tiny.to_flat()) == tiny  # flat round trip
+    for name, values in PROFILES.items():
+        config = RunConfig.from_profile(name)
+        assert {k: config.to_flat()[k] for k in values} == values
+    reseeded = tiny.replace(seed=7)
+    assert reseeded.simulation.seed == 7 and reseeded.training.seed == 7
+    assert tiny.model.image_size == 32 and tiny.model.grid_level == tiny.labels.grid_level
+    with pytest.raises(ValueError, match="unknown run parameter.*'n_images'.*valid names"):
+        tiny.replace(n_images=5)
+    with pytest.raises(ValueError, match="unknown profile 'fast'.*paper"):
+        RunConfig.from_profile("fast")
+    with pytest.raises(ValueError, match=r"q \(mask fraction\) must be in \(0, 1\]"):
+        tiny.replace(q=1.5)
+
+
+def test_run_makes_records_and_reloads_every_stage(made_run, tiny_config):
+    records = pipeline.io.read_json(made_run.layout.stages)
+    assert set(records) == {"dataset", "labels", "model", "stream"}
+    assert all(records[s]["key"] == made_run.stage_key(s) for s in records)
+    checkpoint = train.checkpoint_path(made_run.folder)
+    stamps = [checkpoint.stat().st_mtime_ns, (made_run.layout.stream / "model").stat().st_mtime_ns]
+    again = Run(tiny_config, made_run.folder, progress=False)
+    trained, streamed = again.trained(), again.streamed()
+    assert stamps[0] == checkpoint.stat().st_mtime_ns  # reloaded, not retrained
+    np.testing.assert_array_equal(trained.predictions.logits, made_run.trained().predictions.logits)
+    np.testing.assert_array_equal(
+        streamed.predictions.logits, made_run.streamed().predictions.logits
+    )
+    assert trained.training_config.seed == tiny_config.simulation.seed
+    # the 0.1 spelling is the same stage
+    legacy = series.load_or_train_run(
+        made_run.folder, progress=False, **{k: tiny_config.to_flat()[k] for k in _LEGACY}
+    )
+    np.testing.assert_array_equal(legacy.predictions.logits, trained.predictions.logits)
+
+
+_LEGACY = (
+    "structure n_projections image_size snr blur_sigma seed grid_level q lam lmax epochs "
+    "batch_size learning_rate loss"
+).split()
+
+
+@pytest.mark.parametrize(
+    ("stage", "change", "named", "method"),
+    [
+        ("dataset", {"snr": 0.5}, "snr: 1.0 -> 0.5", "dataset"),
+        ("labels", {"q": 0.1}, "q: 0.05 -> 0.1", "labels"),
+        ("model", {"epochs": 3}, "'epochs': 2", "trained"),
+        ("stream", {"stream_steps": 5}, "'steps': 4", "streamed"),
+    ],
+)
+def test_a_stage_made_with_other_parameters_is_refused_before_anything_is_written(
+    made_run, tmp_path, stage, change, named, method
+):
+    folder = _copy(made_run, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    run = Run(made_run.config.replace(**change), folder, progress=False)
+    with pytest.raises(StageMismatchError, match=f"holds a {stage} stage") as error:
+        getattr(run, method)()
+    assert named in str(error.value) and "overwrite=True" in str(error.value)
+    assert isinstance(error.value, FileExistsError)
+    after = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_overwrite_recomputes_the_stage_and_the_stages_that_read_it(made_run, tmp_path):
+    folder = _copy(made_run, tmp_path)
+    changed = made_run.config.replace(q=0.1)
+    run = Run(changed, folder, overwrite=True, progress=False)
+    labels = run.labels()
+    assert labels.q == 0.1
+    records = pipeline.io.read_json(run.layout.stages)
+    assert set(records) == {"dataset", "labels", "stream"}  # the model read the old labels
+    assert not run.layout.model.exists() and run.layout.stream.exists()
+    assert records["labels"]["key"] == run.stage_key("labels")
+    assert run.stage_key("dataset") == made_run.stage_key("dataset")
+
+
+def test_stage_keys_follow_their_inputs(tiny_config, tmp_path):
+    base, other = Run(tiny_config, tmp_path), Run(tiny_config.replace(snr=0.5), tmp_path)
+    assert all(base.stage_key(s) != other.stage_key(s) for s in pipeline.STAGE_INPUTS)
+    longer = Run(tiny_config.replace(epochs=9), tmp_path)
+    assert longer.stage_key("labels") == base.stage_key("labels")
+    assert longer.stage_key("model") != base.stage_key("model")
+    with pytest.raises(ValueError, match="unknown stage"):
+        base.stage_key("figures")
