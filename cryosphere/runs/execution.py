@@ -7,10 +7,15 @@ the executed notebooks under ``notebooks/``, ``run.json`` (the run's profile and
 ``steps.json`` (what ran, with which parameters, how long) and ``summary.json`` (the figures of
 record every notebook leaves through :func:`record_results`, plus timings).
 
-Profiles (:data:`PROFILES`) are parameter sets: ``quick`` runs the series on a laptop CPU in
-minutes; ``paper`` is the poster's setting (400 images, 200 epochs, lmax 4). Both also train the
-default model of the series, the streamed network (``stream_*`` parameters, notebook 03). Parameters not in
-the profile keep the notebooks' own defaults; ``overrides`` replace either.
+Profiles (:data:`PROFILES`, defined in :mod:`cryosphere.runs.pipeline`) are flat overrides of
+:class:`~cryosphere.runs.pipeline.RunConfig`: ``tiny`` is the notebooks' own default (seconds per
+notebook, CI), ``quick`` runs the series on a laptop CPU in minutes, ``paper`` is the poster's
+setting (400 images, 200 epochs, lmax 4). All of them also train the default model of the
+series, the streamed network (``stream_*`` parameters, notebook 03). A notebook that declares
+``profile`` and ``config`` receives the profile's name and the run's flat configuration (the
+profile's values, the overrides and the structure) and builds its
+:class:`~cryosphere.runs.pipeline.Run` from them; a notebook that declares a flat name itself
+(or a notebook-specific one such as ``image_index``) receives that value.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cryosphere import io
-from cryosphere.runs import checks
+from cryosphere.runs import checks, pipeline
 from cryosphere.runs.reproducibility import (
     comparable_summary,
     default_threads,
@@ -54,39 +59,8 @@ __all__ = [
 
 RESULTS_FOLDER = "results"
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {
-        "n_projections": 200,
-        "image_size": 48,
-        "snr": 1.0,
-        "epochs": 200,
-        "learning_rate": 3e-3,
-        "lmax": 4,
-        "sweep_counts": [50, 100, 200],
-        "sweep_seeds": [0],
-        "sweep_epochs": 60,
-        "snr_levels": [1.0, 0.1],
-        "image_counts": [50, 200],
-        "n_pairs": 32,
-        "stream_steps": 1500,
-        "stream_batch_size": 64,
-    },
-    "paper": {
-        "n_projections": 400,
-        "image_size": 64,
-        "snr": 1.0,
-        "epochs": 200,
-        "lmax": 4,
-        "sweep_counts": [50, 100, 200, 400],
-        "sweep_seeds": [0, 1, 2],
-        "sweep_epochs": 200,
-        "snr_levels": [1.0, 0.3, 0.1, 0.03],
-        "image_counts": [50, 100, 200, 400, 1000, 3000],
-        "n_pairs": 200,
-        "stream_steps": 6000,
-        "stream_batch_size": 64,
-    },
-}
+#: The run profiles (flat overrides of :class:`~cryosphere.runs.pipeline.RunConfig`).
+PROFILES = pipeline.PROFILES
 
 
 class RunStepError(RuntimeError):
@@ -204,7 +178,10 @@ def plan_run(
     notebooks = series_notebooks(notebooks_dir)
     declared = {nb.stem: notebook_parameters(nb) for nb in notebooks}
     known = set().union(*(set(p) for p in declared.values()))
-    reserved = {"run_dir", "structure"}
+    takes_config = {stem for stem, params in declared.items() if "config" in params}
+    if takes_config:
+        known |= set(pipeline.FLAT_FIELDS)
+    reserved = {"run_dir", "structure", "profile", "config"}
     unknown = sorted(set(overrides) - (known - reserved))
     if unknown:
         raise ValueError(
@@ -221,6 +198,9 @@ def plan_run(
             shared["compare_structure"], "compare_structure"
         )
     shared["structure"] = resolved_structure
+    run_config = {k: v for k, v in shared.items() if k in pipeline.FLAT_FIELDS}
+    if takes_config:  # the whole configuration is checked before anything runs
+        pipeline.RunConfig.from_profile(profile, run_config)
     shared["run_dir"] = str(run_dir)
     record = {"profile": profile, "parameters": shared}
     run_record = run_dir / "run.json"
@@ -237,6 +217,7 @@ def plan_run(
         )
     per_notebook = {
         stem: {key: value for key, value in shared.items() if key in params}
+        | ({"profile": profile, "config": run_config} if stem in takes_config else {})
         for stem, params in declared.items()
     }
     seeds = {
@@ -245,6 +226,9 @@ def plan_run(
         for key, value in params.items()
         if "seed" in key
     }
+    if takes_config:
+        resolved = pipeline.RunConfig.from_profile(profile, run_config).to_flat()
+        seeds |= {key: value for key, value in resolved.items() if "seed" in key}
     return RunPlan(
         seeds=dict(sorted(seeds.items())),
         run_dir=run_dir,
