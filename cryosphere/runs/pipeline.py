@@ -10,7 +10,9 @@
   ``seed`` is the simulation's);
 * ``stream``: :class:`StreamSettings` of the default network, trained on streamed particles;
 * ``studies``: :class:`StudySettings`, the sizes of the notebooks' studies (sweep, SNR study,
-  equivariance pairs, resolution sweep).
+  equivariance pairs, resolution sweep);
+* ``network``: other :class:`~cryosphere.poses.model.ModelConfig` settings of the poster's
+  network (None: the poster's; no flat name).
 
 Every field also has a flat name (:data:`FLAT_FIELDS`: ``n_projections``, ``stream_steps``…),
 the vocabulary of ``cryosphere run --set NAME=VALUE``, of the profiles (:data:`PROFILES`) and of
@@ -48,6 +50,7 @@ from cryosphere.imaging.simulate import ParticleDataset, SimulationParameters
 from cryosphere.poses import labels as pose_labels
 from cryosphere.poses import train
 from cryosphere.poses.model import ModelConfig
+from cryosphere.runs.series import StreamedRun, TrainedRun, load_or_train_stream
 
 __all__ = [
     "FLAT_FIELDS",
@@ -206,6 +209,7 @@ class RunConfig:
     )
     stream: StreamSettings = field(default_factory=StreamSettings)
     studies: StudySettings = field(default_factory=StudySettings)
+    network: ModelConfig | None = None
 
     def __post_init__(self) -> None:
         if int(self.training.seed) != int(self.simulation.seed):
@@ -215,9 +219,13 @@ class RunConfig:
 
     @property
     def model(self) -> ModelConfig:
-        """The poster's network: 2-conv encoder, ``lmax``, the labels' grid level."""
-        return ModelConfig(
-            image_size=self.simulation.image_size, lmax=self.lmax, grid_level=self.labels.grid_level
+        """The poster's network: ``network`` (None: the poster's 2-conv encoder and spherical
+        layers) with the images' size, ``lmax`` and the labels' grid level."""
+        return dataclasses.replace(
+            self.network or ModelConfig(),
+            image_size=self.simulation.image_size,
+            lmax=self.lmax,
+            grid_level=self.labels.grid_level,
         )
 
     def replace(self, **flat: Any) -> RunConfig:
@@ -461,10 +469,8 @@ class Run:
 
         return self._stage("labels", make)
 
-    def trained(self) -> Any:
-        """The poster's network trained on the run's images (``model/``), as
-        :class:`cryosphere.runs.series.TrainedRun`."""
-        from cryosphere.runs.series import TrainedRun
+    def trained(self) -> TrainedRun:
+        """The poster's network trained on the run's images (``model/``)."""
 
         def make() -> TrainedRun:
             dataset, labels = self.dataset(), self.labels()
@@ -476,12 +482,11 @@ class Run:
 
         return self._stage("model", make)
 
-    def streamed(self) -> Any:
+    def streamed(self) -> StreamedRun:
         """The default network, trained on streamed particles of the run's map and predicting
-        the run's images (``stream/``), as :class:`cryosphere.runs.series.StreamedRun`."""
-        from cryosphere.runs.series import load_or_train_stream
+        the run's images (``stream/``)."""
 
-        def make() -> Any:
+        def make() -> StreamedRun:
             settings, config = self.config.stream, self.config
             return load_or_train_stream(
                 self.folder,

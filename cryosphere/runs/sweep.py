@@ -40,9 +40,10 @@ run's ``labels/`` folder, where :func:`cryosphere.poses.labels.template_bank` fi
 
 Determinism: on CPU, the same inputs and torch thread count give identical rows (another
 thread count trains to other weights: see the README's Reproducibility), and a rerun on the
-same folder reloads every finished run and gives the same numbers. A run folder that holds a run made with other
-settings is an error from the step that finds it (``FileExistsError`` for the dataset,
-``ValueError`` for the checkpoint): choose another ``run_dir``.
+same folder reloads every finished run and gives the same numbers. Each run is a
+:class:`cryosphere.runs.pipeline.Run`, so a run folder that holds a stage made with other
+settings raises :class:`~cryosphere.runs.pipeline.StageMismatchError` naming the stage and the
+settings: choose another ``run_dir``.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ from tqdm.auto import tqdm
 
 from cryosphere import io
 from cryosphere.figures.plots import plot_sweep  # moved to figures in 0.2; re-exported until 0.3
-from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
+from cryosphere.imaging.simulate import SimulationParameters
 from cryosphere.poses import evaluate, labels, train
 from cryosphere.poses.model import ModelConfig
+from cryosphere.runs.pipeline import LabelSettings, Run, RunConfig
 
 __all__ = [
     "SWEEP_FOLDER",
@@ -226,12 +228,18 @@ def _run_row(
     equivariance_seed: int,
     shared_templates: Path,
 ) -> dict[str, float]:
-    dataset = load_or_simulate(folder, parameters, progress=False)
-    _share_templates(dataset, level, shared_templates, labels.labels_dir(folder))
-    pose_labels = labels.load_or_make_labels(folder, dataset, level=level, q=q, progress=False)
-    result, predictions = train.load_or_train(
-        folder, dataset, pose_labels, model_config, training_config, progress=False
+    config = RunConfig(
+        simulation=parameters,
+        labels=LabelSettings(grid_level=level, q=q),
+        lmax=model_config.lmax,
+        training=training_config,
+        network=model_config,
     )
+    run = Run(config, folder, progress=False)
+    dataset = run.dataset()
+    _share_templates(dataset, level, shared_templates, run.layout.labels)
+    trained = run.trained()
+    result, predictions = trained.result, trained.predictions
     val, trn = result.validation_indices, result.train_indices
     ops = dataset.symmetry_ops
     val_metrics = evaluate.pose_metrics(
