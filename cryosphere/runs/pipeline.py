@@ -40,9 +40,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryosphere import io
 from cryosphere.imaging import simulate
@@ -285,6 +286,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 STAGES_FILE = "stages.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -434,7 +436,7 @@ class Run:
         }
         io.write_json(self.layout.stages, records)
 
-    def _stage(self, stage: str, make: Any) -> Any:
+    def _stage(self, stage: str, make: Callable[[], T]) -> T:
         if stage not in self._made:
             for name in STAGE_INPUTS[stage]:
                 self._check_stage(name)

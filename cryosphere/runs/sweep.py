@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from cryosphere import io
 from cryosphere.figures.plots import plot_sweep  # moved to figures in 0.2; re-exported until 0.3
-from cryosphere.imaging.simulate import SimulationParameters
+from cryosphere.imaging.simulate import ParticleDataset, SimulationParameters
 from cryosphere.poses import evaluate, labels, train
 from cryosphere.poses.model import ModelConfig
 from cryosphere.runs.pipeline import LabelSettings, Run, RunConfig
@@ -201,7 +201,7 @@ def _check_settings(
 # --------------------------------------------------------------------------------------------
 # the sweep
 # --------------------------------------------------------------------------------------------
-def _share_templates(dataset: Any, level: int, shared: Path, run_labels: Path) -> None:
+def _share_templates(dataset: ParticleDataset, level: int, shared: Path, run_labels: Path) -> None:
     """Compute (or reuse) the template bank in ``shared`` and link it into ``run_labels``."""
     labels.dataset_templates(dataset, level, cache_dir=shared)
     run_labels.mkdir(parents=True, exist_ok=True)
