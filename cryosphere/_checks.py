@@ -9,6 +9,7 @@ reconstruction all check their inputs the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,6 +26,12 @@ __all__ = [
     "as_weighted_poses",
     "as_ops",
     "as_volume",
+    "MAX_LABEL_LEVEL",
+    "check_label_level",
+    "check_q",
+    "check_lam",
+    "check_mse",
+    "as_image_matrix",
 ]
 
 _Config = TypeVar("_Config")
@@ -205,3 +212,54 @@ def as_volume(
     if finite and not torch.isfinite(tensor).all():
         raise ValueError(f"{name} holds NaN or infinite values")
     return tensor
+
+
+# --------------------------------------------------------------------------------------------
+# pose labels: grid level, mask fraction, λ, MSE landscapes, image matrices
+# --------------------------------------------------------------------------------------------
+MAX_LABEL_LEVEL = 3
+
+
+def check_label_level(level: int) -> int:
+    """A grid level for pose labels, 0..3 (level 4's templates do not fit in memory)."""
+    return check_grid_level(
+        level,
+        MAX_LABEL_LEVEL,
+        "grid level for pose labels",
+        "level 2, 4,608 rotations, is the default; level 3 has 36,864",
+    )
+
+
+def check_q(q: float) -> float:
+    if not (isinstance(q, (int, float, np.floating)) and 0 < float(q) <= 1):
+        raise ValueError(f"q (mask fraction) must be in (0, 1], got {q!r}; e.g. q=0.05 for 5%")
+    return float(q)
+
+
+def check_lam(lam: float) -> float:
+    if not (isinstance(lam, (int, float, np.floating)) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"λ (lam) must be a positive finite number, got {lam!r}")
+    return float(lam)
+
+
+def check_mse(mse: np.ndarray) -> np.ndarray:
+    array = np.asarray(mse)
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"mse must have shape (n images, G cells), got {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("mse holds NaN or infinite values; check the images and templates")
+    return array
+
+
+def as_image_matrix(images: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """``(n, N, N)`` images as a C-contiguous ``(n, N*N)`` float32 array (no copy if possible)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    array = np.asarray(images)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[-1] != array.shape[-2]:
+        raise ValueError(f"{name} must have shape (n, N, N), got {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(array.shape[0], -1)
