@@ -291,11 +291,12 @@ def test_log_likelihood_counts_every_symmetry_mate():
 def test_accuracy_vs_snr_scores_extra_models_on_the_same_images(tmp_path):
     from cryosphere.imaging.simulate import SimulationParameters
     from cryosphere.poses.model import ModelConfig, build_model
+    from cryosphere.runs import snr_study
 
     params = SimulationParameters(structure="1ubi", n_projections=10, image_size=32, seed=2)
     model_config = ModelConfig(image_size=32, lmax=2, grid_level=1)
     extra = build_model(ModelConfig(image_size=32, lmax=2, grid_level=1, encoder="resnet"))
-    rows = evaluate.accuracy_vs_snr(
+    rows = snr_study.accuracy_vs_snr(
         tmp_path,
         params,
         [1.0, 0.5],
@@ -310,3 +311,36 @@ def test_accuracy_vs_snr_scores_extra_models_on_the_same_images(tmp_path):
         assert set(row) == {"snr", "model", "template_matching", "uniform", "other"}
         assert row["other"]["n"] == row["model"]["n"]
         assert 0 <= row["other"]["median_deg"] <= 180 and row["other"]["log_likelihood"] is not None
+
+
+def test_evaluate_imports_nothing_from_training():
+    """Metrics depend on no training code: importing evaluate leaves labels, train and the run
+    layer unimported (fresh interpreter); the SNR study, which trains, is reached lazily."""
+    import ast
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cryosphere.poses.evaluate as e; "
+        "print(sorted(m for m in sys.modules if m.startswith('cryosphere')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = ast.literal_eval(out)
+    assert "cryosphere.poses.evaluate" in loaded
+    for training in (
+        "cryosphere.poses.train",
+        "cryosphere.poses.labels",
+        "cryosphere.poses.training_setup",
+        "cryosphere.poses.templates",
+        "cryosphere.imaging.simulate",
+        "cryosphere.runs",
+    ):
+        assert training not in loaded, f"evaluate imports {training}"
+    from cryosphere.runs import snr_study
+
+    assert evaluate.accuracy_vs_snr is snr_study.accuracy_vs_snr
+    assert "accuracy_vs_snr" not in evaluate.__all__
+    with pytest.raises(AttributeError, match="no attribute 'no_such_metric'"):
+        evaluate.no_such_metric  # noqa: B018

@@ -9,7 +9,8 @@ import pytest
 
 from cryosphere.geometry import distributions, so3
 from cryosphere.imaging.simulate import SimulationParameters, simulate_dataset
-from cryosphere.poses import labels
+from cryosphere.poses import labels, landscape
+from cryosphere.poses import templates as templates_module
 
 LEVEL = 2
 
@@ -107,7 +108,7 @@ def test_chunked_equals_unchunked(ubi_labels):
     G, P = len(templates), templates[0].size
     whole = labels.mse_landscape(images, templates)
     limit = 4 * (G + P) * 70
-    rows, cells = labels._block_sizes(len(images), G, P, limit)
+    rows, cells = landscape._block_sizes(len(images), G, P, limit)
     assert rows == 128 and cells == 192  # both axes are split
     chunked = labels.mse_landscape(images, templates, memory_limit_bytes=limit)
     # Each element is one whole dot product in both, but BLAS (MKL included) may pick other
@@ -122,11 +123,11 @@ def test_chunked_equals_unchunked(ubi_labels):
 @pytest.mark.parametrize("limit", [2**17, 2**20, 2**24, 2**29])
 def test_block_sizes_respect_memory_limit(limit):
     n, G, P = 1000, 4608, 4096
-    rows, cells = labels._block_sizes(n, G, P, limit)
+    rows, cells = landscape._block_sizes(n, G, P, limit)
     assert 4 * cells * P + 4 * rows * (P + cells) <= limit
     assert 1 <= rows <= n and 1 <= cells <= G
     with pytest.raises(ValueError, match="memory_limit_bytes"):
-        labels._block_sizes(n, G, P, 2**15)
+        landscape._block_sizes(n, G, P, 2**15)
 
 
 def test_template_matching_on_noisy_images(small_dataset, ubi_labels):
@@ -183,13 +184,13 @@ def test_lambda_grows_with_blur():
 def test_template_cache_reused_and_rebuilt(tmp_path, monkeypatch, ubi_map_32):
     volume, pixel = ubi_map_32
     calls = []
-    real = labels.project_volume
+    real = templates_module.project_volume
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(labels, "project_volume", counting)
+    monkeypatch.setattr(templates_module, "project_volume", counting)
     first = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
     assert (tmp_path / "templates_L1.npy").is_file() and (tmp_path / "templates_L1.json").is_file()
     again = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)

@@ -180,9 +180,7 @@ def pose_markers(
     if R.shape != (3, 3):
         raise ValueError(f"true_rotation must have shape (3, 3), got {R.shape}")
     in_plane_angles_deg(R)  # validates
-    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
-    if ops.ndim != 3 or ops.shape[1:] != (3, 3):
-        raise ValueError(f"symmetry_ops must have shape (K, 3, 3), got {ops.shape}")
+    ops = so3.as_symmetry_ops(symmetry_ops)
     mates = [R] + [R @ g for g in ops if not np.allclose(g, np.eye(3), atol=1e-6)]
     stack = np.stack(mates)
     return so3.viewing_directions(stack), in_plane_angles_deg(stack)

@@ -132,7 +132,7 @@ def cells_within_deg(
         raise ValueError(f"grid must have shape (G, 3, 3), got {grid.shape}")
     if rotations.ndim != 3 or rotations.shape[1:] != (3, 3):
         raise ValueError(f"true_rotations must have shape (n, 3, 3), got {rotations.shape}")
-    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
+    ops = so3.as_symmetry_ops(symmetry_ops)
     mates = so3.symmetry_mates(rotations, ops)  # (n, K, 3, 3)
     q_mates = so3.matrices_to_quaternions(mates)  # (n, K, 4)
     q_grid = so3.matrices_to_quaternions(grid)  # (G, 4)
@@ -190,7 +190,7 @@ def nearest_cell_recall(
         ``R_i @ g_k`` has ``mask[i, cell]`` true (entry 0 is the true pose itself).
     """
     mask = np.asarray(mask, dtype=bool)
-    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
+    ops = so3.as_symmetry_ops(symmetry_ops)
     rotations = np.asarray(true_rotations, dtype=np.float64)
     if mask.shape != (rotations.shape[0], np.asarray(grid).shape[0]):
         raise ValueError(

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cryosphere._checks import as_volume
+
 __all__ = [
     "volume_spectrum",
     "project_volume",
@@ -49,18 +51,6 @@ __all__ = [
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _as_volume(volume: np.ndarray | torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(volume)
-    if tensor.ndim != 3 or len(set(tensor.shape)) != 1:
-        raise ValueError(
-            f"volume must be a cubic array (N, N, N), got shape {tuple(tensor.shape)}; "
-            "pad or crop it to a cube first"
-        )
-    if not torch.isfinite(tensor).all():
-        raise ValueError("volume holds NaN or infinite values")
-    return tensor
 
 
 def _as_rotations(rotations: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -84,7 +74,7 @@ def volume_spectrum(
     ``P // 2`` and index ``P`` repeating index 0 (frequency +1/2 = -1/2);
     the layout :func:`torch.nn.functional.grid_sample` reads (stored channels-last).
     """
-    vol = _as_volume(volume).to(device=device or "cpu", dtype=torch.float32)
+    vol = as_volume(volume, finite=True).to(device=device or "cpu", dtype=torch.float32)
     n = vol.shape[0]
     if oversampling < 1:
         raise ValueError(f"oversampling must be >= 1, got {oversampling}")
@@ -144,7 +134,7 @@ def project_volume(
     torch.Tensor
         ``(n, N, N)`` float32 images ``[image, y, x]`` on ``device``, centre at ``N // 2``.
     """
-    vol = _as_volume(volume)
+    vol = as_volume(volume, finite=True)
     if device is None:
         device = vol.device if isinstance(volume, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -197,7 +187,7 @@ def project_volume_real_space(
     Same conventions and output as :func:`project_volume`; slow (one resampled volume per
     pose) and meant for validation.
     """
-    vol = _as_volume(volume).to(torch.float32)
+    vol = as_volume(volume, finite=True).to(torch.float32)
     rots = _as_rotations(rotations).to(torch.float32)
     n_pix = vol.shape[0]
     coords = torch.arange(n_pix, dtype=torch.float32) - n_pix // 2

@@ -1,7 +1,7 @@
 """Image encoders of the pose network: particle image ``(n, 1, N, N)`` → feature map
 ``(n, C, M, M)`` that the hemisphere projection reads.
 
-* ``"quarter_turn"`` (the poster's, :class:`cryosphere.poses.model.QuarterTurnConv2d`): two
+* ``"quarter_turn"`` (the poster's, :class:`cryosphere.poses.layers.QuarterTurnConv2d`): two
   stride-2 convolutions with kernels invariant under 90° turns; exactly equivariant to quarter
   turns of the image, but blind to oriented edges, with a receptive field of ~9 px.
 * ``"resnet"`` (:class:`ResidualEncoder`): a 5×5 stride-2 stem, then one stage per entry of

@@ -1,5 +1,9 @@
 """Evaluation: pose metrics, baselines (template matching, uniform guess) and the equivariance test.
 
+Metrics only: nothing here trains or labels. The equivariance test lives in
+:mod:`cryosphere.poses.equivariance` (re-exported here); the accuracy-against-SNR study, which
+simulates, labels and trains, in :mod:`cryosphere.runs.snr_study`.
+
 Pose metrics
 ------------
 For predicted poses ``P`` and true poses ``T`` ``(n, 3, 3)`` (``x_mic = R @ x_vol``):
@@ -20,51 +24,31 @@ For predicted poses ``P`` and true poses ``T`` ``(n, 3, 3)`` (``x_mic = R @ x_vo
   splits its mass between ``K`` mates pays ``log K``).
 
 Baselines on the same images: exhaustive template matching on the same grid (noisy image
-against every noise-free template, smallest MSE; :func:`cryosphere.poses.labels.template_matching`)
+against every noise-free template, smallest MSE; :func:`cryosphere.poses.landscape.template_matching`)
 and a uniform guess (Haar-random rotations, seeded).
-
-Equivariance test (GUIDE protocol)
----------------------------------
-Rotating the particle by ``Q`` before imaging gives the pose ``Q R``; an equivariant predictor
-satisfies ``p(S | I(Q R)) = p(Qᵀ S | I(R))`` for all ``S``. For pairs ``(R_i, Q_i)``, the
-prediction for ``I(Q_i R_i)`` is compared with the left-translated prediction for ``I(R_i)``,
-as the mean over the ``G`` grid cells of the squared difference (one MSE per pair); the table
-gives mean, min and max over pairs. ``Q`` about the optical axis (*in-plane*, the
-architecture's own symmetry) and general ``Q`` (*out-of-plane*, learned) are separate rows.
-
-What is compared:
-
-* **model / random**: the poster's probabilities, the per-cell sigmoid of the grid logits (the
-  network is trained with binary cross-entropy against the masks, so ``sigmoid(logit_g)`` is
-  its probability that cell ``g`` is a plausible pose). The left translation is exact: the
-  SO(3) harmonic coefficients of the logits are rotated with Wigner-D matrices
-  (:func:`cryosphere.poses.model.rotate_so3_coefficients`) and evaluated on the grid.
-  *random* is the same network untrained (:func:`cryosphere.poses.train.untrained_model`).
-* **labels**: the poster's label map ``Pr[R_g | I] = exp(−λ·MSE_g)²`` (unnormalised, in [0, 1],
-  the same scale as the sigmoids) computed from the noise-free images; held only on the grid,
-  it is left-translated by nearest-cell resampling (``p'(S_g) = p(cell nearest Qᵀ S_g)``), so
-  its MSE is the floor that the grid itself sets.
-
-Images are noise-free (projection + the dataset's blur) unless an SNR is given, so the test
-measures the predictor, not the noise.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
+from cryosphere._checks import as_pose_stack, as_symmetry_ops
 from cryosphere.geometry import so3
-from cryosphere.imaging.projection import gaussian_blur, project_volume
-from cryosphere.poses.model import PoseDistributionNetwork, rotate_so3_coefficients
+from cryosphere.poses.equivariance import (
+    ROTATION_KINDS,
+    EquivarianceResult,
+    equivariance_mse,
+    equivariance_pairs,
+    equivariance_table,
+    label_equivariance_mse,
+    left_translate_grid_values,
+    model_equivariance_example,
+    model_equivariance_mse,
+)
+from cryosphere.poses.landscape import template_matching
 
 __all__ = [
     "UNIFORM_LOG_LIKELIHOOD",
@@ -84,30 +68,10 @@ __all__ = [
     "model_equivariance_example",
     "EquivarianceResult",
     "equivariance_table",
-    "accuracy_vs_snr",
 ]
 
 UNIFORM_LOG_LIKELIHOOD = -math.log(math.pi**2)
 """Log-likelihood of any pose under the uniform distribution on SO(3): ``−log π² ≈ −2.29``."""
-
-ROTATION_KINDS = ("in_plane", "out_of_plane")
-
-
-# --------------------------------------------------------------------------------------------
-# pose metrics
-# --------------------------------------------------------------------------------------------
-def _as_poses(R: np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(R, dtype=np.float64)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[1:] != (3, 3):
-        raise ValueError(f"{name} must have shape (n, 3, 3), got {np.shape(R)}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return array
-
-
-_ops_or_identity = so3.as_symmetry_ops
 
 
 def pose_error_parts_deg(
@@ -124,11 +88,11 @@ def pose_error_parts_deg(
         With symmetry, ``total`` is the minimum over the mates ``true @ g`` and the parts are
         those of that mate.
     """
-    P = _as_poses(predicted, "predicted")
-    T = _as_poses(true, "true")
+    P = as_pose_stack(predicted, "predicted")
+    T = as_pose_stack(true, "true")
     if P.shape != T.shape:
         raise ValueError(f"predicted {P.shape} and true {T.shape} poses differ in count")
-    mates = so3.symmetry_mates(T, _ops_or_identity(symmetry_ops))  # (n, K, 3, 3)
+    mates = so3.symmetry_mates(T, as_symmetry_ops(symmetry_ops))  # (n, K, 3, 3)
     distances = so3.geodesic_distance_deg(P[:, None], mates)  # (n, K)
     best = distances.argmin(axis=1)
     nearest = mates[np.arange(len(P)), best]
@@ -161,7 +125,7 @@ def true_pose_log_likelihood(
     """
     probs = np.asarray(probabilities, dtype=np.float64)
     G = so3.healpix_so3_grid_size(level)
-    T = _as_poses(true, "true")
+    T = as_pose_stack(true, "true")
     if probs.shape != (len(T), G):
         raise ValueError(
             f"probabilities must have shape (n, G) = ({len(T)}, {G}) for level {level}, "
@@ -169,7 +133,7 @@ def true_pose_log_likelihood(
         )
     if not np.all(np.isfinite(probs)) or np.any(probs < 0):
         raise ValueError("probabilities must be finite and non-negative")
-    ops = _ops_or_identity(symmetry_ops)
+    ops = as_symmetry_ops(symmetry_ops)
     grid = so3.healpix_so3_grid(level)
     rows = np.arange(len(T))
     mass = np.zeros(len(T))
@@ -234,8 +198,6 @@ def template_matched_poses(
 ) -> np.ndarray:
     """Exhaustive template matching on the level-``level`` grid: the grid pose of smallest MSE
     between each noisy image ``(n, N, N)`` and the noise-free templates ``(G, N, N)``."""
-    from cryosphere.poses.labels import template_matching
-
     grid = so3.healpix_so3_grid(level)
     if templates.shape[0] != len(grid):
         raise ValueError(
@@ -256,7 +218,7 @@ def compare_pose_estimators(
 ) -> dict[str, dict[str, float | None]]:
     """:func:`pose_metrics` of the model, template matching and a uniform guess on the same
     images: ``{"model": {...}, "template_matching": {...}, "uniform": {...}}``."""
-    true = _as_poses(true, "true")
+    true = as_pose_stack(true, "true")
     return {
         "model": pose_metrics(
             model_poses, true, symmetry_ops, probabilities=model_probabilities, level=level
@@ -269,355 +231,12 @@ def compare_pose_estimators(
     }  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------------
-# equivariance
-# --------------------------------------------------------------------------------------------
-def equivariance_pairs(n_pairs: int, kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Test pairs ``(R, Q)``, each ``(n_pairs, 3, 3)``, seeded.
-
-    ``R`` is Haar-random. ``kind="in_plane"``: ``Q = Rz(θ)`` with θ uniform in [0°, 360°)
-    (a rotation about the optical axis); ``kind="out_of_plane"``: ``Q`` Haar-random.
-    """
-    if kind not in ROTATION_KINDS:
-        raise ValueError(f"kind must be one of {ROTATION_KINDS}, got {kind!r}")
-    if int(n_pairs) < 1:
-        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-    rng = np.random.default_rng([int(seed), ROTATION_KINDS.index(kind)])
-    R = so3.random_rotations(int(n_pairs), rng)
-    if kind == "in_plane":
-        Q = so3.rotation_about_z(rng.uniform(0.0, 360.0, int(n_pairs)))
-    else:
-        Q = so3.random_rotations(int(n_pairs), rng)
-    return R, Q
+#: Names that moved to a later stage: still readable here, imported only when asked for, so
+#: importing this module never imports training (release 0.1 spelling; goes in 0.3).
+_MOVED_TO_RUNS = {"accuracy_vs_snr": "cryosphere.runs.snr_study"}
 
 
-def left_translate_grid_values(values: np.ndarray, Q: np.ndarray, level: int) -> np.ndarray:
-    """Left translation of grid signals by nearest-cell resampling.
-
-    Args:
-        values: ``(n, G)`` signals on the level-``level`` grid.
-        Q: ``(n, 3, 3)`` (one rotation per signal) or ``(3, 3)``.
-
-    Returns:
-        ``(n, G)`` with ``out[i, g] = values[i, cell nearest Q_iᵀ S_g]`` (``f'(S) = f(Qᵀ S)``).
-    """
-    values = np.asarray(values)
-    grid = so3.healpix_so3_grid(level)
-    if values.ndim != 2 or values.shape[1] != len(grid):
-        raise ValueError(
-            f"values must have shape (n, {len(grid)}) for level {level}, got {values.shape}"
-        )
-    Q = np.broadcast_to(np.asarray(Q, dtype=np.float64), (values.shape[0], 3, 3))
-    out = np.empty_like(values)
-    for i in range(values.shape[0]):
-        cells = so3.nearest_grid_indices(Q[i].T @ grid, grid)
-        out[i] = values[i, cells]
-    return out
-
-
-def equivariance_mse(values_rotated: np.ndarray, values_translated: np.ndarray) -> np.ndarray:
-    """Per-pair MSE over grid cells ``(n,)`` between ``p(· | I(Q R))`` and ``p(Qᵀ · | I(R))``."""
-    a = np.asarray(values_rotated, dtype=np.float64)
-    b = np.asarray(values_translated, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"both inputs must be (n, G) of one shape, got {a.shape} and {b.shape}")
-    return ((a - b) ** 2).mean(axis=1)
-
-
-def _images(
-    volume: np.ndarray,
-    rotations: np.ndarray,
-    blur_sigma: float,
-    noise_sigma: float,
-    seed: int,
-) -> np.ndarray:
-    images = gaussian_blur(project_volume(volume, rotations), blur_sigma)
-    if noise_sigma > 0:
-        generator = torch.Generator().manual_seed(int(seed))
-        images = images + noise_sigma * torch.randn(images.shape, generator=generator)
-    return images.numpy()
-
-
-def _sigmoid_map_pairs(
-    model: PoseDistributionNetwork,
-    images_R: np.ndarray,
-    images_QR: np.ndarray,
-    Q: np.ndarray,
-    output: str = "sigmoid",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(map of I(Q R), exact left translation by Q of the map of I(R))``, each ``(n, G)`` on
-    the CPU, for images ``(n, N, N)`` and rotations ``(n, 3, 3)``. ``output="sigmoid"``: per-cell
-    sigmoid of the logits (BCE-trained models); ``"density"``: ``G · softmax(logits)``, the
-    density relative to uniform (cross-entropy-trained models, whose logits have no scale of
-    their own)."""
-    if output not in ("sigmoid", "density"):
-        raise ValueError(f"output must be 'sigmoid' or 'density', got {output!r}")
-
-    def link(logits: torch.Tensor) -> torch.Tensor:
-        if output == "sigmoid":
-            return torch.sigmoid(logits)
-        return torch.softmax(logits, dim=1) * logits.shape[1]
-
-    model.eval()
-    with torch.no_grad():
-        coeff_R = model.coefficients(torch.as_tensor(images_R)).cpu()
-        coeff_QR = model.coefficients(torch.as_tensor(images_QR)).cpu()
-        wigner = model.grid_wigner.cpu()
-        p_translated = link(rotate_so3_coefficients(coeff_R, Q) @ wigner)
-        p_rotated = link(coeff_QR @ wigner)
-    return p_rotated, p_translated
-
-
-def model_equivariance_mse(
-    model: PoseDistributionNetwork,
-    images_R: np.ndarray,
-    images_QR: np.ndarray,
-    Q: np.ndarray,
-    batch_size: int = 128,
-    output: str = "sigmoid",
-) -> np.ndarray:
-    """Per-pair MSE ``(n,)`` between ``sigmoid(logits(I(Q R)))`` and the exact left translation by
-    ``Q`` of ``sigmoid(logits(I(R)))`` (rotating the harmonic coefficients, module docstring);
-    ``output="density"`` compares ``G · softmax(logits)`` instead (see ``_sigmoid_map_pairs``)."""
-    Q = np.asarray(Q, dtype=np.float64)
-    if not (len(images_R) == len(images_QR) == len(Q)):
-        raise ValueError(
-            f"images_R ({len(images_R)}), images_QR ({len(images_QR)}) and Q ({len(Q)}) must "
-            "have one entry per pair"
-        )
-    out = []
-    for start in range(0, len(Q), int(batch_size)):
-        stop = start + int(batch_size)
-        p_rotated, p_translated = _sigmoid_map_pairs(
-            model, images_R[start:stop], images_QR[start:stop], Q[start:stop], output
-        )
-        out.append(((p_rotated - p_translated) ** 2).mean(dim=1).double().numpy())
-    return np.concatenate(out)
-
-
-def label_equivariance_mse(
-    images_R: np.ndarray,
-    images_QR: np.ndarray,
-    Q: np.ndarray,
-    templates: np.ndarray,
-    level: int,
-    lam: float,
-) -> np.ndarray:
-    """Per-pair MSE ``(n,)`` of the label maps ``exp(−λ·MSE)²`` (unnormalised), left-translated by
-    nearest-cell resampling: the floor set by the grid (module docstring)."""
-    from cryosphere.poses.labels import mse_landscape, soft_labels
-
-    maps_R = soft_labels(mse_landscape(images_R, templates), lam, normalize=False)
-    maps_QR = soft_labels(mse_landscape(images_QR, templates), lam, normalize=False)
-    return equivariance_mse(maps_QR, left_translate_grid_values(maps_R, Q, level))
-
-
-def model_equivariance_example(
-    model: PoseDistributionNetwork,
-    volume: np.ndarray,
-    blur_sigma: float,
-    kind: str = "out_of_plane",
-    *,
-    n_pairs: int = 64,
-    index: int = 0,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Pair ``index`` of :func:`equivariance_pairs` ``(n_pairs, kind, seed)`` worked out for
-    display: ``R``, ``Q`` ``(3, 3)``; ``image_R``, ``image_QR`` ``(N, N)`` (noise-free);
-    ``map_QR`` = sigmoid map ``(G,)`` of ``p(· | I(Q R))``; ``map_translated`` = the exact left
-    translation of ``p(· | I(R))``; ``mse`` their mean squared difference."""
-    R, Q = equivariance_pairs(n_pairs, kind, seed)
-    R, Q = R[index : index + 1], Q[index : index + 1]
-    image_R = _images(volume, R, blur_sigma, 0.0, 0)
-    image_QR = _images(volume, Q @ R, blur_sigma, 0.0, 0)
-    map_QR, map_translated = (p[0].numpy() for p in _sigmoid_map_pairs(model, image_R, image_QR, Q))
-    return {
-        "R": R[0],
-        "Q": Q[0],
-        "image_R": image_R[0],
-        "image_QR": image_QR[0],
-        "map_QR": map_QR,
-        "map_translated": map_translated,
-        "mse": float(np.mean((map_QR.astype(np.float64) - map_translated) ** 2)),
-    }
-
-
-@dataclass(frozen=True)
-class EquivarianceResult:
-    """Per-pair equivariance MSE for each predictor and rotation kind.
-
-    Attributes:
-        mse: ``{predictor: {kind: (n_pairs,) float64}}``, predictors among ``model``,
-            ``random``, ``labels``; kinds among :data:`ROTATION_KINDS`.
-        protocol: how the numbers were made (pairs, seed, images, compared probabilities).
-    """
-
-    mse: dict[str, dict[str, np.ndarray]]
-    protocol: dict[str, Any] = field(default_factory=dict)
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per (predictor, kind): mean, min, max and count over pairs."""
-        return [
-            {
-                "predictor": predictor,
-                "rotation": kind,
-                "mean": float(np.mean(values)),
-                "min": float(np.min(values)),
-                "max": float(np.max(values)),
-                "n_pairs": int(len(values)),
-            }
-            for predictor, kinds in self.mse.items()
-            for kind, values in kinds.items()
-        ]
-
-    def mean(self, predictor: str, kind: str) -> float:
-        """Mean MSE over pairs of one row."""
-        return float(np.mean(self.mse[predictor][kind]))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"protocol": ..., "rows": [...]}``."""
-        return {"protocol": dict(self.protocol), "rows": self.rows()}
-
-
-def equivariance_table(
-    volume: np.ndarray,
-    blur_sigma: float,
-    *,
-    model: PoseDistributionNetwork | None = None,
-    random_model: PoseDistributionNetwork | None = None,
-    templates: np.ndarray | None = None,
-    level: int = 2,
-    lam: float | None = None,
-    n_pairs: int = 64,
-    kinds: Sequence[str] = ROTATION_KINDS,
-    noise_sigma: float = 0.0,
-    seed: int = 0,
-    progress: bool = False,
-    output: str = "sigmoid",
-) -> EquivarianceResult:
-    """The poster's equivariance table (module docstring for the protocol).
-
-    Args:
-        volume: ``(N, N, N)`` map the images are made from.
-        blur_sigma: the dataset's blur in pixels.
-        model: trained network (row ``model``), optional.
-        random_model: the same network untrained (row ``random``), optional.
-        templates: ``(G, N, N)`` noise-free templates on grid ``level`` with ``lam`` (row
-            ``labels``), optional.
-        n_pairs: pairs per rotation kind.
-        kinds: rotation kinds to test.
-        noise_sigma: standard deviation of independent noise added to both images of a pair
-            (0: noise-free, the default).
-        seed: seeds the pairs and the noise.
-        output: how the model and random rows map logits to values: ``"sigmoid"`` per cell
-            (the poster's BCE-trained model) or ``"density"`` ``G · softmax`` (models trained
-            with cross-entropy, whose logits carry no offset of their own).
-
-    Returns:
-        :class:`EquivarianceResult` with one entry per given predictor and kind.
-    """
-    if templates is not None and lam is None:
-        raise ValueError("the labels row needs lam (the labels' λ) with the templates")
-    if model is None and random_model is None and templates is None:
-        raise ValueError("give at least one of model, random_model, templates")
-    predictors: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {}
-    if model is not None:
-        predictors["model"] = lambda a, b, q: model_equivariance_mse(model, a, b, q, output=output)
-    if random_model is not None:
-        predictors["random"] = lambda a, b, q: model_equivariance_mse(
-            random_model, a, b, q, output=output
-        )
-    if templates is not None:
-        predictors["labels"] = lambda a, b, q: label_equivariance_mse(
-            a, b, q, templates, level, float(lam)
-        )
-    mse: dict[str, dict[str, np.ndarray]] = {name: {} for name in predictors}
-    for k, kind in enumerate(tqdm(list(kinds), desc="equivariance", disable=not progress)):
-        R, Q = equivariance_pairs(n_pairs, kind, seed)
-        images_R = _images(volume, R, blur_sigma, noise_sigma, seed=2 * (seed * 7 + k))
-        images_QR = _images(volume, Q @ R, blur_sigma, noise_sigma, seed=2 * (seed * 7 + k) + 1)
-        for name, fn in predictors.items():
-            mse[name][kind] = fn(images_R, images_QR, Q)
-    protocol = {
-        "n_pairs": int(n_pairs),
-        "seed": int(seed),
-        "noise_sigma": float(noise_sigma),
-        "grid_level": int(level),
-        "lam": None if lam is None else float(lam),
-        "output": output,
-        "compared": f"model/random: per-cell {output} of the grid logits, exact Wigner-D left "
-        "translation; labels: exp(-lam*MSE)^2 (unnormalised), nearest-cell resampling; MSE "
-        "over grid cells per pair",
-    }
-    return EquivarianceResult(mse=mse, protocol=protocol)
-
-
-# --------------------------------------------------------------------------------------------
-# accuracy vs SNR
-# --------------------------------------------------------------------------------------------
-def accuracy_vs_snr(
-    run_dir: str | os.PathLike[str],
-    parameters: Any,
-    snr_levels: Sequence[float],
-    *,
-    level: int = 2,
-    q: float = 0.05,
-    model_config: Any = None,
-    training_config: Any = None,
-    progress: bool = True,
-    extra_models: Mapping[str, PoseDistributionNetwork] | None = None,
-) -> list[dict[str, Any]]:
-    """Model vs template matching vs uniform at several SNRs, each in its own run folder.
-
-    For each SNR the dataset ``parameters`` (a :class:`cryosphere.imaging.simulate.SimulationParameters`)
-    is simulated with that SNR (same poses and seed) into ``run_dir/snr/snr_<value>/``, labelled,
-    and a model is trained (or reloaded) there; the three estimators are scored on that model's
-    validation images.
-
-    ``extra_models`` (name -> trained network, e.g. the streamed default model, which was
-    trained on a range of SNRs and so serves every level) are scored on the same images and
-    added to each row under their names.
-
-    Returns one dict per SNR: ``{"snr": s, "model": metrics, "template_matching": metrics,
-    "uniform": metrics, <extra name>: metrics}`` (metrics from :func:`pose_metrics`).
-    """
-    from cryosphere.imaging.simulate import load_or_simulate
-    from cryosphere.poses import labels, train
-
-    if not len(snr_levels):
-        raise ValueError("snr_levels is empty; give at least one SNR, e.g. [1.0, 0.1]")
-    rows = []
-    for snr in snr_levels:
-        if not float(snr) > 0:
-            raise ValueError(f"every SNR must be > 0, got {snr}")
-        folder = Path(run_dir) / "snr" / f"snr_{float(snr):g}"
-        dataset = load_or_simulate(folder, replace(parameters, snr=float(snr)), progress=progress)
-        pose_labels = labels.load_or_make_labels(
-            folder, dataset, level=level, q=q, progress=progress
-        )
-        result, predictions = train.load_or_train(
-            folder, dataset, pose_labels, model_config, training_config, progress=progress
-        )
-        val = result.validation_indices
-        templates = labels.dataset_templates(
-            dataset, level, cache_dir=labels.labels_dir(folder), progress=progress
-        )
-        metrics = compare_pose_estimators(
-            dataset.rotations[val],
-            dataset.symmetry_ops,
-            model_probabilities=predictions.probabilities[val],
-            model_poses=predictions.best_rotation[val],
-            template_poses=template_matched_poses(dataset.noisy_images[val], templates, level),
-            level=level,
-        )
-        for name, extra in (extra_models or {}).items():
-            extra_pred = train.predict(extra, dataset.noisy_images[val])
-            metrics[name] = pose_metrics(
-                extra_pred.best_rotation,
-                dataset.rotations[val],
-                dataset.symmetry_ops,
-                probabilities=extra_pred.probabilities,
-                level=level,
-            )
-        rows.append({"snr": float(snr), **metrics})
-    return rows
+def __getattr__(name: str):
+    if name in _MOVED_TO_RUNS:
+        return getattr(importlib.import_module(_MOVED_TO_RUNS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

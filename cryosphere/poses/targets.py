@@ -31,7 +31,7 @@ import torch
 
 from cryosphere.geometry import so3
 from cryosphere.imaging.projection import rotate_images
-from cryosphere.poses.labels import mse_landscape
+from cryosphere.poses.landscape import mse_landscape
 
 __all__ = [
     "TARGETS",

@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cryosphere._checks import as_images, as_ops, as_weighted_poses
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.reconstruction._checks import as_images, as_ops, as_poses
 from cryosphere.reconstruction.symmetry import raise_frame_mismatch, symmetry_correlation
 
 __all__ = ["Reconstruction", "backproject", "reconstruct", "top_k_poses"]
@@ -370,7 +370,7 @@ def reconstruct(
         ``N // 2``, in the images' units per voxel (the inverse of ``project_volume``).
     """
     imgs = as_images(images)
-    rots, wts = as_poses(rotations, weights, imgs.shape[0])
+    rots, wts = as_weighted_poses(rotations, weights, imgs.shape[0])
     ops = as_ops(symmetry_ops)
     n_pix = imgs.shape[-1]
     _check_settings(regularisation, oversampling, n_pix, batch_size)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cryosphere.reconstruction._checks import as_images, as_poses
+from cryosphere._checks import as_images, as_weighted_poses
 from cryosphere.reconstruction.backprojection import reconstruct
 from cryosphere.reconstruction.fsc import FSCCurve, fourier_shell_correlation
 
@@ -52,7 +52,7 @@ def half_set_fsc(
     n = imgs.shape[0]
     if n < 2:
         raise ValueError("half-set FSC needs at least 2 images")
-    as_poses(rotations, weights, n)
+    as_weighted_poses(rotations, weights, n)
     order = np.random.default_rng(seed).permutation(n)
     ia, ib = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
     rots = torch.as_tensor(np.asarray(rotations) if not torch.is_tensor(rotations) else rotations)
@@ -105,7 +105,7 @@ def resolution_vs_image_count(
             f"counts must lie in [2, {imgs.shape[0]}] (the number of images), got {counts}"
         )
     rots = torch.as_tensor(np.asarray(rotations) if not torch.is_tensor(rotations) else rotations)
-    as_poses(rots, None, imgs.shape[0])
+    as_weighted_poses(rots, None, imgs.shape[0])
     kwargs = dict(reconstruct_kwargs, symmetry_ops=symmetry_ops, check_symmetry=False)
     curves = []
     for c in tqdm(counts, desc="image counts", disable=not progress):

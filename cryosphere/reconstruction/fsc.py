@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryosphere.reconstruction._checks import as_volume
+from cryosphere._checks import as_volume
 
 __all__ = ["FSCCurve", "fourier_shell_correlation", "resolution_at_threshold"]
 

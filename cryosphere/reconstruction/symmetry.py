@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cryosphere._checks import as_ops, as_volume
 from cryosphere.geometry import so3
-from cryosphere.reconstruction._checks import as_ops, as_volume
 
 __all__ = ["symmetrize_map", "symmetry_correlation", "check_point_group"]
 
