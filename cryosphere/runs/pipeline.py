@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryosphere import io
+from cryosphere import _checks, io
 from cryosphere.imaging import simulate
 from cryosphere.imaging.simulate import ParticleDataset, SimulationParameters
 from cryosphere.poses import labels as pose_labels
@@ -77,10 +77,10 @@ class LabelSettings:
     lam: float | None = None
 
     def __post_init__(self) -> None:
-        pose_labels._check_level(self.grid_level)
-        pose_labels._check_q(self.q)
+        _checks.check_label_level(self.grid_level)
+        _checks.check_q(self.q)
         if self.lam is not None:
-            pose_labels._check_lam(self.lam)
+            _checks.check_lam(self.lam)
 
 
 @dataclass(frozen=True)
