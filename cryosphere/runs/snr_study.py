@@ -1,26 +1,89 @@
-"""Pose accuracy against SNR: the model, template matching and a uniform guess at several SNRs,
-each SNR with its own simulated dataset, labels and trained model in ``run_dir/snr/snr_<value>/``.
+"""Pose accuracy against SNR: the model, template matching and a uniform guess at several SNRs.
 
-Moved here from :mod:`cryosphere.poses.evaluate` (which still reads it, lazily) so that the
-metrics module imports nothing from training.
+Each SNR is a run of its own, ``run_dir/snr/snr_<value>/``: the run's configuration with that
+SNR (same poses and seed), made or reloaded through :class:`cryosphere.runs.pipeline.Run`, so it
+follows the pipeline's one cache rule. The three estimators (and any ``extra_models``) are
+scored on that run's validation images.
+
+Moved here from :mod:`cryosphere.poses.evaluate` (which still reads the 0.1 name
+:func:`accuracy_vs_snr`, lazily) so that the metrics module imports nothing from training.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cryosphere.imaging.datasets import SimulationParameters
-from cryosphere.imaging.simulate import load_or_simulate
 from cryosphere.poses import labels, train
 from cryosphere.poses.evaluate import compare_pose_estimators, pose_metrics, template_matched_poses
 from cryosphere.poses.model import ModelConfig, PoseDistributionNetwork
 from cryosphere.poses.train import TrainingConfig
+from cryosphere.runs.pipeline import LabelSettings, Run, RunConfig
 
-__all__ = ["accuracy_vs_snr"]
+__all__ = ["snr_study", "snr_run", "accuracy_vs_snr"]
+
+
+def snr_run(run: Run, snr: float) -> Run:
+    """The run of ``run``'s configuration at ``snr``, in ``run.layout.snr / "snr_<snr>"``."""
+    if not float(snr) > 0:
+        raise ValueError(f"every SNR must be > 0, got {snr}")
+    return Run(
+        run.config.replace(snr=float(snr)),
+        run.layout.snr / f"snr_{float(snr):g}",
+        overwrite=run.overwrite,
+        progress=run.progress,
+    )
+
+
+def snr_study(
+    run: Run,
+    snr_levels: Sequence[float] | None = None,
+    extra_models: Mapping[str, PoseDistributionNetwork] | None = None,
+) -> list[dict[str, Any]]:
+    """Model vs template matching vs uniform at each SNR (default ``run.config.studies``).
+
+    ``extra_models`` (name -> trained network, e.g. the streamed default model, which was
+    trained on a range of SNRs and so serves every level) are scored on the same images and
+    added to each row under their names.
+
+    Returns one dict per SNR: ``{"snr": s, "model": metrics, "template_matching": metrics,
+    "uniform": metrics, <extra name>: metrics}`` (metrics from
+    :func:`cryosphere.poses.evaluate.pose_metrics`: geodesic errors in degrees).
+    """
+    levels = run.config.studies.snr_levels if snr_levels is None else snr_levels
+    if not len(levels):
+        raise ValueError("snr_levels is empty; give at least one SNR, e.g. [1.0, 0.1]")
+    runs = [snr_run(run, snr) for snr in levels]  # every SNR checked before any work
+    level = run.config.labels.grid_level
+    rows = []
+    for at_snr in runs:
+        trained = at_snr.trained()
+        dataset, val = trained.dataset, trained.result.validation_indices
+        templates = labels.dataset_templates(
+            dataset, level, cache_dir=at_snr.layout.labels, progress=at_snr.progress
+        )
+        metrics = compare_pose_estimators(
+            dataset.rotations[val],
+            dataset.symmetry_ops,
+            model_probabilities=trained.predictions.probabilities[val],
+            model_poses=trained.predictions.best_rotation[val],
+            template_poses=template_matched_poses(dataset.noisy_images[val], templates, level),
+            level=level,
+        )
+        for name, extra in (extra_models or {}).items():
+            extra_pred = train.predict(extra, dataset.noisy_images[val])
+            metrics[name] = pose_metrics(
+                extra_pred.best_rotation,
+                dataset.rotations[val],
+                dataset.symmetry_ops,
+                probabilities=extra_pred.probabilities,
+                level=level,
+            )
+        rows.append({"snr": float(at_snr.config.simulation.snr), **metrics})
+    return rows
 
 
 def accuracy_vs_snr(
@@ -35,54 +98,17 @@ def accuracy_vs_snr(
     progress: bool = True,
     extra_models: Mapping[str, PoseDistributionNetwork] | None = None,
 ) -> list[dict[str, Any]]:
-    """Model vs template matching vs uniform at several SNRs, each in its own run folder.
-
-    For each SNR the dataset ``parameters`` (a :class:`cryosphere.imaging.simulate.SimulationParameters`)
-    is simulated with that SNR (same poses and seed) into ``run_dir/snr/snr_<value>/``, labelled,
-    and a model is trained (or reloaded) there; the three estimators are scored on that model's
-    validation images.
-
-    ``extra_models`` (name -> trained network, e.g. the streamed default model, which was
-    trained on a range of SNRs and so serves every level) are scored on the same images and
-    added to each row under their names.
-
-    Returns one dict per SNR: ``{"snr": s, "model": metrics, "template_matching": metrics,
-    "uniform": metrics, <extra name>: metrics}`` (metrics from :func:`pose_metrics`).
-    """
-    if not len(snr_levels):
-        raise ValueError("snr_levels is empty; give at least one SNR, e.g. [1.0, 0.1]")
-    rows = []
-    for snr in snr_levels:
-        if not float(snr) > 0:
-            raise ValueError(f"every SNR must be > 0, got {snr}")
-        folder = Path(run_dir) / "snr" / f"snr_{float(snr):g}"
-        dataset = load_or_simulate(folder, replace(parameters, snr=float(snr)), progress=progress)
-        pose_labels = labels.load_or_make_labels(
-            folder, dataset, level=level, q=q, progress=progress
-        )
-        result, predictions = train.load_or_train(
-            folder, dataset, pose_labels, model_config, training_config, progress=progress
-        )
-        val = result.validation_indices
-        templates = labels.dataset_templates(
-            dataset, level, cache_dir=labels.labels_dir(folder), progress=progress
-        )
-        metrics = compare_pose_estimators(
-            dataset.rotations[val],
-            dataset.symmetry_ops,
-            model_probabilities=predictions.probabilities[val],
-            model_poses=predictions.best_rotation[val],
-            template_poses=template_matched_poses(dataset.noisy_images[val], templates, level),
-            level=level,
-        )
-        for name, extra in (extra_models or {}).items():
-            extra_pred = train.predict(extra, dataset.noisy_images[val])
-            metrics[name] = pose_metrics(
-                extra_pred.best_rotation,
-                dataset.rotations[val],
-                dataset.symmetry_ops,
-                probabilities=extra_pred.probabilities,
-                level=level,
-            )
-        rows.append({"snr": float(snr), **metrics})
-    return rows
+    """The 0.1 spelling of :func:`snr_study`: the run is made from ``parameters``, the labels'
+    ``level`` and ``q``, ``model_config`` (default: the poster's network) and
+    ``training_config`` (default :class:`~cryosphere.poses.train.TrainingConfig`; its seed
+    follows ``parameters.seed``, as in every :class:`~cryosphere.runs.pipeline.RunConfig`)."""
+    model_config = model_config or ModelConfig(image_size=parameters.image_size, grid_level=level)
+    config = RunConfig(
+        simulation=parameters,
+        labels=LabelSettings(grid_level=level, q=q),
+        lmax=model_config.lmax,
+        training=training_config or TrainingConfig(),
+        network=model_config,
+    )
+    run = Run(config, Path(run_dir), progress=progress)
+    return snr_study(run, snr_levels, extra_models)
