@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from cryosphere.poses import train
 from cryosphere.runs import pipeline, series
@@ -123,3 +124,41 @@ def test_stage_keys_follow_their_inputs(tiny_config, tmp_path):
     assert longer.stage_key("model") != base.stage_key("model")
     with pytest.raises(ValueError, match="unknown stage"):
         base.stage_key("figures")
+
+
+def test_an_explicit_device_reaches_simulation_templates_and_labels(tmp_path, monkeypatch):
+    """The device path (tensors moved to ``device``, results moved back) on the CPU: the
+    same numbers as the default path, and Run passes its device to every stage that takes one."""
+    from cryosphere.imaging import simulate
+    from cryosphere.poses import labels, landscape, templates
+
+    parameters = simulate.SimulationParameters(n_projections=6, image_size=32, seed=2)
+    default = simulate.simulate_dataset(parameters, progress=False)
+    on_cpu = simulate.simulate_dataset(parameters, progress=False, device="cpu")
+    scale = float(np.abs(default.clean_images).max())
+    np.testing.assert_allclose(on_cpu.noisy_images, default.noisy_images, rtol=0, atol=1e-6 * scale)
+    bank = templates.dataset_templates(default, 1)
+    bank_cpu = templates.dataset_templates(default, 1, device=torch.device("cpu"))
+    np.testing.assert_allclose(bank_cpu, bank, rtol=0, atol=1e-6 * scale)
+    mse = landscape.mse_landscape(default.clean_images, bank)
+    np.testing.assert_allclose(
+        landscape.mse_landscape(default.clean_images, bank, device="cpu"), mse, rtol=1e-5, atol=0
+    )
+    assert np.array_equal(
+        landscape.template_matching(default.noisy_images, bank, device="cpu"),
+        landscape.template_matching(default.noisy_images, bank),
+    )
+    seen = []
+    original = labels.mse_landscape
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(labels, "mse_landscape", spy)
+    config = RunConfig.from_profile("tiny").replace(n_projections=6, seed=2, grid_level=1)
+    run = Run(config, tmp_path, progress=False, device="cpu")
+    np.testing.assert_allclose(
+        run.dataset().noisy_images, on_cpu.noisy_images, rtol=0, atol=1e-6 * scale
+    )
+    assert run.labels().mse.shape == (6, 576) and seen == ["cpu"]

@@ -88,8 +88,17 @@ def auto_pixel_size(
     return math.ceil(pixel / 0.05 - 1e-9) * 0.05
 
 
-def simulate_dataset(parameters: SimulationParameters, progress: bool = True) -> ParticleDataset:
-    """Make a dataset from ``parameters`` (deterministic for a given seed)."""
+def simulate_dataset(
+    parameters: SimulationParameters,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> ParticleDataset:
+    """Make a dataset from ``parameters`` (deterministic for a given seed).
+
+    ``device`` runs the projection, blur, CTF and noise there (default: CPU); the arrays come
+    back to the CPU. The poses and the noise are drawn on the CPU, so a GPU changes the images
+    only by the float error of its FFTs and interpolation.
+    """
     atoms = structure.load_structure(parameters.structure)
     structure.check_imageable(atoms, repr(parameters.structure))
     pixel_size = parameters.pixel_size or auto_pixel_size(atoms, parameters.image_size)
@@ -100,7 +109,7 @@ def simulate_dataset(parameters: SimulationParameters, progress: bool = True) ->
     symmetry_ops = so3.point_group(group_name, frame)
     rng = np.random.default_rng(parameters.seed)
     rotations = so3.random_rotations(parameters.n_projections, rng)
-    projections = project_volume(volume, rotations, progress=progress)
+    projections = project_volume(volume, rotations, progress=progress, device=device)
     clean = gaussian_blur(projections, parameters.blur_sigma)
     noise_seed = int(rng.integers(2**31))
     realism: dict[str, Any] = {}
@@ -112,8 +121,8 @@ def simulate_dataset(parameters: SimulationParameters, progress: bool = True) ->
         volume=np.asarray(volume, dtype=np.float32),
         pixel_size=float(pixel_size),
         rotations=rotations,
-        clean_images=clean.numpy(),
-        noisy_images=noisy.numpy(),
+        clean_images=clean.cpu().numpy(),
+        noisy_images=noisy.cpu().numpy(),
         noise_sigma=sigma,
         point_group=group_name,
         symmetry_ops=symmetry_ops,
@@ -149,7 +158,12 @@ def _add_realism(
         clean = ctf_module.shift_images(clean, drawn["shifts_px"])
     if parameters.contrast_sigma > 0:
         drawn["contrast"] = np.exp(parameters.contrast_sigma * rng.standard_normal(n))
-        clean = clean * torch.as_tensor(drawn["contrast"], dtype=torch.float32)[:, None, None]
+        clean = (
+            clean
+            * torch.as_tensor(drawn["contrast"], dtype=torch.float32, device=clean.device)[
+                :, None, None
+            ]
+        )
     return clean, drawn
 
 
@@ -294,8 +308,10 @@ def load_or_simulate(
     parameters: SimulationParameters,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> ParticleDataset:
-    """Load the dataset in ``run_dir`` if it was made with ``parameters``, else make and save it.
+    """Load the dataset in ``run_dir`` if it was made with ``parameters``, else make and save it
+    (on ``device``, see :func:`simulate_dataset`).
 
     A folder holding a dataset made with other parameters raises ``FileExistsError`` before any
     work starts, unless ``overwrite`` is true.
@@ -309,7 +325,7 @@ def load_or_simulate(
             f"{folder} already holds a dataset simulated with other parameters "
             f"({stored}); choose another run folder or pass overwrite=True"
         )
-    dataset = simulate_dataset(parameters, progress=progress)
+    dataset = simulate_dataset(parameters, progress=progress, device=device)
     save_dataset(dataset, folder, overwrite=True)
     return dataset
 

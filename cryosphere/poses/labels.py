@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cryosphere import io
 from cryosphere._checks import check_label_level, check_lam, check_q
@@ -157,6 +158,7 @@ def compute_labels(
     radius_deg: float | None = None,
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
     cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> PoseLabels:
     """Labels of a :class:`cryosphere.imaging.simulate.ParticleDataset` from its clean images.
 
@@ -171,6 +173,7 @@ def compute_labels(
         templates: precomputed ``(G, N, N)`` templates (else :func:`template_bank`, cached in
             ``cache_dir`` when given).
         memory_limit_bytes: MSE work-space bound.
+        device: torch device of the template projection and the MSE products (default: CPU).
     """
     level = check_label_level(level)
     q = check_q(q)
@@ -184,7 +187,9 @@ def compute_labels(
         lam = check_lam(lam)
     radius = default_radius_deg(level) if radius_deg is None else float(radius_deg)
     if templates is None:
-        templates = dataset_templates(dataset, level, cache_dir=cache_dir, progress=progress)
+        templates = dataset_templates(
+            dataset, level, cache_dir=cache_dir, progress=progress, device=device
+        )
     n_cells = so3.healpix_so3_grid_size(level)
     if np.asarray(templates).shape[0] != n_cells:
         raise ValueError(
@@ -192,7 +197,11 @@ def compute_labels(
             f"grid has {n_cells} cells; make them with template_bank(volume, level={level})"
         )
     mse = mse_landscape(
-        dataset.clean_images, templates, memory_limit_bytes=memory_limit_bytes, progress=progress
+        dataset.clean_images,
+        templates,
+        memory_limit_bytes=memory_limit_bytes,
+        progress=progress,
+        device=device,
     )
     tuned = lam is None
     if tuned:
@@ -231,6 +240,7 @@ def load_or_make_labels(
     progress: bool = True,
     *,
     target_share: float = 0.5,
+    device: str | torch.device | None = None,
 ) -> PoseLabels:
     """Labels cached in ``run_dir/labels/labels.npz`` (+ ``labels.json``), recomputed when the
     parameters (level, q, requested λ, tuning target, dataset hash) differ.
@@ -273,7 +283,14 @@ def load_or_make_labels(
                 radius_deg=default_radius_deg(level),
             )
     labels = compute_labels(
-        dataset, level, q, lam, progress, target_share=target_share, cache_dir=folder
+        dataset,
+        level,
+        q,
+        lam,
+        progress,
+        target_share=target_share,
+        cache_dir=folder,
+        device=device,
     )
     io.write_npz(npz_path, mse=labels.mse, mask=labels.mask, lam=np.float64(labels.lam))
     io.write_json(

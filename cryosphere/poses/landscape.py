@@ -90,6 +90,7 @@ def _score_blocks(
     with_image_norms: bool,
     progress: bool,
     desc: str,
+    device: torch.device,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(row_start, cell_start, scores)`` with ``scores = ‖b−c‖² − 2 (a−c)·(b−c)``
     (+ ``‖a−c‖²`` when ``with_image_norms``) for each image chunk × template block, float32.
@@ -97,27 +98,31 @@ def _score_blocks(
     Both sides are centred on the mean template ``c`` first: the MSE is unchanged, but the
     vectors are ~4x shorter, so the float32 cancellation error of the identity (relative to
     ``‖a‖²``) shrinks ~15x. Only whole dot products are ever split between calls.
+
+    The matrix products and the scores live on ``device`` (the norms are summed on the CPU in
+    float64); on the CPU every step is the same as without a device.
     """
     n_pixels = a.shape[1]
     c = torch.from_numpy(centre)
-    buffer = torch.empty((rows, cells), dtype=torch.float32)
+    buffer = torch.empty((rows, cells), dtype=torch.float32, device=device)
     total = math.ceil(a.shape[0] / rows) * math.ceil(b.shape[0] / cells)
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="chunk")
     for cell_start in range(0, b.shape[0], cells):
         bc = torch.from_numpy(b[cell_start : cell_start + cells]) - c
         norms_b = torch.from_numpy(
             np.einsum("ij,ij->i", bc.numpy(), bc.numpy(), dtype=np.float64).astype(np.float32)
-        )
+        ).to(device)
+        bc_device = bc.to(device)
         for row_start in range(0, a.shape[0], rows):
             ac = torch.from_numpy(a[row_start : row_start + rows]) - c
             scores = buffer[: ac.shape[0], : bc.shape[0]]
             if scores.shape[1] != buffer.shape[1]:
-                scores = torch.empty((ac.shape[0], bc.shape[0]), dtype=torch.float32)
-            torch.matmul(ac, bc.T, out=scores)
+                scores = torch.empty((ac.shape[0], bc.shape[0]), dtype=torch.float32, device=device)
+            torch.matmul(ac.to(device), bc_device.T, out=scores)
             scores.mul_(-2.0).add_(norms_b[None, :])
             if with_image_norms:
                 norms_a = np.einsum("ij,ij->i", ac.numpy(), ac.numpy(), dtype=np.float64)
-                scores.add_(torch.from_numpy(norms_a.astype(np.float32))[:, None])
+                scores.add_(torch.from_numpy(norms_a.astype(np.float32)).to(device)[:, None])
                 scores.mul_(1.0 / n_pixels).clamp_(min=0.0)
             bar.update()
             yield row_start, cell_start, scores
@@ -130,6 +135,7 @@ def mse_landscape(
     *,
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Mean squared error between every image and every template.
 
@@ -152,14 +158,16 @@ def mse_landscape(
         templates: ``(G, N, N)`` templates (:func:`template_bank`).
         memory_limit_bytes: bound on the work space (default 512 MiB).
         progress: progress bar over blocks.
+        device: torch device of the matrix products (default: CPU).
 
     Returns:
         ``(n, G)`` float32.
     """
     a, b, centre, rows, cells = _prepare(images, templates, memory_limit_bytes)
     out = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
-    for r, g, scores in _score_blocks(a, b, centre, rows, cells, True, progress, "MSE"):
-        out[r : r + scores.shape[0], g : g + scores.shape[1]] = scores.numpy()
+    blocks = _score_blocks(a, b, centre, rows, cells, True, progress, "MSE", _device(device))
+    for r, g, scores in blocks:
+        out[r : r + scores.shape[0], g : g + scores.shape[1]] = scores.cpu().numpy()
     return out
 
 
@@ -169,27 +177,34 @@ def template_matching(
     *,
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Grid index of the template with the smallest MSE for each image: ``(n,)`` int64.
 
     Same blocked matrix product as :func:`mse_landscape`, without keeping the ``(n, G)`` array
     (``‖a_i−c‖²`` is constant per image, so the argmin is that of ``‖b_g−c‖² − 2 (a_i−c)·(b_g−c)``).
-    Ties go to the lower grid index.
+    Ties go to the lower grid index. ``device``: as :func:`mse_landscape`.
     """
     a, b, centre, rows, cells = _prepare(noisy_images, templates, memory_limit_bytes)
     best = np.zeros(a.shape[0], dtype=np.int64)
     best_score = np.full(a.shape[0], np.inf, dtype=np.float32)
-    for r, g, scores in _score_blocks(a, b, centre, rows, cells, False, progress, "matching"):
+    blocks = _score_blocks(a, b, centre, rows, cells, False, progress, "matching", _device(device))
+    for r, g, scores in blocks:
         index = _first_argmin(scores)
-        value = scores.gather(1, index[:, None])[:, 0].numpy()
+        value = scores.gather(1, index[:, None])[:, 0].cpu().numpy()
+        index = index.cpu().numpy()
         better = value < best_score[r : r + len(value)]
-        best[r : r + len(value)][better] = index.numpy()[better] + g
+        best[r : r + len(value)][better] = index[better] + g
         best_score[r : r + len(value)][better] = value[better]
     return best
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
 
 
 def _first_argmin(scores: torch.Tensor) -> torch.Tensor:
     """Row-wise argmin taking the lowest index among equal minima."""
     minima = scores.min(dim=1, keepdim=True).values
-    index = torch.arange(scores.shape[1]).expand_as(scores)
+    index = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
     return torch.where(scores == minima, index, scores.shape[1]).min(dim=1).values

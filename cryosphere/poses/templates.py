@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from cryosphere import io
 from cryosphere._checks import check_label_level
@@ -50,6 +51,7 @@ def template_bank(
     oversampling: int = 2,
     batch_size: int = 1024,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Blurred projections of ``volume`` at every rotation of the level-``level`` SO(3) grid.
 
@@ -63,6 +65,8 @@ def template_bank(
             made them; a cached bank is reused only when the record matches exactly.
         oversampling, batch_size: passed to :func:`cryosphere.imaging.projection.project_volume`.
         progress: show a progress bar while projecting.
+        device: torch device of the projection and blur (default: CPU); the bank comes back
+            to the CPU. The cache record does not depend on it.
 
     Returns:
         ``(G, N, N)`` float32 templates ``[cell, y, x]`` in grid order.
@@ -93,11 +97,11 @@ def template_bank(
             if cached is not None and _cache_is_whole(npy_path, cached, expected):
                 return cached
     grid = so3.healpix_so3_grid(level)
-    spectrum = volume_spectrum(vol, oversampling)
+    spectrum = volume_spectrum(vol, oversampling, None if device is None else torch.device(device))
     projections = project_volume(
-        vol, grid, batch_size=batch_size, progress=progress, spectrum=spectrum
+        vol, grid, batch_size=batch_size, progress=progress, spectrum=spectrum, device=device
     )
-    templates = gaussian_blur(projections, blur_sigma).numpy()
+    templates = gaussian_blur(projections, blur_sigma).cpu().numpy()
     if cache_dir is not None:
         with io.atomic_path(npy_path) as tmp, open(tmp, "wb") as handle:
             np.save(handle, templates)
@@ -111,6 +115,7 @@ def dataset_templates(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """:func:`template_bank` of a dataset's map on grid ``level``, blurred like its images.
 
@@ -128,6 +133,7 @@ def dataset_templates(
         pixel_size=dataset.pixel_size,
         cache_dir=cache_dir,
         progress=progress,
+        device=device,
     )
 
 

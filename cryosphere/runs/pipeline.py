@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from cryosphere import _checks, io
 from cryosphere.imaging import simulate
 from cryosphere.imaging.simulate import ParticleDataset, SimulationParameters
@@ -339,6 +341,9 @@ class Run:
         overwrite: recompute a stage made with other settings (and every later stage) instead
             of raising :class:`StageMismatchError`.
         progress: tqdm bars in the stages.
+        device: torch device of the simulation's projections and of the labels' template bank
+            and MSE products (default: CPU). Not part of the stage keys: another device changes
+            the arrays only by float error. The networks train on their configs' ``device``.
     """
 
     def __init__(
@@ -348,11 +353,13 @@ class Run:
         *,
         overwrite: bool = False,
         progress: bool = True,
+        device: str | torch.device | None = None,
     ):
         self.config = config
         self.layout = RunLayout(Path(folder).resolve())
         self.overwrite = bool(overwrite)
         self.progress = bool(progress)
+        self.device = device
         self._made: dict[str, Any] = {}
 
     @property
@@ -451,7 +458,7 @@ class Run:
         return self._stage(
             "dataset",
             lambda: simulate.load_or_simulate(
-                self.folder, self.config.simulation, progress=self.progress
+                self.folder, self.config.simulation, progress=self.progress, device=self.device
             ),
         )
 
@@ -467,6 +474,7 @@ class Run:
                 q=settings.q,
                 lam=settings.lam,
                 progress=self.progress,
+                device=self.device,
             )
 
         return self._stage("labels", make)

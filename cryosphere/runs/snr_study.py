@@ -35,6 +35,7 @@ def snr_run(run: Run, snr: float) -> Run:
         run.layout.snr / f"snr_{float(snr):g}",
         overwrite=run.overwrite,
         progress=run.progress,
+        device=run.device,
     )
 
 
