@@ -31,7 +31,6 @@ from _shared import best_rate
 REALISTIC = dict(
     image_size=64,
     blur_sigma=1.0,
-    snr=0.05,
     ctf=True,
     defocus_min_angstrom=5000.0,
     defocus_max_angstrom=25000.0,
@@ -39,11 +38,14 @@ REALISTIC = dict(
 )
 
 
-def write_particle_set(folder: Path, structure: str, n: int, seed: int):
-    """Simulate ``n`` realistic particles (:data:`REALISTIC`) into ``folder``; the dataset."""
+def write_particle_set(folder: Path, structure: str, n: int, seed: int, snr: float = 0.05):
+    """Simulate ``n`` realistic particles (:data:`REALISTIC` at ``snr``) into ``folder``;
+    returns the dataset."""
     from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
 
-    params = SimulationParameters(structure=structure, n_projections=n, seed=seed, **REALISTIC)
+    params = SimulationParameters(
+        structure=structure, n_projections=n, seed=seed, snr=snr, **REALISTIC
+    )
     dataset = simulate_dataset(params, progress=False)
     save_dataset(dataset, folder, overwrite=True)
     return dataset
