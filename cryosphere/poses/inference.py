@@ -38,7 +38,14 @@ from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.poses import train
 
-__all__ = ["PredictionSummary", "angular_spread_deg", "topk_path", "predict_star"]
+__all__ = [
+    "PredictionSummary",
+    "TopK",
+    "angular_spread_deg",
+    "topk_path",
+    "load_topk",
+    "predict_star",
+]
 
 SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
 
@@ -213,3 +220,57 @@ def predict_star(
     return PredictionSummary(
         star=output, topk=topk_path(output), n_images=n, seconds=time.perf_counter() - started
     )
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The side file of :func:`predict_star` (``OUTPUT_topk.npz``), read back.
+
+    Attributes:
+        index: ``(n, k)`` int64 grid cells, most probable first.
+        probability: ``(n, k)`` float32 their probabilities (of the full softmax).
+        image_name: ``(n,)`` rlnImageName of each particle (STAR order).
+        level: grid level of the cells.
+    """
+
+    index: np.ndarray
+    probability: np.ndarray
+    image_name: np.ndarray
+    level: int
+
+    def rotations(self) -> np.ndarray:
+        """``(n, k, 3, 3)`` poses of the cells."""
+        return so3.healpix_so3_grid(self.level)[self.index]
+
+    def weights(self) -> np.ndarray:
+        """``(n, k)`` float64 probabilities renormalised over the ``k`` cells (for a
+        probability-weighted reconstruction)."""
+        p = self.probability.astype(np.float64)
+        return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+
+    def distribution(self, particle: int) -> np.ndarray:
+        """``(G,)`` grid distribution of one particle: its top-``k`` probabilities, 0 elsewhere."""
+        if not 0 <= int(particle) < self.index.shape[0]:
+            raise IndexError(f"particle {particle} is out of range: the file holds {len(self)}")
+        out = np.zeros(so3.healpix_so3_grid_size(self.level))
+        out[self.index[int(particle)]] = self.probability[int(particle)]
+        return out
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+def load_topk(output_star: str | os.PathLike[str]) -> TopK:
+    """Read the top-k side file written beside ``output_star`` by :func:`predict_star`."""
+    path = topk_path(output_star)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no top-k side file {path} beside {output_star}; run cryosphere predict to make it"
+        )
+    with np.load(path) as data:
+        return TopK(
+            index=data["top_index"],
+            probability=data["top_probability"],
+            image_name=data["image_name"],
+            level=int(data["grid_level"]),
+        )
