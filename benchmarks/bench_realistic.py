@@ -77,7 +77,7 @@ def _train(dataset, args, run_dir: Path):
         steps=args.steps,
         learning_rate=args.learning_rate,
         warmup_steps=min(200, args.steps // 10),
-        eval_every=max(1, args.steps // 10),
+        eval_every=max(1, min(250, args.steps // 10)),
         time_budget_s=args.budget_min * 60.0,
         device="cpu",
     )
