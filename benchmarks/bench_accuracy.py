@@ -196,13 +196,9 @@ def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
 
 
 def _combine(paths: list[str]) -> dict:
-    parts = []
-    for path in paths:
-        with open(path) as handle:
-            lines = [line for line in handle.read().splitlines() if line.startswith("{")]
-        if not lines:
-            raise SystemExit(f"{path} holds no JSON summary line; did that run finish?")
-        parts.append(json.loads(lines[-1]))
+    from _shared import last_json_lines
+
+    parts = last_json_lines(paths)
     summary = _summary(
         [c for p in parts for c in p["cases"]],
         [t for p in parts for t in p["training"]],

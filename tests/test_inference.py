@@ -130,3 +130,27 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
     with pytest.raises(ValueError, match="image 99"):
         inference.predict_star(folder / "data" / "past.star", checkpoint, bad, progress=False)
     assert not bad.exists()
+
+
+def test_heatmap_of_any_predicted_particle_from_the_star_and_side_file(particle_run):
+    from cryosphere.figures import predicted
+
+    data, folder, checkpoint = particle_run
+    out = folder / "data" / "for_heatmap.star"
+    inference.predict_star(folder / "data" / "particles.star", checkpoint, out, top_k=5,
+                           progress=False)  # fmt: skip
+    topk = inference.load_topk(out)
+    assert len(topk) == 12 and topk.rotations().shape == (12, 5, 3, 3)
+    np.testing.assert_allclose(topk.weights().sum(1), 1.0, rtol=1e-12)
+    view = predicted.predicted_particle_view(out, 7, data.rotations[7], data.symmetry_ops)
+    # the scatter shows the particle's top cells, most probable first, renormalised over them
+    np.testing.assert_array_equal(view.cells[:1], topk.index[7, :1])
+    assert set(view.cells) <= set(topk.index[7])
+    assert view.probability[0] == pytest.approx(topk.weights()[7, 0], rel=1e-6)
+    assert np.allclose(view.marker_directions[0], data.rotations[7][2])
+    figure = predicted.plot_predicted_particle(out, 7)
+    assert "particle 7" in figure.layout.title.text
+    with pytest.raises(IndexError, match="out of range"):
+        predicted.predicted_particle_view(out, 12)
+    with pytest.raises(FileNotFoundError, match="top-k side file"):
+        predicted.predicted_particle_view(folder / "data" / "particles.star", 0)

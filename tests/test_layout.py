@@ -97,11 +97,12 @@ def test_bench_extra_holds_what_only_benchmarks_and_tests_import():
 
     root = Path(__file__).resolve().parent.parent
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    assert project["optional-dependencies"]["bench"] == ["torch-fourier-slice>=0.6"]
-    assert not any(r.startswith("torch-fourier-slice") for r in project["dependencies"])
+    bench = ["torch-fourier-slice>=0.6", "torch-ctf>=0.6"]
+    assert project["optional-dependencies"]["bench"] == bench
+    for peer in ("torch-fourier-slice", "torch-ctf"):
+        assert not any(r.startswith(peer) for r in project["dependencies"])
     assert any("bench" in r for r in project["optional-dependencies"]["test"])
-    library = [
-        p for p in (root / "cryosphere").rglob("*.py") if "torch_fourier_slice" in p.read_text()
-    ]
-    assert library == []
+    for module in ("torch_fourier_slice", "import torch_ctf"):
+        library = [p for p in (root / "cryosphere").rglob("*.py") if module in p.read_text()]
+        assert library == [], module
     assert "torch_fourier_slice" in (root / "benchmarks" / "bench_reconstruction.py").read_text()

@@ -76,3 +76,28 @@ def test_matching_is_blockwise_invariant_and_checks_input(bank):
         matching.ctf_template_matching(images, templates, ctf=None, pixel_size_angstrom=pixel)
     with pytest.raises(ValueError, match="box"):
         matching.ctf_template_matching(images[:, :16, :16], templates, **kwargs)
+
+
+def test_ctf_mse_landscape_is_the_pixel_mse_against_ctf_templates():
+    from cryosphere.imaging.projection import gaussian_blur
+
+    rng = np.random.default_rng(4)
+    # band-limited like projections: at the Nyquist row an astigmatic CTF times a spectrum is
+    # not Hermitian, so the pixel-space CTF (irfft2) and the Fourier model differ there
+    templates = gaussian_blur(rng.standard_normal((5, 16, 16)), 1.5).numpy()
+    images = gaussian_blur(rng.standard_normal((3, 16, 16)), 1.5).numpy()
+    params = ctf.random_ctf_parameters(3, rng)
+    transfer = ctf.ctf_2d(params, 16, 2.0)
+    got = matching.ctf_mse_landscape(images, transfer, matching.template_spectra(templates))
+    expected = np.stack(
+        [
+            (
+                (images[i] - ctf.apply_ctf(templates, transfer[i].expand(5, -1, -1)).numpy()) ** 2
+            ).mean(axis=(1, 2))
+            for i in range(3)
+        ]
+    )
+    # float32 FFTs and products of unit-variance data: relative error ~1e-6, 1e-4 is generous
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="CTF must have shape"):
+        matching.ctf_mse_landscape(images, transfer[:2], matching.template_spectra(templates))

@@ -64,11 +64,20 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     argv = [
         "train", "--star", str(folder / "particles.star"), "--map", str(folder / "volume.mrc"),
         "--run-dir", str(tmp_path / "run"), "--box", "16", "--level", "1", "--epochs", "1",
-        "--batch-size", "8", "--no-progress",
+        "--batch-size", "8", "--no-progress", "--encoder-channels", "4", "8",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     checkpoint = tmp_path / "run" / "model" / "checkpoint.pt"
     assert checkpoint.is_file() and "checkpoint" in capsys.readouterr().out
+    # streamed training on the fixed set of real images: no fresh noise, no in-plane turns;
+    # one epoch of the 14 training particles (2 held out) in batches of 8 is 2 steps
+    from cryosphere.poses import train
+
+    record = train.load_checkpoint(checkpoint)
+    stream = record["stream_identity"]["stream"]
+    assert stream["kind"] == "fixed" and stream["n_images"] == 14
+    assert not stream["fresh_noise"] and not stream["in_plane"]
+    assert record["step"] == 2 and record["model_config"]["encoder"] == "resnet"
     summary = inference.predict_star(
         folder / "particles.star", checkpoint, folder / "pred.star", progress=False
     )
@@ -90,7 +99,8 @@ def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, caps
     for star, volume, message in cases:
         run = tmp_path / "bad"
         argv = ["train", "--star", str(star), "--map", str(volume), "--run-dir", str(run)]
-        assert cli.main(argv + ["--box", "16", "--level", "1", "--no-progress"]) == 2
+        options = ["--box", "16", "--level", "1", "--no-progress", "--encoder-channels", "4", "8"]
+        assert cli.main(argv + options) == 2
         assert message in capsys.readouterr().err
         assert not run.exists()
 

@@ -130,3 +130,20 @@ def test_series_notebooks_share_parameter_defaults_and_are_committed_clean():
                 )
             else:
                 defaults[name] = (path.name, value)
+
+
+def test_notebook_01_carries_the_ctf_parameters_off_by_default_and_in_the_paper_profile():
+    import dataclasses
+
+    from cryosphere.imaging.simulate import SimulationParameters
+
+    path = next(p for p in runs.series_notebooks() if p.name == "01_simulate.ipynb")
+    params = runs.notebook_parameters(path)
+    fields = {f.name for f in dataclasses.fields(SimulationParameters)}
+    names = ["ctf", "max_astigmatism_angstrom", "voltage_kv", "spherical_aberration_mm"]
+    names += ["amplitude_contrast", "ctf_b_factor", "max_shift_px"]
+    assert set(names) <= set(params) and set(names) <= fields
+    assert params["defocus_range_angstrom"] == [5000.0, 25000.0]
+    assert params["ctf"] is False and params["max_shift_px"] == 0.0
+    for profile in runs.PROFILES.values():  # no profile turns them on (paper: the poster's)
+        assert not profile.get("ctf", False) and not profile.get("max_shift_px", 0.0)

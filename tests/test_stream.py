@@ -306,3 +306,44 @@ def test_soft_target_stream_tunes_lambda_on_its_reference_stack(small_volume):
         small_volume, 1.0, LEVEL, StreamConfig(target="soft", soft_lambda=2.0, batch_size=4)
     )
     assert fixed.soft_lambda == 2.0
+
+
+def test_realistic_stream_feeds_the_network_what_predict_does(small_volume):
+    from cryosphere.imaging import ctf as ctf_module
+    from cryosphere.imaging import preprocess
+    from cryosphere.poses.stream import ParticleRealism
+
+    realism = ParticleRealism(pixel_size_angstrom=2.0, max_shift_px=2.0)
+    config = StreamConfig(snr=100.0, target="bayes", batch_size=8, seed=1)
+    stream = SimulatedStream(small_volume, 1.0, LEVEL, config, realism=realism)
+    plain = SimulatedStream(small_volume, 1.0, LEVEL, config)
+    batch = stream.batch(0)
+    assert batch.ctf is not None and len(batch.ctf) == 8
+    assert np.all(np.abs(batch.shifts_px) <= 2.0) and np.abs(batch.shifts_px).max() > 0.1
+    lo, hi = realism.defocus_range_angstrom
+    mean_defocus = (batch.ctf.defocus_u_angstrom + batch.ctf.defocus_v_angstrom) / 2
+    assert np.all((mean_defocus >= lo) & (mean_defocus <= hi))
+    # the clean particle is shift(CTF * projection) of the true pose, the noise has sigma
+    projection = gaussian_blur(project_volume(small_volume, batch.rotations), 1.0)
+    transfer = ctf_module.ctf_2d(batch.ctf, 32, 2.0)
+    expected = ctf_module.shift_images(ctf_module.apply_ctf(projection, transfer), batch.shifts_px)
+    scale = float(expected.abs().max())
+    assert torch.allclose(batch.clean, expected, atol=1e-4 * scale)
+    residual = (batch.raw - batch.clean).double().std(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(residual, batch.noise_sigma, rtol=0.1)  # 1024 px: ~2% error
+    # the SNR refers to the observed (CTF-modulated) stack, as in simulate_dataset
+    assert stream.signal_variance < plain.signal_variance
+    # network input: predict's preprocessing (phase flip, background normalisation)
+    prepared, _ = preprocess.prepare_images(batch.raw, 2.0, target_size=32, ctf=batch.ctf)
+    assert torch.allclose(batch.images, prepared, atol=1e-5 * float(prepared.abs().max()))
+    # at SNR 100 the CTF-aware Bayes target peaks at the true pose's cell (shift known)
+    grid = so3.healpix_so3_grid(LEVEL)
+    errors = so3.geodesic_distance_deg(grid[batch.targets.argmax(1).numpy()], batch.rotations)
+    assert np.all(errors <= so3.grid_nearest_neighbour_spacing_deg(LEVEL))
+    assert stream.description()["realism"]["max_shift_px"] == 2.0
+    assert "realism" not in plain.description()
+    # reproducible, and a held-out batch is another draw
+    again = stream.batch(0)
+    assert torch.equal(again.images, batch.images)
+    assert np.array_equal(again.ctf.defocus_u_angstrom, batch.ctf.defocus_u_angstrom)
+    assert not np.allclose(stream.heldout(8).rotations, batch.rotations)

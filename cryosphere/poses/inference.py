@@ -4,7 +4,8 @@
 STAR file and its stacks in batches (:mod:`cryosphere.imaging.particles`), brings every batch
 to the network's box (:func:`cryosphere.imaging.preprocess.prepare_images`: optional crop,
 Fourier crop, CTF phase flip when the set has defocus values, background normalisation), runs
-:func:`cryosphere.poses.train.predict`, and writes
+the network (the softmax of :func:`cryosphere.poses.train.predict`, read on its top ``k``
+cells only), and writes
 
 * ``OUTPUT.star``: every input table and column unchanged (image names included, so keep the
   output beside the input STAR file or the relative stack paths no longer resolve), with
@@ -37,7 +38,14 @@ from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.poses import train
 
-__all__ = ["PredictionSummary", "angular_spread_deg", "topk_path", "predict_star"]
+__all__ = [
+    "PredictionSummary",
+    "TopK",
+    "angular_spread_deg",
+    "topk_path",
+    "load_topk",
+    "predict_star",
+]
 
 SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
 
@@ -133,6 +141,21 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
             starfile.write(tables, tmp, float_format="%.6f")
 
 
+def _top_cells(model, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable grid cells of each image ``(n, N, N)`` (model box): their
+    probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first.
+
+    The same softmax as :func:`cryosphere.poses.train.predict`, without forming it:
+    ``p = exp(logit − logsumexp(logits))`` on the top ``k`` logits only (call under
+    ``torch.inference_mode``).
+    """
+    model.eval()
+    logits = model.logits_from_coefficients(model.coefficients(images))
+    top = torch.topk(logits, k, dim=1)
+    probability = torch.exp(top.values - torch.logsumexp(logits, dim=1, keepdim=True))
+    return probability.cpu().numpy(), top.indices.cpu().numpy()
+
+
 def predict_star(
     star_path: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -169,13 +192,11 @@ def predict_star(
     k = max(1, min(int(top_k), grid.shape[0]))
     n = len(pset)
     arrays = {
-        "best_rotation": np.empty((n, 3, 3)),
-        "best_probability": np.empty(n, np.float32),
         "top_index": np.empty((n, k), np.int64),
         "top_probability": np.empty((n, k), np.float32),
     }
     bar = tqdm(total=n, desc="predicting", disable=not progress, unit="img")
-    with StackReader(pset) as reader:
+    with StackReader(pset) as reader, torch.inference_mode():
         for indices, images in reader.batches(batch_size):
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
@@ -187,16 +208,69 @@ def predict_star(
                 ctf_correction=correction,
                 normalise=normalise,
             )
-            result = train.predict(model, prepared.cpu().numpy(), batch_size=batch_size)
-            top = torch.topk(torch.from_numpy(result.probabilities), k, dim=1)
-            arrays["best_rotation"][indices] = result.best_rotation
-            arrays["best_probability"][indices] = result.best_probability
-            arrays["top_index"][indices] = top.indices.numpy()
-            arrays["top_probability"][indices] = top.values.numpy()
+            top_p, top_i = _top_cells(model, prepared, k)
+            arrays["top_index"][indices] = top_i
+            arrays["top_probability"][indices] = top_p
             bar.update(len(indices))
     bar.close()
+    arrays["best_rotation"] = grid[arrays["top_index"][:, 0]]
+    arrays["best_probability"] = arrays["top_probability"][:, 0].copy()
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
     _write_outputs(pset, output, arrays, level)
     return PredictionSummary(
         star=output, topk=topk_path(output), n_images=n, seconds=time.perf_counter() - started
     )
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The side file of :func:`predict_star` (``OUTPUT_topk.npz``), read back.
+
+    Attributes:
+        index: ``(n, k)`` int64 grid cells, most probable first.
+        probability: ``(n, k)`` float32 their probabilities (of the full softmax).
+        image_name: ``(n,)`` rlnImageName of each particle (STAR order).
+        level: grid level of the cells.
+    """
+
+    index: np.ndarray
+    probability: np.ndarray
+    image_name: np.ndarray
+    level: int
+
+    def rotations(self) -> np.ndarray:
+        """``(n, k, 3, 3)`` poses of the cells."""
+        return so3.healpix_so3_grid(self.level)[self.index]
+
+    def weights(self) -> np.ndarray:
+        """``(n, k)`` float64 probabilities renormalised over the ``k`` cells (for a
+        probability-weighted reconstruction)."""
+        p = self.probability.astype(np.float64)
+        return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+
+    def distribution(self, particle: int) -> np.ndarray:
+        """``(G,)`` grid distribution of one particle: its top-``k`` probabilities, 0 elsewhere."""
+        if not 0 <= int(particle) < self.index.shape[0]:
+            raise IndexError(f"particle {particle} is out of range: the file holds {len(self)}")
+        out = np.zeros(so3.healpix_so3_grid_size(self.level))
+        out[self.index[int(particle)]] = self.probability[int(particle)]
+        return out
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+def load_topk(output_star: str | os.PathLike[str]) -> TopK:
+    """Read the top-k side file written beside ``output_star`` by :func:`predict_star`."""
+    path = topk_path(output_star)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no top-k side file {path} beside {output_star}; run cryosphere predict to make it"
+        )
+    with np.load(path) as data:
+        return TopK(
+            index=data["top_index"],
+            probability=data["top_probability"],
+            image_name=data["image_name"],
+            level=int(data["grid_level"]),
+        )

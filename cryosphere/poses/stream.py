@@ -12,6 +12,14 @@ and ranks of a distributed run draw disjoint, reproducible shares (``rank`` ente
   with the variance of a fixed reference stack of ``reference_images`` Haar-random clean
   projections (seeded, so ``σ`` is a property of the map, not of a batch). ``snr`` is one value
   or a range ``(low, high)`` drawn log-uniformly per image.
+  With ``realism`` (:class:`ParticleRealism`) every particle also gets its own CTF and a
+  sub-pixel shift, in the order of :mod:`cryosphere.imaging.simulate` (blur, CTF, shift; the
+  reference stack too, so the SNR means the same), and the network sees what ``cryosphere
+  predict`` feeds it: :func:`cryosphere.imaging.preprocess.prepare_images` (CTF phase flip,
+  background normalisation). The ``"bayes"`` target then uses templates carrying the image's
+  CTF at its true shift, ``p(R_g | I, s) ∝ exp(−‖shift_{−s}(I) − C ∗ T_g‖² / 2σ²)``: the
+  network does not know ``s``, but cross-entropy is linear in the target, so the expected
+  gradient is that of the shift-marginal posterior ``E_s[p(R_g | I, s)] = p(R_g | I)``.
 * :class:`FixedSetStream`: the images of a dataset's training split (the poster's setting),
   in a seeded order per epoch, optionally with fresh noise on the clean images every time an
   image is drawn (``fresh_noise``) and exact in-plane augmentation (``in_plane``: the clean
@@ -29,7 +37,10 @@ import numpy as np
 import torch
 
 from cryosphere.geometry import so3
+from cryosphere.imaging import ctf as ctf_module
+from cryosphere.imaging import preprocess
 from cryosphere.imaging.projection import gaussian_blur, project_volume, volume_spectrum
+from cryosphere.poses import matching
 from cryosphere.poses import targets as tg
 from cryosphere.poses.labels import (
     default_radius_deg,
@@ -39,7 +50,14 @@ from cryosphere.poses.labels import (
     tune_lambda,
 )
 
-__all__ = ["Batch", "StreamConfig", "SimulatedStream", "FixedSetStream", "stream_seed"]
+__all__ = [
+    "Batch",
+    "StreamConfig",
+    "ParticleRealism",
+    "SimulatedStream",
+    "FixedSetStream",
+    "stream_seed",
+]
 
 _HELDOUT_RANK = 2**20  # rank slot reserved for held-out sets (never a training rank)
 
@@ -57,8 +75,12 @@ class Batch:
         images: ``(n, N, N)`` float32 noisy images.
         targets: ``(n, G)`` float32 target distributions (rows sum to 1).
         rotations: ``(n, 3, 3)`` float64 true poses.
-        noise_sigma: ``(n,)`` float64 noise standard deviation per image (image units).
-        clean: ``(n, N, N)`` float32 noise-free images.
+        noise_sigma: ``(n,)`` float64 noise standard deviation per image (units of ``raw``).
+        clean: ``(n, N, N)`` float32 noise-free images (with CTF and shift when on).
+        raw: ``(n, N, N)`` float32 noisy images before the network's preprocessing (only
+            with :class:`ParticleRealism`; otherwise ``images`` are the raw images).
+        ctf: the particles' CTF parameters (with a CTF on), else None.
+        shifts_px: ``(n, 2)`` shifts ``(sx, sy)`` px of the particles (with realism), else None.
     """
 
     images: torch.Tensor
@@ -66,6 +88,9 @@ class Batch:
     rotations: np.ndarray
     noise_sigma: np.ndarray
     clean: torch.Tensor
+    raw: torch.Tensor | None = None
+    ctf: ctf_module.CTFParameters | None = None
+    shifts_px: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,66 @@ class StreamConfig:
         return cls(**record)
 
 
+@dataclass(frozen=True)
+class ParticleRealism:
+    """CTF and shifts of a :class:`SimulatedStream`'s particles (module docstring).
+
+    Attributes:
+        pixel_size_angstrom: Å per pixel of the map (and images).
+        ctf: each particle gets a CTF (:func:`cryosphere.imaging.ctf.random_ctf_parameters`
+            with the fields below).
+        defocus_range_angstrom: mean defocus range ``(min, max)`` Å (0.5-2.5 µm by default).
+        max_astigmatism_angstrom, voltage_kv, spherical_aberration_mm, amplitude_contrast,
+            ctf_b_factor: as in :class:`cryosphere.imaging.simulate.SimulationParameters`.
+        max_shift_px: shifts uniform in ``±max_shift_px`` px per axis (0: centred).
+        ctf_correction: the network input's CTF correction (``"phase_flip"``, as ``predict``).
+    """
+
+    pixel_size_angstrom: float
+    ctf: bool = True
+    defocus_range_angstrom: tuple[float, float] = (5000.0, 25000.0)
+    max_astigmatism_angstrom: float = 500.0
+    voltage_kv: float = 300.0
+    spherical_aberration_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    ctf_b_factor: float = 0.0
+    max_shift_px: float = 0.0
+    ctf_correction: str = "phase_flip"
+
+    def __post_init__(self) -> None:
+        if not self.pixel_size_angstrom > 0:
+            raise ValueError(f"pixel_size_angstrom must be > 0, got {self.pixel_size_angstrom}")
+        if not self.max_shift_px >= 0:
+            raise ValueError(f"max_shift_px must be >= 0, got {self.max_shift_px}")
+        if self.ctf_correction not in preprocess.CTF_CORRECTIONS:
+            raise ValueError(
+                f"ctf_correction must be one of {preprocess.CTF_CORRECTIONS}, "
+                f"got {self.ctf_correction!r}"
+            )
+        object.__setattr__(
+            self, "defocus_range_angstrom", tuple(float(v) for v in self.defocus_range_angstrom)
+        )
+
+    def draw(self, rng: np.random.Generator, n: int):
+        """CTF parameters (or None) and ``(n, 2)`` shifts (or None) of ``n`` particles."""
+        ctf = None
+        if self.ctf:
+            ctf = ctf_module.random_ctf_parameters(
+                n,
+                rng,
+                defocus_range_angstrom=self.defocus_range_angstrom,
+                max_astigmatism_angstrom=self.max_astigmatism_angstrom,
+                voltage_kv=self.voltage_kv,
+                spherical_aberration_mm=self.spherical_aberration_mm,
+                amplitude_contrast=self.amplitude_contrast,
+                b_factor=self.ctf_b_factor,
+            )
+        shifts = (
+            ctf_module.random_shifts_px(n, rng, self.max_shift_px) if self.max_shift_px else None
+        )
+        return ctf, shifts
+
+
 class SimulatedStream:
     """Fresh simulated particles of ``volume`` for every batch (module docstring).
 
@@ -130,6 +215,7 @@ class SimulatedStream:
         symmetry_ops: ``(K, 3, 3)`` point group (targets put equal weight on mates).
         templates: ``(G, N, N)`` template bank of ``volume`` on ``level`` blurred by
             ``blur_sigma`` (made when a ``"bayes"`` or ``"soft"`` target needs it and None).
+        realism: per-particle CTF and shifts (:class:`ParticleRealism`); None: neither.
     """
 
     def __init__(
@@ -140,7 +226,9 @@ class SimulatedStream:
         config: StreamConfig,
         symmetry_ops: np.ndarray | None = None,
         templates: np.ndarray | None = None,
+        realism: ParticleRealism | None = None,
     ):
+        self.realism = realism
         self.volume = np.asarray(volume, dtype=np.float32)
         if self.volume.ndim != 3 or len(set(self.volume.shape)) != 1:
             raise ValueError(f"volume must be cubic (N, N, N), got {self.volume.shape}")
@@ -156,7 +244,15 @@ class SimulatedStream:
             self.templates = template_bank(self.volume, self.level, self.blur_sigma)
         reference_poses = so3.random_rotations(config.reference_images, config.seed + 7919)
         reference = self._clean(reference_poses)
-        self.signal_variance = float(reference.double().var(unbiased=False))
+        if realism is not None:
+            draws = realism.draw(np.random.default_rng([config.seed, 7919]), len(reference_poses))
+            observed = self._observed(reference, *draws)
+        else:
+            observed = reference
+        self._spectra = None
+        if realism is not None and realism.ctf and config.target == "bayes":
+            self._spectra = matching.template_spectra(self.templates)
+        self.signal_variance = float(observed.double().var(unbiased=False))
         if not self.signal_variance > 0:
             raise ValueError("the map projects to constant images; check the volume")
         self.soft_lambda = config.soft_lambda
@@ -182,6 +278,52 @@ class SimulatedStream:
     def _clean(self, rotations: np.ndarray) -> torch.Tensor:
         projections = project_volume(self.volume, rotations, spectrum=self._spectrum)
         return gaussian_blur(projections, self.blur_sigma)
+
+    def _transfer(self, ctf: ctf_module.CTFParameters) -> torch.Tensor:
+        return ctf_module.ctf_2d(ctf, self.image_size, self.realism.pixel_size_angstrom)
+
+    def _observed(self, clean: torch.Tensor, ctf, shifts) -> torch.Tensor:
+        """Noise-free particles: ``shift(CTF ∗ clean)`` (either step skipped when None)."""
+        if ctf is not None:
+            clean = ctf_module.apply_ctf(clean, self._transfer(ctf))
+        if shifts is not None:
+            clean = ctf_module.shift_images(clean, shifts)
+        return clean
+
+    def _realistic_targets(self, raw, clean, rotations, sigma, ctf, shifts) -> torch.Tensor:
+        """Targets of realistic particles; ``"bayes"`` with CTF templates at the true shift."""
+        if self.config.target != "bayes" or ctf is None:
+            return self.targets_for(raw, clean, rotations, sigma)
+        centred = raw if shifts is None else ctf_module.shift_images(raw, -shifts)
+        mse = matching.ctf_mse_landscape(centred, self._transfer(ctf), self._spectra)
+        t = tg.posterior_from_mse(mse, self.image_size**2, sigma)
+        return torch.from_numpy(np.ascontiguousarray(t))
+
+    def _make_realistic(
+        self, rng: np.random.Generator, n: int, snr: float | None, with_targets: bool
+    ) -> Batch:
+        rotations = so3.random_rotations(n, rng)
+        sigma = self.noise_sigma(self._snrs(rng, n, snr))
+        ctf, shifts = self.realism.draw(rng, n)
+        projections = self._clean(rotations)
+        clean = self._observed(projections, ctf, shifts)
+        noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.randn(clean.shape, generator=noise_gen)
+        raw = clean + noise * torch.from_numpy(sigma).float()[:, None, None]
+        G = so3.healpix_so3_grid_size(self.level)
+        targets = (
+            self._realistic_targets(raw, projections, rotations, sigma, ctf, shifts)
+            if with_targets
+            else torch.zeros(n, G)
+        )
+        images, _ = preprocess.prepare_images(
+            raw,
+            self.realism.pixel_size_angstrom,
+            target_size=self.image_size,
+            ctf=ctf,
+            ctf_correction=self.realism.ctf_correction,
+        )
+        return Batch(images, targets, rotations, sigma, clean, raw, ctf, shifts)
 
     def _snrs(self, rng: np.random.Generator, n: int, snr: float | None) -> np.ndarray:
         value = self.config.snr if snr is None else snr
@@ -209,6 +351,8 @@ class SimulatedStream:
         self, rng: np.random.Generator, n: int, snr: float | None = None, with_targets: bool = True
     ) -> Batch:
         """``n`` new particles drawn with ``rng`` (at ``snr`` when given)."""
+        if self.realism is not None:
+            return self._make_realistic(rng, n, snr, with_targets)
         rotations = so3.random_rotations(n, rng)
         sigma = self.noise_sigma(self._snrs(rng, n, snr))
         clean = self._clean(rotations)
@@ -243,7 +387,7 @@ class SimulatedStream:
             "volume_shape": list(self.volume.shape),
             "volume_sum": round(float(self.volume.sum(dtype=np.float64)), 6),
             "signal_variance": self.signal_variance,
-        }
+        } | ({} if self.realism is None else {"realism": dataclasses.asdict(self.realism)})
 
 
 class FixedSetStream:

@@ -37,6 +37,7 @@ __all__ = [
     "TARGETS",
     "pose_kernel_targets",
     "bayes_posterior",
+    "posterior_from_mse",
     "in_plane_step_deg",
     "in_plane_permutation",
     "rotate_in_plane",
@@ -95,8 +96,17 @@ def bayes_posterior(
         ``(n, G)`` float32 rows summing to 1 (computed from the row minimum, so it never
         underflows).
     """
-    mse = mse_landscape(noisy_images, templates).astype(np.float64)
-    n_pixels = int(np.prod(np.asarray(templates.shape[1:])))
+    mse = mse_landscape(noisy_images, templates)
+    return posterior_from_mse(mse, int(np.prod(np.asarray(templates.shape[1:]))), noise_sigma)
+
+
+def posterior_from_mse(
+    mse: np.ndarray, n_pixels: int, noise_sigma: float | np.ndarray
+) -> np.ndarray:
+    """``p(R_g | I) ∝ exp(−n_pixels · MSE_ig / 2σ²)`` from per-pixel MSEs ``(n, G)`` (any model
+    of the noise-free image: plain templates, or templates carrying a CTF). Returns ``(n, G)``
+    float32 rows summing to 1, computed from the row minimum."""
+    mse = np.asarray(mse).astype(np.float64)
     sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), (mse.shape[0],))
     if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
         raise ValueError(f"noise_sigma must be positive and finite, got {noise_sigma}")

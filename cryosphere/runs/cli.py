@@ -81,7 +81,14 @@ def _add_train_parser(commands: Any) -> None:
     fit.add_argument("--run-dir", required=True, help="folder for model/checkpoint.pt and logs")
     fit.add_argument("--box", type=int, default=64, help="model box in px (Fourier crop)")
     fit.add_argument("--level", type=int, default=2, help="SO(3) grid level of the output")
-    fit.add_argument("--epochs", type=int, default=50)
+    fit.add_argument("--epochs", type=int, default=50, help="passes over the training split")
+    fit.add_argument(
+        "--encoder-channels",
+        type=int,
+        nargs="+",
+        default=[16, 32, 64],
+        help="channels of the residual encoder's stages (each halves the box)",
+    )
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--q", type=float, default=0.05, help="label mask fraction")
     fit.add_argument("--max-particles", type=int, default=None, help="use the first N only")
@@ -91,20 +98,22 @@ def _add_train_parser(commands: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cryosphere.poses import model, train
-    from cryosphere.runs import refinement
+    from cryosphere.poses.stream_training import StreamTrainingConfig
+    from cryosphere.runs import refinement, series
 
     try:
-        config = model.ModelConfig(image_size=args.box, grid_level=args.level)
-        training = train.TrainingConfig(
-            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
+        config = series.stream_model_config(
+            args.box, grid_level=args.level, channels=tuple(args.encoder_channels)
         )
+        training = StreamTrainingConfig(seed=args.seed, device=args.device)
         result = refinement.train_on_refinement(
             args.star,
             args.map,
             args.run_dir,
             model_config=config,
             training_config=training,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
             q=args.q,
             max_particles=args.max_particles,
             progress=not args.no_progress,
@@ -112,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere train: {error}", file=sys.stderr)
         return 2
-    print(f"trained {len(result.history)} epochs; checkpoint: {result.checkpoint}")
+    print(f"trained {result.steps_done} steps (streamed); checkpoint: {result.checkpoint}")
     return 0
 
 

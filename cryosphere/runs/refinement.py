@@ -14,12 +14,18 @@ Steps (everything checked before any work):
    each particle's refined pose plays the clean image of the poster's labels
    (:func:`cryosphere.poses.labels.compute_labels`: MSE against the template bank, top-``q``
    mask, tuned λ), which is consistent with phase-flipped network input;
-4. :func:`cryosphere.poses.train.train_model` into ``run_dir/model/`` (checkpoint usable by
-   ``cryosphere predict``).
+4. streamed training (:func:`cryosphere.poses.stream_training.train_on_stream`) on a
+   :class:`~cryosphere.poses.stream.FixedSetStream` of the training split (a seeded
+   ``validation_fraction`` is held out and scored every ``eval_every`` steps), into
+   ``run_dir/model/`` (checkpoint usable by ``cryosphere predict``). Fresh noise is off: these
+   are real images with no noise-free copy. In-plane augmentation is off for the same reason:
+   it turns the noise-free image before noise is drawn, and turning a noisy image by a
+   non-quarter angle would blur its noise and empty its corners.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +40,13 @@ from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import labels, train
 from cryosphere.poses.model import ModelConfig
+from cryosphere.poses.stream import Batch, FixedSetStream
+from cryosphere.poses.stream_training import (
+    StreamTrainingConfig,
+    StreamTrainingResult,
+    train_on_stream,
+)
+from cryosphere.runs.series import stream_model_config
 
 __all__ = ["RefinementData", "fourier_crop_volume", "refinement_data", "train_on_refinement"]
 
@@ -138,23 +151,61 @@ def refinement_data(
     )
 
 
+def _split_streams(
+    data: RefinementData,
+    targets: np.ndarray,
+    batch_size: int,
+    validation_fraction: float,
+    seed: int,
+) -> tuple[FixedSetStream, Batch]:
+    """The training stream and the fixed validation batch of a seeded split."""
+    train_idx, val_idx = train.split_indices(len(data.rotations), validation_fraction, seed)
+    if len(val_idx) == 0:
+        val_idx = train_idx[-1:]  # tiny sets: score on one training particle rather than none
+    images = np.asarray(data.noisy_images, dtype=np.float32)
+    stream = FixedSetStream(
+        images[train_idx], targets[train_idx], data.rotations[train_idx], batch_size, seed
+    )
+    validation = Batch(
+        torch.from_numpy(images[val_idx]),
+        torch.from_numpy(targets[val_idx]),
+        data.rotations[val_idx],
+        np.zeros(len(val_idx)),
+        torch.from_numpy(images[val_idx]),
+    )
+    return stream, validation
+
+
 def train_on_refinement(
     star_path: str | os.PathLike[str],
     map_path: str | os.PathLike[str],
     run_dir: str | os.PathLike[str],
     *,
     model_config: ModelConfig | None = None,
-    training_config: train.TrainingConfig | None = None,
+    training_config: StreamTrainingConfig | None = None,
+    epochs: int | None = None,
+    batch_size: int = 32,
+    validation_fraction: float = 0.1,
     q: float = 0.05,
     max_particles: int | None = None,
+    resume: bool = True,
     progress: bool = True,
-) -> train.TrainingResult:
+) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
-    ``model_config`` defaults to ``ModelConfig()`` (64-px box, level-2 grid); its ``image_size``
-    is the box the particles and the map are Fourier-cropped to.
+    Args:
+        model_config: default the streamed default network
+            (:func:`cryosphere.runs.series.stream_model_config`, 64-px box, level-2 grid); its
+            ``image_size`` is the box the particles and the map are Fourier-cropped to.
+        training_config: steps, learning rate, loss (``"soft_ce"``: soft-map targets;
+            ``"bce"``: top-``q`` masks), device, seed (also the split's and the order's seed).
+        epochs: when given, ``steps = epochs · ceil(n_train / batch_size)``.
+        batch_size: particles per step.
+        validation_fraction: share of the particles held out for validation.
+        resume: continue from a checkpoint of the same settings in ``run_dir``.
     """
-    model_config = model_config or ModelConfig()
+    model_config = model_config or stream_model_config(64)
+    training_config = training_config or StreamTrainingConfig()
     data = refinement_data(
         star_path,
         map_path,
@@ -163,15 +214,21 @@ def train_on_refinement(
         progress=progress,
     )
     made = labels.compute_labels(data, level=model_config.grid_level, q=q, progress=progress)
-    training_config = training_config or train.TrainingConfig()
-    targets = made.mask if training_config.loss == "bce" else made.soft
-    return train.train_model(
-        data.noisy_images,
-        np.asarray(targets, dtype=np.float32),
-        data.rotations,
-        None,
+    targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
+    stream, validation = _split_streams(
+        data, targets, int(batch_size), validation_fraction, training_config.seed
+    )
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        training_config = dataclasses.replace(training_config, steps=int(epochs) * stream.per_epoch)
+    return train_on_stream(
+        stream,
         model_config,
         training_config,
+        validation,
+        data.symmetry_ops,
         run_dir=Path(run_dir),
+        resume=resume,
         progress=progress,
     )

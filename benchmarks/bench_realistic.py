@@ -1,0 +1,250 @@
+"""Benchmark: the default pose network on realistic particles (CTF, shifts, SNR 0.05).
+
+For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
+
+1. train the default streamed network (:func:`cryosphere.runs.series.stream_model_config`) on
+   fresh particles of :class:`cryosphere.poses.stream.SimulatedStream` with
+   :class:`~cryosphere.poses.stream.ParticleRealism`: a CTF per particle (mean defocus uniform
+   in 0.5-2.5 µm, astigmatism up to 500 Å, 300 kV, Cs 2.7 mm, 10 % amplitude contrast), shifts
+   uniform in ±3 px, SNR drawn log-uniformly in ``--train-snr``, network input phase-flipped and
+   background-normalised as ``cryosphere predict`` does, CTF-aware Bayes targets; for
+   ``--steps`` steps or ``--budget-min`` minutes, whichever comes first;
+2. simulate ``--n-test`` held-out particles of the same kind at SNR 0.05 (another seed, never
+   seen in training; :func:`cryosphere.imaging.simulate.simulate_dataset`), write them as a
+   RELION 3.1 STAR file + MRC stack, and run :func:`cryosphere.poses.inference.predict_star`
+   on them (the user's path: reading, preprocessing, network, top-k side file); its images/s
+   is the ``predict`` figure (best of two calls);
+3. score the predicted angles (symmetry-aware geodesic error) against CTF-aware template
+   matching on the same level-2 grid with a ±3 px translation search
+   (:func:`cryosphere.poses.matching.ctf_template_matching`, templates carrying each image's
+   CTF), on the first ``--n-oracle`` particles;
+4. reconstruct with CTF correction (Wiener ratio with each image's CTF,
+   :func:`cryosphere.reconstruction.backprojection.backproject`, point group imposed) from the
+   predicted poses weighted by their top-k probabilities and from the true poses, every image
+   centred by its STAR origin (both use the same shifts, so the comparison is of poses), and
+   give each map's FSC-0.5 resolution against the true map.
+
+Usage::
+
+    python benchmarks/bench_realistic.py                              # ~30 min a structure
+    python benchmarks/bench_realistic.py --budget-min 3 --n-test 500  # smoke run
+    # one structure per process (one thread each), then one summary:
+    python benchmarks/bench_realistic.py --structures 1ubi --threads 1 > ubi.log &
+    python benchmarks/bench_realistic.py --structures 1hvr --threads 1 > hvr.log; wait
+    python benchmarks/bench_realistic.py --combine ubi.log hvr.log
+
+Last line: one JSON object ``{"cases": [{"structure", "model_median_deg", "oracle_median_deg",
+"ratio", "fsc05_predicted_A", "fsc05_true_A", ...}], "predict_images_per_s", "train_s",
+"images_seen", "steps", "training", "settings"}`` (``predict_images_per_s``: the slowest
+structure's; ``train_s``, ``images_seen`` and ``steps`` summed over structures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from _shared import best_rate, last_json_lines
+from bench_predict import REALISTIC
+
+SNR_TEST = 0.05
+
+
+def _train(dataset, args, run_dir: Path):
+    from cryosphere.poses.stream import ParticleRealism, SimulatedStream, StreamConfig
+    from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+    from cryosphere.runs.series import stream_model_config
+
+    realism = ParticleRealism(
+        pixel_size_angstrom=dataset.pixel_size,
+        defocus_range_angstrom=(
+            REALISTIC["defocus_min_angstrom"],
+            REALISTIC["defocus_max_angstrom"],
+        ),
+        max_shift_px=REALISTIC["max_shift_px"],
+    )
+    config = StreamConfig(
+        snr=tuple(args.train_snr), target="bayes", batch_size=args.batch_size, seed=0
+    )
+    stream = SimulatedStream(
+        dataset.volume, REALISTIC["blur_sigma"], 2, config, dataset.symmetry_ops, realism=realism
+    )
+    training = StreamTrainingConfig(
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(200, args.steps // 10),
+        eval_every=max(1, min(250, args.steps // 10)),
+        time_budget_s=args.budget_min * 60.0,
+        device="cpu",
+    )
+    model_config = stream_model_config(REALISTIC["image_size"])
+    validation = stream.heldout(200, snr=SNR_TEST)
+    result = train_on_stream(
+        stream,
+        model_config,
+        training,
+        validation,
+        dataset.symmetry_ops,
+        run_dir=run_dir,
+        resume=False,
+        progress=args.progress,
+    )
+    for row in result.history:
+        print("  ", {k: round(v, 3) for k, v in row.items()}, flush=True)
+    return stream, result
+
+
+def _reconstruction_fsc05(dataset, rotations, weights, regularisation: float) -> float:
+    from cryosphere.imaging import ctf as ctf_module
+    from cryosphere.reconstruction.backprojection import backproject
+    from cryosphere.reconstruction.fsc import fourier_shell_correlation
+
+    # centre every particle by its origin (shift by +origin / pixel = -shift_px)
+    centred = ctf_module.shift_images(dataset.noisy_images, -dataset.shifts_px)
+    volume = backproject(
+        centred,
+        rotations,
+        weights,
+        symmetry_ops=dataset.symmetry_ops,
+        regularisation=regularisation,
+        blur_sigma_px=REALISTIC["blur_sigma"],
+        ctf=dataset.ctf,
+        pixel_size_angstrom=dataset.pixel_size,
+    )
+    curve = fourier_shell_correlation(volume, dataset.volume, dataset.pixel_size)
+    return curve.resolution(0.5)
+
+
+def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best rotations ``(n, 3, 3)``, top-k rotations ``(n, k, 3, 3)`` and weights ``(n, k)``."""
+    import starfile
+
+    from cryosphere.geometry import so3
+    from cryosphere.poses.inference import topk_path
+
+    table = starfile.read(star, always_dict=True)["particles"]
+    angles = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    side = np.load(topk_path(star))
+    k_angles = side["top_angles_deg"]
+    top = so3.matrices_from_relion_euler(k_angles.reshape(-1, 3)).reshape(*k_angles.shape[:2], 3, 3)
+    weights = side["top_probability"].astype(np.float64)
+    return so3.matrices_from_relion_euler(angles), top, weights / weights.sum(1, keepdims=True)
+
+
+def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
+    from bench_predict import write_particle_set
+
+    from cryosphere.geometry import so3
+    from cryosphere.poses import inference, matching, train
+
+    print(f"== {name}: simulating {args.n_test} held-out particles ...", flush=True)
+    dataset = write_particle_set(folder / "data", name, args.n_test, seed=1000, snr=SNR_TEST)
+    ops = dataset.symmetry_ops
+    print(f"== {name} ({dataset.point_group}): training {args.steps} steps ...", flush=True)
+    stream, result = _train(dataset, args, folder / "run")
+    star, out = folder / "data" / "particles.star", folder / "data" / "predicted.star"
+    rate = best_rate(
+        lambda: inference.predict_star(star, result.checkpoint, out, progress=False), args.n_test, 1
+    )
+    best, top, weights = _predicted(out)
+    model_err = train.pose_errors_deg(best, dataset.rotations, ops)
+    m = min(args.n_oracle, args.n_test)
+    matched = matching.ctf_template_matching(
+        dataset.noisy_images[:m],
+        stream.templates,
+        ctf=dataset.ctf.subset(np.arange(m)),
+        pixel_size_angstrom=dataset.pixel_size,
+        max_shift_px=REALISTIC["max_shift_px"],
+    )
+    grid = so3.healpix_so3_grid(2)
+    oracle_err = train.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
+    regularisation = args.regularisation if args.regularisation else 1.0 / SNR_TEST
+    print(f"== {name}: reconstructing from {args.n_test} particles ...", flush=True)
+    case = {
+        "structure": name,
+        "model_median_deg": float(np.median(model_err[:m])),
+        "oracle_median_deg": float(np.median(oracle_err)),
+        "ratio": float(np.median(model_err[:m]) / np.median(oracle_err)),
+        "fsc05_predicted_A": _reconstruction_fsc05(dataset, top, weights, regularisation),
+        "fsc05_true_A": _reconstruction_fsc05(dataset, dataset.rotations, None, regularisation),
+        "model_median_deg_all": float(np.median(model_err)),
+        "model_acc15": float(np.mean(model_err < 15.0)),
+        "oracle_acc15": float(np.mean(oracle_err < 15.0)),
+        "n_test": int(args.n_test),
+        "n_oracle": int(m),
+        "pixel_size_A": dataset.pixel_size,
+        "predict_images_per_s": rate,
+    }
+    case["fsc_ratio"] = case["fsc05_predicted_A"] / case["fsc05_true_A"]
+    training = {
+        "structure": name,
+        "train_s": result.train_seconds,
+        "steps": result.steps_done,
+        "images_seen": result.images_seen,
+    }
+    print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in case.items()})
+    print("  ", training, flush=True)
+    return case, training
+
+
+def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
+    return {
+        "cases": cases,
+        "predict_images_per_s": float(min(c["predict_images_per_s"] for c in cases)),
+        "train_s": float(sum(t["train_s"] for t in trainings)),
+        "images_seen": int(sum(t["images_seen"] for t in trainings)),
+        "steps": int(sum(t["steps"] for t in trainings)),
+        "training": trainings,
+        "settings": settings,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])
+    parser.add_argument("--train-snr", type=float, nargs=2, default=[0.03, 0.5])
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--budget-min", type=float, default=30.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--n-oracle", type=int, default=500)
+    parser.add_argument(
+        "--regularisation", type=float, default=None, help="Wiener constant (default 1 / SNR)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--progress", action="store_true", help="tqdm bar while training")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        help="instead of running: merge the last JSON lines of earlier runs' logs",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.combine:
+        parts = last_json_lines(args.combine)
+        summary = _summary(
+            [c for p in parts for c in p["cases"]],
+            [t for p in parts for t in p["training"]],
+            {"combined_from": args.combine, "runs": [p["settings"] for p in parts]},
+        )
+    else:
+        cases, trainings = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.structures:
+                case, training = run_structure(name, args, Path(tmp) / name)
+                cases.append(case)
+                trainings.append(training)
+        settings = {**vars(args), "torch_threads": torch.get_num_threads()}
+        summary = _summary(cases, trainings, settings)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
