@@ -132,18 +132,23 @@ def test_series_notebooks_share_parameter_defaults_and_are_committed_clean():
                 defaults[name] = (path.name, value)
 
 
-def test_notebook_01_carries_the_ctf_parameters_off_by_default_and_in_the_paper_profile():
-    import dataclasses
+def test_every_notebook_takes_the_ctf_parameters_off_by_default_and_in_every_profile(tmp_path):
+    """CTF and shifts are RunConfig fields (``-p ctf True`` reaches notebook 01 through
+    ``config``); no profile turns them on (paper: the poster had none)."""
+    from cryosphere.runs.pipeline import RunConfig
 
-    from cryosphere.imaging.simulate import SimulationParameters
-
+    names = ["ctf", "defocus_min_angstrom", "defocus_max_angstrom", "max_astigmatism_angstrom"]
+    names += ["voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_b_factor"]
+    names += ["max_shift_px"]
+    for profile in runs.PROFILES:
+        simulation = RunConfig.from_profile(profile).simulation
+        assert simulation.ctf is False and simulation.max_shift_px == 0.0
+        assert (simulation.defocus_min_angstrom, simulation.defocus_max_angstrom) == (5e3, 25e3)
     path = next(p for p in runs.series_notebooks() if p.name == "01_simulate.ipynb")
-    params = runs.notebook_parameters(path)
-    fields = {f.name for f in dataclasses.fields(SimulationParameters)}
-    names = ["ctf", "max_astigmatism_angstrom", "voltage_kv", "spherical_aberration_mm"]
-    names += ["amplitude_contrast", "ctf_b_factor", "max_shift_px"]
-    assert set(names) <= set(params) and set(names) <= fields
-    assert params["defocus_range_angstrom"] == [5000.0, 25000.0]
-    assert params["ctf"] is False and params["max_shift_px"] == 0.0
-    for profile in runs.PROFILES.values():  # no profile turns them on (paper: the poster's)
-        assert not profile.get("ctf", False) and not profile.get("max_shift_px", 0.0)
+    assert {"profile", "config"} <= set(runs.notebook_parameters(path))
+    plan = runs.plan_run(
+        "quick", overrides={"ctf": True, "max_shift_px": 2.0}, runs_root=tmp_path, name="ctf"
+    )
+    passed = plan.notebook_parameters["01_simulate"]["config"]
+    assert passed["ctf"] is True and passed["max_shift_px"] == 2.0
+    assert set(names) <= set(runs.pipeline.FLAT_FIELDS)

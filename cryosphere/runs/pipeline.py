@@ -458,7 +458,11 @@ class Run:
         return self._stage(
             "dataset",
             lambda: simulate.load_or_simulate(
-                self.folder, self.config.simulation, progress=self.progress, device=self.device
+                self.folder,
+                self.config.simulation,
+                overwrite=self.overwrite,  # a folder made before stages.json existed
+                progress=self.progress,
+                device=self.device,
             ),
         )
 
