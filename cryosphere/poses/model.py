@@ -34,11 +34,8 @@ Architecture (all shapes for a batch of ``n`` images of ``N x N`` pixels)
 
 Harmonic conventions
 --------------------
-An SO(3) signal is stored as ``F`` of shape ``(..., dim_so3)``: for each degree ``l = 0..lmax`` the
-``(2l+1) x (2l+1)`` block ``F_l`` flattened row-major, and ``f(R) = sum_l sum_mn F_l[m, n]
-D_l(R)[m, n]`` with ``D_l = e3nn.o3.wigner_D(l, *e3nn.o3.matrix_to_angles(R))`` (matrices acting on
-xyz vectors; ``Y_l(R x) = D_l(R) Y_l(x)`` with ``e3nn.o3.spherical_harmonics``). The left
-translation ``f'(S) = f(Q^T S)`` is ``F'_l = D_l(Q) F_l`` (:func:`rotate_so3_coefficients`).
+SO(3) signals are stored as flattened Wigner-D blocks, ``f(R) = sum_l <F_l, D_l(R)>`` (e3nn's
+matrices); the layout and the left translation are in :mod:`cryosphere.poses.harmonics`.
 
 Equivariance (``encoder="quarter_turn"``; the ``"resnet"`` encoder learns it): rotating the
 input image by ``Q = Rz(90 k deg)`` (the image of pose ``Q @ R``)
