@@ -14,54 +14,10 @@ One namespace for three modules, each of which states its conventions:
 
 from __future__ import annotations
 
-from cryosphere.geometry.grids import (
-    MAX_HEALPIX_LEVEL,
-    grid_nearest_neighbour_spacing_deg,
-    healpix_so3_grid,
-    healpix_so3_grid_angles,
-    healpix_so3_grid_size,
-    nearest_grid_indices,
-)
-from cryosphere.geometry.point_groups import (
-    as_symmetry_ops,
-    point_group,
-    symmetric_geodesic_distance_deg,
-    symmetry_mates,
-)
-from cryosphere.geometry.rotations import (
-    e3nn_angles_from_matrices,
-    geodesic_distance_deg,
-    matrices_from_e3nn_angles,
-    matrices_from_relion_euler,
-    matrices_to_quaternions,
-    quaternions_to_matrices,
-    random_rotations,
-    relion_euler_from_matrices,
-    rotation_about_axis,
-    rotation_about_z,
-    viewing_directions,
-)
+from cryosphere.geometry import grids, point_groups, rotations
+from cryosphere.geometry.grids import *  # noqa: F403 (re-exports grids.__all__)
+from cryosphere.geometry.point_groups import *  # noqa: F403 (re-exports point_groups.__all__)
+from cryosphere.geometry.rotations import *  # noqa: F403 (re-exports rotations.__all__)
 
-__all__ = [
-    "random_rotations",
-    "rotation_about_axis",
-    "rotation_about_z",
-    "matrices_from_relion_euler",
-    "relion_euler_from_matrices",
-    "matrices_from_e3nn_angles",
-    "e3nn_angles_from_matrices",
-    "matrices_to_quaternions",
-    "quaternions_to_matrices",
-    "viewing_directions",
-    "healpix_so3_grid_size",
-    "healpix_so3_grid",
-    "healpix_so3_grid_angles",
-    "geodesic_distance_deg",
-    "nearest_grid_indices",
-    "point_group",
-    "symmetry_mates",
-    "symmetric_geodesic_distance_deg",
-    "as_symmetry_ops",
-    "grid_nearest_neighbour_spacing_deg",
-    "MAX_HEALPIX_LEVEL",
-]
+#: Every public name of the three modules (each keeps its own ``__all__``).
+__all__ = [*rotations.__all__, *grids.__all__, *point_groups.__all__]

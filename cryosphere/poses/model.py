@@ -57,24 +57,17 @@ from torch import nn
 
 from cryosphere._checks import known_fields
 from cryosphere.geometry import so3
+from cryosphere.poses import harmonics, layers
 from cryosphere.poses.encoders import ENCODERS, ResidualEncoder, resnet_feature_size
-from cryosphere.poses.harmonics import (
-    _grid_wigner,
-    evaluate_so3_coefficients,
-    grid_wigner,
-    rotate_s2_coefficients,
-    rotate_so3_coefficients,
-    s2_dimension,
-    so3_dimension,
-    wigner_d_flat,
-)
+from cryosphere.poses.harmonics import *  # noqa: F403 (re-exports harmonics.__all__)
+from cryosphere.poses.harmonics import _grid_wigner
+from cryosphere.poses.layers import *  # noqa: F403 (re-exports layers.__all__)
 from cryosphere.poses.layers import (
     HemisphereProjection,
     QuarterTurnConv2d,
     S2Convolution,
     SO3Activation,
     SO3Convolution,
-    hemisphere_points,
 )
 
 __all__ = [
@@ -82,20 +75,9 @@ __all__ = [
     "MAX_LMAX",
     "ModelConfig",
     "PoseDistributionNetwork",
-    "QuarterTurnConv2d",
-    "HemisphereProjection",
-    "S2Convolution",
-    "SO3Activation",
-    "SO3Convolution",
-    "hemisphere_points",
-    "so3_dimension",
-    "s2_dimension",
-    "wigner_d_flat",
-    "grid_wigner",
-    "rotate_s2_coefficients",
-    "rotate_so3_coefficients",
-    "evaluate_so3_coefficients",
     "build_model",
+    *layers.__all__,
+    *harmonics.__all__,
 ]
 
 ARCHITECTURE = "cryosphere.PoseDistributionNetwork/v1"
