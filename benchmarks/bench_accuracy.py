@@ -70,13 +70,15 @@ def _mode_shift_deg(model, images_R, images_QR, Q, ops) -> np.ndarray:
 
 
 def _equivariance(model, untrained, volume, blur, ops, n_pairs: int, seed: int) -> dict:
-    from cryosphere.poses import evaluate
+    from cryosphere.poses import equivariance
 
-    R, Q = evaluate.equivariance_pairs(n_pairs, "out_of_plane", seed)
-    images_R = evaluate._images(volume, R, blur, 0.0, 0)
-    images_QR = evaluate._images(volume, Q @ R, blur, 0.0, 0)
-    trained = evaluate.model_equivariance_mse(model, images_R, images_QR, Q, output="density")
-    random = evaluate.model_equivariance_mse(untrained, images_R, images_QR, Q, output="density")
+    R, Q = equivariance.equivariance_pairs(n_pairs, "out_of_plane", seed)
+    images_R = equivariance._images(volume, R, blur, 0.0, 0)
+    images_QR = equivariance._images(volume, Q @ R, blur, 0.0, 0)
+    trained = equivariance.model_equivariance_mse(model, images_R, images_QR, Q, output="density")
+    random = equivariance.model_equivariance_mse(
+        untrained, images_R, images_QR, Q, output="density"
+    )
     shift_model = _mode_shift_deg(model, images_R, images_QR, Q, ops)
     shift_random = _mode_shift_deg(untrained, images_R, images_QR, Q, ops)
     return {

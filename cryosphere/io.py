@@ -125,6 +125,28 @@ def _check_finite(array: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} holds NaN or infinite values; fix the data before writing it")
 
 
+def _write_mrc(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    size: tuple[str, float],
+    what: str,
+    stack: bool,
+) -> Path:
+    """Write float32 ``data`` as MRC atomically; ``size`` is ``(argument name, Å per voxel)``,
+    refused unless positive; ``stack`` marks an image stack (``.mrcs``)."""
+    name, angstrom = size
+    if angstrom <= 0:
+        raise ValueError(f"{name} must be positive (Å), got {angstrom}")
+    _check_finite(data, what)
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(data)
+            if stack:
+                mrc.set_image_stack()
+            mrc.voxel_size = float(angstrom)
+    return Path(path)
+
+
 def write_map(path: str | os.PathLike[str], volume: np.ndarray, voxel_size: float) -> Path:
     """Write a cubic volume ``(N, N, N)`` ``[z, y, x]`` as an MRC map with its voxel size in Å.
 
@@ -137,14 +159,7 @@ def write_map(path: str | os.PathLike[str], volume: np.ndarray, voxel_size: floa
             f"a map must be a cubic 3D array (N, N, N), got shape {volume.shape}; "
             "pad or crop it to a cube first"
         )
-    if voxel_size <= 0:
-        raise ValueError(f"voxel_size must be positive (Å), got {voxel_size}")
-    _check_finite(volume, "the map")
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(volume)
-            mrc.voxel_size = float(voxel_size)
-    return Path(path)
+    return _write_mrc(path, volume, ("voxel_size", voxel_size), "the map", stack=False)
 
 
 def _open_mrc(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
@@ -180,15 +195,7 @@ def write_stack(path: str | os.PathLike[str], images: np.ndarray, pixel_size: fl
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"an image stack must have shape (n, N, N), got {images.shape}")
-    if pixel_size <= 0:
-        raise ValueError(f"pixel_size must be positive (Å), got {pixel_size}")
-    _check_finite(images, "the image stack")
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(images)
-            mrc.set_image_stack()
-            mrc.voxel_size = float(pixel_size)
-    return Path(path)
+    return _write_mrc(path, images, ("pixel_size", pixel_size), "the image stack", stack=True)
 
 
 def read_stack(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:

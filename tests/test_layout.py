@@ -106,3 +106,62 @@ def test_bench_extra_holds_what_only_benchmarks_and_tests_import():
         library = [p for p in (root / "cryosphere").rglob("*.py") if module in p.read_text()]
         assert library == [], module
     assert "torch_fourier_slice" in (root / "benchmarks" / "bench_reconstruction.py").read_text()
+
+
+SPLIT_0_2 = {
+    "cryosphere.geometry.so3": ("rotations", "grids", "point_groups"),
+    "cryosphere.imaging.structure": ("atoms", "chain_symmetry"),
+    "cryosphere.imaging.simulate": ("datasets",),
+    "cryosphere.poses.labels": ("templates", "landscape", "soft_maps", "label_explorer"),
+    "cryosphere.poses.model": ("harmonics", "layers"),
+    "cryosphere.poses.train": ("training_setup", "checkpoints", "predictions"),
+    "cryosphere.poses.evaluate": ("equivariance",),
+}
+
+
+@pytest.mark.parametrize("old", sorted(SPLIT_0_2))
+def test_split_modules_keep_their_names(old):
+    """A module split into smaller ones still serves every name it had, as the very object of
+    its new home, and lists it in ``__all__``."""
+    import importlib
+
+    module = importlib.import_module(old)
+    package = old.rsplit(".", 1)[0]
+    moved = set()
+    for part in SPLIT_0_2[old]:
+        home = importlib.import_module(f"{package}.{part}")
+        for name in home.__all__:
+            if name in module.__all__:
+                assert getattr(module, name) is getattr(home, name), f"{old}.{name}"
+                moved.add(name)
+    assert moved, f"{old} re-exports nothing from {SPLIT_0_2[old]}"
+    for name in module.__all__:
+        assert hasattr(module, name), f"{old}.__all__ names {name} but the module lacks it"
+
+
+OLD_NAMES_0_1 = {
+    "cryosphere.geometry.so3": "random_rotations matrices_from_relion_euler healpix_so3_grid "
+    "nearest_grid_indices point_group symmetry_mates as_symmetry_ops MAX_HEALPIX_LEVEL",
+    "cryosphere.imaging.structure": "load_structure coulomb_potential_map detect_point_group "
+    "resolve_point_group check_imageable MAX_ATOMS EMBEDDED_STRUCTURES",
+    "cryosphere.imaging.simulate": "SimulationParameters ParticleDataset simulate_dataset "
+    "load_or_simulate SIMULATION_FILES",
+    "cryosphere.poses.labels": "PoseLabels template_bank mse_landscape template_matching "
+    "soft_labels top_fraction_mask tune_lambda compute_labels load_or_make_labels "
+    "label_explorer_data LabelExplorerData DEFAULT_MEMORY_LIMIT_BYTES",
+    "cryosphere.poses.model": "ModelConfig PoseDistributionNetwork QuarterTurnConv2d "
+    "grid_wigner wigner_d_flat rotate_so3_coefficients build_model",
+    "cryosphere.poses.train": "TrainingConfig TrainingResult Predictions train_model predict "
+    "load_model load_checkpoint checkpoint_path load_or_train pose_errors_deg LOSSES",
+    "cryosphere.poses.evaluate": "pose_metrics compare_pose_estimators equivariance_table "
+    "EquivarianceResult ROTATION_KINDS UNIFORM_LOG_LIKELIHOOD",
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_NAMES_0_1))
+def test_names_users_call_still_import_from_the_old_modules(old):
+    import importlib
+
+    module = importlib.import_module(old)
+    for name in OLD_NAMES_0_1[old].split():
+        assert name in module.__all__ and hasattr(module, name), f"{old}.{name}"

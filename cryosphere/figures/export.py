@@ -13,15 +13,19 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryosphere import io
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from matplotlib.figure import Figure
 
 __all__ = ["save_figure", "export_html", "png_export_problem", "export_png", "plotly_mimebundle"]
 
 
 def save_figure(
-    fig: Any,
+    fig: Figure,
     path: str | os.PathLike[str],
     formats: Sequence[str] = ("png", "pdf"),
     dpi: int = 300,
@@ -48,7 +52,7 @@ def save_figure(
     return written
 
 
-def export_html(fig: Any, path: str | os.PathLike[str], div_id: str | None = None) -> Path:
+def export_html(fig: go.Figure, path: str | os.PathLike[str], div_id: str | None = None) -> Path:
     """Write a plotly figure as a standalone HTML page (plotly.js embedded: opens offline),
     atomically. ``div_id`` names the figure's ``<div>`` (default: a random id)."""
     target = Path(path)
@@ -109,7 +113,7 @@ def png_export_problem() -> str | None:
 
 
 def export_png(
-    fig: Any,
+    fig: go.Figure,
     path: str | os.PathLike[str],
     width: int | None = None,
     height: int | None = None,
@@ -136,7 +140,7 @@ def export_png(
     return target
 
 
-def plotly_mimebundle(fig: Any) -> dict[str, Any]:
+def plotly_mimebundle(fig: go.Figure) -> dict[str, Any]:
     """A display bundle for a plotly figure: the plotly JSON MIME type (rendered by JupyterLab,
     Notebook 7 and VS Code) and a plain-text fallback; used to show figures in ipywidgets."""
     title = fig.layout.title.text or "plotly figure"

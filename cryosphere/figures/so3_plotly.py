@@ -12,7 +12,7 @@ the prediction. Every view draws a :class:`~cryosphere.figures.so3_views.SphereV
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from cryosphere.figures.so3_views import (
     lat_lon_pixel_mesh,
     lon_lat_deg,
 )
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 __all__ = ["plot_viewing_sphere", "plot_pose_scatter", "plot_label_vs_prediction"]
 
@@ -121,7 +124,7 @@ def _surface_traces(
     return [surface, *_marker_traces(view, False, IN_PLANE_COLORSCALE)]
 
 
-def _unit_sphere(n: int = 25) -> Any:
+def _unit_sphere(n: int = 25) -> go.Surface:
     import plotly.graph_objects as go
 
     theta, phi = np.meshgrid(np.linspace(0, np.pi, n), np.linspace(0, 2 * np.pi, 2 * n - 1))
@@ -179,7 +182,7 @@ def _scatter_traces(
     return [_unit_sphere(), scatter, *_marker_traces(view, True, colorscale)]
 
 
-def _single_sphere_figure(traces: list[Any], view: SphereView, title: str) -> Any:
+def _single_sphere_figure(traces: list[Any], view: SphereView, title: str) -> go.Figure:
     """One 3D sphere scene holding ``traces``, the camera facing the true pose."""
     import plotly.graph_objects as go
 
@@ -199,7 +202,7 @@ def plot_viewing_sphere(
     title: str | None = None,
     colorscale: str = "Viridis",
     resolution_deg: float | None = None,
-) -> Any:
+) -> go.Figure:
     """Viewing-direction marginal as a coloured unit sphere (rotatable, zoomable).
 
     Colour: ``view.density_per_sr`` (mass per steradian) of the HEALPix pixel under each vertex
@@ -219,7 +222,7 @@ def plot_pose_scatter(
     title: str | None = None,
     colorscale: str = IN_PLANE_COLORSCALE,
     max_marker_px: float = 14.0,
-) -> Any:
+) -> go.Figure:
     """Image2Sphere-style scatter: each shown grid rotation at its viewing direction.
 
     Marker diameter ``2 + (max_marker_px - 2) * sqrt(p / p_max)`` pixels (area ~ probability);
@@ -244,7 +247,7 @@ def plot_label_vs_prediction(
     kind: str = "scatter",
     title: str | None = None,
     titles: Sequence[str] = ("particle image", "label", "prediction"),
-) -> Any:
+) -> go.Figure:
     """The particle image beside its label distribution and the model's prediction.
 
     Args:

@@ -1,1 +1,3 @@
-"""Geometry of poses: rotations, conversions, HEALPix SO(3) grids, point groups (:mod:`.so3`) and distributions on the grid (:mod:`.distributions`)."""
+"""Geometry of poses: rotations and conversions (:mod:`.rotations`), HEALPix SO(3) grids
+(:mod:`.grids`), point groups (:mod:`.point_groups`), all three under one name in :mod:`.so3`;
+distributions on the grid (:mod:`.distributions`)."""

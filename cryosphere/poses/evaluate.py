@@ -37,22 +37,12 @@ import numpy as np
 
 from cryosphere._checks import as_pose_stack, as_symmetry_ops
 from cryosphere.geometry import so3
-from cryosphere.poses.equivariance import (
-    ROTATION_KINDS,
-    EquivarianceResult,
-    equivariance_mse,
-    equivariance_pairs,
-    equivariance_table,
-    label_equivariance_mse,
-    left_translate_grid_values,
-    model_equivariance_example,
-    model_equivariance_mse,
-)
+from cryosphere.poses import equivariance
+from cryosphere.poses.equivariance import *  # noqa: F403 (re-exports equivariance.__all__)
 from cryosphere.poses.landscape import template_matching
 
 __all__ = [
     "UNIFORM_LOG_LIKELIHOOD",
-    "ROTATION_KINDS",
     "pose_error_parts_deg",
     "true_pose_log_likelihood",
     "pose_metrics",
@@ -60,14 +50,7 @@ __all__ = [
     "template_matched_poses",
     "compare_pose_estimators",
     "accuracy_curve",
-    "equivariance_pairs",
-    "left_translate_grid_values",
-    "equivariance_mse",
-    "model_equivariance_mse",
-    "label_equivariance_mse",
-    "model_equivariance_example",
-    "EquivarianceResult",
-    "equivariance_table",
+    *equivariance.__all__,
 ]
 
 UNIFORM_LOG_LIKELIHOOD = -math.log(math.pi**2)

@@ -34,11 +34,8 @@ Architecture (all shapes for a batch of ``n`` images of ``N x N`` pixels)
 
 Harmonic conventions
 --------------------
-An SO(3) signal is stored as ``F`` of shape ``(..., dim_so3)``: for each degree ``l = 0..lmax`` the
-``(2l+1) x (2l+1)`` block ``F_l`` flattened row-major, and ``f(R) = sum_l sum_mn F_l[m, n]
-D_l(R)[m, n]`` with ``D_l = e3nn.o3.wigner_D(l, *e3nn.o3.matrix_to_angles(R))`` (matrices acting on
-xyz vectors; ``Y_l(R x) = D_l(R) Y_l(x)`` with ``e3nn.o3.spherical_harmonics``). The left
-translation ``f'(S) = f(Q^T S)`` is ``F'_l = D_l(Q) F_l`` (:func:`rotate_so3_coefficients`).
+SO(3) signals are stored as flattened Wigner-D blocks, ``f(R) = sum_l <F_l, D_l(R)>`` (e3nn's
+matrices); the layout and the left translation are in :mod:`cryosphere.poses.harmonics`.
 
 Equivariance (``encoder="quarter_turn"``; the ``"resnet"`` encoder learns it): rotating the
 input image by ``Q = Rz(90 k deg)`` (the image of pose ``Q @ R``)
@@ -60,24 +57,17 @@ from torch import nn
 
 from cryosphere._checks import known_fields
 from cryosphere.geometry import so3
+from cryosphere.poses import harmonics, layers
 from cryosphere.poses.encoders import ENCODERS, ResidualEncoder, resnet_feature_size
-from cryosphere.poses.harmonics import (
-    _grid_wigner,
-    evaluate_so3_coefficients,
-    grid_wigner,
-    rotate_s2_coefficients,
-    rotate_so3_coefficients,
-    s2_dimension,
-    so3_dimension,
-    wigner_d_flat,
-)
+from cryosphere.poses.harmonics import *  # noqa: F403 (re-exports harmonics.__all__)
+from cryosphere.poses.harmonics import _grid_wigner
+from cryosphere.poses.layers import *  # noqa: F403 (re-exports layers.__all__)
 from cryosphere.poses.layers import (
     HemisphereProjection,
     QuarterTurnConv2d,
     S2Convolution,
     SO3Activation,
     SO3Convolution,
-    hemisphere_points,
 )
 
 __all__ = [
@@ -85,20 +75,9 @@ __all__ = [
     "MAX_LMAX",
     "ModelConfig",
     "PoseDistributionNetwork",
-    "QuarterTurnConv2d",
-    "HemisphereProjection",
-    "S2Convolution",
-    "SO3Activation",
-    "SO3Convolution",
-    "hemisphere_points",
-    "so3_dimension",
-    "s2_dimension",
-    "wigner_d_flat",
-    "grid_wigner",
-    "rotate_s2_coefficients",
-    "rotate_so3_coefficients",
-    "evaluate_so3_coefficients",
     "build_model",
+    *layers.__all__,
+    *harmonics.__all__,
 ]
 
 ARCHITECTURE = "cryosphere.PoseDistributionNetwork/v1"

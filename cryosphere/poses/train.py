@@ -363,32 +363,9 @@ def _run_epoch(
     config: TrainingConfig,
     epoch: int,
 ) -> dict[str, float]:
-    """Train one epoch, validate, and return its ``training_log.csv`` row."""
-    t0 = time.perf_counter()
-    row = {
-        "epoch": epoch + 1,
-        "train_loss": _train_epoch(model, optimizer, order, data, config, epoch),
-    }
-    row.update(
-        _evaluate(
-            model, data.images[data.val_idx], data.targets[data.val_idx], data.val_rotations,
-            data.ops, data.grid, config.loss, max(int(config.batch_size), 256),
-        )
-    )  # fmt: skip
-    row["epoch_seconds"] = time.perf_counter() - t0
-    return row
-
-
-def _train_epoch(
-    model: PoseDistributionNetwork,
-    optimizer: torch.optim.Optimizer,
-    order: torch.Generator,
-    data: _EpochData,
-    config: TrainingConfig,
-    epoch: int,
-) -> float:
     """One pass over the training images in the order drawn from ``order``, at the learning
-    rate of 0-based ``epoch``; returns the mean training loss."""
+    rate of 0-based ``epoch``, then validation; returns the epoch's ``training_log.csv`` row."""
+    t0 = time.perf_counter()
     model.train()
     n_train = len(data.train_idx)
     permutation = torch.randperm(n_train, generator=order).to(data.train_idx.device)
@@ -404,7 +381,15 @@ def _train_epoch(
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * batch.shape[0]
-    return total / n_train
+    row = {"epoch": epoch + 1, "train_loss": total / n_train}
+    row.update(
+        _evaluate(
+            model, data.images[data.val_idx], data.targets[data.val_idx], data.val_rotations,
+            data.ops, data.grid, config.loss, max(batch_size, 256),
+        )
+    )  # fmt: skip
+    row["epoch_seconds"] = time.perf_counter() - t0
+    return row
 
 
 def _checkpoint_record(

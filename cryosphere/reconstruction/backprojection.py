@@ -283,6 +283,16 @@ def _check_settings(regularisation: float, oversampling: int, n_pix: int, batch_
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def _check_ctf(
+    ctf: ctf_module.CTFParameters | None, n_images: int, pixel_size_angstrom: float | None
+) -> None:
+    if ctf is not None and (len(ctf) != n_images or not (pixel_size_angstrom or 0) > 0):
+        raise ValueError(
+            f"ctf needs one entry per image ({n_images}, got {len(ctf)}) and a positive "
+            f"pixel_size_angstrom (got {pixel_size_angstrom})"
+        )
+
+
 @dataclass(frozen=True)
 class Reconstruction:
     """A reconstructed map.
@@ -374,13 +384,9 @@ def reconstruct(
     ops = as_ops(symmetry_ops)
     n_pix = imgs.shape[-1]
     _check_settings(regularisation, oversampling, n_pix, batch_size)
+    _check_ctf(ctf, imgs.shape[0], pixel_size_angstrom)
     if device is None:
         device = imgs.device if torch.is_tensor(images) else torch.device("cpu")
-    if ctf is not None and (len(ctf) != imgs.shape[0] or not (pixel_size_angstrom or 0) > 0):
-        raise ValueError(
-            f"ctf needs one entry per image ({imgs.shape[0]}, got {len(ctf)}) and a positive "
-            f"pixel_size_angstrom (got {pixel_size_angstrom})"
-        )
     insert = dict(
         oversampling=int(oversampling),
         blur_sigma_px=float(blur_sigma_px),
@@ -397,11 +403,11 @@ def reconstruct(
     if len(ops) == 1:
         return Reconstruction(_finish(first, **finish))
     c1 = _finish(first, **finish)
-    rest = _insert(imgs, *_combined_poses(rots, wts, ops[1:]), **insert)
-    total = _Accumulators(first.numerator + rest.numerator, first.weight + rest.weight)
     corr = symmetry_correlation(c1, ops.numpy())
     if check_symmetry and corr < symmetry_threshold:
         raise_frame_mismatch(corr, symmetry_threshold, len(ops))
+    rest = _insert(imgs, *_combined_poses(rots, wts, ops[1:]), **insert)
+    total = _Accumulators(first.numerator + rest.numerator, first.weight + rest.weight)
     return Reconstruction(_finish(total, **finish), c1, corr)
 
 
