@@ -242,7 +242,9 @@ class SimulatedStream:
             "blur_sigma": self.blur_sigma,
             "volume_shape": list(self.volume.shape),
             "volume_sum": round(float(self.volume.sum(dtype=np.float64)), 6),
-            "signal_variance": self.signal_variance,
+            # 6 significant digits: the last bits depend on the thread count (FFT sums), and a
+            # run may resume on another machine or rank count
+            "signal_variance": float(f"{self.signal_variance:.6g}"),
         }
 
 
