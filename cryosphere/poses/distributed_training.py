@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -115,6 +116,9 @@ def _prepare(model_config, config, validation, context, bf16):
             else {"broadcast_buffers": False}
         )
         wrapped = DistributedDataParallel(model, device_ids=ids, **sync)
+        # a (C, 1, k, k) convolution weight's size-1 axis has another stride in DDP's bucket:
+        # harmless (torch says so), but warned once per rank
+        warnings.filterwarnings("ignore", "Grad strides do not match", UserWarning)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )

@@ -9,6 +9,10 @@ Examples::
     cryosphere profiles
     cryosphere predict particles.star --checkpoint model.pt -o predicted.star
     cryosphere train --star particles.star --map consensus.mrc --run-dir runs/mine
+    torchrun --nproc_per_node 4 -m cryosphere train --particles p.star --map m.mrc --run-dir r \
+        --steps 5000 --slots 4                      # streamed, 4 ranks (README: Beyond one machine)
+    torchrun --nproc_per_node 4 -m cryosphere predict p.star --checkpoint r/model/checkpoint.pt \
+        -o predicted.star                           # particles sharded over 4 ranks
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from typing import Any
 
@@ -76,7 +81,14 @@ def _add_train_parser(commands: Any) -> None:
     fit = commands.add_parser(
         "train", help="train on a consensus refinement (particles with poses + its map)"
     )
-    fit.add_argument("--star", required=True, help="particles STAR file with refined angles")
+    fit.add_argument(
+        "--star",
+        "--particles",
+        dest="star",
+        required=True,
+        help="particles STAR file with refined angles (under torchrun write --particles: "
+        "torchrun reads --star as its own --start-method)",
+    )
     fit.add_argument("--map", required=True, help="the refinement's map (MRC, particles' box)")
     fit.add_argument("--run-dir", required=True, help="folder for model/checkpoint.pt and logs")
     fit.add_argument("--box", type=int, default=64, help="model box in px (Fourier crop)")
@@ -88,6 +100,53 @@ def _add_train_parser(commands: Any) -> None:
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    fit.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="streamed training for this many optimiser steps (DDP under torchrun) instead of "
+        "epochs",
+    )
+    fit.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="with --steps: batches of --batch-size per step (global batch); ranks must divide it",
+    )
+    fit.add_argument("--learning-rate", type=float, default=1e-3, help="with --steps")
+    fit.add_argument("--bf16", action="store_true", help="with --steps: bfloat16 autocast (GPU)")
+
+
+def _train_steps(args: argparse.Namespace, config: Any) -> int:
+    from cryosphere.poses.stream_training import StreamTrainingConfig
+    from cryosphere.runs.stream_refinement import train_refinement_on_stream
+
+    training = StreamTrainingConfig(
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(100, args.steps // 10),
+        eval_every=max(1, args.steps // 20),
+        seed=args.seed,
+        device=args.device,
+    )
+    result = train_refinement_on_stream(
+        args.star,
+        args.map,
+        args.run_dir,
+        model_config=config,
+        config=training,
+        batch_size=args.batch_size,
+        slots=args.slots,
+        q=args.q,
+        max_particles=args.max_particles,
+        bf16=args.bf16,
+        progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {result.steps_done} steps ({result.images_seen} images): {result.checkpoint}"
+        )
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -96,6 +155,8 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = model.ModelConfig(image_size=args.box, grid_level=args.level)
+        if args.steps is not None:
+            return _train_steps(args, config)
         training = train.TrainingConfig(
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device
         )
@@ -137,13 +198,18 @@ def _add_predict_parser(commands: Any) -> None:
         "--no-normalise", action="store_true", help="skip the background normalisation"
     )
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    predict.add_argument(
+        "--workers", type=int, default=1, help="reader processes per rank (0: read in-process)"
+    )
+    predict.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from cryosphere.poses import inference  # imported here: torch start-up only when needed
+    from cryosphere.poses import distributed, sharded_inference  # torch only when needed
 
     try:
-        summary = inference.predict_star(
+        context = distributed.init_from_env(args.device)
+        summary = sharded_inference.predict_star_distributed(
             args.star,
             args.checkpoint,
             args.output,
@@ -154,10 +220,16 @@ def _predict(args: argparse.Namespace) -> int:
             crop_size=args.crop,
             normalise=not args.no_normalise,
             progress=not args.no_progress,
+            num_workers=args.workers,
+            bf16=args.bf16,
+            context=context,
         )
+        distributed.shutdown(context)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere predict: {error}", file=sys.stderr)
         return 2
+    if not context.writes:
+        return 0
     print(
         f"{summary.n_images} particles in {summary.seconds:.1f} s "
         f"({summary.images_per_s:.0f} images/s): {summary.star}, {summary.topk}"
