@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -27,10 +28,12 @@ import pytest
 import starfile
 import torch
 
+from cryosphere.geometry import so3
+from cryosphere.imaging.projection import gaussian_blur, project_volume
 from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
 from cryosphere.poses import distributed as dd
 from cryosphere.poses import distributed_training as dt
-from cryosphere.poses import inference, sharded_inference, train
+from cryosphere.poses import inference, labels, sharded_inference, sharded_labels, train
 from cryosphere.poses.model import ModelConfig, build_model
 from cryosphere.poses.stream import SimulatedStream, StreamConfig
 from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
@@ -83,6 +86,7 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
     sharded_inference.predict_star_distributed(
         data / "particles.star", ckpt, data / "two.star", num_workers=1, **predict
     )
+    _labels(context, volume, folder)
     star = data / ("particles.star" if context.rank == 0 else "missing.star")
     for name, path in (("one", data / "one.star"), ("missing", star)):
         _write_error(
@@ -93,6 +97,21 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
                 path, ckpt, data / f"{name}_out.star", **predict
             ),
         )
+
+
+def _label_set(volume: np.ndarray) -> SimpleNamespace:
+    rotations = so3.random_rotations(10, 8)
+    clean = gaussian_blur(project_volume(volume, rotations), 1.0).numpy()
+    return SimpleNamespace(clean_images=clean, rotations=rotations, symmetry_ops=np.eye(3)[None])
+
+
+def _labels(context: dd.DistributedContext, volume: np.ndarray, folder: Path) -> None:
+    bank = sharded_labels.template_bank_on_disk(
+        volume, 1, 1.0, folder / "bank.npy", chunk=128, context=context
+    )
+    made = sharded_labels.compute_labels_sharded(_label_set(volume), bank, 1, context=context)
+    if context.writes:
+        np.savez(folder / "labels.npz", mse=made.mse, mask=made.mask, lam=made.lam)
 
 
 def _killed_worker(context: dd.DistributedContext, folder: Path) -> None:
@@ -194,8 +213,11 @@ def test_one_slot_on_one_process_is_train_on_stream(ubi_map_32):
     b = dt.train_distributed(stream, MODEL, config, validation, progress=False)
     assert _max_difference(a.model.state_dict(), b.model.state_dict()) < 1e-6
     assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], rel=1e-6)
-    bf16 = dt.train_distributed(stream, MODEL, config, validation, progress=False, bf16=True)
-    assert np.isfinite(bf16.history[-1]["train_loss"])  # the autocast path runs (CPU)
+    bf16 = dt.train_distributed(
+        stream, MODEL, config, validation, progress=False, bf16=True, stop_after=1
+    )
+    weights = bf16.model.state_dict()  # the autocast path runs on CPU (speed unmeasured)
+    assert bf16.steps_done == 1 and all(bool(torch.isfinite(v).all()) for v in weights.values())
 
 
 def test_sharded_prediction_writes_the_star_of_one_rank(two_ranks):
@@ -205,6 +227,7 @@ def test_sharded_prediction_writes_the_star_of_one_rank(two_ranks):
         data / "particles.star", ckpt, data / "one_rank.star", batch_size=4, top_k=3,
         progress=False,
     )  # fmt: skip
+
     one = starfile.read(data / "one_rank.star", always_dict=True)
     two = starfile.read(data / "two.star", always_dict=True)
     assert set(one) == set(two)
@@ -235,3 +258,18 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error_and_no_output(two_ranks):
     message = (two_ranks / "killed_rank0.txt").read_text()
     assert "gathering the predictions failed" in message and "nothing was written" in message
     assert not list((two_ranks / "data").glob("killed*"))
+
+
+def test_template_bank_on_disk_and_sharded_labels_equal_one_process(two_ranks, ubi_map_32):
+    volume = ubi_map_32[0]
+    assert not list(two_ranks.glob(".bank*"))  # the partial file was renamed
+    bank = np.load(two_ranks / "bank.npy", mmap_mode="r")
+    reference = labels.template_bank(volume, 1, 1.0)
+    scale = float(np.abs(reference).max())
+    np.testing.assert_allclose(bank, reference, rtol=0, atol=1e-5 * scale)
+    made = labels.compute_labels(_label_set(volume), level=1, templates=reference, progress=False)
+    got = np.load(two_ranks / "labels.npz")
+    # float32 bound of mse_landscape: 2·eps·‖a−c‖·‖b−c‖ per pixel, ≤ 1e-5 of the largest MSE
+    np.testing.assert_allclose(got["mse"], made.mse, rtol=0, atol=1e-5 * float(made.mse.max()))
+    assert float(got["lam"]) == pytest.approx(made.lam, rel=1e-3)
+    assert np.mean(got["mask"] == made.mask) > 0.999

@@ -15,8 +15,8 @@ rank of the process group (:mod:`cryosphere.poses.distributed`; alone it is rank
    single-process run would. A rank that dies or fails during prediction makes the gather fail
    on the others (within the group's timeout): nothing is written.
 
-``bf16=True`` runs the network under ``torch.autocast(dtype=torch.bfloat16)`` (a GPU option; the
-output then differs from a float32 run by bf16 rounding).
+Mixed precision is a training option only (:mod:`cryosphere.poses.distributed_training`):
+:func:`cryosphere.poses.train.predict` hands float32 logits to numpy, which bf16 autocast breaks.
 """
 
 from __future__ import annotations
@@ -98,13 +98,12 @@ def predict_star_distributed(
     normalise: bool = True,
     progress: bool = True,
     num_workers: int = 0,
-    bf16: bool = False,
     context: dd.DistributedContext | None = None,
 ) -> inference.PredictionSummary:
     """Sharded :func:`~cryosphere.poses.inference.predict_star` (module docstring).
 
     Arguments as in :func:`~cryosphere.poses.inference.predict_star`, plus ``num_workers``
-    (reader processes per rank), ``bf16`` (autocast) and ``context`` (None: join the group of
+    (reader processes per rank) and ``context`` (None: join the group of
     the environment, or run alone). On ranks other than 0 the summary counts the rank's own
     particles and names the file rank 0 wrote.
     """
@@ -113,17 +112,16 @@ def predict_star_distributed(
         n = _check(star_path, checkpoint, context)
     start, stop = dd.block_range(n, context.rank, context.world_size, align=batch_size)
     plan = ShardPlan(context, start, stop, int(num_workers))
-    with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-        return inference.predict_star(
-            star_path,
-            checkpoint,
-            output,
-            batch_size=batch_size,
-            device=context.device,
-            top_k=top_k,
-            ctf_correction=ctf_correction,
-            crop_size=crop_size,
-            normalise=normalise,
-            progress=progress and context.writes,
-            shard=plan,
-        )
+    return inference.predict_star(
+        star_path,
+        checkpoint,
+        output,
+        batch_size=batch_size,
+        device=context.device,
+        top_k=top_k,
+        ctf_correction=ctf_correction,
+        crop_size=crop_size,
+        normalise=normalise,
+        progress=progress and context.writes,
+        shard=plan,
+    )
