@@ -35,7 +35,7 @@ from cryosphere.poses import distributed as dd
 from cryosphere.poses import distributed_training as dt
 from cryosphere.poses import inference, labels, sharded_inference, sharded_labels, train
 from cryosphere.poses.model import ModelConfig, build_model
-from cryosphere.poses.stream import SimulatedStream, StreamConfig
+from cryosphere.poses.stream import FixedSetStream, SimulatedStream, StreamConfig
 from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
 
 MODEL = ModelConfig(
@@ -166,6 +166,21 @@ def test_block_range_and_rank_slots_cover_everything_once():
     assert [list(dt.rank_slots(4, r, 2)) for r in range(2)] == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="divides slots"):
         dt.rank_slots(3, 0, 2)
+
+
+def test_fixed_set_slots_share_each_epoch_and_one_slot_is_unchanged():
+    n = 10
+    images = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
+    args = (images, np.ones((n, 3), np.float32), np.tile(np.eye(3), (n, 1, 1)), 3)
+    dealt = FixedSetStream(*args, seed=1, slots=2)
+    assert dealt.per_epoch == 2 and dealt.description()["slots"] == 2
+    drawn = [dealt.batch(s, k).images[:, 0, 0].int().tolist() for s in range(2) for k in range(2)]
+    assert all(len(b) == 3 for b in drawn)  # equal shares, the last step wrapped round
+    assert sorted(sum(drawn, [])[:n]) == list(range(n))  # each image once before the wrap
+    plain = FixedSetStream(*args, seed=1)  # one slot: the order of rank 0, as before slots
+    order = np.random.default_rng([1, 0, 0]).permutation(n)
+    assert plain.batch(3).images[:, 0, 0].int().tolist() == order[9:].tolist()
+    assert "slots" not in plain.description()
 
 
 def test_two_ranks_equal_one_rank_with_the_doubled_batch(two_ranks, ubi_map_32):

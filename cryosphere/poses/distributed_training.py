@@ -14,6 +14,9 @@ is the same global batch whatever ``W`` is. Hence:
 * a checkpoint records ``slots`` (in its identity) but not ``W``: a run may resume on any
   rank count that divides ``slots`` and continues with the same batches, learning rates and
   optimiser state; only float rounding differs (the order of the gradient sums);
+* a :class:`~cryosphere.poses.stream.FixedSetStream` must be made with the same ``slots``
+  (it then deals each epoch's order out in slots, so the ranks share an epoch without overlap);
+  a :class:`~cryosphere.poses.stream.SimulatedStream` draws every slot fresh;
 * with ``slots=1`` on one process this is :func:`cryosphere.poses.stream_training.
   train_on_stream` step for step (same batches, same checkpoint format; either resumes the
   other's checkpoints).
@@ -164,6 +167,11 @@ def train_distributed(
     """
     context = context or dd.init_from_env(config.device)
     mine = rank_slots(slots, context.rank, context.world_size)
+    if getattr(stream, "slots", slots) != slots:
+        raise ValueError(
+            f"the stream deals its epochs in {stream.slots} slots but training asks for {slots}; "
+            f"make the FixedSetStream with slots={slots}"
+        )
     ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
     model, wrapped, optimizer = _prepare(model_config, config, validation, context, bf16)
     identity = st._identity(model_config, config, stream)

@@ -63,8 +63,9 @@ def train_refinement_on_stream(
     targets = np.asarray(made.mask if config.loss == "bce" else made.soft, dtype=np.float32)
     fit, held = train.split_indices(len(data.rotations), validation_fraction, config.seed)
     stream = FixedSetStream(
-        data.noisy_images[fit], targets[fit], data.rotations[fit], batch_size, config.seed
-    )
+        data.noisy_images[fit], targets[fit], data.rotations[fit], batch_size, config.seed,
+        slots=slots,
+    )  # fmt: skip
     validation = Batch(
         images=torch.from_numpy(np.ascontiguousarray(data.noisy_images[held])),
         targets=torch.from_numpy(targets[held]),
