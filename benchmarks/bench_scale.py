@@ -12,8 +12,10 @@
    process, so it is an upper bound); peak = ``predict_peak_rss_gb``.
 4. Throughput (images/s, as printed by the command: reading, preprocessing, network, writing)
    on the subset, on 1 rank (``--threads`` threads) and on 2 ranks under torchrun (threads
-   split between them), ``images_per_s_1_rank`` / ``images_per_s_2_ranks``; the CPUs may be
-   shared with other work, so repeat on a quiet machine before comparing.
+   split between them), ``images_per_s_1_rank`` / ``images_per_s_2_ranks``, and on 1 rank with
+   1 thread (``images_per_s_1_rank_1_thread``: on a loaded machine 2 threads in one process can
+   be slower than 1, so the rank comparison needs it); the CPUs may be shared with other work,
+   so repeat on a quiet machine before comparing.
 
 Usage: nice -n 15 python benchmarks/bench_scale.py [--n-particles 10000] [--keep]
 The last line printed is one JSON object.
@@ -194,14 +196,14 @@ def main() -> None:
         full_rate = images_per_s(out)
         print(f"1 rank, {args.n_particles} particles: {out.strip()}; peak RSS {peak_sum:.2f} GB")
         rates = {}
-        for ranks in (1, 2):
-            threads = max(1, args.threads // ranks)
+        for ranks, threads in ((1, args.threads), (2, max(1, args.threads // 2)), (1, 1)):
             out, rank_sum, _ = run_measured(
                 predict_command(subset, ckpt, folder / f"subset{ranks}.star", args, ranks),
                 dict(env, OMP_NUM_THREADS=str(threads)),
             )
-            rates[ranks] = (images_per_s(out), rank_sum)
+            rates[ranks, threads] = (images_per_s(out), rank_sum)
             print(f"{ranks} rank(s) x {threads} threads, {rate_n} particles: {out.strip()}")
+        two = max(1, args.threads // 2)
         record = {
             "n_particles": args.n_particles,
             "box_px": args.box,
@@ -210,9 +212,10 @@ def main() -> None:
             "predict_peak_rss_one_process_gb": round(peak_one, 3),
             "images_per_s_full_set_1_rank": round(full_rate, 1),
             "rate_particles": rate_n,
-            "images_per_s_1_rank": round(rates[1][0], 1),
-            "images_per_s_2_ranks": round(rates[2][0], 1),
-            "peak_rss_2_ranks_gb": round(rates[2][1], 3),
+            "images_per_s_1_rank": round(rates[1, args.threads][0], 1),
+            "images_per_s_2_ranks": round(rates[2, two][0], 1),
+            "images_per_s_1_rank_1_thread": round(rates[1, 1][0], 1),
+            "peak_rss_2_ranks_gb": round(rates[2, two][1], 3),
             "threads": args.threads,
             "workers": args.workers,
             "batch_size": args.batch_size,

@@ -18,7 +18,10 @@ between any two float orderings while the predicted distributions agree to 1e-8.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +40,7 @@ from cryosphere.poses import inference, labels, sharded_inference, sharded_label
 from cryosphere.poses.model import ModelConfig, build_model
 from cryosphere.poses.stream import FixedSetStream, SimulatedStream, StreamConfig
 from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+from cryosphere.runs import cli
 
 MODEL = ModelConfig(
     image_size=32,
@@ -288,3 +292,26 @@ def test_template_bank_on_disk_and_sharded_labels_equal_one_process(two_ranks, u
     np.testing.assert_allclose(got["mse"], made.mse, rtol=0, atol=1e-5 * float(made.mse.max()))
     assert float(got["lam"]) == pytest.approx(made.lam, rel=1e-3)
     assert np.mean(got["mask"] == made.mask) > 0.999
+
+
+def test_the_train_and_predict_commands(two_ranks, capsys):
+    data, env = two_ranks / "data", dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env.pop("WORLD_SIZE", None)
+    common = [sys.executable, "-m", "cryosphere"]
+    run = two_ranks / "cli_run"
+    train_args = ["train", "--particles", str(data / "particles.star"), "--map"]
+    train_args += [str(data / "volume.mrc"), "--run-dir", str(run), "--steps", "2", "--box", "32"]
+    train_args += ["--level", "1", "--batch-size", "4", "--slots", "2", "--no-progress"]
+    assert cli.main(train_args) == 0  # in this process: one rank
+    assert "trained 2 steps (16 images)" in capsys.readouterr().out
+    assert train.load_checkpoint(train.checkpoint_path(run))["stream_identity"]["slots"] == 2
+    predict_args = ["predict", str(data / "particles.star"), "--checkpoint"]
+    predict_args += [str(train.checkpoint_path(two_ranks / "a")), "-o", str(data / "cli.star")]
+    predict_args += ["--batch-size", "4", "--top-k", "3", "--workers", "1", "--no-progress"]
+    done = subprocess.run(
+        common + predict_args, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = np.load(data / "cli_topk.npz"), np.load(data / "two_topk.npz")
+    assert np.array_equal(a["top_index"], b["top_index"])
