@@ -168,6 +168,7 @@ def predict_star(
     crop_size: int | None = None,
     normalise: bool = True,
     progress: bool = True,
+    shard=None,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
 
@@ -180,6 +181,10 @@ def predict_star(
             ``"phase_flip"``, ``"wiener"``, ``"none"``.
         crop_size: real-space crop (px) before downsampling to the model's box.
         normalise: background normalisation of each image (mean 0, std 1 outside a circle).
+        shard: this rank's share of a distributed run
+            (:class:`cryosphere.poses.sharded_inference.ShardPlan`: ``count``, ``batches``,
+            ``finish``); None: every particle, read here. Use
+            :func:`cryosphere.poses.sharded_inference.predict_star_distributed`.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -195,9 +200,11 @@ def predict_star(
         "top_index": np.empty((n, k), np.int64),
         "top_probability": np.empty((n, k), np.float32),
     }
-    bar = tqdm(total=n, desc="predicting", disable=not progress, unit="img")
+    total = n if shard is None else shard.count
+    bar = tqdm(total=total, desc="predicting", disable=not progress, unit="img")
     with StackReader(pset) as reader, torch.inference_mode():
-        for indices, images in reader.batches(batch_size):
+        batches = reader.batches(batch_size) if shard is None else shard.batches(pset, batch_size)
+        for indices, images in batches:
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
                 torch.from_numpy(images).to(device),
@@ -213,6 +220,8 @@ def predict_star(
             arrays["top_probability"][indices] = top_p
             bar.update(len(indices))
     bar.close()
+    if shard is not None and (arrays := shard.finish(arrays)) is None:
+        return PredictionSummary(output, topk_path(output), total, time.perf_counter() - started)
     arrays["best_rotation"] = grid[arrays["top_index"][:, 0]]
     arrays["best_probability"] = arrays["top_probability"][:, 0].copy()
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])

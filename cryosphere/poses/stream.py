@@ -386,7 +386,9 @@ class SimulatedStream:
             "blur_sigma": self.blur_sigma,
             "volume_shape": list(self.volume.shape),
             "volume_sum": round(float(self.volume.sum(dtype=np.float64)), 6),
-            "signal_variance": self.signal_variance,
+            # 6 significant digits: the last bits depend on the thread count (FFT sums), and a
+            # run may resume on another machine or rank count
+            "signal_variance": float(f"{self.signal_variance:.6g}"),
         } | ({} if self.realism is None else {"realism": dataclasses.asdict(self.realism)})
 
 
@@ -404,6 +406,12 @@ class FixedSetStream:
         fresh_noise: new noise on the clean image each time it is drawn.
         in_plane: random in-plane turn by a multiple of the grid step, target permuted.
         level: grid level of ``targets`` (for ``in_plane``).
+        slots: stream batches per optimiser step of a distributed run
+            (:mod:`cryosphere.poses.distributed_training`): step ``s`` takes the next
+            ``slots × batch_size`` images of the epoch's order and ``batch(s, k)`` is the
+            ``k``-th batch of them, so the slots (ranks) share an epoch without overlap; an
+            epoch is ``ceil(n / (slots · batch_size))`` steps, and its last step fills every
+            slot to ``batch_size`` from the start of the epoch's order (equal shares).
     """
 
     def __init__(
@@ -419,6 +427,7 @@ class FixedSetStream:
         fresh_noise: bool = False,
         in_plane: bool = False,
         level: int = 2,
+        slots: int = 1,
     ):
         self.images = torch.as_tensor(np.asarray(images, dtype=np.float32))
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
@@ -439,11 +448,21 @@ class FixedSetStream:
         self.noise = float(noise_sigma or 0.0)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.fresh_noise, self.in_plane, self.level = bool(fresh_noise), bool(in_plane), int(level)
-        self.per_epoch = math.ceil(n / self.batch_size)
+        self.slots = int(slots)
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.per_epoch = math.ceil(n / (self.batch_size * self.slots))
 
     def batch(self, step: int, rank: int = 0) -> Batch:
         epoch, within = divmod(int(step), self.per_epoch)
-        order = stream_seed(self.seed, rank, epoch).permutation(self.images.shape[0])
+        if self.slots == 1:  # each rank its own order (one process: rank 0)
+            order = stream_seed(self.seed, rank, epoch).permutation(self.images.shape[0])
+        else:  # one order per epoch dealt out in slots; the last step wraps round to its start
+            n = self.images.shape[0]
+            order = stream_seed(self.seed, 0, epoch).permutation(n)
+            first = (within * self.slots + int(rank)) * self.batch_size
+            order = order[np.arange(first, first + self.batch_size) % n]
+            within = 0
         index = torch.from_numpy(order[within * self.batch_size : (within + 1) * self.batch_size])
         rng = stream_seed(self.seed, rank + 1, int(step))
         targets, rotations = self.targets[index], self.rotations[index.numpy()]
@@ -471,4 +490,5 @@ class FixedSetStream:
             "fresh_noise": self.fresh_noise,
             "in_plane": self.in_plane,
             "level": self.level,
+            **({"slots": self.slots} if self.slots != 1 else {}),
         }

@@ -9,6 +9,10 @@ Examples::
     cryosphere profiles
     cryosphere predict particles.star --checkpoint model.pt -o predicted.star
     cryosphere train --star particles.star --map consensus.mrc --run-dir runs/mine
+    torchrun --nproc_per_node 4 -m cryosphere train --particles p.star --map m.mrc --run-dir r \
+        --steps 5000 --slots 4                      # streamed, 4 ranks (README: Beyond one machine)
+    torchrun --nproc_per_node 4 -m cryosphere predict p.star --checkpoint r/model/checkpoint.pt \
+        -o predicted.star                           # particles sharded over 4 ranks
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from typing import Any
 
@@ -76,7 +81,14 @@ def _add_train_parser(commands: Any) -> None:
     fit = commands.add_parser(
         "train", help="train on a consensus refinement (particles with poses + its map)"
     )
-    fit.add_argument("--star", required=True, help="particles STAR file with refined angles")
+    fit.add_argument(
+        "--star",
+        "--particles",
+        dest="star",
+        required=True,
+        help="particles STAR file with refined angles (under torchrun write --particles: "
+        "torchrun reads --star as its own --start-method)",
+    )
     fit.add_argument("--map", required=True, help="the refinement's map (MRC, particles' box)")
     fit.add_argument("--run-dir", required=True, help="folder for model/checkpoint.pt and logs")
     fit.add_argument("--box", type=int, default=64, help="model box in px (Fourier crop)")
@@ -95,33 +107,69 @@ def _add_train_parser(commands: Any) -> None:
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    fit.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimiser steps (default: --epochs passes over the training split); DDP under "
+        "torchrun",
+    )
+    fit.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="batches of --batch-size per optimiser step (the global batch); the rank count "
+        "must divide it",
+    )
+    fit.add_argument(
+        "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
+    )
+    fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
+
+
+def _training_config(args: argparse.Namespace) -> Any:
+    """``--steps`` (warm-up 10 %, 20 validations) or the default schedule (steps from
+    ``--epochs``); ``--learning-rate`` over the default when given."""
+    from cryosphere.poses.stream_training import StreamTrainingConfig
+
+    extra = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
+    if args.steps is not None:
+        extra |= {
+            "steps": args.steps,
+            "warmup_steps": min(100, args.steps // 10),
+            "eval_every": max(1, args.steps // 20),
+        }
+    return StreamTrainingConfig(seed=args.seed, device=args.device, **extra)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cryosphere.poses.stream_training import StreamTrainingConfig
     from cryosphere.runs import refinement, series
 
     try:
-        config = series.stream_model_config(
-            args.box, grid_level=args.level, channels=tuple(args.encoder_channels)
-        )
-        training = StreamTrainingConfig(seed=args.seed, device=args.device)
         result = refinement.train_on_refinement(
             args.star,
             args.map,
             args.run_dir,
-            model_config=config,
-            training_config=training,
-            epochs=args.epochs,
+            model_config=series.stream_model_config(
+                args.box, grid_level=args.level, channels=tuple(args.encoder_channels)
+            ),
+            training_config=_training_config(args),
+            epochs=args.epochs if args.steps is None else None,
             batch_size=args.batch_size,
             q=args.q,
             max_particles=args.max_particles,
+            slots=args.slots,
+            bf16=args.bf16,
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere train: {error}", file=sys.stderr)
         return 2
-    print(f"trained {result.steps_done} steps (streamed); checkpoint: {result.checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {result.steps_done} steps ({result.images_seen} images, streamed); "
+            f"checkpoint: {result.checkpoint}"
+        )
     return 0
 
 
@@ -146,13 +194,17 @@ def _add_predict_parser(commands: Any) -> None:
         "--no-normalise", action="store_true", help="skip the background normalisation"
     )
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    predict.add_argument(
+        "--workers", type=int, default=1, help="reader processes per rank (0: read in-process)"
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from cryosphere.poses import inference  # imported here: torch start-up only when needed
+    from cryosphere.poses import distributed, sharded_inference  # torch only when needed
 
     try:
-        summary = inference.predict_star(
+        context = distributed.init_from_env(args.device)
+        summary = sharded_inference.predict_star_distributed(
             args.star,
             args.checkpoint,
             args.output,
@@ -163,10 +215,15 @@ def _predict(args: argparse.Namespace) -> int:
             crop_size=args.crop,
             normalise=not args.no_normalise,
             progress=not args.no_progress,
+            num_workers=args.workers,
+            context=context,
         )
+        distributed.shutdown(context)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere predict: {error}", file=sys.stderr)
         return 2
+    if not context.writes:
+        return 0
     print(
         f"{summary.n_images} particles in {summary.seconds:.1f} s "
         f"({summary.images_per_s:.0f} images/s): {summary.star}, {summary.topk}"

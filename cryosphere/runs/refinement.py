@@ -38,7 +38,9 @@ from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
+from cryosphere.poses import distributed as dd
 from cryosphere.poses import labels, train
+from cryosphere.poses.distributed_training import train_distributed
 from cryosphere.poses.model import ModelConfig
 from cryosphere.poses.stream import Batch, FixedSetStream
 from cryosphere.poses.stream_training import (
@@ -157,14 +159,21 @@ def _split_streams(
     batch_size: int,
     validation_fraction: float,
     seed: int,
+    slots: int = 1,
 ) -> tuple[FixedSetStream, Batch]:
-    """The training stream and the fixed validation batch of a seeded split."""
+    """The training stream (``slots`` stream batches per optimiser step) and the fixed
+    validation batch of a seeded split."""
     train_idx, val_idx = train.split_indices(len(data.rotations), validation_fraction, seed)
     if len(val_idx) == 0:
         val_idx = train_idx[-1:]  # tiny sets: score on one training particle rather than none
     images = np.asarray(data.noisy_images, dtype=np.float32)
     stream = FixedSetStream(
-        images[train_idx], targets[train_idx], data.rotations[train_idx], batch_size, seed
+        images[train_idx],
+        targets[train_idx],
+        data.rotations[train_idx],
+        batch_size,
+        seed,
+        slots=slots,
     )
     validation = Batch(
         torch.from_numpy(images[val_idx]),
@@ -189,9 +198,17 @@ def train_on_refinement(
     q: float = 0.05,
     max_particles: int | None = None,
     resume: bool = True,
+    slots: int = 1,
+    bf16: bool = False,
     progress: bool = True,
 ) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
+
+    One process trains with :func:`cryosphere.poses.stream_training.train_on_stream`. Under
+    ``torchrun`` (or with ``slots > 1`` or ``bf16``) the same data go to
+    :func:`cryosphere.poses.distributed_training.train_distributed`: every rank prepares the
+    same (deterministic) data and labels, each optimiser step takes ``slots`` stream batches
+    split over the ranks (the rank count must divide ``slots``), rank 0 writes.
 
     Args:
         model_config: default the streamed default network
@@ -199,36 +216,55 @@ def train_on_refinement(
             ``image_size`` is the box the particles and the map are Fourier-cropped to.
         training_config: steps, learning rate, loss (``"soft_ce"``: soft-map targets;
             ``"bce"``: top-``q`` masks), device, seed (also the split's and the order's seed).
-        epochs: when given, ``steps = epochs · ceil(n_train / batch_size)``.
-        batch_size: particles per step.
+        epochs: when given, ``steps = epochs · ceil(n_train / (slots · batch_size))``.
+        batch_size: particles per stream batch (per step on one process).
         validation_fraction: share of the particles held out for validation.
-        resume: continue from a checkpoint of the same settings in ``run_dir``.
+        resume: continue from a checkpoint of the same settings in ``run_dir`` (one process;
+            a distributed run always resumes).
+        slots, bf16: the distributed run's stream batches per step and bf16 autocast.
     """
     model_config = model_config or stream_model_config(64)
     training_config = training_config or StreamTrainingConfig()
-    data = refinement_data(
-        star_path,
-        map_path,
-        model_config.image_size,
-        max_particles=max_particles,
-        progress=progress,
-    )
-    made = labels.compute_labels(data, level=model_config.grid_level, q=q, progress=progress)
-    targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
-    stream, validation = _split_streams(
-        data, targets, int(batch_size), validation_fraction, training_config.seed
-    )
-    if epochs is not None:
-        if int(epochs) < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        training_config = dataclasses.replace(training_config, steps=int(epochs) * stream.per_epoch)
-    return train_on_stream(
-        stream,
-        model_config,
-        training_config,
-        validation,
-        data.symmetry_ops,
-        run_dir=Path(run_dir),
-        resume=resume,
-        progress=progress,
-    )
+    context = dd.init_from_env(training_config.device)
+    show = progress and context.writes
+    try:
+        with dd.collective_check(context, "preparing the refinement"):
+            data = refinement_data(
+                star_path, map_path, model_config.image_size, max_particles=max_particles,
+                progress=show,
+            )  # fmt: skip
+            made = labels.compute_labels(data, level=model_config.grid_level, q=q, progress=show)
+        targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
+        stream, validation = _split_streams(
+            data, targets, int(batch_size), validation_fraction, training_config.seed, slots
+        )
+        if epochs is not None:
+            if int(epochs) < 1:
+                raise ValueError(f"epochs must be >= 1, got {epochs}")
+            steps = int(epochs) * stream.per_epoch
+            training_config = dataclasses.replace(training_config, steps=steps)
+        if context.world_size == 1 and int(slots) == 1 and not bf16:
+            return train_on_stream(
+                stream,
+                model_config,
+                training_config,
+                validation,
+                data.symmetry_ops,
+                run_dir=Path(run_dir),
+                resume=resume,
+                progress=progress,
+            )
+        return train_distributed(
+            stream,
+            model_config,
+            training_config,
+            validation,
+            slots=int(slots),
+            symmetry_ops=data.symmetry_ops,
+            run_dir=run_dir,
+            progress=progress,
+            bf16=bf16,
+            context=context,
+        )
+    finally:
+        dd.shutdown(context)

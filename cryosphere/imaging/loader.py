@@ -1,0 +1,93 @@
+"""Out-of-core particle reading: batches of a particle set through a torch DataLoader.
+
+:class:`ParticleBatches` is a map-style dataset whose item ``i`` is one batch of consecutive
+rows of a :class:`~cryosphere.imaging.particles.ParticleSet` (rows ``start + i·B`` onwards),
+read from the memory-mapped stacks. Every item opens its stacks, copies the images it needs
+and closes them again, so the pages a batch touched leave the process's resident memory
+with the batch: reading 10⁵-10⁶ particles never holds more than the batches in flight
+(``B × N² × 4`` bytes each; ``(1 + workers × prefetch)`` of them). :func:`particle_batches`
+wraps it in a :class:`torch.utils.data.DataLoader` whose worker processes read ahead while the
+caller computes.
+
+Items are ``(indices (k,) int64, images (k, N, N) float32)`` numpy arrays, ``indices`` the
+0-based rows of the STAR file, in STAR order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cryosphere.imaging.particles import ParticleSet, StackReader
+
+__all__ = ["ParticleBatches", "particle_batches"]
+
+
+class ParticleBatches(Dataset):
+    """Batches of rows ``[start, stop)`` of ``particle_set`` (module docstring).
+
+    Args:
+        particle_set: the checked particle set.
+        batch_size: rows per batch (the last one may be shorter).
+        start, stop: the rows to read (``stop`` None: to the end).
+    """
+
+    def __init__(
+        self, particle_set: ParticleSet, batch_size: int, start: int = 0, stop: int | None = None
+    ):
+        n = len(particle_set)
+        stop = n if stop is None else int(stop)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= int(start) <= stop <= n:
+            raise ValueError(f"rows [{start}, {stop}) do not lie in the set's 0..{n} rows")
+        self.particle_set = particle_set
+        self.batch_size, self.start, self.stop = int(batch_size), int(start), stop
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.batch_size)
+
+    def __getitem__(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= item < len(self):
+            raise IndexError(f"batch {item} of {len(self)}")
+        first = self.start + item * self.batch_size
+        indices = np.arange(first, min(first + self.batch_size, self.stop), dtype=np.int64)
+        with StackReader(self.particle_set) as reader:  # maps closed: pages leave the RSS
+            return indices, reader.read(indices)
+
+
+def _as_is(item):
+    return item
+
+
+def particle_batches(
+    particle_set: ParticleSet,
+    batch_size: int = 256,
+    start: int = 0,
+    stop: int | None = None,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, images)`` batches of rows ``[start, stop)`` in order.
+
+    ``num_workers`` reader processes (0: read in this process) each keep up to
+    ``prefetch_factor`` batches ready.
+    """
+    dataset = ParticleBatches(particle_set, batch_size, start, stop)
+    if len(dataset) == 0:
+        return
+    workers = max(0, int(num_workers))
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=int(prefetch_factor) if workers else None,
+        persistent_workers=False,
+    )
+    with torch.no_grad():
+        yield from loader
