@@ -85,6 +85,7 @@ __all__ = [
     "default_radius_deg",
     "tune_lambda",
     "compute_labels",
+    "labels_from_mse",
     "load_or_make_labels",
     "label_explorer_data",
 ]
@@ -185,7 +186,6 @@ def compute_labels(
         )
     if lam is not None:
         lam = check_lam(lam)
-    radius = default_radius_deg(level) if radius_deg is None else float(radius_deg)
     if templates is None:
         templates = dataset_templates(
             dataset, level, cache_dir=cache_dir, progress=progress, device=device
@@ -203,13 +203,32 @@ def compute_labels(
         progress=progress,
         device=device,
     )
+    return labels_from_mse(
+        mse, level, dataset.rotations, dataset.symmetry_ops, q, lam, target_share, radius_deg
+    )
+
+
+def labels_from_mse(
+    mse: np.ndarray,
+    level: int,
+    rotations: np.ndarray,
+    symmetry_ops: np.ndarray,
+    q: float,
+    lam: float | None,
+    target_share: float = 0.5,
+    radius_deg: float | None = None,
+) -> PoseLabels:
+    """:class:`PoseLabels` of an ``(n, G)`` MSE landscape on the level-``level`` grid: the
+    top-``q`` mask and the soft map with ``lam`` (None: tuned so that ``target_share`` of the
+    mass lies within ``radius_deg`` of the true poses ``rotations`` ``(n, 3, 3)``)."""
+    radius = default_radius_deg(level) if radius_deg is None else float(radius_deg)
     tuned = lam is None
     if tuned:
         lam = tune_lambda(
             mse,
             so3.healpix_so3_grid(level),
-            dataset.rotations,
-            dataset.symmetry_ops,
+            rotations,
+            symmetry_ops,
             target_share=target_share,
             radius_deg=radius,
         )
@@ -218,8 +237,8 @@ def compute_labels(
         soft=soft_labels(mse, lam),
         mask=top_fraction_mask(mse, q),
         lam=float(lam),
-        q=q,
-        level=level,
+        q=float(q),
+        level=int(level),
         lam_tuned=tuned,
         target_share=float(target_share),
         radius_deg=radius,

@@ -132,25 +132,6 @@ def compute_labels_sharded(
     with dd.collective_check(context, "computing the MSE landscape"):
         mine = labels.mse_landscape(np.asarray(dataset.clean_images[start:stop]), templates)
     mse = np.concatenate(dd.all_gather(context, mine))
-    radius = labels.default_radius_deg(level) if radius_deg is None else float(radius_deg)
-    tuned = lam is None
-    if tuned:
-        lam = labels.tune_lambda(
-            mse,
-            so3.healpix_so3_grid(level),
-            dataset.rotations,
-            dataset.symmetry_ops,
-            target_share=target_share,
-            radius_deg=radius,
-        )
-    return labels.PoseLabels(
-        mse=mse,
-        soft=labels.soft_labels(mse, lam),
-        mask=labels.top_fraction_mask(mse, q),
-        lam=float(lam),
-        q=float(q),
-        level=int(level),
-        lam_tuned=tuned,
-        target_share=float(target_share),
-        radius_deg=radius,
+    return labels.labels_from_mse(
+        mse, level, dataset.rotations, dataset.symmetry_ops, q, lam, target_share, radius_deg
     )
