@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+import torch
 
 from cryosphere.geometry import so3
 from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
@@ -154,3 +155,35 @@ def test_heatmap_of_any_predicted_particle_from_the_star_and_side_file(particle_
         predicted.predicted_particle_view(out, 12)
     with pytest.raises(FileNotFoundError, match="top-k side file"):
         predicted.predicted_particle_view(folder / "data" / "particles.star", 0)
+
+
+def test_bf16_prediction_keeps_the_float32_distribution_within_bfloat16_rounding(particle_run):
+    """bfloat16 rounds to 2^-8 relative (u). Through the network's few layers the logits move
+    by a few u · max|logit| (measured ≈ 2.3 u); allow 8 u. A top cell whose float32 lead over
+    the next exceeds twice that stays on top, and p = exp(l − logsumexp) moves by at most the
+    factor exp(2 · 8 u · max|logit|)."""
+    data, folder, checkpoint = particle_run
+    star_in = folder / "data" / "particles.star"
+    full, half = folder / "data" / "f32.star", folder / "data" / "bf16.star"
+    inference.predict_star(star_in, checkpoint, full, top_k=4, progress=False)
+    inference.predict_star(star_in, checkpoint, half, top_k=4, progress=False, bf16=True)
+    a, b = np.load(inference.topk_path(full)), np.load(inference.topk_path(half))
+    assert b["top_probability"].dtype == np.float32 and np.all(np.isfinite(b["top_probability"]))
+    from cryosphere.imaging import preprocess
+
+    model = train.load_model(checkpoint)
+    images, _ = preprocess.prepare_images(
+        data.noisy_images, data.pixel_size, target_size=16, ctf=data.ctf
+    )
+    with torch.inference_mode():
+        l32 = model.logits_from_coefficients(model.coefficients(images))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            l16 = model.logits_from_coefficients(model.coefficients(images)).float()
+    shift = 8 * 2.0**-8 * float(l32.abs().max())
+    assert float((l16 - l32).abs().max()) <= shift
+    lead = (torch.topk(l32, 2, dim=1).values @ torch.tensor([1.0, -1.0])).numpy()
+    clear = lead > 2 * shift
+    assert np.array_equal(a["top_index"][clear, 0], b["top_index"][clear, 0])
+    same = a["top_index"][:, 0] == b["top_index"][:, 0]
+    ratio = b["top_probability"][same, 0] / a["top_probability"][same, 0]
+    assert np.all(np.abs(np.log(ratio)) <= 2 * shift)

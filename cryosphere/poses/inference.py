@@ -141,16 +141,21 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
             starfile.write(tables, tmp, float_format="%.6f")
 
 
-def _top_cells(model, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_cells(
+    model, images: torch.Tensor, k: int, bf16: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most probable grid cells of each image ``(n, N, N)`` (model box): their
     probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first.
 
     The same softmax as :func:`cryosphere.poses.train.predict`, without forming it:
     ``p = exp(logit − logsumexp(logits))`` on the top ``k`` logits only (call under
-    ``torch.inference_mode``).
+    ``torch.inference_mode``). ``bf16``: the network runs under bfloat16 autocast; the
+    softmax and the top ``k`` are taken in float32.
     """
     model.eval()
-    logits = model.logits_from_coefficients(model.coefficients(images))
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+        logits = model.logits_from_coefficients(model.coefficients(images))
+    logits = logits.float()
     top = torch.topk(logits, k, dim=1)
     probability = torch.exp(top.values - torch.logsumexp(logits, dim=1, keepdim=True))
     return probability.cpu().numpy(), top.indices.cpu().numpy()
@@ -168,6 +173,7 @@ def predict_star(
     crop_size: int | None = None,
     normalise: bool = True,
     progress: bool = True,
+    bf16: bool = False,
     shard=None,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
@@ -181,6 +187,7 @@ def predict_star(
             ``"phase_flip"``, ``"wiener"``, ``"none"``.
         crop_size: real-space crop (px) before downsampling to the model's box.
         normalise: background normalisation of each image (mean 0, std 1 outside a circle).
+        bf16: run the network under bfloat16 autocast (GPU; the softmax stays float32).
         shard: this rank's share of a distributed run
             (:class:`cryosphere.poses.sharded_inference.ShardPlan`: ``count``, ``batches``,
             ``finish``); None: every particle, read here. Use
@@ -215,7 +222,7 @@ def predict_star(
                 ctf_correction=correction,
                 normalise=normalise,
             )
-            top_p, top_i = _top_cells(model, prepared, k)
+            top_p, top_i = _top_cells(model, prepared, k, bf16)
             arrays["top_index"][indices] = top_i
             arrays["top_probability"][indices] = top_p
             bar.update(len(indices))

@@ -197,6 +197,9 @@ def _add_predict_parser(commands: Any) -> None:
     predict.add_argument(
         "--workers", type=int, default=1, help="reader processes per rank (0: read in-process)"
     )
+    predict.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast for the network (GPU)"
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -216,6 +219,7 @@ def _predict(args: argparse.Namespace) -> int:
             normalise=not args.no_normalise,
             progress=not args.no_progress,
             num_workers=args.workers,
+            bf16=args.bf16,
             context=context,
         )
         distributed.shutdown(context)
