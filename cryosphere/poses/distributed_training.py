@@ -41,11 +41,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from cryosphere._checks import as_symmetry_ops
 from cryosphere.geometry import so3
 from cryosphere.poses import distributed as dd
 from cryosphere.poses import stream_training as st
 from cryosphere.poses import train as tr
-from cryosphere.poses.model import ModelConfig, build_model
+from cryosphere.poses.model import ModelConfig
 from cryosphere.poses.stream import Batch
 
 __all__ = ["rank_slots", "draw_share", "train_distributed"]
@@ -104,11 +105,7 @@ def _validate(model, validation: Batch, ops, loss: str, context, chunk: int = 25
 
 
 def _prepare(model_config, config, validation, context, bf16):
-    model = build_model(model_config, seed=config.seed)
-    if not model_config.per_image_normalisation:
-        images = validation.images.double()
-        model.set_normalisation(float(images.mean()), float(images.std()))
-    model.to(context.device)
+    model, optimizer = st.build_optimised_model(model_config, config, validation, context.device)
     wrapped = model
     if context.distributed:
         ids = [context.device.index] if context.device.type == "cuda" else None
@@ -122,9 +119,6 @@ def _prepare(model_config, config, validation, context, bf16):
         # a (C, 1, k, k) convolution weight's size-1 axis has another stride in DDP's bucket:
         # harmless (torch says so), but warned once per rank
         warnings.filterwarnings("ignore", "Grad strides do not match", UserWarning)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
     if bf16 and context.device.type not in ("cuda", "cpu"):
         raise ValueError(f"bf16 autocast runs on cuda or cpu, not {context.device.type}")
     return model, wrapped, optimizer
@@ -172,7 +166,7 @@ def train_distributed(
             f"the stream deals its epochs in {stream.slots} slots but training asks for {slots}; "
             f"make the FixedSetStream with slots={slots}"
         )
-    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
+    ops = as_symmetry_ops(symmetry_ops)
     model, wrapped, optimizer = _prepare(model_config, config, validation, context, bf16)
     identity = st._identity(model_config, config, stream)
     if int(slots) != 1:
@@ -187,18 +181,10 @@ def train_distributed(
     started, running, count = time.perf_counter() - seconds, 0.0, 0
     last = config.steps if stop_after is None else min(config.steps, int(stop_after))
     while step < last and not _out_of_time(config, started, context):
-        wrapped.train()
         batch = draw_share(stream, step, mine)
-        for group in optimizer.param_groups:
-            group["lr"] = st.learning_rate_at_step(config, step)
-        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-            logits = wrapped(batch.images.to(context.device))
-            loss = tr.compute_loss(logits.float(), batch.targets.to(context.device), config.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = st.optimiser_step(wrapped, optimizer, batch, config, step, context.device, bf16)
         step, seen = step + 1, seen + batch.images.shape[0] * context.world_size
-        running, count = running + float(loss.detach()), count + 1
+        running, count = running + loss, count + 1
         bar.update()
         if step % config.eval_every == 0 or step == config.steps:
             row = {"step": step, "train_loss": dd.all_reduce_sum(context, [running / count])[0]}

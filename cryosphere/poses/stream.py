@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cryosphere._checks import as_symmetry_ops
 from cryosphere.geometry import so3
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
@@ -237,7 +238,7 @@ class SimulatedStream:
         self.blur_sigma = float(blur_sigma)
         self.level = int(level)
         self.config = config
-        self.symmetry_ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops)
+        self.symmetry_ops = as_symmetry_ops(symmetry_ops)
         self._spectrum = volume_spectrum(self.volume)
         self.templates = templates
         if config.target in ("bayes", "soft") and templates is None:

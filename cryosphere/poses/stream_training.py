@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cryosphere._checks import as_symmetry_ops
 from cryosphere.geometry import so3
 from cryosphere.poses import train as tr
 from cryosphere.poses.model import ARCHITECTURE, ModelConfig, PoseDistributionNetwork, build_model
@@ -210,16 +211,9 @@ def train_on_stream(
             ``config.steps``. Resuming with another ``config.steps`` is allowed and changes the
             remaining schedule.
     """
-    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, np.float64)
+    ops = as_symmetry_ops(symmetry_ops)
     device = config.resolved_device()
-    model = build_model(model_config, seed=config.seed)
-    if not model_config.per_image_normalisation:
-        images = validation.images.double()
-        model.set_normalisation(float(images.mean()), float(images.std()))
-    model.to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    model, optimizer = build_optimised_model(model_config, config, validation, device)
     identity = _identity(model_config, config, stream)
     ckpt = tr.checkpoint_path(run_dir) if run_dir is not None else None
     step, history, seconds, seen = 0, [], 0.0, 0
@@ -234,17 +228,10 @@ def train_on_stream(
             and time.perf_counter() - started > config.time_budget_s
         ):
             break
-        model.train()
         batch = stream.batch(step)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at_step(config, step)
-        logits = model(batch.images.to(device))
-        loss = tr.compute_loss(logits, batch.targets.to(device), config.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = optimiser_step(model, optimizer, batch, config, step, device)
         step, seen = step + 1, seen + batch.images.shape[0]
-        running, count = running + float(loss.detach()), count + 1
+        running, count = running + loss, count + 1
         bar.update()
         if step % config.eval_every == 0 or step == config.steps:
             row = {"step": step, "train_loss": running / count}
@@ -274,6 +261,51 @@ def train_on_stream(
         )
     model.eval()
     return StreamTrainingResult(model, history, step, seen, seconds, ckpt)
+
+
+def build_optimised_model(
+    model_config: ModelConfig,
+    config: StreamTrainingConfig,
+    validation: Batch,
+    device: torch.device,
+) -> tuple[PoseDistributionNetwork, torch.optim.Optimizer]:
+    """The network initialised from ``config.seed`` (input statistics from the validation
+    images unless it normalises each image itself), on ``device``, and its AdamW optimiser."""
+    model = build_model(model_config, seed=config.seed)
+    if not model_config.per_image_normalisation:
+        images = validation.images.double()
+        model.set_normalisation(float(images.mean()), float(images.std()))
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    return model, optimizer
+
+
+def optimiser_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    config: StreamTrainingConfig,
+    step: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> float:
+    """One step on ``batch`` at step ``step``'s learning rate; returns the batch loss.
+
+    ``bf16``: forward pass and loss under bfloat16 autocast (the loss is taken on float32
+    logits); off, the step is plain float32.
+    """
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at_step(config, step)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+        logits = model(batch.images.to(device))
+        loss = tr.compute_loss(logits.float(), batch.targets.to(device), config.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def _checkpoint(
