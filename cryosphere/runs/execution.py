@@ -202,19 +202,8 @@ def plan_run(
     if takes_config:  # the whole configuration is checked before anything runs
         pipeline.RunConfig.from_profile(profile, run_config)
     shared["run_dir"] = str(run_dir)
-    record = {"profile": profile, "parameters": shared}
-    run_record = run_dir / "run.json"
-    if run_record.is_file():
-        stored = io.read_json(run_record)
-        if stored != json.loads(json.dumps(record)) and not overwrite:
-            raise FileExistsError(
-                f"{run_dir} holds another run's data (profile {stored.get('profile')!r}, other "
-                "parameters); choose another --name or pass --overwrite to replace it"
-            )
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{run_dir} exists and is not a CryoSphere run folder; choose another --name"
-        )
+    if not overwrite:
+        _check_run_folder(run_dir, {"profile": profile, "parameters": shared})
     per_notebook = {
         stem: {key: value for key, value in shared.items() if key in params}
         | ({"profile": profile, "config": run_config} if stem in takes_config else {})
@@ -238,6 +227,22 @@ def plan_run(
         notebooks=notebooks,
         notebook_parameters=per_notebook,
     )
+
+
+def _check_run_folder(run_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse a folder that holds another run's data or is not a run folder."""
+    run_record = run_dir / "run.json"
+    if run_record.is_file():
+        stored = io.read_json(run_record)
+        if stored != json.loads(json.dumps(record)):
+            raise FileExistsError(
+                f"{run_dir} holds another run's data (profile {stored.get('profile')!r}, other "
+                "parameters); choose another --name or pass --overwrite to replace it"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"{run_dir} exists and is not a CryoSphere run folder; choose another --name"
+        )
 
 
 def _load_steps(run_dir: Path) -> dict[str, Any]:
