@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryosphere._checks import as_symmetry_ops
+from cryosphere._checks import as_symmetry_ops, known_fields
 from cryosphere.geometry import so3
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
@@ -142,7 +142,7 @@ class StreamConfig:
         record = dict(record)
         if isinstance(record.get("snr"), list):
             record["snr"] = tuple(record["snr"])
-        return cls(**record)
+        return known_fields(cls, record)(**record)
 
 
 @dataclass(frozen=True)
