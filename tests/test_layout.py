@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,11 @@ def test_names_users_call_still_import_from_the_old_modules(old):
     module = importlib.import_module(old)
     for name in OLD_NAMES_0_1[old].split():
         assert name in module.__all__ and hasattr(module, name), f"{old}.{name}"
+
+
+def test_no_library_module_is_over_500_lines():
+    """The size the layout promises (README, Library layout): one concept per module."""
+    root = Path(__file__).resolve().parents[1] / "cryosphere"
+    sizes = {p.relative_to(root): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
+    assert len(sizes) > 50
+    assert {path: n for path, n in sizes.items() if n > 500} == {}
