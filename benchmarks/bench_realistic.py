@@ -59,14 +59,7 @@ def _train(dataset, args, run_dir: Path):
     from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
 
-    realism = ParticleRealism(
-        pixel_size_angstrom=dataset.pixel_size,
-        defocus_range_angstrom=(
-            REALISTIC["defocus_min_angstrom"],
-            REALISTIC["defocus_max_angstrom"],
-        ),
-        max_shift_px=REALISTIC["max_shift_px"],
-    )
+    realism = ParticleRealism(pixel_size_angstrom=dataset.pixel_size, optics=dataset.parameters)
     config = StreamConfig(
         snr=tuple(args.train_snr), target="bayes", batch_size=args.batch_size, seed=0
     )

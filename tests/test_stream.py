@@ -311,16 +311,18 @@ def test_soft_target_stream_tunes_lambda_on_its_reference_stack(small_volume):
 def test_realistic_stream_feeds_the_network_what_predict_does(small_volume):
     from cryosphere.imaging import ctf as ctf_module
     from cryosphere.imaging import preprocess
+    from cryosphere.imaging.simulate import SimulationParameters
     from cryosphere.poses.stream import ParticleRealism
 
-    realism = ParticleRealism(pixel_size_angstrom=2.0, max_shift_px=2.0)
+    optics = SimulationParameters(ctf=True, max_shift_px=2.0)
+    realism = ParticleRealism(pixel_size_angstrom=2.0, optics=optics)
     config = StreamConfig(snr=100.0, target="bayes", batch_size=8, seed=1)
     stream = SimulatedStream(small_volume, 1.0, LEVEL, config, realism=realism)
     plain = SimulatedStream(small_volume, 1.0, LEVEL, config)
     batch = stream.batch(0)
     assert batch.ctf is not None and len(batch.ctf) == 8
     assert np.all(np.abs(batch.shifts_px) <= 2.0) and np.abs(batch.shifts_px).max() > 0.1
-    lo, hi = realism.defocus_range_angstrom
+    lo, hi = optics.defocus_min_angstrom, optics.defocus_max_angstrom
     mean_defocus = (batch.ctf.defocus_u_angstrom + batch.ctf.defocus_v_angstrom) / 2
     assert np.all((mean_defocus >= lo) & (mean_defocus <= hi))
     # the clean particle is shift(CTF * projection) of the true pose, the noise has sigma
@@ -340,7 +342,7 @@ def test_realistic_stream_feeds_the_network_what_predict_does(small_volume):
     grid = so3.healpix_so3_grid(LEVEL)
     errors = so3.geodesic_distance_deg(grid[batch.targets.argmax(1).numpy()], batch.rotations)
     assert np.all(errors <= so3.grid_nearest_neighbour_spacing_deg(LEVEL))
-    assert stream.description()["realism"]["max_shift_px"] == 2.0
+    assert stream.description()["realism"]["optics"]["max_shift_px"] == 2.0
     assert "realism" not in plain.description()
     # reproducible, and a held-out batch is another draw
     again = stream.batch(0)

@@ -130,12 +130,12 @@ def simulate_dataset(
     )
 
 
-def _add_realism(
-    clean: torch.Tensor, parameters: SimulationParameters, pixel_size: float
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """CTF, shifts and contrast of the module docstring; returns the images and the draws."""
-    rng = np.random.default_rng([int(parameters.seed), 1])
-    n, size = clean.shape[0], clean.shape[-1]
+def draw_realism(
+    parameters: SimulationParameters, n: int, rng: np.random.Generator
+) -> dict[str, Any]:
+    """The per-particle draws of ``parameters``' CTF, shift and contrast fields, in that order
+    from ``rng``: ``"ctf"`` (:class:`~cryosphere.imaging.ctf.CTFParameters`), ``"shifts_px"``
+    ``(n, 2)`` and ``"contrast"`` ``(n,)``, each present only when its field is on."""
     drawn: dict[str, Any] = {}
     if parameters.ctf:
         drawn["ctf"] = ctf_module.random_ctf_parameters(
@@ -151,13 +151,26 @@ def _add_realism(
             amplitude_contrast=parameters.amplitude_contrast,
             b_factor=parameters.ctf_b_factor,
         )
+    if parameters.max_shift_px > 0:
+        drawn["shifts_px"] = ctf_module.random_shifts_px(n, rng, parameters.max_shift_px)
+    if parameters.contrast_sigma > 0:
+        drawn["contrast"] = np.exp(parameters.contrast_sigma * rng.standard_normal(n))
+    return drawn
+
+
+def _add_realism(
+    clean: torch.Tensor, parameters: SimulationParameters, pixel_size: float
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """CTF, shifts and contrast of the module docstring; returns the images and the draws."""
+    rng = np.random.default_rng([int(parameters.seed), 1])
+    n, size = clean.shape[0], clean.shape[-1]
+    drawn = draw_realism(parameters, n, rng)
+    if parameters.ctf:
         transfer = ctf_module.ctf_2d(drawn["ctf"], size, pixel_size, device=clean.device)
         clean = ctf_module.apply_ctf(clean, transfer)
     if parameters.max_shift_px > 0:
-        drawn["shifts_px"] = ctf_module.random_shifts_px(n, rng, parameters.max_shift_px)
         clean = ctf_module.shift_images(clean, drawn["shifts_px"])
     if parameters.contrast_sigma > 0:
-        drawn["contrast"] = np.exp(parameters.contrast_sigma * rng.standard_normal(n))
         clean = (
             clean
             * torch.as_tensor(drawn["contrast"], dtype=torch.float32, device=clean.device)[

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from cryosphere.geometry import so3
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.projection import gaussian_blur, project_volume, volume_spectrum
+from cryosphere.imaging.simulate import SimulationParameters, draw_realism
 from cryosphere.poses import matching
 from cryosphere.poses import targets as tg
 from cryosphere.poses.labels import (
@@ -151,58 +152,45 @@ class ParticleRealism:
 
     Attributes:
         pixel_size_angstrom: Å per pixel of the map (and images).
-        ctf: each particle gets a CTF (:func:`cryosphere.imaging.ctf.random_ctf_parameters`
-            with the fields below).
-        defocus_range_angstrom: mean defocus range ``(min, max)`` Å (0.5-2.5 µm by default).
-        max_astigmatism_angstrom, voltage_kv, spherical_aberration_mm, amplitude_contrast,
-            ctf_b_factor: as in :class:`cryosphere.imaging.simulate.SimulationParameters`.
-        max_shift_px: shifts uniform in ``±max_shift_px`` px per axis (0: centred).
+        optics: the :class:`~cryosphere.imaging.simulate.SimulationParameters` whose CTF and
+            shift fields (``ctf``, ``defocus_min/max_angstrom``, ``max_astigmatism_angstrom``,
+            ``voltage_kv``, ``spherical_aberration_mm``, ``amplitude_contrast``,
+            ``ctf_b_factor``, ``max_shift_px``) the particles follow, drawn as
+            :func:`cryosphere.imaging.simulate.draw_realism` draws them (default: CTF on,
+            0.5-2.5 µm, centred); its other fields are not used.
         ctf_correction: the network input's CTF correction (``"phase_flip"``, as ``predict``).
     """
 
     pixel_size_angstrom: float
-    ctf: bool = True
-    defocus_range_angstrom: tuple[float, float] = (5000.0, 25000.0)
-    max_astigmatism_angstrom: float = 500.0
-    voltage_kv: float = 300.0
-    spherical_aberration_mm: float = 2.7
-    amplitude_contrast: float = 0.1
-    ctf_b_factor: float = 0.0
-    max_shift_px: float = 0.0
+    optics: SimulationParameters = field(default_factory=lambda: SimulationParameters(ctf=True))
     ctf_correction: str = "phase_flip"
 
     def __post_init__(self) -> None:
         if not self.pixel_size_angstrom > 0:
             raise ValueError(f"pixel_size_angstrom must be > 0, got {self.pixel_size_angstrom}")
-        if not self.max_shift_px >= 0:
-            raise ValueError(f"max_shift_px must be >= 0, got {self.max_shift_px}")
+        if self.optics.contrast_sigma > 0:
+            raise ValueError("contrast variation is not streamed; set contrast_sigma=0")
         if self.ctf_correction not in preprocess.CTF_CORRECTIONS:
             raise ValueError(
                 f"ctf_correction must be one of {preprocess.CTF_CORRECTIONS}, "
                 f"got {self.ctf_correction!r}"
             )
-        object.__setattr__(
-            self, "defocus_range_angstrom", tuple(float(v) for v in self.defocus_range_angstrom)
-        )
+
+    @property
+    def ctf(self) -> bool:
+        return bool(self.optics.ctf)
 
     def draw(self, rng: np.random.Generator, n: int):
         """CTF parameters (or None) and ``(n, 2)`` shifts (or None) of ``n`` particles."""
-        ctf = None
-        if self.ctf:
-            ctf = ctf_module.random_ctf_parameters(
-                n,
-                rng,
-                defocus_range_angstrom=self.defocus_range_angstrom,
-                max_astigmatism_angstrom=self.max_astigmatism_angstrom,
-                voltage_kv=self.voltage_kv,
-                spherical_aberration_mm=self.spherical_aberration_mm,
-                amplitude_contrast=self.amplitude_contrast,
-                b_factor=self.ctf_b_factor,
-            )
-        shifts = (
-            ctf_module.random_shifts_px(n, rng, self.max_shift_px) if self.max_shift_px else None
-        )
-        return ctf, shifts
+        drawn = draw_realism(self.optics, n, rng)
+        return drawn.get("ctf"), drawn.get("shifts_px")
+
+    def description(self) -> dict[str, Any]:
+        return {
+            "pixel_size_angstrom": self.pixel_size_angstrom,
+            "ctf_correction": self.ctf_correction,
+            "optics": self.optics.to_dict(),
+        }
 
 
 class SimulatedStream:
@@ -390,7 +378,7 @@ class SimulatedStream:
             # 6 significant digits: the last bits depend on the thread count (FFT sums), and a
             # run may resume on another machine or rank count
             "signal_variance": float(f"{self.signal_variance:.6g}"),
-        } | ({} if self.realism is None else {"realism": dataclasses.asdict(self.realism)})
+        } | ({} if self.realism is None else {"realism": self.realism.description()})
 
 
 class FixedSetStream:
