@@ -1,6 +1,8 @@
-"""Runs: run folders, profiles and notebook execution (:mod:`.execution`), the command line
-(:mod:`.cli`), simulate → labels → train in one call (:mod:`.series`) and the image-count
-experiment (:mod:`.sweep`).
+"""Runs: the run configuration (:mod:`.run_config`: ``RunConfig``, profiles) and the pipeline
+(:mod:`.pipeline`: ``Run``, its stages and the one cache rule), the stages' result types
+(:mod:`.series`), the SNR study (:mod:`.snr_study`) and the image-count experiment
+(:mod:`.sweep`), training on a refinement (:mod:`.refinement`), papermill execution of the
+series (:mod:`.execution`) and the command line (:mod:`.cli`).
 
 ``cryosphere.runs.<name>`` keeps serving the names of :mod:`.execution` (the former
 ``cryosphere/runs.py``).
