@@ -116,6 +116,18 @@ def test_overwrite_recomputes_the_stage_and_the_stages_that_read_it(made_run, tm
     assert run.stage_key("dataset") == made_run.stage_key("dataset")
 
 
+def test_overwrite_of_the_dataset_remakes_it_and_clears_every_later_stage(made_run, tmp_path):
+    folder = _copy(made_run, tmp_path)
+    assert all(p.is_file() for p in made_run.layout.dataset[:6])  # the files the layout names
+    run = Run(made_run.config.replace(snr=0.5), folder, overwrite=True, progress=False)
+    assert run.dataset().parameters.snr == 0.5
+    assert set(pipeline.io.read_json(run.layout.stages)) == {"dataset"}
+    assert not run.layout.model.exists() and not run.layout.stream.exists()
+    assert not (run.layout.labels / "labels.npz").exists()
+    reloaded = Run(made_run.config.replace(snr=0.5), folder, progress=False).dataset()
+    assert reloaded.parameters.snr == 0.5
+
+
 def test_stage_keys_follow_their_inputs(tiny_config, tmp_path):
     base, other = Run(tiny_config, tmp_path), Run(tiny_config.replace(snr=0.5), tmp_path)
     assert all(base.stage_key(s) != other.stage_key(s) for s in pipeline.STAGE_INPUTS)

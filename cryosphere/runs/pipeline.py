@@ -84,7 +84,8 @@ class RunLayout:
     @property
     def dataset(self) -> list[Path]:
         """The dataset's files (``particles.*``, ``volume.mrc``…, in the folder itself)."""
-        return [self.folder / name for name in simulate.SIMULATION_FILES]
+        names = [*simulate.SIMULATION_FILES.values(), simulate.REALISM_FILE]
+        return [self.folder / name for name in names]
 
     labels = property(lambda self: pose_labels.labels_dir(self.folder))
     model = property(lambda self: self.folder / "model")
