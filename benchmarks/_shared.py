@@ -19,6 +19,17 @@ def best_rate(function: Callable[[], object], items: int, repeats: int = 3) -> f
     return items / best
 
 
+def combine_summaries(paths: list[str], summary: Callable[..., dict]) -> dict:
+    """One summary of several runs' logs: their cases and trainings joined and passed to the
+    benchmark's own ``summary(cases, trainings, settings)``."""
+    parts = last_json_lines(paths)
+    return summary(
+        [c for p in parts for c in p["cases"]],
+        [t for p in parts for t in p["training"]],
+        {"combined_from": paths, "runs": [p["settings"] for p in parts]},
+    )
+
+
 def last_json_lines(paths: list[str]) -> list[dict]:
     """The last line starting with ``{`` of each log (a benchmark's summary), parsed."""
     parts = []

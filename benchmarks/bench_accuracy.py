@@ -198,14 +198,9 @@ def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
 
 
 def _combine(paths: list[str]) -> dict:
-    from _shared import last_json_lines
+    from _shared import combine_summaries
 
-    parts = last_json_lines(paths)
-    summary = _summary(
-        [c for p in parts for c in p["cases"]],
-        [t for p in parts for t in p["training"]],
-        {"combined_from": paths, "runs": [p["settings"] for p in parts]},
-    )
+    summary = combine_summaries(paths, _summary)
     print(json.dumps(summary))
     return summary
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _shared import best_rate, last_json_lines
+from _shared import best_rate, combine_summaries
 from bench_predict import REALISTIC
 
 SNR_TEST = 0.05
@@ -220,12 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.combine:
-        parts = last_json_lines(args.combine)
-        summary = _summary(
-            [c for p in parts for c in p["cases"]],
-            [t for p in parts for t in p["training"]],
-            {"combined_from": args.combine, "runs": [p["settings"] for p in parts]},
-        )
+        summary = combine_summaries(args.combine, _summary)
     else:
         cases, trainings = [], []
         with tempfile.TemporaryDirectory() as tmp:
