@@ -17,7 +17,13 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
    the MSE of the densities ``G · softmax`` after an exact Wigner-D left translation (not
    comparable across sharpness: a sharp model has large densities), and the scale-free shift
    between the most probable pose of ``I(Q R)`` and ``Q`` times that of ``I(R)``;
-4. inference images/s at level 2 and level 3.
+4. inference images/s at level 2 and level 3;
+5. the network with the map (``refined_*`` keys): the ``--refine-top`` most probable level-2
+   cells of the network, their children on the same level's grid
+   (:func:`cryosphere.poses.local_search.candidate_cells`), scored against the map's templates
+   (:func:`~cryosphere.poses.local_search.local_template_matching`); ``top_k_hit`` is the
+   fraction of images whose template-matching cell is among the candidates, and
+   ``refined_images_per_s`` the rate of network + search.
 
 Usage::
 
@@ -100,10 +106,24 @@ def _bayes_on_coarse_grid(images, templates_fine, sigma, fine_to_coarse, n_coars
     return np.maximum(coarse, 1e-300)
 
 
+def _refined(model, images, spectra, top_k: int, level: int) -> tuple[np.ndarray, float, int]:
+    """Network top-k at level 2 + local template search at ``level``: best cells, images/s,
+    candidates per image."""
+    from cryosphere.poses import local_search, train
+
+    start = time.perf_counter()
+    probabilities = train.predict(model, images, level=2).probabilities
+    top = np.argsort(-probabilities, axis=1)[:, :top_k]
+    candidates = local_search.candidate_cells(top, 2, level)
+    best = local_search.local_template_matching(images, candidates, spectra).best_index
+    rate = images.shape[0] / (time.perf_counter() - start)
+    return best, rate, candidates
+
+
 def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     from cryosphere.geometry import so3
     from cryosphere.imaging import simulate
-    from cryosphere.poses import evaluate, labels, train
+    from cryosphere.poses import evaluate, labels, matching, train
     from cryosphere.poses.model import build_model
     from cryosphere.poses.stream import SimulatedStream, StreamConfig
     from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
@@ -123,6 +143,7 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
         ops,
     )
     templates = {2: stream.templates, 3: labels.template_bank(dataset.volume, 3, 1.0)}
+    spectra = {level: matching.template_spectra(bank) for level, bank in templates.items()}
     validation = stream.heldout(200, snr=0.1)
     model_config = stream_model_config(args.image_size, args.lmax, 2, tuple(args.channels))
     config = StreamTrainingConfig(
@@ -153,6 +174,10 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
             matched = labels.template_matching(test.images, templates[level])
             oracle_err = train.pose_errors_deg(grid[matched], test.rotations, ops)
             ll = evaluate.true_pose_log_likelihood(pred.probabilities, test.rotations, level, ops)
+            refined, refined_rate, candidates = _refined(
+                model, test.images, spectra[level], args.refine_top, level
+            )
+            refined_err = train.pose_errors_deg(grid[refined], test.rotations, ops)
             case = {
                 "structure": name,
                 "snr": snr,
@@ -165,6 +190,12 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
                 "model_log_likelihood": float(np.mean(ll)),
                 "bayes_log_likelihood": bayes_ll if level == 2 else None,
                 "n_test": int(args.n_test),
+                "refine_top": int(args.refine_top),
+                "refined_median_deg": _median(refined_err),
+                "refined_ratio": _median(refined_err) / _median(oracle_err),
+                "refined_acc15": float(np.mean(refined_err < 15.0)),
+                "top_k_hit": float(np.mean((candidates == matched[:, None]).any(axis=1))),
+                "refined_images_per_s": refined_rate,
             }
             cases.append(case)
             print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in case.items()})
@@ -221,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--n-infer", type=int, default=2000)
     parser.add_argument("--n-pairs", type=int, default=100)
+    parser.add_argument(
+        "--refine-top", type=int, default=10, help="network cells kept for the local search"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--progress", action="store_true", help="tqdm bar while training")

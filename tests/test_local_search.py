@@ -1,0 +1,115 @@
+"""Local template search around the network's top cells (cryosphere.poses.local_search)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryosphere.geometry import so3
+from cryosphere.imaging import ctf
+from cryosphere.imaging.projection import add_gaussian_noise
+from cryosphere.poses import labels, local_search, matching
+
+
+@pytest.fixture(scope="module")
+def bank(ubi_map_32):
+    volume, pixel = ubi_map_32
+    templates = labels.template_bank(volume, level=1, blur_sigma=1.0)
+    return templates, matching.template_spectra(templates), pixel
+
+
+def _particles(templates, pixel, cells, shifts, snr, seed):
+    params = ctf.random_ctf_parameters(len(cells), np.random.default_rng(seed))
+    transfer = ctf.ctf_2d(params, templates.shape[-1], pixel)
+    clean = ctf.shift_images(ctf.apply_ctf(templates[cells], transfer), shifts)
+    noisy, _ = add_gaussian_noise(clean, snr, seed=seed)
+    return noisy.numpy(), params
+
+
+def test_children_partition_the_fine_grid_and_lie_near_their_parent():
+    children = local_search.child_cells(1, 2)
+    assert children.shape[0] == so3.healpix_so3_grid_size(1)
+    np.testing.assert_array_equal(np.unique(children), np.arange(so3.healpix_so3_grid_size(2)))
+    owners = {}
+    for parent, row in enumerate(children):
+        for cell in set(row.tolist()):
+            assert owners.setdefault(cell, parent) == parent  # one parent per fine cell
+    coarse, fine = so3.healpix_so3_grid(1), so3.healpix_so3_grid(2)
+    nearest = so3.nearest_grid_indices(fine[children.ravel()], coarse)
+    np.testing.assert_array_equal(nearest, np.repeat(np.arange(len(coarse)), children.shape[1]))
+    same = local_search.child_cells(2, 2)
+    np.testing.assert_array_equal(same[:, 0], np.arange(so3.healpix_so3_grid_size(2)))
+    top = np.array([[3, 7], [0, 575]])
+    cands = local_search.candidate_cells(top, 1, 2)
+    assert cands.shape == (2, 2 * children.shape[1])
+    np.testing.assert_array_equal(cands[1, : children.shape[1]], children[0])
+    assert 0 < local_search.search_fraction(1, 2, 2) < 0.01
+    with pytest.raises(ValueError, match="fine level"):
+        local_search.child_cells(2, 1)
+    with pytest.raises(ValueError, match="level-1 cells"):
+        local_search.candidate_cells(np.array([[576]]), 1, 2)
+
+
+def test_with_every_template_as_candidate_it_equals_exhaustive_matching(bank):
+    templates, spectra, pixel = bank
+    rng = np.random.default_rng(4)
+    cells = rng.integers(0, templates.shape[0], 12)
+    moved = rng.integers(-2, 3, (12, 2)).astype(float)
+    images, params = _particles(templates, pixel, cells, moved, snr=0.3, seed=4)
+    kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=2)
+    full = matching.ctf_template_matching(images, templates, **kwargs)
+    everything = np.tile(np.arange(templates.shape[0]), (12, 1))
+    local = local_search.local_template_matching(
+        images, everything, spectra, batch_size=5, **kwargs
+    )
+    np.testing.assert_array_equal(local.best_index, full.best_index)
+    np.testing.assert_array_equal(local.shift_px, full.shift_px)
+    # float32 products of the same terms in another order: relative error ~ eps32 * sqrt(K)
+    np.testing.assert_allclose(local.best_mse, full.best_mse, rtol=1e-4)
+
+
+def test_a_wrong_top_cell_is_corrected_when_the_truth_is_a_candidate(bank):
+    """The candidates of each image: one wrong cell first, the true cell elsewhere in the
+    list; the search returns the true cell and the shift that centres the particle."""
+    templates, spectra, pixel = bank
+    cells = np.array([5, 100, 377, 50])
+    moved = np.array([[2.0, -1.0], [-3.0, 3.0], [0.0, 1.0], [1.0, 1.0]])
+    images, params = _particles(templates, pixel, cells, moved, snr=2.0, seed=0)
+    wrong = (cells + 200) % templates.shape[0]
+    candidates = np.stack([wrong, (cells + 1) % templates.shape[0], cells], axis=1)
+    result = local_search.local_template_matching(
+        images, candidates, spectra, ctf=params, pixel_size_angstrom=pixel, max_shift_px=3
+    )
+    np.testing.assert_array_equal(result.best_index, cells)
+    np.testing.assert_allclose(result.shift_px, -moved)
+    only_wrong = local_search.local_template_matching(
+        images, wrong[:, None], spectra, ctf=params, pixel_size_angstrom=pixel, max_shift_px=3
+    )
+    np.testing.assert_array_equal(only_wrong.best_index, wrong)
+    assert np.all(only_wrong.best_mse > result.best_mse)
+
+
+def test_without_ctf_it_is_the_plain_squared_error(bank):
+    templates, spectra, _ = bank
+    cells = np.array([9, 300])
+    images, _ = add_gaussian_noise(templates[cells], 1.0, seed=3)
+    candidates = np.array([[9, 10, 300], [299, 300, 301]])
+    result = local_search.local_template_matching(images.numpy(), candidates, spectra)
+    mse = ((images.numpy()[:, None] - templates[candidates]) ** 2).mean(axis=(2, 3))
+    np.testing.assert_array_equal(result.best_index, candidates[np.arange(2), mse.argmin(1)])
+    np.testing.assert_allclose(result.best_mse, mse.min(1), rtol=1e-4)
+    np.testing.assert_array_equal(result.shift_px, 0.0)
+
+
+def test_bad_input_names_the_problem(bank):
+    templates, spectra, pixel = bank
+    images = templates[:2]
+    with pytest.raises(ValueError, match="candidates must have shape"):
+        local_search.local_template_matching(images, np.zeros((3, 2), int), spectra)
+    with pytest.raises(ValueError, match="must index the"):
+        local_search.local_template_matching(images, np.full((2, 1), 10**6), spectra)
+    with pytest.raises(ValueError, match="images must have shape"):
+        local_search.local_template_matching(images[:, :8, :8], np.zeros((2, 1), int), spectra)
+    params = ctf.random_ctf_parameters(2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="pixel_size_angstrom"):
+        local_search.local_template_matching(images, np.zeros((2, 1), int), spectra, ctf=params)
