@@ -110,12 +110,25 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
     )  # fmt: skip
     assert code == 0 and out.is_file() and inference.topk_path(out).is_file()
     assert "12 particles" in capsys.readouterr().out
+    searched = folder / "data" / "cli_map.star"
+    code = cli.main(
+        [
+            "predict", str(star_in), "--checkpoint", str(checkpoint), "-o", str(searched),
+            "--no-progress", "--map", str(folder / "data" / "volume.mrc"), "--search-level",
+            "2", "--max-shift", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert "rlnOriginXAngst" in starfile.read(searched, always_dict=True)["particles"]
+    assert int(np.load(inference.topk_path(searched))["refine_level"]) == 2
     # bad requests: clear message, exit 2, nothing written
     bad = folder / "data" / "bad.star"
     cases = [
         ([str(folder / "nothing.star")], "no STAR file"),
         ([str(star_in), "--crop", "8"], "crop size"),
         ([str(star_in), "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint"),
+        ([str(star_in), "--map", str(tmp_path / "none.mrc")], "none.mrc"),
+        ([str(star_in), "--map", str(star_in), "--max-shift", "-1"], "max_shift_px"),
     ]
     for extra, message in cases:
         argv = ["predict", *extra[:1], "--checkpoint", str(checkpoint), "-o", str(bad)]
@@ -187,3 +200,57 @@ def test_bf16_prediction_keeps_the_float32_distribution_within_bfloat16_rounding
     same = a["top_index"][:, 0] == b["top_index"][:, 0]
     ratio = b["top_probability"][same, 0] / a["top_probability"][same, 0]
     assert np.all(np.abs(np.log(ratio)) <= 2 * shift)
+
+
+def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(particle_run):
+    """With every coarse cell kept, the search over their level-2 children is exhaustive
+    template matching with CTF and shifts: at SNR 1 it finds each particle's pose within a
+    level-2 cell and the origin that centres it; the network's cells and probabilities stay
+    in the side file; a finer search level than 3 or a map of another box is refused."""
+    from cryosphere.poses import local_search
+
+    data, folder, checkpoint = particle_run
+    star_in = folder / "data" / "particles.star"
+    out = folder / "data" / "refined.star"
+    refine = local_search.MapRefinement(
+        folder / "data" / "volume.mrc", level=2, max_shift_px=2, blur_sigma_px=0.5
+    )
+    G = so3.healpix_so3_grid_size(1)
+    inference.predict_star(
+        star_in, checkpoint, out, top_k=G, batch_size=5, progress=False, refine=refine
+    )
+    after = starfile.read(out, always_dict=True)["particles"]
+    before = starfile.read(star_in, always_dict=True)["particles"]
+    got = so3.matrices_from_relion_euler(
+        after[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    )
+    errors = train.pose_errors_deg(got, data.rotations, data.symmetry_ops)
+    assert np.median(errors) < so3.grid_nearest_neighbour_spacing_deg(2), errors
+    origins = after[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+    truth = before[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+    model_pixel = data.pixel_size * 2  # 32 px Fourier-cropped to the model's 16 px
+    assert np.median(np.abs(origins - truth)) <= model_pixel  # within one search step
+    side = np.load(inference.topk_path(out))
+    assert int(side["refine_level"]) == 2 and side["shift_px"].shape == (12, 2)
+    assert side["top_index"].shape == (12, G)
+    parent = so3.nearest_grid_indices(
+        so3.healpix_so3_grid(2)[side["refined_index"]], so3.healpix_so3_grid(1)
+    )
+    expected = side["top_probability"][side["top_index"] == parent[:, None]]
+    # the STAR file holds 6 decimals
+    np.testing.assert_allclose(after["rlnMaxValueProbDistribution"], expected, atol=5e-7)
+    bad = folder / "data" / "refused.star"
+    with pytest.raises(ValueError, match="search level"):
+        inference.predict_star(
+            star_in, checkpoint, bad, progress=False,
+            refine=local_search.MapRefinement(refine.map_path, level=4),
+        )  # fmt: skip
+    from cryosphere import io
+
+    io.write_map(folder / "small.mrc", np.zeros((16, 16, 16), np.float32), data.pixel_size)
+    with pytest.raises(ValueError, match="voxels wide"):
+        inference.predict_star(
+            star_in, checkpoint, bad, progress=False,
+            refine=local_search.MapRefinement(folder / "small.mrc"),
+        )  # fmt: skip
+    assert not bad.exists() and not inference.topk_path(bad).exists()

@@ -113,3 +113,24 @@ def test_bad_input_names_the_problem(bank):
     params = ctf.random_ctf_parameters(2, np.random.default_rng(0))
     with pytest.raises(ValueError, match="pixel_size_angstrom"):
         local_search.local_template_matching(images, np.zeros((2, 1), int), spectra, ctf=params)
+
+
+def test_the_scaled_score_ignores_the_images_scale_and_offset(bank):
+    """Real particles come normalised: a scaled, offset image finds the same cell and shift
+    with ``score="scaled"`` as the image on the templates' scale does with the MSE."""
+    templates, spectra, pixel = bank
+    cells = np.array([5, 100, 377, 50])
+    moved = np.array([[2.0, -1.0], [-3.0, 3.0], [0.0, 1.0], [1.0, 1.0]])
+    images, params = _particles(templates, pixel, cells, moved, snr=1.0, seed=6)
+    rescaled = 37.0 * images + 5.0
+    candidates = np.stack([cells, (cells + 1) % 576, (cells + 7) % 576, (cells + 99) % 576], 1)
+    kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=3)
+    plain = local_search.local_template_matching(images, candidates, spectra, **kwargs)
+    scaled = local_search.local_template_matching(
+        rescaled, candidates, spectra, score="scaled", **kwargs
+    )
+    np.testing.assert_array_equal(plain.best_index, cells)
+    np.testing.assert_array_equal(scaled.best_index, cells)
+    np.testing.assert_allclose(scaled.shift_px, -moved)
+    with pytest.raises(ValueError, match="score must be one of"):
+        local_search.local_template_matching(images, candidates, spectra, score="ncc", **kwargs)

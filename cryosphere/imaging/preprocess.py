@@ -11,6 +11,8 @@ keeps that centre at ``M // 2`` of its ``M``-px output and returns the new pixel
   as RELION's preprocessing does; default radius ``0.375 · N`` (three quarters of the half box).
 * :func:`prepare_images`: the three above plus CTF correction (phase flip or Wiener) at the
   final pixel size, in the order crop → downsample → correct → normalise.
+* :func:`fourier_crop_volume` and :func:`reference_map`: a consensus map checked against the
+  particles (box, voxel size) and brought to the network's box the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cryosphere import io
 from cryosphere.imaging import ctf as ctf_module
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "fourier_crop",
     "normalise_background",
     "prepare_images",
+    "fourier_crop_volume",
+    "reference_map",
 ]
 
 CTF_CORRECTIONS = ("phase_flip", "wiener", "none")
@@ -143,3 +148,47 @@ def prepare_images(
     if normalise:
         tensor = normalise_background(tensor)
     return tensor, pixel
+
+
+def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
+    """Downsample a cubic map ``(N, N, N)`` to ``(size,)*3`` by keeping its lowest frequencies
+    (centre voxel ``N // 2`` -> ``size // 2``; values keep their scale). ``size`` even ``<= N``."""
+    tensor = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    n_pix, m = tensor.shape[-1], int(size)
+    if m == n_pix:
+        return tensor.numpy().copy()
+    if m > n_pix or m < 2 or m % 2:
+        raise ValueError(f"map crop size must be even and in 2..{n_pix} voxels, got {size}")
+    spectrum = torch.fft.rfftn(tensor)
+    keep = torch.cat([torch.arange(m // 2), torch.arange(n_pix - m // 2, n_pix)])
+    cropped = spectrum[keep][:, keep][:, :, : m // 2 + 1]
+    return (torch.fft.irfftn(cropped, s=(m, m, m)) * (m / n_pix) ** 3).numpy()
+
+
+def reference_map(map_path, particles, image_size: int) -> np.ndarray:
+    """The consensus map of a particle set at the network's box: ``(M, M, M)`` float32 with
+    ``M = image_size``, voxel ``particles.pixel_size_angstrom · N / M`` Å.
+
+    Args:
+        map_path: MRC map of the refinement (``N`` voxels wide, the particles' pixel size).
+        particles: the :class:`~cryosphere.imaging.particles.ParticleSet` it belongs to.
+        image_size: the network's box ``M`` (even, ``<= N``).
+
+    Raises:
+        FileNotFoundError: no map at ``map_path``.
+        ValueError: a box or voxel size that disagrees with the particles (the message says
+            how to resample it).
+    """
+    pset = particles
+    volume, voxel = io.read_map(map_path)
+    if volume.shape[0] != pset.image_size:
+        raise ValueError(
+            f"the map is {volume.shape[0]} voxels wide but the particles are {pset.image_size} px; "
+            "give the map of this refinement at the particles' box (relion_image_handler --new_box)"
+        )
+    if voxel > 0 and abs(voxel - pset.pixel_size_angstrom) > 0.01 * pset.pixel_size_angstrom:
+        raise ValueError(
+            f"the map's voxel size is {voxel:g} Å but the particles' pixel size is "
+            f"{pset.pixel_size_angstrom:g} Å; rescale the map (relion_image_handler --rescale_angpix)"
+        )
+    return fourier_crop_volume(volume, image_size)

@@ -16,6 +16,15 @@ cells only), and writes
 * ``OUTPUT_topk.npz``: ``top_index`` ``(n, k)`` grid cells, ``top_probability`` ``(n, k)``,
   ``top_angles_deg`` ``(n, k, 3)`` RELION angles, ``image_name`` ``(n,)``, ``grid_level``.
 
+With a consensus map (``refine``, :class:`cryosphere.poses.local_search.MapRefinement`;
+``cryosphere predict --map``) each particle's top cells (or their children on a finer grid)
+are scored against the map's projections carrying the particle's CTF, with an optional
+translation search (:class:`~cryosphere.poses.local_search.MapSearch`), and the best one is
+written: ``rlnAngleRot/Tilt/Psi`` from the search, ``rlnMaxValueProbDistribution`` the
+network's probability of the cell that holds it, and, with a translation search,
+``rlnOriginXAngst/YAngst`` the shift that centres the particle. The side file then also holds
+``refined_index`` ``(n,)``, ``refine_level`` and ``shift_px`` ``(n, 2)``.
+
 Everything is checked before the first batch (STAR, stacks, checkpoint, box sizes), and both
 files are written atomically at the end: a failure writes nothing.
 """
@@ -36,7 +45,7 @@ from cryosphere import io
 from cryosphere.geometry import so3
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
-from cryosphere.poses import train
+from cryosphere.poses import local_search, train
 
 __all__ = [
     "PredictionSummary",
@@ -121,6 +130,13 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
         table[column] = values
     table["rlnMaxValueProbDistribution"] = arrays["best_probability"]
     table[SPREAD_COLUMN] = arrays["spread_deg"]
+    extra = {}
+    if "refined_index" in arrays:
+        extra = {k: arrays[k] for k in ("refined_index", "shift_px")}
+        extra["refine_level"] = np.int64(arrays["refine_level"])
+        if arrays["origin_angstrom"] is not None:
+            table["rlnOriginXAngst"] = arrays["origin_angstrom"][:, 0]
+            table["rlnOriginYAngst"] = arrays["origin_angstrom"][:, 1]
     top_angles = so3.relion_euler_from_matrices(
         so3.healpix_so3_grid(level)[arrays["top_index"].reshape(-1)]
     ).reshape(*arrays["top_index"].shape, 3)
@@ -131,6 +147,7 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
         top_angles_deg=top_angles,
         image_name=np.asarray(pset.particles["rlnImageName"], dtype=str),
         grid_level=np.int64(level),
+        **extra,
     )
     tables = dict(pset.tables)
     tables[pset.particles_key] = table
@@ -161,6 +178,17 @@ def _top_cells(
     return probability.cpu().numpy(), top.indices.cpu().numpy()
 
 
+def _refined_outputs(arrays: dict, search: local_search.MapSearch, pixel: float) -> None:
+    """Best pose, its network probability and origins from the map search's rows."""
+    arrays["best_rotation"] = so3.healpix_so3_grid(search.level)[arrays["refined_index"]]
+    parent = search.parent_cells(arrays["refined_index"])
+    hit = arrays["top_index"] == parent[:, None]
+    arrays["best_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
+    arrays["refine_level"] = search.level
+    shifted = search.refinement.max_shift_px > 0
+    arrays["origin_angstrom"] = arrays["shift_px"] * pixel if shifted else None
+
+
 def predict_star(
     star_path: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -174,6 +202,7 @@ def predict_star(
     normalise: bool = True,
     progress: bool = True,
     bf16: bool = False,
+    refine: local_search.MapRefinement | None = None,
     shard=None,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
@@ -188,6 +217,8 @@ def predict_star(
         crop_size: real-space crop (px) before downsampling to the model's box.
         normalise: background normalisation of each image (mean 0, std 1 outside a circle).
         bf16: run the network under bfloat16 autocast (GPU; the softmax stays float32).
+        refine: search the top cells against a consensus map (module docstring); None: the
+            network's most probable cell.
         shard: this rank's share of a distributed run
             (:class:`cryosphere.poses.sharded_inference.ShardPlan`: ``count``, ``batches``,
             ``finish``); None: every particle, read here. Use
@@ -207,6 +238,11 @@ def predict_star(
         "top_index": np.empty((n, k), np.int64),
         "top_probability": np.empty((n, k), np.float32),
     }
+    search = None
+    if refine is not None:
+        search = local_search.MapSearch(refine, pset, model.config.image_size, level, progress)
+        arrays["refined_index"] = np.zeros(n, np.int64)
+        arrays["shift_px"] = np.zeros((n, 2), np.float64)
     total = n if shard is None else shard.count
     bar = tqdm(total=total, desc="predicting", disable=not progress, unit="img")
     with StackReader(pset) as reader, torch.inference_mode():
@@ -223,6 +259,17 @@ def predict_star(
                 normalise=normalise,
             )
             top_p, top_i = _top_cells(model, prepared, k, bf16)
+            if search is not None:  # the raw images at the network's box, not CTF-corrected
+                raw, model_pixel = preprocess.prepare_images(
+                    torch.from_numpy(images),
+                    pset.pixel_size_angstrom,
+                    target_size=model.config.image_size,
+                    crop_size=crop_size,
+                    normalise=normalise,
+                )
+                found = search(raw, ctf, model_pixel, top_i)
+                arrays["refined_index"][indices] = found.best_index
+                arrays["shift_px"][indices] = found.shift_px
             arrays["top_index"][indices] = top_i
             arrays["top_probability"][indices] = top_p
             bar.update(len(indices))
@@ -231,6 +278,9 @@ def predict_star(
         return PredictionSummary(output, topk_path(output), total, time.perf_counter() - started)
     arrays["best_rotation"] = grid[arrays["top_index"][:, 0]]
     arrays["best_probability"] = arrays["top_probability"][:, 0].copy()
+    if search is not None:
+        box = crop_size or pset.image_size
+        _refined_outputs(arrays, search, pset.pixel_size_angstrom * box / model.config.image_size)
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
     _write_outputs(pset, output, arrays, level)
     return PredictionSummary(

@@ -12,14 +12,22 @@ the candidates.
 * :func:`child_cells` — the level-``L'`` cells whose nearest level-``L`` cell is each coarse
   cell (a Voronoi partition of the fine grid; 8 per cell on average);
 * :func:`candidate_cells` — the candidates ``(n, c)`` of each image from its top cells;
+* :class:`MapRefinement` / :class:`MapSearch` — the same for a user's particle set and
+  consensus map (``cryosphere predict --map``): the map checked against the particles and
+  brought to the network's box, its template spectra computed once;
 * :func:`local_template_matching` — the best candidate and shift per image, with the score of
   :mod:`cryosphere.poses.matching` (``mode="ctf_templates"`` when CTFs are given, the plain
-  squared error otherwise).
+  squared error otherwise), or, for images whose scale relative to the map is unknown (real
+  particles, normalised), the squared error after the best scale ``a`` per image and
+  candidate: ``min_a ‖F − a·C·T‖²``, i.e. the largest ``⟨F, C·T⟩ / ‖C·T‖`` (zero frequency
+  left out, since a normalised image's mean says nothing about the pose).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +35,7 @@ from tqdm.auto import tqdm
 
 from cryosphere.geometry import so3
 from cryosphere.imaging import ctf as ctf_module
+from cryosphere.imaging import preprocess
 from cryosphere.poses.matching import (
     MatchResult,
     TemplateSpectra,
@@ -34,9 +43,21 @@ from cryosphere.poses.matching import (
     _ramps,
     _real_pair,
     shift_grid_px,
+    template_spectra,
 )
+from cryosphere.poses.templates import template_bank
 
-__all__ = ["child_cells", "candidate_cells", "local_template_matching", "search_fraction"]
+__all__ = [
+    "SCORES",
+    "MapRefinement",
+    "MapSearch",
+    "child_cells",
+    "candidate_cells",
+    "local_template_matching",
+    "search_fraction",
+]
+
+SCORES = ("mse", "scaled")
 
 
 @functools.cache
@@ -113,6 +134,7 @@ def local_template_matching(
     max_shift_px: float = 0.0,
     shift_step_px: float = 1.0,
     batch_size: int = 64,
+    score: str = "mse",
     progress: bool = False,
 ) -> MatchResult:
     """Best candidate template and centring shift of each image.
@@ -127,6 +149,8 @@ def local_template_matching(
         pixel_size_angstrom: Å per pixel (needed with ``ctf``).
         max_shift_px, shift_step_px: translation search (:func:`shift_grid_px`); 0: none.
         batch_size: images per block; work memory ~``batch_size · c · N² · 6`` bytes.
+        score: ``"mse"`` (images on the templates' scale, as simulated) or ``"scaled"`` (a
+            free positive scale per image and candidate, no zero frequency; real particles).
 
     Returns:
         :class:`~cryosphere.poses.matching.MatchResult` with ``best_index`` a template index
@@ -134,12 +158,17 @@ def local_template_matching(
         score as exhaustive matching restricted to the candidates.
     """
     a, cand = _check_inputs(images, candidates, spectra, ctf)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if ctf is not None and pixel_size_angstrom is None:
         raise ValueError("pixel_size_angstrom is needed to evaluate the images' CTF")
     n, n_pix = a.shape[0], spectra.image_size
     shifts = shift_grid_px(max_shift_px, shift_step_px)
     ramps = _ramps(shifts, n_pix).reshape(len(shifts), -1)
-    weights = _half_plane_weights(n_pix).reshape(-1)
+    weights = _half_plane_weights(n_pix)
+    if score == "scaled":
+        weights[0, 0] = 0.0
+    weights = weights.reshape(-1)
     best_index = np.empty(n, np.int64)
     best_shift = np.empty(n, np.int64)
     best_mse = np.empty(n, np.float64)
@@ -160,7 +189,10 @@ def local_template_matching(
         pairs = spectra.pairs[block]  # (b, c, 2K)
         cross = torch.bmm(shifted, pairs.transpose(1, 2))  # (b, S, c)
         norms = torch.bmm((weights * model**2)[:, None], spectra.power[block].transpose(1, 2))
-        scores = norms.double() - 2.0 * cross.double()  # (b, S, c)
+        if score == "mse":
+            scores = norms.double() - 2.0 * cross.double()  # (b, S, c)
+        else:  # min over a > 0 of ‖F‖² − 2a·cross + a²·norms = ‖F‖² − max(cross, 0)² / norms
+            scores = -(cross.double().clamp(min=0.0) ** 2) / norms.double().clamp(min=1e-30)
         value, where = scores.reshape(stop - start, -1).min(dim=1)
         column = (where % block.shape[1]).numpy()
         best_index[start:stop] = block.numpy()[np.arange(stop - start), column]
@@ -178,3 +210,79 @@ def search_fraction(coarse_level: int, fine_level: int, top_k: int) -> float:
     image for ``top_k`` coarse cells (the saving against exhaustive matching)."""
     width = child_cells(coarse_level, fine_level).shape[1]
     return min(1.0, int(top_k) * width / so3.healpix_so3_grid_size(fine_level))
+
+
+@dataclass(frozen=True)
+class MapRefinement:
+    """What ``cryosphere predict --map`` searches around the network's top cells.
+
+    Attributes:
+        map_path: the consensus map (MRC) of the particles' refinement, at their box and pixel
+            size (:func:`cryosphere.imaging.preprocess.reference_map`).
+        level: grid level of the search; None: the network's own level (its top cells are
+            re-ranked); one level finer: their children (:func:`child_cells`, ~7.4° apart at 3).
+        max_shift_px: translation search in px of the network's box (0: the particles are
+            taken as centred); the shift found is written as the particle's origin.
+        blur_sigma_px: Gaussian blur of the templates in px of the network's box (0 for a
+            reconstruction, whose resolution is already that of the data).
+    """
+
+    map_path: str | os.PathLike[str]
+    level: int | None = None
+    max_shift_px: float = 0.0
+    blur_sigma_px: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.max_shift_px >= 0 or not self.blur_sigma_px >= 0:
+            raise ValueError(
+                f"max_shift_px and blur_sigma_px must be >= 0, got {self.max_shift_px}, "
+                f"{self.blur_sigma_px}"
+            )
+
+
+class MapSearch:
+    """A :class:`MapRefinement` prepared for one particle set and network: the map at the
+    network's box and the spectra of its templates on the search grid (level 2: ~120 MB,
+    level 3: ~1 GB of float32)."""
+
+    def __init__(
+        self,
+        refinement: MapRefinement,
+        particles,
+        image_size: int,
+        coarse_level: int,
+        progress: bool = False,
+    ):
+        level = coarse_level if refinement.level is None else int(refinement.level)
+        if not coarse_level <= level <= 3:
+            raise ValueError(
+                f"the search level must lie in {coarse_level}..3 (the network's level up to "
+                f"36,864 cells), got {level}"
+            )
+        volume = preprocess.reference_map(refinement.map_path, particles, image_size)
+        bank = template_bank(volume, level, refinement.blur_sigma_px, progress=progress)
+        self.spectra = template_spectra(bank)
+        self.refinement = refinement
+        self.coarse_level, self.level = int(coarse_level), level
+
+    def __call__(
+        self, images: torch.Tensor, ctf, pixel_size_angstrom: float, top_index: np.ndarray
+    ) -> MatchResult:
+        """Best candidate and shift of images ``(n, M, M)`` (the network's box, not
+        CTF-corrected) given their network top cells ``(n, k)``; ``score="scaled"``."""
+        return local_template_matching(
+            images.detach().cpu(),
+            candidate_cells(top_index, self.coarse_level, self.level),
+            self.spectra,
+            ctf=ctf,
+            pixel_size_angstrom=pixel_size_angstrom,
+            max_shift_px=self.refinement.max_shift_px,
+            score="scaled",
+        )
+
+    def parent_cells(self, fine_index: np.ndarray) -> np.ndarray:
+        """``(n,)`` the network's cell (coarse level) that holds each search-grid cell."""
+        if self.level == self.coarse_level:
+            return np.asarray(fine_index, dtype=np.int64)
+        fine = so3.healpix_so3_grid(self.level)[np.asarray(fine_index)]
+        return so3.nearest_grid_indices(fine, so3.healpix_so3_grid(self.coarse_level))

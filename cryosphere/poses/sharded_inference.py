@@ -100,6 +100,7 @@ def predict_star_distributed(
     progress: bool = True,
     num_workers: int = 0,
     bf16: bool = False,
+    refine=None,
     context: dd.DistributedContext | None = None,
 ) -> inference.PredictionSummary:
     """Sharded :func:`~cryosphere.poses.inference.predict_star` (module docstring).
@@ -126,5 +127,6 @@ def predict_star_distributed(
         normalise=normalise,
         progress=progress and context.writes,
         bf16=bf16,
+        refine=refine,
         shard=plan,
     )

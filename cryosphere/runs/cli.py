@@ -8,6 +8,8 @@ Examples::
     cryosphere run --structure path/to/model.cif
     cryosphere profiles
     cryosphere predict particles.star --checkpoint model.pt -o predicted.star
+    cryosphere predict particles.star --checkpoint model.pt -o refined.star \
+        --map consensus.mrc --search-level 3 --max-shift 3   # network + local map search
     cryosphere train --star particles.star --map consensus.mrc --run-dir runs/mine
     torchrun --nproc_per_node 4 -m cryosphere train --particles p.star --map m.mrc --run-dir r \
         --steps 5000 --slots 4                      # streamed, 4 ranks (README: Beyond one machine)
@@ -200,12 +202,36 @@ def _add_predict_parser(commands: Any) -> None:
     predict.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast for the network (GPU)"
     )
+    predict.add_argument(
+        "--map",
+        default=None,
+        help="consensus map (MRC, the particles' box and pixel size): search each particle's "
+        "top cells against its projections with the particle's CTF",
+    )
+    predict.add_argument(
+        "--search-level",
+        type=int,
+        default=None,
+        help="grid level of the map search (default: the network's; one finer: the children "
+        "of its top cells)",
+    )
+    predict.add_argument(
+        "--max-shift",
+        type=float,
+        default=0.0,
+        help="translation search of the map search, px of the network's box; writes origins",
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
     from cryosphere.poses import distributed, sharded_inference  # torch only when needed
 
     try:
+        refine = None
+        if args.map is not None:
+            from cryosphere.poses.local_search import MapRefinement
+
+            refine = MapRefinement(args.map, args.search_level, args.max_shift)
         context = distributed.init_from_env(args.device)
         summary = sharded_inference.predict_star_distributed(
             args.star,
@@ -220,6 +246,7 @@ def _predict(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             num_workers=args.workers,
             bf16=args.bf16,
+            refine=refine,
             context=context,
         )
         distributed.shutdown(context)

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryosphere import io
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import StackReader, read_particle_set
+from cryosphere.imaging.preprocess import fourier_crop_volume
 from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import distributed as dd
 from cryosphere.poses import labels, train
@@ -85,21 +85,6 @@ class RefinementData:
         return int(self.volume.shape[0])
 
 
-def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
-    """Downsample a cubic map ``(N, N, N)`` to ``(size,)*3`` by keeping its lowest frequencies
-    (centre voxel ``N // 2`` -> ``size // 2``; values keep their scale). ``size`` even ``<= N``."""
-    tensor = torch.as_tensor(np.asarray(volume, dtype=np.float32))
-    n_pix, m = tensor.shape[-1], int(size)
-    if m == n_pix:
-        return tensor.numpy().copy()
-    if m > n_pix or m < 2 or m % 2:
-        raise ValueError(f"map crop size must be even and in 2..{n_pix} voxels, got {size}")
-    spectrum = torch.fft.rfftn(tensor)
-    keep = torch.cat([torch.arange(m // 2), torch.arange(n_pix - m // 2, n_pix)])
-    cropped = spectrum[keep][:, keep][:, :, : m // 2 + 1]
-    return (torch.fft.irfftn(cropped, s=(m, m, m)) * (m / n_pix) ** 3).numpy()
-
-
 def refinement_data(
     star_path: str | os.PathLike[str],
     map_path: str | os.PathLike[str],
@@ -110,17 +95,7 @@ def refinement_data(
 ) -> RefinementData:
     """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3)."""
     pset = read_particle_set(star_path, require_angles=True)
-    volume, voxel = io.read_map(map_path)
-    if volume.shape[0] != pset.image_size:
-        raise ValueError(
-            f"the map is {volume.shape[0]} voxels wide but the particles are {pset.image_size} px; "
-            "give the map of this refinement at the particles' box (relion_image_handler --new_box)"
-        )
-    if voxel > 0 and abs(voxel - pset.pixel_size_angstrom) > 0.01 * pset.pixel_size_angstrom:
-        raise ValueError(
-            f"the map's voxel size is {voxel:g} Å but the particles' pixel size is "
-            f"{pset.pixel_size_angstrom:g} Å; rescale the map (relion_image_handler --rescale_angpix)"
-        )
+    small = preprocess.reference_map(map_path, pset, image_size)  # checked before reading
     n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
     rotations = pset.rotations()[:n]
     images = []
@@ -141,7 +116,6 @@ def refinement_data(
                 ctf=None if pset.ctf is None else pset.ctf.subset(indices),
             )
             images.append(prepared.numpy())
-    small = fourier_crop_volume(volume, image_size)
     clean = project_volume(small, rotations, progress=progress).numpy()
     return RefinementData(
         volume=small,
