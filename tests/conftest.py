@@ -36,6 +36,25 @@ def ubi_map_32() -> tuple[np.ndarray, float]:
     return structure.coulomb_potential_map(atoms, 32, pixel), pixel
 
 
+def _ctf_particles(templates, pixel, cells, shifts, snr, seed):
+    """Noisy images of grid templates ``templates[cells]`` carrying random CTFs, moved by
+    ``shifts`` ``(n, 2)`` px; returns ``(images (n, N, N), CTF parameters)``."""
+    from cryosphere.imaging import ctf
+    from cryosphere.imaging.projection import add_gaussian_noise
+
+    params = ctf.random_ctf_parameters(len(cells), np.random.default_rng(seed))
+    transfer = ctf.ctf_2d(params, templates.shape[-1], pixel)
+    clean = ctf.shift_images(ctf.apply_ctf(templates[cells], transfer), shifts)
+    noisy, _ = add_gaussian_noise(clean, snr, seed=seed)
+    return noisy.numpy(), params
+
+
+@pytest.fixture(scope="session")
+def ctf_particles():
+    """The function ``(templates, pixel, cells, shifts, snr, seed) -> (images, ctf)``."""
+    return _ctf_particles
+
+
 @pytest.fixture(scope="session")
 def small_dataset():
     """40 noisy 32-px images of 1UBI at SNR 1."""

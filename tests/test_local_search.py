@@ -18,14 +18,6 @@ def bank(ubi_map_32):
     return templates, matching.template_spectra(templates), pixel
 
 
-def _particles(templates, pixel, cells, shifts, snr, seed):
-    params = ctf.random_ctf_parameters(len(cells), np.random.default_rng(seed))
-    transfer = ctf.ctf_2d(params, templates.shape[-1], pixel)
-    clean = ctf.shift_images(ctf.apply_ctf(templates[cells], transfer), shifts)
-    noisy, _ = add_gaussian_noise(clean, snr, seed=seed)
-    return noisy.numpy(), params
-
-
 def test_children_partition_the_fine_grid_and_lie_near_their_parent():
     children = local_search.child_cells(1, 2)
     assert children.shape[0] == so3.healpix_so3_grid_size(1)
@@ -50,12 +42,12 @@ def test_children_partition_the_fine_grid_and_lie_near_their_parent():
         local_search.candidate_cells(np.array([[576]]), 1, 2)
 
 
-def test_with_every_template_as_candidate_it_equals_exhaustive_matching(bank):
+def test_with_every_template_as_candidate_it_equals_exhaustive_matching(bank, ctf_particles):
     templates, spectra, pixel = bank
     rng = np.random.default_rng(4)
     cells = rng.integers(0, templates.shape[0], 12)
     moved = rng.integers(-2, 3, (12, 2)).astype(float)
-    images, params = _particles(templates, pixel, cells, moved, snr=0.3, seed=4)
+    images, params = ctf_particles(templates, pixel, cells, moved, snr=0.3, seed=4)
     kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=2)
     full = matching.ctf_template_matching(images, templates, **kwargs)
     everything = np.tile(np.arange(templates.shape[0]), (12, 1))
@@ -68,13 +60,13 @@ def test_with_every_template_as_candidate_it_equals_exhaustive_matching(bank):
     np.testing.assert_allclose(local.best_mse, full.best_mse, rtol=1e-4)
 
 
-def test_a_wrong_top_cell_is_corrected_when_the_truth_is_a_candidate(bank):
+def test_a_wrong_top_cell_is_corrected_when_the_truth_is_a_candidate(bank, ctf_particles):
     """The candidates of each image: one wrong cell first, the true cell elsewhere in the
     list; the search returns the true cell and the shift that centres the particle."""
     templates, spectra, pixel = bank
     cells = np.array([5, 100, 377, 50])
     moved = np.array([[2.0, -1.0], [-3.0, 3.0], [0.0, 1.0], [1.0, 1.0]])
-    images, params = _particles(templates, pixel, cells, moved, snr=2.0, seed=0)
+    images, params = ctf_particles(templates, pixel, cells, moved, snr=2.0, seed=0)
     wrong = (cells + 200) % templates.shape[0]
     candidates = np.stack([wrong, (cells + 1) % templates.shape[0], cells], axis=1)
     result = local_search.local_template_matching(
@@ -115,13 +107,13 @@ def test_bad_input_names_the_problem(bank):
         local_search.local_template_matching(images, np.zeros((2, 1), int), spectra, ctf=params)
 
 
-def test_the_scaled_score_ignores_the_images_scale_and_offset(bank):
+def test_the_scaled_score_ignores_the_images_scale_and_offset(bank, ctf_particles):
     """Real particles come normalised: a scaled, offset image finds the same cell and shift
     with ``score="scaled"`` as the image on the templates' scale does with the MSE."""
     templates, spectra, pixel = bank
     cells = np.array([5, 100, 377, 50])
     moved = np.array([[2.0, -1.0], [-3.0, 3.0], [0.0, 1.0], [1.0, 1.0]])
-    images, params = _particles(templates, pixel, cells, moved, snr=1.0, seed=6)
+    images, params = ctf_particles(templates, pixel, cells, moved, snr=1.0, seed=6)
     rescaled = 37.0 * images + 5.0
     candidates = np.stack([cells, (cells + 1) % 576, (cells + 7) % 576, (cells + 99) % 576], 1)
     kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=3)

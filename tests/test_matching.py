@@ -7,7 +7,6 @@ import pytest
 
 from cryosphere.geometry import so3
 from cryosphere.imaging import ctf
-from cryosphere.imaging.projection import add_gaussian_noise
 from cryosphere.poses import labels, matching
 
 
@@ -17,19 +16,11 @@ def bank(ubi_map_32):
     return labels.template_bank(volume, level=1, blur_sigma=1.0), pixel
 
 
-def _particles(templates, pixel, cells, shifts, snr, seed):
-    params = ctf.random_ctf_parameters(len(cells), np.random.default_rng(seed))
-    transfer = ctf.ctf_2d(params, templates.shape[-1], pixel)
-    clean = ctf.shift_images(ctf.apply_ctf(templates[cells], transfer), shifts)
-    noisy, _ = add_gaussian_noise(clean, snr, seed=seed)
-    return noisy.numpy(), params
-
-
-def test_shifted_ctf_image_of_a_grid_pose_is_matched_at_pose_and_shift(bank):
+def test_shifted_ctf_image_of_a_grid_pose_is_matched_at_pose_and_shift(bank, ctf_particles):
     templates, pixel = bank
     cells = np.array([5, 100, 377])
     moved = np.array([[2.0, -1.0], [-3.0, 3.0], [0.0, 1.0]])  # content moved by these (px)
-    images, params = _particles(templates, pixel, cells, moved, snr=2.0, seed=0)
+    images, params = ctf_particles(templates, pixel, cells, moved, snr=2.0, seed=0)
     result = matching.ctf_template_matching(
         images, templates, ctf=params, pixel_size_angstrom=pixel, max_shift_px=3
     )
@@ -39,14 +30,14 @@ def test_shifted_ctf_image_of_a_grid_pose_is_matched_at_pose_and_shift(bank):
     assert np.all(result.best_mse >= 0)
 
 
-def test_ctf_templates_beat_ignoring_the_ctf(bank):
+def test_ctf_templates_beat_ignoring_the_ctf(bank, ctf_particles):
     """At SNR 0.1, with shifts up to 3 px: CTF-carrying templates find the pose far more often
     than bare templates; phase flipping sits in between or equal (measured and printed)."""
     templates, pixel = bank
     rng = np.random.default_rng(1)
     cells = rng.integers(0, templates.shape[0], 48)
     moved = rng.integers(-3, 4, (48, 2)).astype(float)
-    images, params = _particles(templates, pixel, cells, moved, snr=0.1, seed=1)
+    images, params = ctf_particles(templates, pixel, cells, moved, snr=0.1, seed=1)
     grid = so3.healpix_so3_grid(1)
     errors = {}
     for mode in matching.MATCHING_MODES:
@@ -59,10 +50,10 @@ def test_ctf_templates_beat_ignoring_the_ctf(bank):
     assert errors["ctf_templates"] <= errors["phase_flip"] < errors["none"]
 
 
-def test_matching_is_blockwise_invariant_and_checks_input(bank):
+def test_matching_is_blockwise_invariant_and_checks_input(bank, ctf_particles):
     templates, pixel = bank
     cells = np.array([3, 50, 200, 400, 10])
-    images, params = _particles(templates, pixel, cells, np.zeros((5, 2)), snr=1.0, seed=2)
+    images, params = ctf_particles(templates, pixel, cells, np.zeros((5, 2)), snr=1.0, seed=2)
     kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=1)
     a = matching.ctf_template_matching(images, templates, **kwargs)
     b = matching.ctf_template_matching(
