@@ -113,11 +113,12 @@ def _refined(model, images, spectra, top_k: int, level: int) -> tuple[np.ndarray
 
     start = time.perf_counter()
     probabilities = train.predict(model, images, level=2).probabilities
-    top = np.argsort(-probabilities, axis=1)[:, :top_k]
-    candidates = local_search.candidate_cells(top, 2, level)
-    best = local_search.local_template_matching(images, candidates, spectra).best_index
+    found = local_search.search_top_cells(
+        probabilities, images, spectra, top_k=top_k, coarse_level=2, fine_level=level
+    )
     rate = images.shape[0] / (time.perf_counter() - start)
-    return best, rate, candidates
+    top = np.argsort(-probabilities, axis=1)[:, :top_k]
+    return found.best_index, rate, local_search.candidate_cells(top, 2, level)
 
 
 def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:

@@ -126,3 +126,20 @@ def test_the_scaled_score_ignores_the_images_scale_and_offset(bank, ctf_particle
     np.testing.assert_allclose(scaled.shift_px, -moved)
     with pytest.raises(ValueError, match="score must be one of"):
         local_search.local_template_matching(images, candidates, spectra, score="ncc", **kwargs)
+
+
+def test_search_top_cells_keeps_the_most_probable_cells(bank):
+    """A distribution whose top cells hold the true one finds it; one whose top cells miss it
+    cannot; probabilities on the wrong grid are refused."""
+    templates, spectra, _ = bank
+    cells = np.array([9, 300, 77])
+    images, _ = add_gaussian_noise(templates[cells], 2.0, seed=5)
+    p = np.full((3, templates.shape[0]), 1e-6)
+    p[np.arange(3), cells] = 0.5
+    p[np.arange(3), (cells + 5) % 576] = 0.9  # the network's first choice is wrong
+    found = local_search.search_top_cells(p, images.numpy(), spectra, top_k=2, coarse_level=1)
+    np.testing.assert_array_equal(found.best_index, cells)
+    missed = local_search.search_top_cells(p, images.numpy(), spectra, top_k=1, coarse_level=1)
+    np.testing.assert_array_equal(missed.best_index, (cells + 5) % 576)
+    with pytest.raises(ValueError, match="level-2 grid"):
+        local_search.search_top_cells(p, images.numpy(), spectra, coarse_level=2)

@@ -55,6 +55,7 @@ __all__ = [
     "candidate_cells",
     "local_template_matching",
     "search_fraction",
+    "search_top_cells",
 ]
 
 SCORES = ("mse", "scaled")
@@ -202,6 +203,35 @@ def local_template_matching(
         best_index=best_index,
         shift_px=shifts[best_shift].astype(np.float64),
         best_mse=np.maximum(best_mse, 0.0),
+    )
+
+
+def search_top_cells(
+    probabilities: np.ndarray,
+    images: np.ndarray | torch.Tensor,
+    spectra: TemplateSpectra,
+    *,
+    top_k: int = 10,
+    coarse_level: int = 2,
+    fine_level: int | None = None,
+    **search,
+) -> MatchResult:
+    """The network's ``top_k`` cells of each image (probabilities ``(n, G)`` on the
+    level-``coarse_level`` grid, e.g. ``train.predict(...).probabilities``), or their children
+    on ``fine_level``, searched against the templates whose ``spectra`` are in that level's
+    grid order. ``search``: the keywords of :func:`local_template_matching` (``ctf``,
+    ``pixel_size_angstrom``, ``max_shift_px``, ``score``…)."""
+    p = np.asarray(probabilities)
+    if p.ndim != 2 or p.shape[1] != so3.healpix_so3_grid_size(coarse_level):
+        raise ValueError(
+            f"probabilities must have shape (n, {so3.healpix_so3_grid_size(coarse_level)}) "
+            f"(the level-{coarse_level} grid), got {p.shape}"
+        )
+    k = max(1, min(int(top_k), p.shape[1]))
+    top = np.argpartition(-p, k - 1, axis=1)[:, :k]
+    level = coarse_level if fine_level is None else int(fine_level)
+    return local_template_matching(
+        images, candidate_cells(top, coarse_level, level), spectra, **search
     )
 
 
