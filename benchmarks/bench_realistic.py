@@ -23,8 +23,8 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    predicted poses weighted by their top-k probabilities and from the true poses, every image
    centred by its STAR origin (both use the same shifts, so the comparison is of poses), and
    give each map's FSC-0.5 resolution against the true map;
-5. the network with the map (``refined_*`` keys): the top-k cells of the predicted STAR's side
-   file are scored against the map's templates, each carrying its image's CTF, with the same
+5. the network with the map (``refined_*`` keys, for the first ``--top-k``; ``searches`` for
+   each): the top-k cells of the predicted STAR's side file are scored against the map's templates, each carrying its image's CTF, with the same
    ±3 px translation search (:func:`cryosphere.poses.local_search.local_template_matching`):
    pose error against the same template matching, ``top_k_hit`` (how often the template
    matcher's cell is among the candidates), images/s of the search, and the FSC-0.5 of the
@@ -60,7 +60,7 @@ from bench_predict import REALISTIC
 SNR_TEST = 0.05
 
 
-def _train(dataset, args, run_dir: Path):
+def _train(dataset, args, run_dir: Path, resume: bool):
     from cryosphere.poses.stream import ParticleRealism, SimulatedStream, StreamConfig
     from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
@@ -89,7 +89,7 @@ def _train(dataset, args, run_dir: Path):
         validation,
         dataset.symmetry_ops,
         run_dir=run_dir,
-        resume=False,
+        resume=resume,
         progress=args.progress,
     )
     for row in result.history:
@@ -154,6 +154,7 @@ def _refine(dataset, stream, top_index: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
+    """Train (or, with ``--run-dir``, reuse the model trained there), predict, score."""
     from bench_predict import write_particle_set
 
     from cryosphere.geometry import so3
@@ -163,12 +164,14 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     dataset = write_particle_set(folder / "data", name, args.n_test, seed=1000, snr=SNR_TEST)
     ops = dataset.symmetry_ops
     print(f"== {name} ({dataset.point_group}): training {args.steps} steps ...", flush=True)
-    stream, result = _train(dataset, args, folder / "run")
+    stream, result = _train(dataset, args, folder / "run", resume=args.run_dir is not None)
     star, out = folder / "data" / "particles.star", folder / "data" / "predicted.star"
     rate = best_rate(
         lambda: inference.predict_star(star, result.checkpoint, out, progress=False), args.n_test, 1
     )
     best, top, weights = _predicted(out)
+    wide = folder / "data" / "predicted_wide.star"  # the most cells asked for the search
+    inference.predict_star(star, result.checkpoint, wide, top_k=max(args.top_k), progress=False)
     model_err = train.pose_errors_deg(best, dataset.rotations, ops)
     m = min(args.n_oracle, args.n_test)
     matched = matching.ctf_template_matching(
@@ -180,10 +183,22 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     )
     grid = so3.healpix_so3_grid(2)
     oracle_err = train.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
-    top_index = np.load(inference.topk_path(out))["top_index"]
-    refined, refine_rate = _refine(dataset, stream, top_index)
-    refined_err = train.pose_errors_deg(grid[refined], dataset.rotations, ops)
     regularisation = args.regularisation if args.regularisation else 1.0 / SNR_TEST
+    wide_index = np.load(inference.topk_path(wide))["top_index"]
+    searches = {}
+    for k in args.top_k:
+        refined, refine_rate = _refine(dataset, stream, wide_index[:, :k])
+        refined_err = train.pose_errors_deg(grid[refined], dataset.rotations, ops)
+        hit = (wide_index[:m, :k] == matched.best_index[:, None]).any(axis=1)
+        searches[k] = {
+            "refine_top": int(k),
+            "refined_median_deg": float(np.median(refined_err[:m])),
+            "refined_ratio": float(np.median(refined_err[:m]) / np.median(oracle_err)),
+            "refined_acc15": float(np.mean(refined_err < 15.0)),
+            "top_k_hit": float(np.mean(hit)),
+            "refine_images_per_s": refine_rate,
+            "refined_fsc05_A": _reconstruction_fsc05(dataset, grid[refined], None, regularisation),
+        }
     print(f"== {name}: reconstructing from {args.n_test} particles ...", flush=True)
     case = {
         "structure": name,
@@ -199,13 +214,8 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         "n_oracle": int(m),
         "pixel_size_A": dataset.pixel_size,
         "predict_images_per_s": rate,
-        "refine_top": int(top_index.shape[1]),
-        "refined_median_deg": float(np.median(refined_err[:m])),
-        "refined_ratio": float(np.median(refined_err[:m]) / np.median(oracle_err)),
-        "refined_acc15": float(np.mean(refined_err < 15.0)),
-        "top_k_hit": float(np.mean((top_index[:m] == matched.best_index[:, None]).any(axis=1))),
-        "refine_images_per_s": refine_rate,
-        "refined_fsc05_A": _reconstruction_fsc05(dataset, grid[refined], None, regularisation),
+        **searches[args.top_k[0]],
+        "searches": list(searches.values()),
     }
     case["fsc_ratio"] = case["fsc05_predicted_A"] / case["fsc05_true_A"]
     training = {
@@ -244,6 +254,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--regularisation", type=float, default=None, help="Wiener constant (default 1 / SNR)"
     )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        nargs="+",
+        default=[10, 50],
+        help="network cells searched against the map (refined_* keys: the first)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="keep the trained model in RUN_DIR/<structure>/run and reuse it on the next call",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--progress", action="store_true", help="tqdm bar while training")
     parser.add_argument(
@@ -260,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         cases, trainings = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.structures:
-                case, training = run_structure(name, args, Path(tmp) / name)
+                case, training = run_structure(name, args, Path(args.run_dir or tmp) / name)
                 cases.append(case)
                 trainings.append(training)
         settings = {**vars(args), "torch_threads": torch.get_num_threads()}
