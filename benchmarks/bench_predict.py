@@ -9,6 +9,13 @@ one process, each after a warm-up call, best of ``--repeats``:
   (reading, preprocessing, network, top-k, writing the STAR and side file);
 * its stages alone: reading the memory-mapped stack, preprocessing (Fourier crop, CTF phase
   flip, background normalisation), and the network with top-k;
+* ``predict_map_images_per_s`` (``_level3_``): ``predict_star`` with the consensus map
+  (``cryosphere predict --map``): the network's 10 most probable cells (their children on the
+  level-3 grid) searched against the map's templates with each particle's CTF and a ±3 px
+  translation search, with the map projected beforehand (``map_setup_s``, once per map: it
+  does not grow with the particles); its peer is exhaustive CTF-aware template
+  matching (:func:`cryosphere.poses.matching.ctf_template_matching`, same shifts, level 2) on
+  ``--n-matching`` particles;
 * peers measured in the same run: the CTF from ``torch_ctf.calculate_ctf_2d`` against our
   :func:`cryosphere.imaging.ctf.ctf_2d`, and :func:`cryosphere.poses.train.predict` (the full
   softmax over the grid, as ``predict`` used before) against the top-k network stage.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +103,54 @@ def _torch_ctf(params, size: int, pixel: float) -> torch.Tensor:
     )
 
 
+def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
+    """``predict_star --map`` images/s at levels 2 and 3 and exhaustive matching's (level 2)."""
+    from cryosphere import io
+    from cryosphere.imaging.particles import StackReader, read_particle_set
+    from cryosphere.poses import inference, labels, local_search, matching
+
+    pset = read_particle_set(star)
+    n, volume_path = len(pset), Path(star).with_name("volume.mrc")
+    out = Path(star).with_name("bench_searched.star")
+    rates = {}
+    for level in (2, 3):
+        refine = local_search.MapRefinement(
+            volume_path, level=level, max_shift_px=REALISTIC["max_shift_px"], blur_sigma_px=1.0
+        )
+        setup = time.perf_counter()
+        search = local_search.MapSearch(refine, pset, REALISTIC["image_size"], 2)
+        setup = time.perf_counter() - setup
+        suffix = "" if level == 2 else "_level3"
+        rates[f"map_setup_s{suffix}"] = setup  # projecting the map once, at the search level
+        rates[f"predict_map{suffix}_images_per_s"] = best_rate(
+            lambda s=search: inference.predict_star(
+                star, checkpoint, out, device="cpu", progress=False, refine=s
+            ),
+            n,
+            1,
+        )
+    volume, _ = io.read_map(volume_path)
+    templates = labels.template_bank(volume, 2, 1.0)
+    m = min(int(n_matching), n)
+    with StackReader(pset) as reader:
+        images = reader.read(np.arange(m))
+    rates["peer_ctf_template_matching_images_per_s"] = best_rate(
+        lambda: matching.ctf_template_matching(
+            images,
+            templates,
+            ctf=pset.ctf.subset(np.arange(m)),
+            pixel_size_angstrom=pset.pixel_size_angstrom,
+            max_shift_px=REALISTIC["max_shift_px"],
+        ),
+        m,
+        1,
+    )
+    rates["map_search_speedup_level2"] = (
+        rates["predict_map_images_per_s"] / rates["peer_ctf_template_matching_images_per_s"]
+    )
+    return rates
+
+
 def predict_rates(star: Path, checkpoint: Path, batch_size: int, repeats: int) -> dict:
     """``predict_star`` images/s on ``star`` and the stage and peer rates (module docstring)."""
     from cryosphere.imaging import ctf, preprocess
@@ -143,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n-matching", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,8 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
         rates = predict_rates(
             folder / "data" / "particles.star", checkpoint, args.batch_size, args.repeats
         )
+        rates.update(
+            map_search_rates(folder / "data" / "particles.star", checkpoint, args.n_matching)
+        )
     for key, value in rates.items():
-        print(f"{key:36s} {value:10.0f}")
+        print(f"{key:40s} {value:10.1f}")
     summary = {**rates, "settings": {**vars(args), "torch_threads": torch.get_num_threads()}}
     print(json.dumps(summary))
     return summary

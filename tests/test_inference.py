@@ -239,7 +239,23 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     expected = side["top_probability"][side["top_index"] == parent[:, None]]
     # the STAR file holds 6 decimals
     np.testing.assert_allclose(after["rlnMaxValueProbDistribution"], expected, atol=5e-7)
+    # a search prepared once serves many calls, with the same answer
+    from cryosphere.imaging.particles import read_particle_set
+
+    pset = read_particle_set(star_in)
+    prepared = local_search.MapSearch(refine, pset, 16, 1)
+    again = folder / "data" / "refined_again.star"
+    inference.predict_star(
+        star_in, checkpoint, again, top_k=G, batch_size=5, progress=False, refine=prepared
+    )
+    side_again = np.load(inference.topk_path(again))
+    np.testing.assert_array_equal(side_again["refined_index"], side["refined_index"])
     bad = folder / "data" / "refused.star"
+    with pytest.raises(ValueError, match="prepared for"):
+        inference.predict_star(
+            star_in, checkpoint, bad, progress=False,
+            refine=local_search.MapSearch(refine, pset, 16, 0),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="search level"):
         inference.predict_star(
             star_in, checkpoint, bad, progress=False,

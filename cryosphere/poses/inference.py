@@ -202,7 +202,7 @@ def predict_star(
     normalise: bool = True,
     progress: bool = True,
     bf16: bool = False,
-    refine: local_search.MapRefinement | None = None,
+    refine: local_search.MapRefinement | local_search.MapSearch | None = None,
     shard=None,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
@@ -217,7 +217,9 @@ def predict_star(
         crop_size: real-space crop (px) before downsampling to the model's box.
         normalise: background normalisation of each image (mean 0, std 1 outside a circle).
         bf16: run the network under bfloat16 autocast (GPU; the softmax stays float32).
-        refine: search the top cells against a consensus map (module docstring); None: the
+        refine: search the top cells against a consensus map (module docstring); a
+            :class:`~cryosphere.poses.local_search.MapSearch` already prepared for these
+            particles is used as it is (the map projected once for many calls); None: the
             network's most probable cell.
         shard: this rank's share of a distributed run
             (:class:`cryosphere.poses.sharded_inference.ShardPlan`: ``count``, ``batches``,
@@ -239,8 +241,12 @@ def predict_star(
         "top_probability": np.empty((n, k), np.float32),
     }
     search = None
-    if refine is not None:
+    if isinstance(refine, local_search.MapSearch):
+        search = refine
+        search.check_fits(pset, model.config.image_size, level)
+    elif refine is not None:
         search = local_search.MapSearch(refine, pset, model.config.image_size, level, progress)
+    if search is not None:
         arrays["refined_index"] = np.zeros(n, np.int64)
         arrays["shift_px"] = np.zeros((n, 2), np.float64)
     total = n if shard is None else shard.count

@@ -294,6 +294,19 @@ class MapSearch:
         self.spectra = template_spectra(bank)
         self.refinement = refinement
         self.coarse_level, self.level = int(coarse_level), level
+        self.particles_box = (int(particles.image_size), float(particles.pixel_size_angstrom))
+
+    def check_fits(self, particles, image_size: int, coarse_level: int) -> None:
+        """ValueError unless this search was prepared for such particles and network."""
+        box = (int(particles.image_size), float(particles.pixel_size_angstrom))
+        mine = (self.particles_box, self.spectra.image_size, self.coarse_level)
+        if mine != (box, int(image_size), int(coarse_level)):
+            raise ValueError(
+                f"this map search was prepared for {self.particles_box[0]}-px particles of "
+                f"{self.particles_box[1]:g} Å and a {self.spectra.image_size}-px level-"
+                f"{self.coarse_level} network, not {box[0]} px of {box[1]:g} Å and a "
+                f"{image_size}-px level-{coarse_level} one; prepare another MapSearch"
+            )
 
     def __call__(
         self, images: torch.Tensor, ctf, pixel_size_angstrom: float, top_index: np.ndarray
