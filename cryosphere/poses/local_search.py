@@ -151,7 +151,8 @@ def local_template_matching(
         max_shift_px, shift_step_px: translation search (:func:`shift_grid_px`); 0: none.
         batch_size: images per block; work memory ~``batch_size · c · N² · 6`` bytes.
         score: ``"mse"`` (images on the templates' scale, as simulated) or ``"scaled"`` (a
-            free positive scale per image and candidate, no zero frequency; real particles).
+            free positive scale per image and candidate, no zero frequency; real particles,
+            which must have RELION's contrast: protein white, as the map).
 
     Returns:
         :class:`~cryosphere.poses.matching.MatchResult` with ``best_index`` a template index
