@@ -121,6 +121,8 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
     assert code == 0
     assert "rlnOriginXAngst" in starfile.read(searched, always_dict=True)["particles"]
     assert int(np.load(inference.topk_path(searched))["refine_level"]) == 2
+    assert np.load(inference.topk_path(searched))["top_index"].shape[1] == 50  # --map's default
+    assert np.load(inference.topk_path(out))["top_index"].shape[1] == 10
     # bad requests: clear message, exit 2, nothing written
     bad = folder / "data" / "bad.star"
     cases = [

@@ -184,7 +184,13 @@ def _add_predict_parser(commands: Any) -> None:
     predict.add_argument("-o", "--output", required=True, help="STAR file to write")
     predict.add_argument("--batch-size", type=int, default=256, help="images per batch")
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    predict.add_argument("--top-k", type=int, default=10, help="cells kept per particle")
+    predict.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="cells kept per particle (default 10; with --map 50, the cells searched: README "
+        "'Real particles' measures both)",
+    )
     predict.add_argument(
         "--ctf-correction",
         default="auto",
@@ -239,7 +245,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.output,
             batch_size=args.batch_size,
             device=args.device,
-            top_k=args.top_k,
+            top_k=args.top_k or (50 if args.map is not None else 10),
             ctf_correction=args.ctf_correction,
             crop_size=args.crop,
             normalise=not args.no_normalise,
