@@ -36,7 +36,14 @@ from cryosphere.imaging.projection import gaussian_blur, project_volume
 from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
 from cryosphere.poses import distributed as dd
 from cryosphere.poses import distributed_training as dt
-from cryosphere.poses import inference, labels, sharded_inference, sharded_labels, train
+from cryosphere.poses import (
+    inference,
+    labels,
+    local_search,
+    sharded_inference,
+    sharded_labels,
+    train,
+)
 from cryosphere.poses.model import ModelConfig, build_model
 from cryosphere.poses.stream import FixedSetStream, SimulatedStream, StreamConfig
 from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
@@ -58,6 +65,11 @@ CONFIG = StreamTrainingConfig(
 STEP_LR = [1e-3 * (1 + 1) / 2] + [1e-3] * 3  # warm-up step, then at most the peak rate
 TOL = 2 * 1e-3 * sum(STEP_LR)
 LAUNCH_S = 90.0  # a launch that takes longer has hung
+
+
+def _map_search(data: Path) -> local_search.MapRefinement:
+    """The consensus-map search of the prediction tests (the set's own map, ±1 px)."""
+    return local_search.MapRefinement(data / "volume.mrc", max_shift_px=1)
 
 
 def _setup(volume: np.ndarray):
@@ -89,6 +101,9 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
     predict = dict(batch_size=4, top_k=3, progress=False, context=context)
     sharded_inference.predict_star_distributed(
         data / "particles.star", ckpt, data / "two.star", num_workers=1, **predict
+    )
+    sharded_inference.predict_star_distributed(
+        data / "particles.star", ckpt, data / "two_map.star", refine=_map_search(data), **predict
     )
     _labels(context, volume, folder)
     star = data / ("particles.star" if context.rank == 0 else "missing.star")
@@ -256,6 +271,17 @@ def test_sharded_prediction_writes_the_star_of_one_rank(two_ranks):
     b = np.load(data / "two_topk.npz")
     assert np.array_equal(a["top_index"], b["top_index"])
     assert np.array_equal(a["image_name"], b["image_name"])
+    # the map search runs in each rank's batches: the same poses and origins as one rank
+    inference.predict_star(
+        data / "particles.star", ckpt, data / "one_map.star", batch_size=4, top_k=3,
+        progress=False, refine=_map_search(data),
+    )  # fmt: skip
+    one = starfile.read(data / "one_map.star", always_dict=True)["particles"]
+    two = starfile.read(data / "two_map.star", always_dict=True)["particles"]
+    pd.testing.assert_frame_equal(one, two, check_exact=False, atol=2e-6)
+    assert "rlnOriginXAngst" in two
+    a, b = np.load(data / "one_map_topk.npz"), np.load(data / "two_map_topk.npz")
+    assert np.array_equal(a["refined_index"], b["refined_index"])
 
 
 def test_bad_input_fails_on_every_rank_and_writes_nothing(two_ranks):
