@@ -9,9 +9,9 @@ one process, each after a warm-up call, best of ``--repeats``:
   (reading, preprocessing, network, top-k, writing the STAR and side file);
 * its stages alone: reading the memory-mapped stack, preprocessing (Fourier crop, CTF phase
   flip, background normalisation), and the network with top-k;
-* ``predict_map_images_per_s`` (``_level3_``): ``predict_star`` with the consensus map
-  (``cryosphere predict --map``): the network's 10 most probable cells (their children on the
-  level-3 grid) searched against the map's templates with each particle's CTF and a ±3 px
+* ``predict_map_top{10,50}_images_per_s`` (``_level3_``): ``predict_star`` with the consensus
+  map (``cryosphere predict --map``): the network's 10 or 50 most probable cells (their
+  children on the level-3 grid) searched against the map's templates with each particle's CTF and a ±3 px
   translation search, with the map projected beforehand (``map_setup_s``, once per map: it
   does not grow with the particles); its peer is exhaustive CTF-aware template
   matching (:func:`cryosphere.poses.matching.ctf_template_matching`, same shifts, level 2) on
@@ -122,13 +122,14 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
         setup = time.perf_counter() - setup
         suffix = "" if level == 2 else "_level3"
         rates[f"map_setup_s{suffix}"] = setup  # projecting the map once, at the search level
-        rates[f"predict_map{suffix}_images_per_s"] = best_rate(
-            lambda s=search: inference.predict_star(
-                star, checkpoint, out, device="cpu", progress=False, refine=s
-            ),
-            n,
-            1,
-        )
+        for top_k in (10, 50):
+            rates[f"predict_map{suffix}_top{top_k}_images_per_s"] = best_rate(
+                lambda s=search, k=top_k: inference.predict_star(
+                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=k
+                ),
+                n,
+                1,
+            )
     volume, _ = io.read_map(volume_path)
     templates = labels.template_bank(volume, 2, 1.0)
     m = min(int(n_matching), n)
@@ -145,9 +146,11 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
         m,
         1,
     )
-    rates["map_search_speedup_level2"] = (
-        rates["predict_map_images_per_s"] / rates["peer_ctf_template_matching_images_per_s"]
-    )
+    for top_k in (10, 50):
+        rates[f"map_search_top{top_k}_speedup_level2"] = (
+            rates[f"predict_map_top{top_k}_images_per_s"]
+            / rates["peer_ctf_template_matching_images_per_s"]
+        )
     return rates
 
 
