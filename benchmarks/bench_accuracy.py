@@ -24,7 +24,8 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
    (:func:`cryosphere.poses.local_search.candidate_cells`), scored against the map's templates
    (:func:`~cryosphere.poses.local_search.local_template_matching`); ``top_k_hit`` is the
    fraction of images whose template-matching cell is among the candidates, and
-   ``refined_images_per_s`` the rate of network + search.
+   ``refined_images_per_s`` the rate of network + search; at level 3 also coarse to fine
+   (``keep``): the top cells scored at level 2 first, then the children of the best ``--keep``.
 
 Usage::
 
@@ -107,15 +108,23 @@ def _bayes_on_coarse_grid(images, templates_fine, sigma, fine_to_coarse, n_coars
     return np.maximum(coarse, 1e-300)
 
 
-def _refined(model, images, spectra, top_k: int, level: int) -> tuple[np.ndarray, float, int]:
-    """Network top-k at level 2 + local template search at ``level``: best cells, images/s,
-    candidates per image."""
+def _refined(model, images, spectra, top_k: int, level: int, keep: int | None = None):
+    """Network top-k at level 2 + local template search at ``level`` (coarse to fine with
+    ``keep``: ``spectra`` maps levels to template spectra): best cells, images/s, candidates
+    (the top cells' children, before any coarse stage)."""
     from cryosphere.poses import local_search, train
 
     start = time.perf_counter()
     probabilities = train.predict(model, images, level=2).probabilities
     found = local_search.search_top_cells(
-        probabilities, images, spectra, top_k=top_k, coarse_level=2, fine_level=level
+        probabilities,
+        images,
+        spectra[level],
+        top_k=top_k,
+        coarse_level=2,
+        fine_level=level,
+        keep=keep,
+        coarse_spectra=spectra[2] if keep is not None else None,
     )
     rate = images.shape[0] / (time.perf_counter() - start)
     top = np.argsort(-probabilities, axis=1)[:, :top_k]
@@ -180,14 +189,18 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
             oracle_err = train.pose_errors_deg(grid[matched], test.rotations, ops)
             ll = evaluate.true_pose_log_likelihood(pred.probabilities, test.rotations, level, ops)
             searches = []
-            for k in args.refine_top:
+            plans = [(k, None) for k in args.refine_top]
+            if level > 2 and args.keep:
+                plans += [(k, args.keep) for k in args.refine_top if k > args.keep]
+            for k, keep in plans:
                 refined, refined_rate, candidates = _refined(
-                    model, test.images, spectra[level], k, level
+                    model, test.images, spectra, k, level, keep
                 )
                 refined_err = train.pose_errors_deg(grid[refined], test.rotations, ops)
                 searches.append(
                     {
                         "refine_top": int(k),
+                        "keep": keep,
                         "refined_median_deg": _median(refined_err),
                         "refined_ratio": _median(refined_err) / _median(oracle_err),
                         "refined_acc15": float(np.mean(refined_err < 15.0)),
@@ -271,6 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         default=[10, 50],
         help="network cells kept for the local search (refined_* keys: the first)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        help="level 3 also coarse to fine: the children of the best KEEP top cells (0: no)",
     )
     parser.add_argument(
         "--run-dir",

@@ -115,7 +115,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         [
             "predict", str(star_in), "--checkpoint", str(checkpoint), "-o", str(searched),
             "--no-progress", "--map", str(folder / "data" / "volume.mrc"), "--search-level",
-            "2", "--max-shift", "1",
+            "2", "--max-shift", "1", "--keep", "4",
         ]
     )  # fmt: skip
     assert code == 0
@@ -241,6 +241,20 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     expected = side["top_probability"][side["top_index"] == parent[:, None]]
     # the STAR file holds 6 decimals
     np.testing.assert_allclose(after["rlnMaxValueProbDistribution"], expected, atol=5e-7)
+    # coarse to fine: the children of the best 8 top cells only; as good here
+    import dataclasses
+
+    fine = folder / "data" / "refined_fine.star"
+    inference.predict_star(
+        star_in, checkpoint, fine, top_k=G, batch_size=5, progress=False,
+        refine=dataclasses.replace(refine, keep=8),
+    )  # fmt: skip
+    picked = starfile.read(fine, always_dict=True)["particles"]
+    picked = so3.matrices_from_relion_euler(
+        picked[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    )
+    fine_errors = train.pose_errors_deg(picked, data.rotations, data.symmetry_ops)
+    assert np.median(fine_errors) < so3.grid_nearest_neighbour_spacing_deg(2), fine_errors
     # a search prepared once serves many calls, with the same answer
     from cryosphere.imaging.particles import read_particle_set
 

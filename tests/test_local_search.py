@@ -143,3 +143,40 @@ def test_search_top_cells_keeps_the_most_probable_cells(bank):
     np.testing.assert_array_equal(missed.best_index, (cells + 5) % 576)
     with pytest.raises(ValueError, match="level-2 grid"):
         local_search.search_top_cells(p, images.numpy(), spectra, coarse_level=2)
+
+
+def test_coarse_to_fine_searches_the_children_of_the_best_top_cells(bank, ubi_map_32):
+    """Images of level-2 poses; the network's top level-1 cells hold the right parent second.
+    Scoring the top cells first keeps the right parent, so a search of its children alone
+    finds the pose; keeping every top cell gives the plain search's answer."""
+    templates, spectra, _ = bank
+    fine_templates = labels.template_bank(ubi_map_32[0], level=2, blur_sigma=1.0)
+    fine_spectra = matching.template_spectra(fine_templates)
+    children = local_search.child_cells(1, 2)
+    parents = np.array([9, 300, 77])
+    cells = children[parents, 0]  # one level-2 pose inside each parent
+    images, _ = add_gaussian_noise(fine_templates[cells], 2.0, seed=8)
+    p = np.full((3, templates.shape[0]), 1e-6)
+    p[np.arange(3), parents] = 0.5
+    p[np.arange(3), (parents + 5) % 576] = 0.9
+    p[np.arange(3), (parents + 11) % 576] = 0.7
+    kept = local_search.best_of_top_cells(
+        images.numpy(), np.stack([(parents + 5) % 576, parents], 1), spectra, 1
+    )
+    np.testing.assert_array_equal(kept[:, 0], parents)
+    common = dict(top_k=3, coarse_level=1, fine_level=2)
+    coarse_to_fine = local_search.search_top_cells(
+        p, images.numpy(), fine_spectra, keep=1, coarse_spectra=spectra, **common
+    )
+    np.testing.assert_array_equal(coarse_to_fine.best_index, cells)
+    every = local_search.search_top_cells(
+        p, images.numpy(), fine_spectra, keep=3, coarse_spectra=spectra, **common
+    )
+    plain = local_search.search_top_cells(p, images.numpy(), fine_spectra, **common)
+    np.testing.assert_array_equal(every.best_index, plain.best_index)
+    with pytest.raises(ValueError, match="coarse level's spectra"):
+        local_search.search_top_cells(p, images.numpy(), fine_spectra, keep=1, **common)
+    with pytest.raises(ValueError, match="keep must lie in"):
+        local_search.best_of_top_cells(images.numpy(), np.zeros((3, 2), int), spectra, 3)
+    with pytest.raises(ValueError, match="keep must be"):
+        local_search.MapRefinement("map.mrc", keep=0)

@@ -56,6 +56,8 @@ __all__ = [
     "local_template_matching",
     "search_fraction",
     "search_top_cells",
+    "best_of_top_cells",
+    "candidate_scores",
 ]
 
 SCORES = ("mse", "scaled")
@@ -125,7 +127,7 @@ def _check_inputs(images, candidates, spectra, ctf) -> tuple[torch.Tensor, torch
     return a, c
 
 
-def local_template_matching(
+def candidate_scores(
     images: np.ndarray | torch.Tensor,
     candidates: np.ndarray | torch.Tensor,
     spectra: TemplateSpectra,
@@ -137,8 +139,8 @@ def local_template_matching(
     batch_size: int = 64,
     score: str = "mse",
     progress: bool = False,
-) -> MatchResult:
-    """Best candidate template and centring shift of each image.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score of every candidate template of each image, at its best centring shift.
 
     Args:
         images: ``(n, N, N)`` particle images (raw: CTF-modulated, shifted, noisy).
@@ -155,9 +157,9 @@ def local_template_matching(
             which must have RELION's contrast: protein white, as the map).
 
     Returns:
-        :class:`~cryosphere.poses.matching.MatchResult` with ``best_index`` a template index
-        (one of the image's candidates), ``shift_px`` and ``best_mse`` per pixel, the same
-        score as exhaustive matching restricted to the candidates.
+        ``(n, c)`` float64 mean squared error per pixel of each candidate at its best shift
+        (``"scaled"``: after the best scale), the score of exhaustive matching restricted to
+        the candidates; and ``(n, c, 2)`` float64 that shift ``(sx, sy)`` in px.
     """
     a, cand = _check_inputs(images, candidates, spectra, ctf)
     if score not in SCORES:
@@ -171,9 +173,8 @@ def local_template_matching(
     if score == "scaled":
         weights[0, 0] = 0.0
     weights = weights.reshape(-1)
-    best_index = np.empty(n, np.int64)
-    best_shift = np.empty(n, np.int64)
-    best_mse = np.empty(n, np.float64)
+    out_scores = np.empty(cand.shape, np.float64)
+    out_shift = np.empty(cand.shape, np.int64)
     starts = range(0, n, max(1, int(batch_size)))
     for start in tqdm(starts, desc="local search", disable=not progress, unit="batch"):
         stop = min(start + max(1, int(batch_size)), n)
@@ -195,16 +196,67 @@ def local_template_matching(
             scores = norms.double() - 2.0 * cross.double()  # (b, S, c)
         else:  # min over a > 0 of ‖F‖² − 2a·cross + a²·norms = ‖F‖² − max(cross, 0)² / norms
             scores = -(cross.double().clamp(min=0.0) ** 2) / norms.double().clamp(min=1e-30)
-        value, where = scores.reshape(stop - start, -1).min(dim=1)
-        column = (where % block.shape[1]).numpy()
-        best_index[start:stop] = block.numpy()[np.arange(stop - start), column]
-        best_shift[start:stop] = (where // block.shape[1]).numpy()
-        best_mse[start:stop] = ((image_power + value) / float(n_pix) ** 4).numpy()
+        value, where = scores.min(dim=1)  # (b, c): the best shift of each candidate
+        out_scores[start:stop] = ((image_power[:, None] + value) / float(n_pix) ** 4).numpy()
+        out_shift[start:stop] = where.numpy()
+    return out_scores, shifts[out_shift].astype(np.float64)
+
+
+def local_template_matching(
+    images: np.ndarray | torch.Tensor,
+    candidates: np.ndarray | torch.Tensor,
+    spectra: TemplateSpectra,
+    **search,
+) -> MatchResult:
+    """Best candidate template and centring shift of each image.
+
+    Arguments as in :func:`candidate_scores` (``images`` ``(n, N, N)``, ``candidates``
+    ``(n, c)`` template indices, ``spectra``; keywords ``ctf``, ``pixel_size_angstrom``,
+    ``max_shift_px``, ``shift_step_px``, ``batch_size``, ``score``, ``progress``).
+
+    Returns:
+        :class:`~cryosphere.poses.matching.MatchResult` with ``best_index`` a template index
+        (one of the image's candidates), ``shift_px`` and ``best_mse`` per pixel, the same
+        score as exhaustive matching restricted to the candidates.
+    """
+    scores, shifts = candidate_scores(images, candidates, spectra, **search)
+    rows = np.arange(scores.shape[0])
+    column = scores.argmin(axis=1)
+    chosen = np.asarray(candidates, dtype=np.int64)[rows, column]
     return MatchResult(
-        best_index=best_index,
-        shift_px=shifts[best_shift].astype(np.float64),
-        best_mse=np.maximum(best_mse, 0.0),
+        best_index=chosen,
+        shift_px=shifts[rows, column],
+        best_mse=np.maximum(scores[rows, column], 0.0),
     )
+
+
+def _top_cells(probabilities: np.ndarray, top_k: int, level: int) -> np.ndarray:
+    p = np.asarray(probabilities)
+    if p.ndim != 2 or p.shape[1] != so3.healpix_so3_grid_size(level):
+        raise ValueError(
+            f"probabilities must have shape (n, {so3.healpix_so3_grid_size(level)}) "
+            f"(the level-{level} grid), got {p.shape}"
+        )
+    k = max(1, min(int(top_k), p.shape[1]))
+    return np.argpartition(-p, k - 1, axis=1)[:, :k]
+
+
+def best_of_top_cells(
+    images: np.ndarray | torch.Tensor,
+    top_index: np.ndarray,
+    coarse_spectra: TemplateSpectra,
+    keep: int,
+    **search,
+) -> np.ndarray:
+    """The ``keep`` best of each image's top cells ``(n, k)`` by their templates' score
+    (:func:`candidate_scores` with ``coarse_spectra``, same level): ``(n, keep)``, best first.
+    The first stage of a coarse-to-fine search."""
+    top = np.asarray(top_index, dtype=np.int64)
+    if not 1 <= int(keep) <= top.shape[1]:
+        raise ValueError(f"keep must lie in 1..{top.shape[1]} (the top cells), got {keep}")
+    scores, _ = candidate_scores(images, top, coarse_spectra, **search)
+    order = np.argsort(scores, axis=1, kind="stable")[:, : int(keep)]
+    return np.take_along_axis(top, order, axis=1)
 
 
 def search_top_cells(
@@ -215,22 +267,26 @@ def search_top_cells(
     top_k: int = 10,
     coarse_level: int = 2,
     fine_level: int | None = None,
+    keep: int | None = None,
+    coarse_spectra: TemplateSpectra | None = None,
     **search,
 ) -> MatchResult:
     """The network's ``top_k`` cells of each image (probabilities ``(n, G)`` on the
     level-``coarse_level`` grid, e.g. ``train.predict(...).probabilities``), or their children
     on ``fine_level``, searched against the templates whose ``spectra`` are in that level's
-    grid order. ``search``: the keywords of :func:`local_template_matching` (``ctf``,
-    ``pixel_size_angstrom``, ``max_shift_px``, ``score``…)."""
-    p = np.asarray(probabilities)
-    if p.ndim != 2 or p.shape[1] != so3.healpix_so3_grid_size(coarse_level):
-        raise ValueError(
-            f"probabilities must have shape (n, {so3.healpix_so3_grid_size(coarse_level)}) "
-            f"(the level-{coarse_level} grid), got {p.shape}"
-        )
-    k = max(1, min(int(top_k), p.shape[1]))
-    top = np.argpartition(-p, k - 1, axis=1)[:, :k]
+    grid order. ``search``: the keywords of :func:`candidate_scores` (``ctf``,
+    ``pixel_size_angstrom``, ``max_shift_px``, ``score``…).
+
+    Coarse to fine (``keep`` and ``coarse_spectra``, the coarse level's templates): the top
+    cells are scored first at their own level and only the children of the best ``keep`` are
+    searched on ``fine_level`` (``keep · 8`` fine templates on average instead of
+    ``top_k · 8``)."""
+    top = _top_cells(probabilities, top_k, coarse_level)
     level = coarse_level if fine_level is None else int(fine_level)
+    if keep is not None:
+        if coarse_spectra is None:
+            raise ValueError("a coarse-to-fine search (keep) needs the coarse level's spectra")
+        top = best_of_top_cells(images, top, coarse_spectra, keep, **search)
     return local_template_matching(
         images, candidate_cells(top, coarse_level, level), spectra, **search
     )
@@ -256,12 +312,16 @@ class MapRefinement:
             taken as centred); the shift found is written as the particle's origin.
         blur_sigma_px: Gaussian blur of the templates in px of the network's box (0 for a
             reconstruction, whose resolution is already that of the data).
+        keep: with a finer search level, coarse to fine: score the top cells at the network's
+            level first and search the children of only the best ``keep`` of them (None: the
+            children of every top cell).
     """
 
     map_path: str | os.PathLike[str]
     level: int | None = None
     max_shift_px: float = 0.0
     blur_sigma_px: float = 0.0
+    keep: int | None = None
 
     def __post_init__(self) -> None:
         if not self.max_shift_px >= 0 or not self.blur_sigma_px >= 0:
@@ -269,6 +329,8 @@ class MapRefinement:
                 f"max_shift_px and blur_sigma_px must be >= 0, got {self.max_shift_px}, "
                 f"{self.blur_sigma_px}"
             )
+        if self.keep is not None and int(self.keep) < 1:
+            raise ValueError(f"keep must be >= 1 top cells, got {self.keep}")
 
 
 class MapSearch:
@@ -293,6 +355,10 @@ class MapSearch:
         volume = preprocess.reference_map(refinement.map_path, particles, image_size)
         bank = template_bank(volume, level, refinement.blur_sigma_px, progress=progress)
         self.spectra = template_spectra(bank)
+        self.coarse_spectra = None
+        if refinement.keep is not None and level > coarse_level:
+            coarse = template_bank(volume, coarse_level, refinement.blur_sigma_px)
+            self.coarse_spectra = template_spectra(coarse)
         self.refinement = refinement
         self.coarse_level, self.level = int(coarse_level), level
         self.particles_box = (int(particles.image_size), float(particles.pixel_size_angstrom))
@@ -314,14 +380,19 @@ class MapSearch:
     ) -> MatchResult:
         """Best candidate and shift of images ``(n, M, M)`` (the network's box, not
         CTF-corrected) given their network top cells ``(n, k)``; ``score="scaled"``."""
-        return local_template_matching(
-            images.detach().cpu(),
-            candidate_cells(top_index, self.coarse_level, self.level),
-            self.spectra,
+        images = images.detach().cpu()
+        search = dict(
             ctf=ctf,
             pixel_size_angstrom=pixel_size_angstrom,
             max_shift_px=self.refinement.max_shift_px,
             score="scaled",
+        )
+        top = np.asarray(top_index, dtype=np.int64)
+        if self.coarse_spectra is not None:
+            keep = min(int(self.refinement.keep), top.shape[1])
+            top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
+        return local_template_matching(
+            images, candidate_cells(top, self.coarse_level, self.level), self.spectra, **search
         )
 
     def parent_cells(self, fine_index: np.ndarray) -> np.ndarray:

@@ -222,6 +222,13 @@ def _add_predict_parser(commands: Any) -> None:
         "of its top cells)",
     )
     predict.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        help="with a finer --search-level: score the top cells first and search the children "
+        "of only the best KEEP (coarse to fine)",
+    )
+    predict.add_argument(
         "--max-shift",
         type=float,
         default=0.0,
@@ -237,7 +244,7 @@ def _predict(args: argparse.Namespace) -> int:
         if args.map is not None:
             from cryosphere.poses.local_search import MapRefinement
 
-            refine = MapRefinement(args.map, args.search_level, args.max_shift)
+            refine = MapRefinement(args.map, args.search_level, args.max_shift, keep=args.keep)
         context = distributed.init_from_env(args.device)
         summary = sharded_inference.predict_star_distributed(
             args.star,
