@@ -25,7 +25,9 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
    (:func:`~cryosphere.poses.local_search.local_template_matching`); ``top_k_hit`` is the
    fraction of images whose template-matching cell is among the candidates, and
    ``refined_images_per_s`` the rate of network + search; at level 3 also coarse to fine
-   (``keep``): the top cells scored at level 2 first, then the children of the best ``--keep``.
+   (``keep``): the top cells scored at level 2 first, then the children of the best ``--keep``;
+   ``--turns 4``: the network's distribution averaged over the four quarter turns of each image
+   first (``predict --turns``).
 
 Usage::
 
@@ -108,14 +110,30 @@ def _bayes_on_coarse_grid(images, templates_fine, sigma, fine_to_coarse, n_coars
     return np.maximum(coarse, 1e-300)
 
 
-def _refined(model, images, spectra, top_k: int, level: int, keep: int | None = None):
+def _network_probabilities(model, images, turns: int) -> np.ndarray:
+    """``(n, G)`` level-2 probabilities, averaged over ``turns`` quarter turns when > 1."""
+    from cryosphere.poses import train
+    from cryosphere.poses.predictions import turn_averaged_log_probabilities
+
+    if turns == 1:
+        return train.predict(model, images, level=2).probabilities
+    with torch.inference_mode():
+        x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+        parts = [
+            turn_averaged_log_probabilities(model, x[i : i + 256], turns)
+            for i in range(0, len(x), 256)
+        ]
+    return torch.cat(parts).exp().numpy()
+
+
+def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: int = 1):
     """Network top-k at level 2 + local template search at ``level`` (coarse to fine with
     ``keep``: ``spectra`` maps levels to template spectra): best cells, images/s, candidates
     (the top cells' children, before any coarse stage)."""
-    from cryosphere.poses import local_search, train
+    from cryosphere.poses import local_search
 
     start = time.perf_counter()
-    probabilities = train.predict(model, images, level=2).probabilities
+    probabilities = _network_probabilities(model, images, turns)
     found = local_search.search_top_cells(
         probabilities,
         images,
@@ -194,13 +212,14 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
                 plans += [(k, args.keep) for k in args.refine_top if k > args.keep]
             for k, keep in plans:
                 refined, refined_rate, candidates = _refined(
-                    model, test.images, spectra, k, level, keep
+                    model, test.images, spectra, k, level, keep, args.turns
                 )
                 refined_err = train.pose_errors_deg(grid[refined], test.rotations, ops)
                 searches.append(
                     {
                         "refine_top": int(k),
                         "keep": keep,
+                        "turns": int(args.turns),
                         "refined_median_deg": _median(refined_err),
                         "refined_ratio": _median(refined_err) / _median(oracle_err),
                         "refined_acc15": float(np.mean(refined_err < 15.0)),
@@ -284,6 +303,13 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         default=[10, 50],
         help="network cells kept for the local search (refined_* keys: the first)",
+    )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        choices=[1, 2, 4],
+        help="network distribution averaged over quarter turns before the search",
     )
     parser.add_argument(
         "--keep",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -286,3 +288,47 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
             refine=local_search.MapRefinement(folder / "small.mrc"),
         )  # fmt: skip
     assert not bad.exists() and not inference.topk_path(bad).exists()
+
+
+def test_the_quarter_turn_average_is_exactly_equivariant_and_one_turn_is_plain(particle_run):
+    """The averaged distribution of an image turned by 90° is that of the image with its
+    in-plane index moved by a quarter of the ψ steps (float rounding apart); one turn is the
+    plain log-softmax; for the poster's encoder, equivariant to quarter turns by construction,
+    the average changes nothing; predict writes the averaged top cells."""
+    from cryosphere.imaging.projection import rotate_images_quarter_turns
+    from cryosphere.poses.model import build_model
+    from cryosphere.poses.predictions import turn_averaged_log_probabilities
+    from cryosphere.poses.targets import in_plane_permutation
+
+    data, folder, checkpoint = particle_run
+    resnet = dataclasses.replace(TINY, encoder="resnet", encoder_channels=(4, 8))
+    model = build_model(resnet, seed=0).eval()
+    rng = np.random.default_rng(3)
+    images = torch.as_tensor(rng.standard_normal((5, 16, 16)), dtype=torch.float32)
+
+    def log_p(network, x, turns):
+        with torch.inference_mode():
+            return turn_averaged_log_probabilities(network, x, turns)
+
+    averaged = log_p(model, images, 4)
+    turned = log_p(model, rotate_images_quarter_turns(images, 1), 4)
+    with torch.inference_mode():
+        plain = torch.log_softmax(model.logits_from_coefficients(model.coefficients(images)), 1)
+    quarter = 6 * 2**TINY.grid_level // 4
+    moved = averaged[:, torch.from_numpy(in_plane_permutation(TINY.grid_level, quarter))]
+    # float32 sums of the same four terms in another order: a few eps32 of |log p| ~ 10
+    torch.testing.assert_close(turned, moved, atol=1e-4, rtol=0)
+    torch.testing.assert_close(log_p(model, images, 1), plain, atol=1e-5, rtol=0)
+    assert torch.allclose(torch.logsumexp(averaged, 1), torch.zeros(5), atol=1e-5)
+    assert not torch.allclose(averaged, plain, atol=1e-3)  # the turns did change it
+    poster = train.load_model(checkpoint)
+    torch.testing.assert_close(
+        log_p(poster, images, 4), log_p(poster, images, 1), atol=1e-4, rtol=0
+    )
+    with pytest.raises(ValueError, match="turns must be"):
+        turn_averaged_log_probabilities(model, images, 3)
+    out = folder / "data" / "turned.star"
+    inference.predict_star(
+        folder / "data" / "particles.star", checkpoint, out, top_k=4, progress=False, turns=4
+    )
+    assert np.load(inference.topk_path(out))["top_index"].shape == (12, 4)

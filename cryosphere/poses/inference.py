@@ -46,6 +46,7 @@ from cryosphere.geometry import so3
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.poses import local_search, train
+from cryosphere.poses.predictions import turn_averaged_log_probabilities
 
 __all__ = [
     "PredictionSummary",
@@ -159,7 +160,7 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
 
 
 def _top_cells(
-    model, images: torch.Tensor, k: int, bf16: bool = False
+    model, images: torch.Tensor, k: int, bf16: bool = False, turns: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most probable grid cells of each image ``(n, N, N)`` (model box): their
     probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first.
@@ -167,11 +168,16 @@ def _top_cells(
     The same softmax as :func:`cryosphere.poses.train.predict`, without forming it:
     ``p = exp(logit − logsumexp(logits))`` on the top ``k`` logits only (call under
     ``torch.inference_mode``). ``bf16``: the network runs under bfloat16 autocast; the
-    softmax and the top ``k`` are taken in float32.
+    softmax and the top ``k`` are taken in float32. ``turns`` > 1: the distribution averaged
+    over quarter turns of each image (:func:`cryosphere.poses.predictions.
+    turn_averaged_log_probabilities`).
     """
     model.eval()
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-        logits = model.logits_from_coefficients(model.coefficients(images))
+        if turns > 1:  # normalised log-probabilities: their logsumexp below is 0
+            logits = turn_averaged_log_probabilities(model, images, turns)
+        else:
+            logits = model.logits_from_coefficients(model.coefficients(images))
     logits = logits.float()
     top = torch.topk(logits, k, dim=1)
     probability = torch.exp(top.values - torch.logsumexp(logits, dim=1, keepdim=True))
@@ -203,6 +209,7 @@ def predict_star(
     progress: bool = True,
     bf16: bool = False,
     refine: local_search.MapRefinement | local_search.MapSearch | None = None,
+    turns: int = 1,
     shard=None,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
@@ -217,6 +224,8 @@ def predict_star(
         crop_size: real-space crop (px) before downsampling to the model's box.
         normalise: background normalisation of each image (mean 0, std 1 outside a circle).
         bf16: run the network under bfloat16 autocast (GPU; the softmax stays float32).
+        turns: average the network's distribution over 1, 2 or 4 quarter turns of each image
+            (costs ``turns`` passes; sharper top cells at low SNR).
         refine: search the top cells against a consensus map (module docstring); a
             :class:`~cryosphere.poses.local_search.MapSearch` already prepared for these
             particles is used as it is (the map projected once for many calls); None: the
@@ -232,6 +241,8 @@ def predict_star(
     device = train.resolve_device(device)
     model = train.load_model(checkpoint, device=device)
     correction = _check_request(pset, model, output, crop_size, ctf_correction)
+    if int(turns) not in (1, 2, 4):
+        raise ValueError(f"turns must be 1, 2 or 4 (quarter turns of the pixel grid), got {turns}")
     level = int(model.config.grid_level)
     grid = so3.healpix_so3_grid(level)
     k = max(1, min(int(top_k), grid.shape[0]))
@@ -264,7 +275,7 @@ def predict_star(
                 ctf_correction=correction,
                 normalise=normalise,
             )
-            top_p, top_i = _top_cells(model, prepared, k, bf16)
+            top_p, top_i = _top_cells(model, prepared, k, bf16, turns)
             if search is not None:  # the raw images at the network's box, not CTF-corrected
                 raw, model_pixel = preprocess.prepare_images(
                     torch.from_numpy(images),

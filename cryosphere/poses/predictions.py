@@ -1,7 +1,8 @@
 """Prediction with a trained :class:`~cryosphere.poses.model.PoseDistributionNetwork`: grid
 distributions for images (:class:`Predictions`), their pose errors, and saving them to a run
 folder (``run_dir/model/predictions.npz`` and ``predicted_particles.star``, RELION angles of the
-most probable grid pose with ``rlnMaxValueProbDistribution``).
+most probable grid pose with ``rlnMaxValueProbDistribution``), and the test-time average over
+quarter turns of each image (:func:`turn_averaged_log_probabilities`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,54 @@ from tqdm.auto import tqdm
 from cryosphere import io
 from cryosphere.geometry import so3
 from cryosphere.imaging.datasets import ParticleDataset
+from cryosphere.imaging.projection import rotate_images_quarter_turns
 from cryosphere.poses.model import (
     PoseDistributionNetwork,
     grid_wigner,
 )
+from cryosphere.poses.targets import in_plane_permutation
 
-__all__ = ["Predictions", "pose_errors_deg", "predict", "save_predictions", "predict_dataset"]
+__all__ = [
+    "Predictions",
+    "pose_errors_deg",
+    "predict",
+    "save_predictions",
+    "predict_dataset",
+    "turn_averaged_log_probabilities",
+]
+
+
+def turn_averaged_log_probabilities(
+    model: PoseDistributionNetwork, images: torch.Tensor, turns: int = 4
+) -> torch.Tensor:
+    """``log p`` ``(n, G)`` float32 on the model's grid, averaged over quarter turns of each
+    image ``(n, N, N)``.
+
+    Turn ``k`` (of ``turns`` in 1, 2 or 4; 90° · 4/turns apart) rotates the image exactly
+    (:func:`cryosphere.imaging.projection.rotate_images_quarter_turns`): it is the image of
+    ``Rz(k · 90°·4/turns) R``, whose distribution is that of ``R`` with its in-plane index
+    moved by a whole number of grid steps (:func:`cryosphere.poses.targets.
+    in_plane_permutation`), so each turn's ``log_softmax`` is moved back exactly, the turns
+    are averaged (a geometric mean of the distributions) and the result is renormalised.
+    ``turns=1`` is the plain ``log_softmax``. The average is exactly equivariant to quarter
+    turns (up to float rounding). Costs ``turns`` forward passes.
+    """
+    if int(turns) not in (1, 2, 4):
+        raise ValueError(f"turns must be 1, 2 or 4 (quarter turns of the pixel grid), got {turns}")
+    level = int(model.config.grid_level)
+    n_psi = 6 * 2**level
+    if level < 1:
+        raise ValueError("quarter turns need a grid of level >= 1 (a whole number of ψ steps)")
+    quarter = 4 // int(turns)
+    total = None
+    for k in range(int(turns)):
+        turned = rotate_images_quarter_turns(images, k * quarter)
+        log_p = torch.log_softmax(model.logits_from_coefficients(model.coefficients(turned)), 1)
+        back = torch.from_numpy(in_plane_permutation(level, -k * quarter * n_psi // 4))
+        log_p = log_p.float()[:, back.to(log_p.device)]
+        total = log_p if total is None else total + log_p
+    mean = total / int(turns)
+    return mean - torch.logsumexp(mean, dim=1, keepdim=True)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ def predict_star_distributed(
     num_workers: int = 0,
     bf16: bool = False,
     refine=None,
+    turns: int = 1,
     context: dd.DistributedContext | None = None,
 ) -> inference.PredictionSummary:
     """Sharded :func:`~cryosphere.poses.inference.predict_star` (module docstring).
@@ -128,5 +129,6 @@ def predict_star_distributed(
         progress=progress and context.writes,
         bf16=bf16,
         refine=refine,
+        turns=turns,
         shard=plan,
     )

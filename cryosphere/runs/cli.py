@@ -209,6 +209,13 @@ def _add_predict_parser(commands: Any) -> None:
         "--bf16", action="store_true", help="bfloat16 autocast for the network (GPU)"
     )
     predict.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        choices=[1, 2, 4],
+        help="average the network's distribution over this many quarter turns of each image",
+    )
+    predict.add_argument(
         "--map",
         default=None,
         help="consensus map (MRC, the particles' box and pixel size): search each particle's "
@@ -260,6 +267,7 @@ def _predict(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             bf16=args.bf16,
             refine=refine,
+            turns=args.turns,
             context=context,
         )
         distributed.shutdown(context)
