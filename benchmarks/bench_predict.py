@@ -12,7 +12,8 @@ one process, each after a warm-up call, best of ``--repeats``:
 * ``predict_map_top{10,50}_images_per_s`` (``_level3_``): ``predict_star`` with the consensus
   map (``cryosphere predict --map``): the network's 10 or 50 most probable cells (their
   children on the level-3 grid) searched against the map's templates with each particle's CTF and a ±3 px
-  translation search, with the map projected beforehand (``map_setup_s``, once per map: it
+  translation search (``_top50_turns4``: the network's distribution averaged over the four
+  quarter turns of each image first, ``predict --turns 4``), with the map projected beforehand (``map_setup_s``, once per map: it
   does not grow with the particles); its peer is exhaustive CTF-aware template
   matching (:func:`cryosphere.poses.matching.ctf_template_matching`, same shifts, level 2) on
   ``--n-matching`` particles;
@@ -130,6 +131,15 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
                 n,
                 1,
             )
+        if level == 2:  # the network averaged over the four quarter turns first
+            rates["predict_map_top50_turns4_images_per_s"] = best_rate(
+                lambda s=search: inference.predict_star(
+                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=50,
+                    turns=4,
+                ),
+                n,
+                1,
+            )  # fmt: skip
     volume, _ = io.read_map(volume_path)
     templates = labels.template_bank(volume, 2, 1.0)
     m = min(int(n_matching), n)
