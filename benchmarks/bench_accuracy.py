@@ -19,8 +19,8 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
    between the most probable pose of ``I(Q R)`` and ``Q`` times that of ``I(R)``;
 4. inference images/s at level 2 and level 3;
 5. the network with the map (``refined_*`` keys for the first ``--refine-top``, ``searches``
-   for each): the ``--refine-top`` most probable level-2
-   cells of the network, their children on the same level's grid
+   for each): the ``--refine-top`` most probable level-2 cells of the network, their children
+   on the same level's grid
    (:func:`cryosphere.poses.local_search.candidate_cells`), scored against the map's templates
    (:func:`~cryosphere.poses.local_search.local_template_matching`); ``top_k_hit`` is the
    fraction of images whose template-matching cell is among the candidates, and

@@ -11,12 +11,12 @@ one process, each after a warm-up call, best of ``--repeats``:
   flip, background normalisation), and the network with top-k;
 * ``predict_map_top{10,50}_images_per_s`` (``_level3_``): ``predict_star`` with the consensus
   map (``cryosphere predict --map``): the network's 10 or 50 most probable cells (their
-  children on the level-3 grid) searched against the map's templates with each particle's CTF and a ±3 px
-  translation search (``_top50_turns4``: the network's distribution averaged over the four
-  quarter turns of each image first, ``predict --turns 4``), with the map projected beforehand (``map_setup_s``, once per map: it
-  does not grow with the particles); its peer is exhaustive CTF-aware template
-  matching (:func:`cryosphere.poses.matching.ctf_template_matching`, same shifts, level 2) on
-  ``--n-matching`` particles;
+  children on the level-3 grid) searched against the map's templates with each particle's CTF
+  and a ±3 px translation search (``_top50_turns4``: the network's distribution averaged over
+  the four quarter turns of each image first, ``predict --turns 4``), with the map projected
+  beforehand (``map_setup_s``, once per map: it does not grow with the particles); its peer is
+  exhaustive CTF-aware template matching (:func:`cryosphere.poses.matching.
+  ctf_template_matching`, same shifts, level 2) on ``--n-matching`` particles;
 * peers measured in the same run: the CTF from ``torch_ctf.calculate_ctf_2d`` against our
   :func:`cryosphere.imaging.ctf.ctf_2d`, and :func:`cryosphere.poses.train.predict` (the full
   softmax over the grid, as ``predict`` used before) against the top-k network stage.

@@ -24,8 +24,8 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    centred by its STAR origin (both use the same shifts, so the comparison is of poses), and
    give each map's FSC-0.5 resolution against the true map;
 5. the network with the map (``refined_*`` keys, for the first ``--top-k``; ``searches`` for
-   each): the top-k cells of the predicted STAR's side file are scored against the map's templates, each carrying its image's CTF, with the same
-   ±3 px translation search (:func:`cryosphere.poses.local_search.local_template_matching`):
+   each): the top-k cells of the predicted STAR's side file are scored against the map's
+   templates, each carrying its image's CTF, with the same ±3 px translation search (:func:`cryosphere.poses.local_search.local_template_matching`):
    pose error against the same template matching, ``top_k_hit`` (how often the template
    matcher's cell is among the candidates), images/s of the search, and the FSC-0.5 of the
    reconstruction from the refined poses.
@@ -134,13 +134,13 @@ def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return so3.matrices_from_relion_euler(angles), top, weights / weights.sum(1, keepdims=True)
 
 
-def _refine(dataset, stream, top_index: np.ndarray) -> tuple[np.ndarray, float]:
-    """Local CTF-aware search over each particle's top cells: best cells ``(n,)``, images/s."""
+def _refine(dataset, spectra, top_index: np.ndarray) -> tuple[np.ndarray, float]:
+    """Local CTF-aware search over each particle's top cells (``spectra``: the level-2
+    templates'): best cells ``(n,)``, images/s."""
     import time
 
-    from cryosphere.poses import local_search, matching
+    from cryosphere.poses import local_search
 
-    spectra = matching.template_spectra(stream.templates)
     start = time.perf_counter()
     result = local_search.local_template_matching(
         dataset.noisy_images,
@@ -186,8 +186,9 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     regularisation = args.regularisation if args.regularisation else 1.0 / SNR_TEST
     wide_index = np.load(inference.topk_path(wide))["top_index"]
     searches = {}
+    spectra = matching.template_spectra(stream.templates)  # once for every k
     for k in args.top_k:
-        refined, refine_rate = _refine(dataset, stream, wide_index[:, :k])
+        refined, refine_rate = _refine(dataset, spectra, wide_index[:, :k])
         refined_err = train.pose_errors_deg(grid[refined], dataset.rotations, ops)
         hit = (wide_index[:m, :k] == matched.best_index[:, None]).any(axis=1)
         searches[k] = {

@@ -46,7 +46,7 @@ from cryosphere.geometry import so3
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.poses import local_search, train
-from cryosphere.poses.predictions import turn_averaged_log_probabilities
+from cryosphere.poses.predictions import check_turns, turn_averaged_log_probabilities
 
 __all__ = [
     "PredictionSummary",
@@ -241,8 +241,7 @@ def predict_star(
     device = train.resolve_device(device)
     model = train.load_model(checkpoint, device=device)
     correction = _check_request(pset, model, output, crop_size, ctf_correction)
-    if int(turns) not in (1, 2, 4):
-        raise ValueError(f"turns must be 1, 2 or 4 (quarter turns of the pixel grid), got {turns}")
+    turns = check_turns(turns)  # before the first batch
     level = int(model.config.grid_level)
     grid = so3.healpix_so3_grid(level)
     k = max(1, min(int(top_k), grid.shape[0]))

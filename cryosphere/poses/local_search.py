@@ -64,15 +64,24 @@ SCORES = ("mse", "scaled")
 
 
 @functools.cache
-def _children(coarse_level: int, fine_level: int) -> np.ndarray:
-    coarse = so3.healpix_so3_grid(coarse_level)
+def _parents(coarse_level: int, fine_level: int) -> np.ndarray:
+    """``(G_fine,)`` the nearest level-``coarse_level`` cell of every level-``fine_level`` cell:
+    the one partition that :func:`child_cells` and :meth:`MapSearch.parent_cells` both read."""
     fine = so3.healpix_so3_grid(fine_level)
-    parent = so3.nearest_grid_indices(fine, coarse)
+    parent = so3.nearest_grid_indices(fine, so3.healpix_so3_grid(coarse_level))
+    parent.flags.writeable = False
+    return parent
+
+
+@functools.cache
+def _children(coarse_level: int, fine_level: int) -> np.ndarray:
+    parent = _parents(coarse_level, fine_level)
+    n_coarse = so3.healpix_so3_grid_size(coarse_level)
     order = np.argsort(parent, kind="stable")
-    counts = np.bincount(parent, minlength=coarse.shape[0])
+    counts = np.bincount(parent, minlength=n_coarse)
     width = int(counts.max())
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    table = np.empty((coarse.shape[0], width), np.int64)
+    table = np.empty((n_coarse, width), np.int64)
     for column in range(width):
         # cells with fewer children repeat their last one (a repeated candidate changes nothing)
         table[:, column] = order[starts + np.minimum(column, counts - 1)]
@@ -399,5 +408,4 @@ class MapSearch:
         """``(n,)`` the network's cell (coarse level) that holds each search-grid cell."""
         if self.level == self.coarse_level:
             return np.asarray(fine_index, dtype=np.int64)
-        fine = so3.healpix_so3_grid(self.level)[np.asarray(fine_index)]
-        return so3.nearest_grid_indices(fine, so3.healpix_so3_grid(self.coarse_level))
+        return _parents(self.coarse_level, self.level)[np.asarray(fine_index)]

@@ -32,8 +32,16 @@ __all__ = [
     "predict",
     "save_predictions",
     "predict_dataset",
+    "check_turns",
     "turn_averaged_log_probabilities",
 ]
+
+
+def check_turns(turns: int) -> int:
+    """``turns`` as an int; ValueError unless 1, 2 or 4 (quarter turns of the pixel grid)."""
+    if isinstance(turns, bool) or int(turns) not in (1, 2, 4):
+        raise ValueError(f"turns must be 1, 2 or 4 (quarter turns of the pixel grid), got {turns}")
+    return int(turns)
 
 
 def turn_averaged_log_probabilities(
@@ -51,8 +59,7 @@ def turn_averaged_log_probabilities(
     ``turns=1`` is the plain ``log_softmax``. The average is exactly equivariant to quarter
     turns (up to float rounding). Costs ``turns`` forward passes.
     """
-    if int(turns) not in (1, 2, 4):
-        raise ValueError(f"turns must be 1, 2 or 4 (quarter turns of the pixel grid), got {turns}")
+    check_turns(turns)
     level = int(model.config.grid_level)
     n_psi = 6 * 2**level
     if level < 1:
