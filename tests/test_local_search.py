@@ -42,17 +42,22 @@ def test_children_partition_the_fine_grid_and_lie_near_their_parent():
         local_search.candidate_cells(np.array([[576]]), 1, 2)
 
 
-def test_with_every_template_as_candidate_it_equals_exhaustive_matching(bank, ctf_particles):
+@pytest.mark.parametrize("batch_size, step", [(5, 1.0), (None, 0.5)])
+def test_with_every_template_as_candidate_it_equals_exhaustive_matching(
+    bank, ctf_particles, batch_size, step
+):
+    """The separable shift search (column then row ramps, buffers reused across blocks, a
+    last block shorter than the others) gives exhaustive matching's template and shift."""
     templates, spectra, pixel = bank
     rng = np.random.default_rng(4)
     cells = rng.integers(0, templates.shape[0], 12)
-    moved = rng.integers(-2, 3, (12, 2)).astype(float)
+    moved = rng.integers(-2, 3, (12, 2)) * step
     images, params = ctf_particles(templates, pixel, cells, moved, snr=0.3, seed=4)
-    kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=2)
+    kwargs = dict(ctf=params, pixel_size_angstrom=pixel, max_shift_px=2, shift_step_px=step)
     full = matching.ctf_template_matching(images, templates, **kwargs)
     everything = np.tile(np.arange(templates.shape[0]), (12, 1))
     local = local_search.local_template_matching(
-        images, everything, spectra, batch_size=5, **kwargs
+        images, everything, spectra, batch_size=batch_size, **kwargs
     )
     np.testing.assert_array_equal(local.best_index, full.best_index)
     np.testing.assert_array_equal(local.shift_px, full.shift_px)

@@ -40,8 +40,6 @@ from cryosphere.poses.matching import (
     MatchResult,
     TemplateSpectra,
     _half_plane_weights,
-    _ramps,
-    _real_pair,
     shift_grid_px,
     template_spectra,
 )
@@ -126,7 +124,7 @@ def _check_inputs(images, candidates, spectra, ctf) -> tuple[torch.Tensor, torch
         raise ValueError(
             f"candidates must have shape (n, c) with n = {a.shape[0]} images, got {tuple(c.shape)}"
         )
-    n_templates = spectra.pairs.shape[0]
+    n_templates = spectra.spectra.shape[0]
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= n_templates):
         raise ValueError(
             f"candidates must index the {n_templates} templates (0..{n_templates - 1})"
@@ -134,6 +132,26 @@ def _check_inputs(images, candidates, spectra, ctf) -> tuple[torch.Tensor, torch
     if ctf is not None and len(ctf) != a.shape[0]:
         raise ValueError(f"{len(ctf)} CTFs given for {a.shape[0]} images")
     return a, c
+
+
+def _shift_axes(max_shift_px: float, shift_step_px: float, n_pix: int):
+    """The square shift grid split into its two axes: the axis ``(A,)`` px, the conjugate
+    phase ramps along the ``rfft2`` columns ``(N // 2 + 1, A)`` and rows ``(A, N)`` (complex64,
+    ``e^{+2πi k s}``), and ``order`` ``(S,)``: the position ``iy · A + ix`` of each shift of
+    :func:`shift_grid_px` (its order, so ties still go to the smaller shift)."""
+    shifts = shift_grid_px(max_shift_px, shift_step_px)
+    half = int(round(np.abs(shifts).max() / float(shift_step_px))) if len(shifts) > 1 else 0
+    axis = np.arange(-half, half + 1) * float(shift_step_px)
+    steps = np.rint(shifts / float(shift_step_px)).astype(np.int64) + half
+    order = torch.as_tensor(steps[:, 1] * len(axis) + steps[:, 0])
+    s = torch.as_tensor(axis, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(n_pix, dtype=torch.float64)
+    ky = torch.fft.fftfreq(n_pix, dtype=torch.float64)
+    columns = torch.polar(
+        torch.ones(len(kx), len(s), dtype=torch.float64), 2 * np.pi * kx[:, None] * s
+    )
+    rows = torch.polar(torch.ones(len(s), n_pix, dtype=torch.float64), 2 * np.pi * s[:, None] * ky)
+    return shifts, columns.to(torch.complex64), rows.to(torch.complex64), order
 
 
 def candidate_scores(
@@ -145,11 +163,16 @@ def candidate_scores(
     pixel_size_angstrom: float | None = None,
     max_shift_px: float = 0.0,
     shift_step_px: float = 1.0,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     score: str = "mse",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score of every candidate template of each image, at its best centring shift.
+
+    The cross term ``Re Σ_k w C F e_s conj(T)`` of every (image, candidate) pair is evaluated
+    for all shifts at once by splitting the phase ramp ``e_s`` into its column and row factors:
+    two small matrix products of ``H = conj(w C F) · T`` instead of one product per shift.
+    The work buffers are allocated once per call and reused for every block of images.
 
     Args:
         images: ``(n, N, N)`` particle images (raw: CTF-modulated, shifted, noisy).
@@ -160,7 +183,8 @@ def candidate_scores(
             (``"ctf_templates"`` of :mod:`cryosphere.poses.matching`). None: plain MSE.
         pixel_size_angstrom: Å per pixel (needed with ``ctf``).
         max_shift_px, shift_step_px: translation search (:func:`shift_grid_px`); 0: none.
-        batch_size: images per block; work memory ~``batch_size · c · N² · 6`` bytes.
+        batch_size: images per block; None: about 1,024 (image, candidate) pairs per block.
+            Work memory ~``batch_size · c · N² · 6`` bytes.
         score: ``"mse"`` (images on the templates' scale, as simulated) or ``"scaled"`` (a
             free positive scale per image and candidate, no zero frequency; real particles,
             which must have RELION's contrast: protein white, as the map).
@@ -175,37 +199,46 @@ def candidate_scores(
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if ctf is not None and pixel_size_angstrom is None:
         raise ValueError("pixel_size_angstrom is needed to evaluate the images' CTF")
-    n, n_pix = a.shape[0], spectra.image_size
-    shifts = shift_grid_px(max_shift_px, shift_step_px)
-    ramps = _ramps(shifts, n_pix).reshape(len(shifts), -1)
+    n, n_pix, c = a.shape[0], spectra.image_size, cand.shape[1]
+    width = n_pix // 2 + 1
+    shifts, columns, rows, order = _shift_axes(max_shift_px, shift_step_px, n_pix)
     weights = _half_plane_weights(n_pix)
     if score == "scaled":
         weights[0, 0] = 0.0
     weights = weights.reshape(-1)
+    block = max(1, int(batch_size) if batch_size is not None else 1024 // c)
+    work = min(block, n) * c  # (image, candidate) pairs per block
+    gathered = torch.empty(work, n_pix * width, dtype=torch.complex64)
+    gathered_power = torch.empty(work, n_pix * width)
+    along_columns = torch.empty(work * n_pix, columns.shape[1], dtype=torch.complex64)
     out_scores = np.empty(cand.shape, np.float64)
     out_shift = np.empty(cand.shape, np.int64)
-    starts = range(0, n, max(1, int(batch_size)))
-    for start in tqdm(starts, desc="local search", disable=not progress, unit="batch"):
-        stop = min(start + max(1, int(batch_size)), n)
-        f = torch.fft.rfft2(a[start:stop]).reshape(stop - start, -1)
+    for start in tqdm(range(0, n, block), desc="local search", disable=not progress, unit="batch"):
+        stop = min(start + block, n)
+        b, m = stop - start, (stop - start) * c
+        f = torch.fft.rfft2(a[start:stop]).reshape(b, -1)
         image_power = (weights * (f.real**2 + f.imag**2)).sum(1, dtype=torch.float64)
         if ctf is not None:
             model = ctf_module.ctf_2d(
                 ctf.subset(np.arange(start, stop)), n_pix, pixel_size_angstrom
-            ).reshape(stop - start, -1)
+            ).reshape(b, -1)
             model = model.to(torch.float32)
         else:
-            model = torch.ones(stop - start, f.shape[1])
-        block = cand[start:stop]  # (b, c)
-        shifted = _real_pair((weights * model * f)[:, None] * ramps[None])  # (b, S, 2K)
-        pairs = spectra.pairs[block]  # (b, c, 2K)
-        cross = torch.bmm(shifted, pairs.transpose(1, 2))  # (b, S, c)
-        norms = torch.bmm((weights * model**2)[:, None], spectra.power[block].transpose(1, 2))
+            model = torch.ones(b, f.shape[1])
+        index = cand[start:stop].reshape(-1)
+        h = torch.index_select(spectra.spectra, 0, index, out=gathered[:m])
+        h.view(b, c, -1).mul_((weights * model * f).conj()[:, None])  # conj(w C F) · T
+        torch.matmul(h.view(m * n_pix, width), columns, out=along_columns[: m * n_pix])
+        cross = torch.matmul(rows, along_columns[: m * n_pix].view(m, n_pix, -1)).real
+        cross = cross.reshape(b, c, -1)[:, :, order]  # (b, c, S), shift_grid_px order
+        power = torch.index_select(spectra.power, 0, index, out=gathered_power[:m])
+        norms = torch.bmm((weights * model**2)[:, None], power.view(b, c, -1).transpose(1, 2))
+        norms = norms.transpose(1, 2).double()  # (b, c, 1)
         if score == "mse":
-            scores = norms.double() - 2.0 * cross.double()  # (b, S, c)
+            scores = norms - 2.0 * cross.double()  # (b, c, S)
         else:  # min over a > 0 of ‖F‖² − 2a·cross + a²·norms = ‖F‖² − max(cross, 0)² / norms
-            scores = -(cross.double().clamp(min=0.0) ** 2) / norms.double().clamp(min=1e-30)
-        value, where = scores.min(dim=1)  # (b, c): the best shift of each candidate
+            scores = -(cross.double().clamp(min=0.0) ** 2) / norms.clamp(min=1e-30)
+        value, where = scores.min(dim=2)  # (b, c): the best shift of each candidate
         out_scores[start:stop] = ((image_power[:, None] + value) / float(n_pix) ** 4).numpy()
         out_shift[start:stop] = where.numpy()
     return out_scores, shifts[out_shift].astype(np.float64)

@@ -95,24 +95,31 @@ def _ramps(shifts: np.ndarray, n_pix: int) -> torch.Tensor:
 
 
 def _real_pair(z: torch.Tensor) -> torch.Tensor:
-    """Complex ``(..., K)`` -> real ``(..., 2K)`` so that ``Re(a · conj(b)) = pair(a) · pair(b)``."""
-    return torch.cat([z.real, z.imag], dim=-1)
+    """Complex ``(..., K)`` -> real ``(..., 2K)`` (real and imaginary parts interleaved, a view
+    when ``z`` is contiguous) so that ``Re(a · conj(b)) = pair(a) · pair(b)``."""
+    return torch.view_as_real(z.resolve_conj()).reshape(*z.shape[:-1], 2 * z.shape[-1])
 
 
 @dataclass(frozen=True)
 class TemplateSpectra:
-    """Templates ``(G, N, N)`` in the form :func:`ctf_mse_landscape` multiplies.
+    """Templates ``(G, N, N)`` in the forms :func:`ctf_mse_landscape` and the local search
+    multiply.
 
     Attributes:
-        pairs: ``(G, 2K)`` float32 real and imaginary parts of the ``rfft2`` spectra
-            (``K = N (N // 2 + 1)``).
+        spectra: ``(G, K)`` complex64 ``rfft2`` spectra ``T_g(k)``, flattened
+            (``K = N (N // 2 + 1)``, row-major over ``(N, N // 2 + 1)``).
         power: ``(G, K)`` float32 ``|T_g(k)|²``.
         image_size: ``N`` (px).
     """
 
-    pairs: torch.Tensor
+    spectra: torch.Tensor
     power: torch.Tensor
     image_size: int
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        """``(G, 2K)`` float32 view of :attr:`spectra` as real pairs (:func:`_real_pair`)."""
+        return _real_pair(self.spectra)
 
 
 def template_spectra(templates: np.ndarray | torch.Tensor) -> TemplateSpectra:
@@ -121,7 +128,7 @@ def template_spectra(templates: np.ndarray | torch.Tensor) -> TemplateSpectra:
     if b.ndim != 3 or b.shape[1] != b.shape[2]:
         raise ValueError(f"templates must have shape (G, N, N), got {tuple(b.shape)}")
     spectra = torch.fft.rfft2(b).reshape(b.shape[0], -1)
-    return TemplateSpectra(_real_pair(spectra), spectra.real**2 + spectra.imag**2, b.shape[-1])
+    return TemplateSpectra(spectra, spectra.real**2 + spectra.imag**2, b.shape[-1])
 
 
 def ctf_mse_landscape(
