@@ -110,20 +110,19 @@ def _bayes_on_coarse_grid(images, templates_fine, sigma, fine_to_coarse, n_coars
     return np.maximum(coarse, 1e-300)
 
 
-def _network_probabilities(model, images, turns: int) -> np.ndarray:
-    """``(n, G)`` level-2 probabilities, averaged over ``turns`` quarter turns when > 1."""
-    from cryosphere.poses import train
-    from cryosphere.poses.predictions import turn_averaged_log_probabilities
+def _network_top_cells(model, images, top_k: int, turns: int) -> np.ndarray:
+    """``(n, top_k)`` the network's most probable level-2 cells, as ``cryosphere predict``
+    takes them (softmax on the top ``k`` logits only, batches of 256; averaged over ``turns``
+    quarter turns when > 1)."""
+    from cryosphere.poses import inference
 
-    if turns == 1:
-        return train.predict(model, images, level=2).probabilities
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     with torch.inference_mode():
-        x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
         parts = [
-            turn_averaged_log_probabilities(model, x[i : i + 256], turns)
+            inference._top_cells(model, x[i : i + 256], top_k, turns=turns)[1]
             for i in range(0, len(x), 256)
         ]
-    return torch.cat(parts).exp().numpy()
+    return np.concatenate(parts)
 
 
 def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: int = 1):
@@ -133,19 +132,15 @@ def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: i
     from cryosphere.poses import local_search
 
     start = time.perf_counter()
-    probabilities = _network_probabilities(model, images, turns)
-    found = local_search.search_top_cells(
-        probabilities,
-        images,
-        spectra[level],
-        top_k=top_k,
-        coarse_level=2,
-        fine_level=level,
-        keep=keep,
-        coarse_spectra=spectra[2] if keep is not None else None,
+    top = _network_top_cells(model, images, top_k, turns)
+    if keep is not None:
+        top_searched = local_search.best_of_top_cells(images, top, spectra[2], keep)
+    else:
+        top_searched = top
+    found = local_search.local_template_matching(
+        images, local_search.candidate_cells(top_searched, 2, level), spectra[level]
     )
     rate = images.shape[0] / (time.perf_counter() - start)
-    top = np.argsort(-probabilities, axis=1)[:, :top_k]
     return found.best_index, rate, local_search.candidate_cells(top, 2, level)
 
 
@@ -301,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--refine-top",
         type=int,
         nargs="+",
-        default=[10, 50],
+        default=[100, 50],
         help="network cells kept for the local search (refined_* keys: the first)",
     )
     parser.add_argument(
