@@ -9,10 +9,11 @@ one process, each after a warm-up call, best of ``--repeats``:
   (reading, preprocessing, network, top-k, writing the STAR and side file);
 * its stages alone: reading the memory-mapped stack, preprocessing (Fourier crop, CTF phase
   flip, background normalisation), and the network with top-k;
-* ``predict_map_top{10,50}_images_per_s`` (``_level3_``): ``predict_star`` with the consensus
-  map (``cryosphere predict --map``): the network's 10 or 50 most probable cells (their
-  children on the level-3 grid) searched against the map's templates with each particle's CTF
-  and a ±3 px translation search (``_top50_turns4``: the network's distribution averaged over
+* ``predict_map_top{10,50,100}_images_per_s`` (``_level3_``: 10 and 50): ``predict_star`` with
+  the consensus map (``cryosphere predict --map``, its default band): the network's 10, 50 or
+  100 most probable cells (their children on the level-3 grid) searched against the map's
+  templates with each particle's CTF and a ±3 px translation search (``_top100_turns4``: the
+  network's distribution averaged over
   the four quarter turns of each image first, ``predict --turns 4``), with the map projected
   beforehand (``map_setup_s``, once per map: it does not grow with the particles); its peer is
   exhaustive CTF-aware template matching (:func:`cryosphere.poses.matching.
@@ -123,7 +124,7 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
         setup = time.perf_counter() - setup
         suffix = "" if level == 2 else "_level3"
         rates[f"map_setup_s{suffix}"] = setup  # projecting the map once, at the search level
-        for top_k in (10, 50):
+        for top_k in (10, 50, 100) if level == 2 else (10, 50):
             rates[f"predict_map{suffix}_top{top_k}_images_per_s"] = best_rate(
                 lambda s=search, k=top_k: inference.predict_star(
                     star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=k
@@ -132,9 +133,9 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
                 1,
             )
         if level == 2:  # the network averaged over the four quarter turns first
-            rates["predict_map_top50_turns4_images_per_s"] = best_rate(
+            rates["predict_map_top100_turns4_images_per_s"] = best_rate(
                 lambda s=search: inference.predict_star(
-                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=50,
+                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=100,
                     turns=4,
                 ),
                 n,
@@ -156,7 +157,7 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
         m,
         1,
     )
-    for top_k in (10, 50):
+    for top_k in (10, 50, 100):
         rates[f"map_search_top{top_k}_speedup_level2"] = (
             rates[f"predict_map_top{top_k}_images_per_s"]
             / rates["peer_ctf_template_matching_images_per_s"]

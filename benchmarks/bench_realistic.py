@@ -24,11 +24,13 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    centred by its STAR origin (both use the same shifts, so the comparison is of poses), and
    give each map's FSC-0.5 resolution against the true map;
 5. the network with the map (``refined_*`` keys, for the first ``--top-k``; ``searches`` for
-   each): the top-k cells of the predicted STAR's side file are scored against the map's
-   templates, each carrying its image's CTF, with the same ±3 px translation search (:func:`cryosphere.poses.local_search.local_template_matching`):
+   each): ``cryosphere predict --map`` on the same STAR file
+   (:func:`~cryosphere.poses.inference.predict_star` with a
+   :class:`~cryosphere.poses.local_search.MapSearch` of the map, prepared once: level 2, ±3 px
+   translation search, each candidate carrying its particle's CTF, the default search band):
    pose error against the same template matching, ``top_k_hit`` (how often the template
-   matcher's cell is among the candidates), images/s of the search, and the FSC-0.5 of the
-   reconstruction from the refined poses.
+   matcher's cell is among the network's top cells), ``predict_map_images_per_s`` (end to end,
+   as ``predict_images_per_s``), and the FSC-0.5 of the reconstruction from the searched poses.
 
 Usage::
 
@@ -134,23 +136,22 @@ def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return so3.matrices_from_relion_euler(angles), top, weights / weights.sum(1, keepdims=True)
 
 
-def _refine(dataset, spectra, top_index: np.ndarray) -> tuple[np.ndarray, float]:
-    """Local CTF-aware search over each particle's top cells (``spectra``: the level-2
-    templates'): best cells ``(n,)``, images/s."""
-    import time
+def _predict_with_map(star: Path, checkpoint: Path, top_k: int, search) -> tuple[Path, float]:
+    """``cryosphere predict --map`` (``predict_star`` with the prepared ``search``: level 2,
+    ±3 px, the default band) on ``star`` keeping ``top_k`` cells: the STAR written and
+    images/s (one warm-up call, then the best of two)."""
+    from cryosphere.poses import inference
 
-    from cryosphere.poses import local_search
-
-    start = time.perf_counter()
-    result = local_search.local_template_matching(
-        dataset.noisy_images,
-        local_search.candidate_cells(top_index, 2, 2),
-        spectra,
-        ctf=dataset.ctf,
-        pixel_size_angstrom=dataset.pixel_size,
-        max_shift_px=REALISTIC["max_shift_px"],
+    out = star.with_name(f"searched_top{top_k}.star")
+    n = int(np.load(inference.topk_path(star.with_name("predicted.star")))["top_index"].shape[0])
+    rate = best_rate(
+        lambda: inference.predict_star(
+            star, checkpoint, out, top_k=top_k, refine=search, device="cpu", progress=False
+        ),
+        n,
+        2,
     )
-    return result.best_index, len(top_index) / (time.perf_counter() - start)
+    return out, rate
 
 
 def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
@@ -158,7 +159,8 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     from bench_predict import write_particle_set
 
     from cryosphere.geometry import so3
-    from cryosphere.poses import inference, matching, train
+    from cryosphere.imaging.particles import read_particle_set
+    from cryosphere.poses import inference, local_search, matching, train
 
     print(f"== {name}: simulating {args.n_test} held-out particles ...", flush=True)
     dataset = write_particle_set(folder / "data", name, args.n_test, seed=1000, snr=SNR_TEST)
@@ -170,8 +172,6 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         lambda: inference.predict_star(star, result.checkpoint, out, progress=False), args.n_test, 1
     )
     best, top, weights = _predicted(out)
-    wide = folder / "data" / "predicted_wide.star"  # the most cells asked for the search
-    inference.predict_star(star, result.checkpoint, wide, top_k=max(args.top_k), progress=False)
     model_err = train.pose_errors_deg(best, dataset.rotations, ops)
     m = min(args.n_oracle, args.n_test)
     matched = matching.ctf_template_matching(
@@ -184,21 +184,26 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     grid = so3.healpix_so3_grid(2)
     oracle_err = train.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
     regularisation = args.regularisation if args.regularisation else 1.0 / SNR_TEST
-    wide_index = np.load(inference.topk_path(wide))["top_index"]
     searches = {}
-    spectra = matching.template_spectra(stream.templates)  # once for every k
+    refinement = local_search.MapRefinement(
+        star.with_name("volume.mrc"), level=2, max_shift_px=REALISTIC["max_shift_px"],
+        blur_sigma_px=REALISTIC["blur_sigma"],
+    )  # fmt: skip
+    search = local_search.MapSearch(refinement, read_particle_set(star), REALISTIC["image_size"], 2)
     for k in args.top_k:
-        refined, refine_rate = _refine(dataset, spectra, wide_index[:, :k])
-        refined_err = train.pose_errors_deg(grid[refined], dataset.rotations, ops)
-        hit = (wide_index[:m, :k] == matched.best_index[:, None]).any(axis=1)
+        searched, search_rate = _predict_with_map(star, result.checkpoint, k, search)
+        refined, _, _ = _predicted(searched)
+        refined_err = train.pose_errors_deg(refined, dataset.rotations, ops)
+        top_index = np.load(inference.topk_path(searched))["top_index"]
+        hit = (top_index[:m] == matched.best_index[:, None]).any(axis=1)
         searches[k] = {
             "refine_top": int(k),
             "refined_median_deg": float(np.median(refined_err[:m])),
             "refined_ratio": float(np.median(refined_err[:m]) / np.median(oracle_err)),
             "refined_acc15": float(np.mean(refined_err < 15.0)),
             "top_k_hit": float(np.mean(hit)),
-            "refine_images_per_s": refine_rate,
-            "refined_fsc05_A": _reconstruction_fsc05(dataset, grid[refined], None, regularisation),
+            "predict_map_images_per_s": search_rate,
+            "refined_fsc05_A": _reconstruction_fsc05(dataset, refined, None, regularisation),
         }
     print(f"== {name}: reconstructing from {args.n_test} particles ...", flush=True)
     case = {
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--top-k",
         type=int,
         nargs="+",
-        default=[10, 50],
+        default=[100, 50, 10],
         help="network cells searched against the map (refined_* keys: the first)",
     )
     parser.add_argument(

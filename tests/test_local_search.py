@@ -185,3 +185,37 @@ def test_coarse_to_fine_searches_the_children_of_the_best_top_cells(bank, ubi_ma
         local_search.best_of_top_cells(images.numpy(), np.zeros((3, 2), int), spectra, 3)
     with pytest.raises(ValueError, match="keep must be"):
         local_search.MapRefinement("map.mrc", keep=0)
+
+
+def test_a_low_pass_band_scores_the_low_passed_images(bank):
+    """``template_spectra(..., max_frequency=f)``: the score is the squared error between the
+    image and the template both low-passed by the disk of radius ``f`` cycles/px, for the
+    local search and for the CTF landscape alike; the band has fewer coefficients."""
+    templates, _, pixel = bank
+    n = templates.shape[-1]
+    band = matching.template_spectra(templates, max_frequency=0.25)
+    assert band.spectra.shape[1] < 0.35 * n * (n // 2 + 1)
+    cells = np.array([9, 300, 41])
+    images, _ = add_gaussian_noise(templates[cells], 0.5, seed=8)
+    images = images.numpy()
+    candidates = np.array([[9, 10, 300], [299, 300, 301], [41, 40, 500]])
+    result = local_search.local_template_matching(images, candidates, band)
+    disk = np.hypot(*np.meshgrid(np.fft.fftfreq(n), np.fft.rfftfreq(n), indexing="ij")) <= 0.25
+
+    def low_pass(x):
+        return np.fft.irfft2(np.fft.rfft2(x) * disk, s=(n, n))
+
+    mse = ((low_pass(images)[:, None] - low_pass(templates[candidates])) ** 2).mean(axis=(2, 3))
+    np.testing.assert_array_equal(result.best_index, candidates[np.arange(3), mse.argmin(1)])
+    np.testing.assert_allclose(result.best_mse, mse.min(1), rtol=1e-4)
+    transfer = ctf.ctf_2d(ctf.random_ctf_parameters(3, np.random.default_rng(1)), n, pixel)
+    landscape = matching.ctf_mse_landscape(images, transfer, band)
+    scores, _ = local_search.candidate_scores(
+        images, np.tile(np.arange(len(templates)), (3, 1)), band,
+        ctf=ctf.random_ctf_parameters(3, np.random.default_rng(1)), pixel_size_angstrom=pixel,
+    )  # fmt: skip
+    np.testing.assert_allclose(scores, landscape, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="max_frequency must lie in"):
+        matching.template_spectra(templates, max_frequency=0.7)
+    with pytest.raises(ValueError, match="already band-limited"):
+        band.low_passed(0.2)

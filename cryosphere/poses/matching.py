@@ -103,32 +103,102 @@ def _real_pair(z: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TemplateSpectra:
     """Templates ``(G, N, N)`` in the forms :func:`ctf_mse_landscape` and the local search
-    multiply.
+    multiply, on the whole ``rfft2`` half-plane or on a low-pass band of it.
 
     Attributes:
-        spectra: ``(G, K)`` complex64 ``rfft2`` spectra ``T_g(k)``, flattened
-            (``K = N (N // 2 + 1)``, row-major over ``(N, N // 2 + 1)``).
+        spectra: ``(G, K)`` complex64 ``rfft2`` spectra ``T_g(k)`` on the band, flattened
+            row-major over ``(len(rows), columns)`` (whole half-plane: ``K = N (N // 2 + 1)``).
         power: ``(G, K)`` float32 ``|T_g(k)|²``.
         image_size: ``N`` (px).
+        max_frequency: the band's radius in cycles per pixel (None: the whole half-plane, up
+            to the corners). Frequencies in the band's rectangle but outside the disk get
+            weight 0, so the score is that of the images low-passed at this radius.
     """
 
     spectra: torch.Tensor
     power: torch.Tensor
     image_size: int
+    max_frequency: float | None = None
 
     @property
     def pairs(self) -> torch.Tensor:
         """``(G, 2K)`` float32 view of :attr:`spectra` as real pairs (:func:`_real_pair`)."""
         return _real_pair(self.spectra)
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """``(R,)`` int64 the ``rfft2`` rows (first axis, ``fftfreq`` order) in the band."""
+        return _band(self.image_size, self.max_frequency)[0]
 
-def template_spectra(templates: np.ndarray | torch.Tensor) -> TemplateSpectra:
-    """The spectra of CTF-free templates ``(G, N, N)`` (e.g. a template bank), computed once."""
+    @property
+    def columns(self) -> int:
+        """The ``rfft2`` columns ``0..columns−1`` (last axis) in the band."""
+        return _band(self.image_size, self.max_frequency)[1]
+
+    def restrict(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """``(..., N, N // 2 + 1)`` half-plane values (spectra, CTFs) -> ``(..., K)`` on the
+        band, in :attr:`spectra`'s order."""
+        band = spectrum.index_select(-2, self.rows)[..., : self.columns]
+        return band.reshape(*spectrum.shape[:-2], -1)
+
+    def weights(self) -> torch.Tensor:
+        """``(K,)`` float32 Parseval weights of the band (2 for columns counted twice, 1
+        otherwise, 0 outside the disk)."""
+        n = self.image_size
+        weights = _half_plane_weights(n)
+        if self.max_frequency is not None:
+            ky = torch.fft.fftfreq(n)[:, None]
+            kx = torch.fft.rfftfreq(n)[None, :]
+            weights = weights * (ky**2 + kx**2 <= self.max_frequency**2 + 1e-12)
+        return self.restrict(weights)
+
+    def low_passed(self, max_frequency: float | None) -> TemplateSpectra:
+        """The same templates on the band of radius ``max_frequency`` cycles/px (in (0, 0.5]
+        when given; None: self). The band is cut from the whole half-plane: call on spectra
+        that have it."""
+        if max_frequency is None:
+            return self
+        if not 0 < float(max_frequency) <= 0.5:
+            raise ValueError(
+                f"max_frequency must lie in (0, 0.5] cycles per pixel, got {max_frequency}"
+            )
+        if self.max_frequency is not None:
+            raise ValueError("these spectra are already band-limited; start from the whole plane")
+        n, g = self.image_size, self.spectra.shape[0]
+        band = TemplateSpectra(self.spectra[:0], self.power[:0], n, float(max_frequency))
+        full = self.spectra.view(g, n, n // 2 + 1)
+        power = self.power.view(g, n, n // 2 + 1)
+        return TemplateSpectra(
+            band.restrict(full).contiguous(),
+            band.restrict(power).contiguous(),
+            n,
+            band.max_frequency,
+        )
+
+
+def _band(n_pix: int, max_frequency: float | None) -> tuple[torch.Tensor, int]:
+    """Rows and column count of the ``rfft2`` rectangle that holds the disk of radius
+    ``max_frequency`` cycles/px (the whole half-plane for None)."""
+    if max_frequency is None:
+        return torch.arange(n_pix), n_pix // 2 + 1
+    radius = int(math.floor(float(max_frequency) * n_pix + 1e-9))
+    ky = torch.fft.fftfreq(n_pix)
+    rows = torch.nonzero(ky.abs() * n_pix <= radius + 1e-9).reshape(-1)
+    return rows, min(radius + 1, n_pix // 2 + 1)
+
+
+def template_spectra(
+    templates: np.ndarray | torch.Tensor, max_frequency: float | None = None
+) -> TemplateSpectra:
+    """The spectra of CTF-free templates ``(G, N, N)`` (e.g. a template bank), computed once;
+    with ``max_frequency`` (cycles/px), only the low-pass band the search reads
+    (:meth:`TemplateSpectra.low_passed`)."""
     b = torch.as_tensor(np.asarray(templates), dtype=torch.float32)
     if b.ndim != 3 or b.shape[1] != b.shape[2]:
         raise ValueError(f"templates must have shape (G, N, N), got {tuple(b.shape)}")
     spectra = torch.fft.rfft2(b).reshape(b.shape[0], -1)
-    return TemplateSpectra(spectra, spectra.real**2 + spectra.imag**2, b.shape[-1])
+    whole = TemplateSpectra(spectra, spectra.real**2 + spectra.imag**2, b.shape[-1])
+    return whole.low_passed(max_frequency)
 
 
 def ctf_mse_landscape(
@@ -147,9 +217,9 @@ def ctf_mse_landscape(
         raise ValueError(f"images must have shape (n, {n_pix}, {n_pix}), got {tuple(a.shape)}")
     if tuple(transfer.shape) != (a.shape[0], n_pix, n_pix // 2 + 1):
         raise ValueError(f"the CTF must have shape (n, N, N // 2 + 1), got {tuple(transfer.shape)}")
-    weights = _half_plane_weights(n_pix).reshape(-1)
-    f = torch.fft.rfft2(a).reshape(a.shape[0], -1)
-    c = transfer.reshape(a.shape[0], -1).to(torch.float32)
+    weights = spectra.weights()
+    f = spectra.restrict(torch.fft.rfft2(a))
+    c = spectra.restrict(transfer).to(torch.float32)
     cross = _real_pair(weights * c * f) @ spectra.pairs.T
     norms = (weights * c**2) @ spectra.power.T
     image_power = (weights * (f.real**2 + f.imag**2)).sum(1, dtype=torch.float64)

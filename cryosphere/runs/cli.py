@@ -188,8 +188,8 @@ def _add_predict_parser(commands: Any) -> None:
         "--top-k",
         type=int,
         default=None,
-        help="cells kept per particle (default 10; with --map 50, the cells searched: README "
-        "'Real particles' measures both)",
+        help="cells kept per particle (default 10; with --map 100, the cells searched: README "
+        "'Real particles' measures 10, 50 and 100)",
     )
     predict.add_argument(
         "--ctf-correction",
@@ -241,6 +241,13 @@ def _add_predict_parser(commands: Any) -> None:
         default=0.0,
         help="translation search of the map search, px of the network's box; writes origins",
     )
+    predict.add_argument(
+        "--resolution",
+        type=float,
+        default=None,
+        help="finest detail (Å) the map search compares: images and templates low-passed "
+        "there (default: 3 px of the network's box; 2 px or less: every frequency)",
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -251,7 +258,13 @@ def _predict(args: argparse.Namespace) -> int:
         if args.map is not None:
             from cryosphere.poses.local_search import MapRefinement
 
-            refine = MapRefinement(args.map, args.search_level, args.max_shift, keep=args.keep)
+            refine = MapRefinement(
+                args.map,
+                args.search_level,
+                args.max_shift,
+                keep=args.keep,
+                resolution_angstrom=args.resolution,
+            )
         context = distributed.init_from_env(args.device)
         summary = sharded_inference.predict_star_distributed(
             args.star,
@@ -259,7 +272,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.output,
             batch_size=args.batch_size,
             device=args.device,
-            top_k=args.top_k or (50 if args.map is not None else 10),
+            top_k=args.top_k or (100 if args.map is not None else 10),
             ctf_correction=args.ctf_correction,
             crop_size=args.crop,
             normalise=not args.no_normalise,
