@@ -109,18 +109,18 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
     """``predict_star --map`` images/s at levels 2 and 3 and exhaustive matching's (level 2)."""
     from cryosphere import io
     from cryosphere.imaging.particles import StackReader, read_particle_set
-    from cryosphere.poses import inference, labels, local_search, matching
+    from cryosphere.poses import inference, labels, map_search, matching
 
     pset = read_particle_set(star)
     n, volume_path = len(pset), Path(star).with_name("volume.mrc")
     out = Path(star).with_name("bench_searched.star")
     rates = {}
     for level in (2, 3):
-        refine = local_search.MapRefinement(
+        refine = map_search.MapRefinement(
             volume_path, level=level, max_shift_px=REALISTIC["max_shift_px"], blur_sigma_px=1.0
         )
         setup = time.perf_counter()
-        search = local_search.MapSearch(refine, pset, REALISTIC["image_size"], 2)
+        search = map_search.MapSearch(refine, pset, REALISTIC["image_size"], 2)
         setup = time.perf_counter() - setup
         suffix = "" if level == 2 else "_level3"
         rates[f"map_setup_s{suffix}"] = setup  # projecting the map once, at the search level

@@ -26,11 +26,13 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
 5. the network with the map (``refined_*`` keys, for the first ``--top-k``; ``searches`` for
    each): ``cryosphere predict --map`` on the same STAR file
    (:func:`~cryosphere.poses.inference.predict_star` with a
-   :class:`~cryosphere.poses.local_search.MapSearch` of the map, prepared once: level 2, ±3 px
+   :class:`~cryosphere.poses.map_search.MapSearch` of the map, prepared once: level 2, ±3 px
    translation search, each candidate carrying its particle's CTF, the default search band):
    pose error against the same template matching, ``top_k_hit`` (how often the template
    matcher's cell is among the network's top cells), ``predict_map_images_per_s`` (end to end,
-   as ``predict_images_per_s``), and the FSC-0.5 of the reconstruction from the searched poses.
+   as ``predict_images_per_s``), and the FSC-0.5 of the reconstructions from the searched poses
+   (``refined_fsc05_A``) and from the search's 10 most probable candidates weighted by its
+   posterior (``refined_weighted_fsc05_A``, the side file's ``searched_*`` arrays).
 
 Usage::
 
@@ -160,7 +162,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
 
     from cryosphere.geometry import so3
     from cryosphere.imaging.particles import read_particle_set
-    from cryosphere.poses import inference, local_search, matching, train
+    from cryosphere.poses import inference, map_search, matching, train
 
     print(f"== {name}: simulating {args.n_test} held-out particles ...", flush=True)
     dataset = write_particle_set(folder / "data", name, args.n_test, seed=1000, snr=SNR_TEST)
@@ -185,16 +187,17 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     oracle_err = train.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
     regularisation = args.regularisation if args.regularisation else 1.0 / SNR_TEST
     searches = {}
-    refinement = local_search.MapRefinement(
+    refinement = map_search.MapRefinement(
         star.with_name("volume.mrc"), level=2, max_shift_px=REALISTIC["max_shift_px"],
         blur_sigma_px=REALISTIC["blur_sigma"],
     )  # fmt: skip
-    search = local_search.MapSearch(refinement, read_particle_set(star), REALISTIC["image_size"], 2)
+    search = map_search.MapSearch(refinement, read_particle_set(star), REALISTIC["image_size"], 2)
     for k in args.top_k:
         searched, search_rate = _predict_with_map(star, result.checkpoint, k, search)
         refined, _, _ = _predicted(searched)
         refined_err = train.pose_errors_deg(refined, dataset.rotations, ops)
-        top_index = np.load(inference.topk_path(searched))["top_index"]
+        searched_side = inference.load_topk(searched)
+        top_index = searched_side.index
         hit = (top_index[:m] == matched.best_index[:, None]).any(axis=1)
         searches[k] = {
             "refine_top": int(k),
@@ -204,6 +207,12 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
             "top_k_hit": float(np.mean(hit)),
             "predict_map_images_per_s": search_rate,
             "refined_fsc05_A": _reconstruction_fsc05(dataset, refined, None, regularisation),
+            "refined_weighted_fsc05_A": _reconstruction_fsc05(
+                dataset,
+                searched_side.searched_rotations(),
+                searched_side.searched_weights(),
+                regularisation,
+            ),
         }
     print(f"== {name}: reconstructing from {args.n_test} particles ...", flush=True)
     case = {

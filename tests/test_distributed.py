@@ -39,7 +39,7 @@ from cryosphere.poses import distributed_training as dt
 from cryosphere.poses import (
     inference,
     labels,
-    local_search,
+    map_search,
     sharded_inference,
     sharded_labels,
     train,
@@ -67,9 +67,9 @@ TOL = 2 * 1e-3 * sum(STEP_LR)
 LAUNCH_S = 90.0  # a launch that takes longer has hung
 
 
-def _map_search(data: Path) -> local_search.MapRefinement:
+def _map_search(data: Path) -> map_search.MapRefinement:
     """The consensus-map search of the prediction tests (the set's own map, ±1 px)."""
-    return local_search.MapRefinement(data / "volume.mrc", max_shift_px=1)
+    return map_search.MapRefinement(data / "volume.mrc", max_shift_px=1)
 
 
 def _setup(volume: np.ndarray):

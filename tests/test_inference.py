@@ -123,7 +123,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
     assert code == 0
     assert "rlnOriginXAngst" in starfile.read(searched, always_dict=True)["particles"]
     assert int(np.load(inference.topk_path(searched))["refine_level"]) == 2
-    assert np.load(inference.topk_path(searched))["top_index"].shape[1] == 50  # --map's default
+    assert np.load(inference.topk_path(searched))["top_index"].shape[1] == 100  # --map's default
     assert np.load(inference.topk_path(out))["top_index"].shape[1] == 10
     # bad requests: clear message, exit 2, nothing written
     bad = folder / "data" / "bad.star"
@@ -160,6 +160,9 @@ def test_heatmap_of_any_predicted_particle_from_the_star_and_side_file(particle_
     topk = inference.load_topk(out)
     assert len(topk) == 12 and topk.rotations().shape == (12, 5, 3, 3)
     np.testing.assert_allclose(topk.weights().sum(1), 1.0, rtol=1e-12)
+    assert topk.searched_index is None
+    with pytest.raises(ValueError, match="holds no map search"):
+        topk.searched_weights()
     view = predicted.predicted_particle_view(out, 7, data.rotations[7], data.symmetry_ops)
     # the scatter shows the particle's top cells, most probable first, renormalised over them
     np.testing.assert_array_equal(view.cells[:1], topk.index[7, :1])
@@ -211,14 +214,16 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     template matching with CTF and shifts: at SNR 1 it finds each particle's pose within a
     level-2 cell and the origin that centres it; the network's cells and probabilities stay
     in the side file; a finer search level than 3 or a map of another box is refused."""
-    from cryosphere.poses import local_search
+    from cryosphere.poses import map_search
 
     data, folder, checkpoint = particle_run
     star_in = folder / "data" / "particles.star"
     out = folder / "data" / "refined.star"
-    refine = local_search.MapRefinement(
-        folder / "data" / "volume.mrc", level=2, max_shift_px=2, blur_sigma_px=0.5
-    )
+    model_pixel = data.pixel_size * 2  # 32 px Fourier-cropped to the model's 16 px
+    refine = map_search.MapRefinement(
+        folder / "data" / "volume.mrc", level=2, max_shift_px=2, blur_sigma_px=0.5,
+        resolution_angstrom=2 * model_pixel,  # Nyquist: every frequency, as exhaustive matching
+    )  # fmt: skip
     G = so3.healpix_so3_grid_size(1)
     inference.predict_star(
         star_in, checkpoint, out, top_k=G, batch_size=5, progress=False, refine=refine
@@ -232,7 +237,6 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     assert np.median(errors) < so3.grid_nearest_neighbour_spacing_deg(2), errors
     origins = after[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
     truth = before[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
-    model_pixel = data.pixel_size * 2  # 32 px Fourier-cropped to the model's 16 px
     assert np.median(np.abs(origins - truth)) <= model_pixel  # within one search step
     side = np.load(inference.topk_path(out))
     assert int(side["refine_level"]) == 2 and side["shift_px"].shape == (12, 2)
@@ -243,6 +247,15 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     expected = side["top_probability"][side["top_index"] == parent[:, None]]
     # the STAR file holds 6 decimals
     np.testing.assert_allclose(after["rlnMaxValueProbDistribution"], expected, atol=5e-7)
+    # the search's posterior: its most probable candidates first, the written pose first
+    kept = side["searched_probability"]
+    assert side["searched_index"].shape == (12, inference.SEARCHED_KEPT)
+    np.testing.assert_array_equal(side["searched_index"][:, 0], side["refined_index"])
+    np.testing.assert_array_equal(side["searched_shift_px"][:, 0], side["shift_px"])
+    assert np.all(np.diff(kept, axis=1) <= 0) and np.all(kept <= 1) and np.all(kept[:, 0] > 0)
+    topk = inference.load_topk(out)
+    np.testing.assert_allclose(topk.searched_weights().sum(axis=1), 1.0)
+    assert topk.searched_rotations().shape == (12, inference.SEARCHED_KEPT, 3, 3)
     # coarse to fine: the children of the best 8 top cells only; as good here
     import dataclasses
 
@@ -261,7 +274,7 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     from cryosphere.imaging.particles import read_particle_set
 
     pset = read_particle_set(star_in)
-    prepared = local_search.MapSearch(refine, pset, 16, 1)
+    prepared = map_search.MapSearch(refine, pset, 16, 1)
     again = folder / "data" / "refined_again.star"
     inference.predict_star(
         star_in, checkpoint, again, top_k=G, batch_size=5, progress=False, refine=prepared
@@ -272,12 +285,12 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     with pytest.raises(ValueError, match="prepared for"):
         inference.predict_star(
             star_in, checkpoint, bad, progress=False,
-            refine=local_search.MapSearch(refine, pset, 16, 0),
+            refine=map_search.MapSearch(refine, pset, 16, 0),
         )  # fmt: skip
     with pytest.raises(ValueError, match="search level"):
         inference.predict_star(
             star_in, checkpoint, bad, progress=False,
-            refine=local_search.MapRefinement(refine.map_path, level=4),
+            refine=map_search.MapRefinement(refine.map_path, level=4),
         )  # fmt: skip
     from cryosphere import io
 
@@ -285,7 +298,7 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     with pytest.raises(ValueError, match="voxels wide"):
         inference.predict_star(
             star_in, checkpoint, bad, progress=False,
-            refine=local_search.MapRefinement(folder / "small.mrc"),
+            refine=map_search.MapRefinement(folder / "small.mrc"),
         )  # fmt: skip
     assert not bad.exists() and not inference.topk_path(bad).exists()
 

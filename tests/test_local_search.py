@@ -8,7 +8,7 @@ import pytest
 from cryosphere.geometry import so3
 from cryosphere.imaging import ctf
 from cryosphere.imaging.projection import add_gaussian_noise
-from cryosphere.poses import labels, local_search, matching
+from cryosphere.poses import labels, local_search, map_search, matching
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_coarse_to_fine_searches_the_children_of_the_best_top_cells(bank, ubi_ma
     with pytest.raises(ValueError, match="keep must lie in"):
         local_search.best_of_top_cells(images.numpy(), np.zeros((3, 2), int), spectra, 3)
     with pytest.raises(ValueError, match="keep must be"):
-        local_search.MapRefinement("map.mrc", keep=0)
+        map_search.MapRefinement("map.mrc", keep=0)
 
 
 def test_a_low_pass_band_scores_the_low_passed_images(bank):
@@ -219,3 +219,61 @@ def test_a_low_pass_band_scores_the_low_passed_images(bank):
         matching.template_spectra(templates, max_frequency=0.7)
     with pytest.raises(ValueError, match="already band-limited"):
         band.low_passed(0.2)
+
+
+def test_the_search_posterior_ranks_the_candidates_and_counts_repeats_once(bank, ctf_particles):
+    templates, spectra, pixel = bank
+    cells = np.array([5, 100, 377, 50])
+    moved = np.array([[2.0, -1.0], [-3.0, 3.0], [0.0, 1.0], [1.0, 1.0]])
+    images, params = ctf_particles(templates, pixel, cells, moved, snr=1.0, seed=2)
+    g = templates.shape[0]
+    candidates = np.stack([cells, (cells + 1) % g, (cells + 200) % g, cells], axis=1)
+    result = local_search.search_candidates(
+        images, candidates, spectra, ctf=params, pixel_size_angstrom=pixel, max_shift_px=3
+    )
+    p = result.probability
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(p[:, 3], 0.0)  # the truth repeated: counted once
+    np.testing.assert_array_equal(p.argmax(axis=1), 0)
+    np.testing.assert_array_equal(result.match.best_index, cells)
+    index, probability, shift = result.most_probable(2)
+    np.testing.assert_array_equal(index[:, 0], cells)
+    np.testing.assert_allclose(shift[:, 0], -moved)
+    assert np.all(probability[:, 0] >= probability[:, 1])
+    # equal scores: uniform over the distinct candidates; a perfect fit: one-hot, no NaN
+    flat = local_search.candidate_posterior(np.ones((1, 3)), np.array([[1, 2, 2]]), spectra)
+    np.testing.assert_allclose(flat, [[0.5, 0.5, 0.0]])
+    sharp = local_search.candidate_posterior(np.array([[0.0, 1e-3]]), np.array([[1, 2]]), spectra)
+    np.testing.assert_allclose(sharp, [[1.0, 0.0]])
+    # log-odds W (s_c - s_min) / (2 s_min), W = the band's real degrees of freedom (N² here)
+    two = local_search.candidate_posterior(np.array([[1.0, 1.001]]), np.array([[1, 2]]), spectra)
+    n_pix = templates.shape[-1]
+    np.testing.assert_allclose(np.log(two[0, 0] / two[0, 1]), n_pix**2 * 0.001 / 2, rtol=1e-6)
+
+
+def test_the_search_posterior_approaches_the_bayes_posterior_of_the_true_noise(bank):
+    """Without CTF or shifts and with every template a candidate, the posterior with the
+    noise estimated from the best residual is close to the exact Bayes posterior with the
+    simulation's own noise level (the estimate is off by the noise's sampling error, a few %
+    at 32 px, and by the best template's misfit)."""
+    from cryosphere.poses import targets
+
+    templates, spectra, _ = bank
+    cells = np.array([9, 300, 41, 222, 500, 17])
+    images, sigma = add_gaussian_noise(templates[cells], 0.3, seed=11)
+    everything = np.tile(np.arange(templates.shape[0]), (len(cells), 1))
+    ours = local_search.search_candidates(images.numpy(), everything, spectra).probability
+    exact = targets.bayes_posterior(images.numpy(), templates, sigma)
+    total_variation = 0.5 * np.abs(ours - exact).sum(axis=1)
+    assert np.all(total_variation < 0.15), total_variation
+
+
+def test_the_map_search_band_defaults_to_three_pixels_of_the_network_box(tmp_path):
+    def band(**kwargs):
+        return map_search.MapRefinement(tmp_path / "map.mrc", **kwargs).max_frequency(1.5)
+
+    assert band() == pytest.approx(1 / map_search.DEFAULT_SEARCH_RESOLUTION_PX)
+    assert band(resolution_angstrom=6.0) == pytest.approx(0.25)  # 4 px of 1.5 Å
+    assert band(resolution_angstrom=3.0) is None  # Nyquist: every frequency
+    with pytest.raises(ValueError, match="resolution_angstrom must be > 0"):
+        band(resolution_angstrom=0.0)

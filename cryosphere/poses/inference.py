@@ -16,14 +16,18 @@ cells only), and writes
 * ``OUTPUT_topk.npz``: ``top_index`` ``(n, k)`` grid cells, ``top_probability`` ``(n, k)``,
   ``top_angles_deg`` ``(n, k, 3)`` RELION angles, ``image_name`` ``(n,)``, ``grid_level``.
 
-With a consensus map (``refine``, :class:`cryosphere.poses.local_search.MapRefinement`;
+With a consensus map (``refine``, :class:`cryosphere.poses.map_search.MapRefinement`;
 ``cryosphere predict --map``) each particle's top cells (or their children on a finer grid)
 are scored against the map's projections carrying the particle's CTF, with an optional
-translation search (:class:`~cryosphere.poses.local_search.MapSearch`), and the best one is
+translation search (:class:`~cryosphere.poses.map_search.MapSearch`), and the best one is
 written: ``rlnAngleRot/Tilt/Psi`` from the search, ``rlnMaxValueProbDistribution`` the
 network's probability of the cell that holds it, and, with a translation search,
 ``rlnOriginXAngst/YAngst`` the shift that centres the particle. The side file then also holds
-``refined_index`` ``(n,)``, ``refine_level`` and ``shift_px`` ``(n, 2)``.
+``refined_index`` ``(n,)``, ``refine_level`` and ``shift_px`` ``(n, 2)``, and the search's
+:data:`SEARCHED_KEPT` most probable candidates by their posterior
+(:func:`~cryosphere.poses.local_search.candidate_posterior`): ``searched_index`` ``(n, r)``
+(cells of the search level), ``searched_probability`` ``(n, r)`` and ``searched_shift_px``
+``(n, r, 2)``, for a probability-weighted reconstruction (:meth:`TopK.searched_weights`).
 
 Everything is checked before the first batch (STAR, stacks, checkpoint, box sizes), and both
 files are written atomically at the end: a failure writes nothing.
@@ -45,7 +49,7 @@ from cryosphere import io
 from cryosphere.geometry import so3
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
-from cryosphere.poses import local_search, train
+from cryosphere.poses import map_search, train
 from cryosphere.poses.predictions import check_turns, turn_averaged_log_probabilities
 
 __all__ = [
@@ -58,6 +62,8 @@ __all__ = [
 ]
 
 SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
+#: Candidates of the map search kept per particle in the side file (most probable first).
+SEARCHED_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,8 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
     table[SPREAD_COLUMN] = arrays["spread_deg"]
     extra = {}
     if "refined_index" in arrays:
-        extra = {k: arrays[k] for k in ("refined_index", "shift_px")}
+        searched = ("searched_index", "searched_probability", "searched_shift_px")
+        extra = {k: arrays[k] for k in ("refined_index", "shift_px", *searched)}
         extra["refine_level"] = np.int64(arrays["refine_level"])
         if arrays["origin_angstrom"] is not None:
             table["rlnOriginXAngst"] = arrays["origin_angstrom"][:, 0]
@@ -184,7 +191,7 @@ def _top_cells(
     return probability.cpu().numpy(), top.indices.cpu().numpy()
 
 
-def _refined_outputs(arrays: dict, search: local_search.MapSearch, pixel: float) -> None:
+def _refined_outputs(arrays: dict, search: map_search.MapSearch, pixel: float) -> None:
     """Best pose, its network probability and origins from the map search's rows."""
     arrays["best_rotation"] = so3.healpix_so3_grid(search.level)[arrays["refined_index"]]
     parent = search.parent_cells(arrays["refined_index"])
@@ -208,7 +215,7 @@ def predict_star(
     normalise: bool = True,
     progress: bool = True,
     bf16: bool = False,
-    refine: local_search.MapRefinement | local_search.MapSearch | None = None,
+    refine: map_search.MapRefinement | map_search.MapSearch | None = None,
     turns: int = 1,
     shard=None,
 ) -> PredictionSummary:
@@ -227,7 +234,7 @@ def predict_star(
         turns: average the network's distribution over 1, 2 or 4 quarter turns of each image
             (costs ``turns`` passes; sharper top cells at low SNR).
         refine: search the top cells against a consensus map (module docstring); a
-            :class:`~cryosphere.poses.local_search.MapSearch` already prepared for these
+            :class:`~cryosphere.poses.map_search.MapSearch` already prepared for these
             particles is used as it is (the map projected once for many calls); None: the
             network's most probable cell.
         shard: this rank's share of a distributed run
@@ -251,14 +258,18 @@ def predict_star(
         "top_probability": np.empty((n, k), np.float32),
     }
     search = None
-    if isinstance(refine, local_search.MapSearch):
+    if isinstance(refine, map_search.MapSearch):
         search = refine
         search.check_fits(pset, model.config.image_size, level)
     elif refine is not None:
-        search = local_search.MapSearch(refine, pset, model.config.image_size, level, progress)
+        search = map_search.MapSearch(refine, pset, model.config.image_size, level, progress)
     if search is not None:
         arrays["refined_index"] = np.zeros(n, np.int64)
         arrays["shift_px"] = np.zeros((n, 2), np.float64)
+        kept = min(SEARCHED_KEPT, search.candidate_count(k))
+        arrays["searched_index"] = np.zeros((n, kept), np.int64)
+        arrays["searched_probability"] = np.zeros((n, kept), np.float32)
+        arrays["searched_shift_px"] = np.zeros((n, kept, 2), np.float64)
     total = n if shard is None else shard.count
     bar = tqdm(total=total, desc="predicting", disable=not progress, unit="img")
     with StackReader(pset) as reader, torch.inference_mode():
@@ -284,8 +295,12 @@ def predict_star(
                     normalise=normalise,
                 )
                 found = search(raw, ctf, model_pixel, top_i)
-                arrays["refined_index"][indices] = found.best_index
-                arrays["shift_px"][indices] = found.shift_px
+                arrays["refined_index"][indices] = found.match.best_index
+                arrays["shift_px"][indices] = found.match.shift_px
+                best = found.most_probable(arrays["searched_index"].shape[1])
+                arrays["searched_index"][indices] = best[0]
+                arrays["searched_probability"][indices] = best[1]
+                arrays["searched_shift_px"][indices] = best[2]
             arrays["top_index"][indices] = top_i
             arrays["top_probability"][indices] = top_p
             bar.update(len(indices))
@@ -313,12 +328,39 @@ class TopK:
         probability: ``(n, k)`` float32 their probabilities (of the full softmax).
         image_name: ``(n,)`` rlnImageName of each particle (STAR order).
         level: grid level of the cells.
+        searched_index, searched_probability, searched_shift_px, searched_level: with a map
+            search (``predict --map``), its most probable candidates ``(n, r)`` (cells of
+            ``searched_level``), their posterior ``(n, r)`` and centring shifts ``(n, r, 2)``
+            px of the network's box; None otherwise.
     """
 
     index: np.ndarray
     probability: np.ndarray
     image_name: np.ndarray
     level: int
+    searched_index: np.ndarray | None = None
+    searched_probability: np.ndarray | None = None
+    searched_shift_px: np.ndarray | None = None
+    searched_level: int | None = None
+
+    def searched_rotations(self) -> np.ndarray:
+        """``(n, r, 3, 3)`` poses of the map search's most probable candidates (``predict
+        --map``; ValueError without)."""
+        self._need_search()
+        return so3.healpix_so3_grid(self.searched_level)[self.searched_index]
+
+    def searched_weights(self) -> np.ndarray:
+        """``(n, r)`` float64 the search's posterior renormalised over the kept candidates
+        (a probability-weighted reconstruction from the searched poses)."""
+        self._need_search()
+        p = self.searched_probability.astype(np.float64)
+        return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-300)
+
+    def _need_search(self) -> None:
+        if self.searched_index is None:
+            raise ValueError(
+                "this side file holds no map search; run cryosphere predict with --map"
+            )
 
     def rotations(self) -> np.ndarray:
         """``(n, k, 3, 3)`` poses of the cells."""
@@ -350,9 +392,14 @@ def load_topk(output_star: str | os.PathLike[str]) -> TopK:
             f"no top-k side file {path} beside {output_star}; run cryosphere predict to make it"
         )
     with np.load(path) as data:
+        searched = "searched_index" in data.files
         return TopK(
             index=data["top_index"],
             probability=data["top_probability"],
             image_name=data["image_name"],
             level=int(data["grid_level"]),
+            searched_index=data["searched_index"] if searched else None,
+            searched_probability=data["searched_probability"] if searched else None,
+            searched_shift_px=data["searched_shift_px"] if searched else None,
+            searched_level=int(data["refine_level"]) if searched else None,
         )

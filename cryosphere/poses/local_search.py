@@ -12,9 +12,8 @@ the candidates.
 * :func:`child_cells` — the level-``L'`` cells whose nearest level-``L`` cell is each coarse
   cell (a Voronoi partition of the fine grid; 8 per cell on average);
 * :func:`candidate_cells` — the candidates ``(n, c)`` of each image from its top cells;
-* :class:`MapRefinement` / :class:`MapSearch` — the same for a user's particle set and
-  consensus map (``cryosphere predict --map``): the map checked against the particles and
-  brought to the network's box, its template spectra computed once;
+* :mod:`cryosphere.poses.map_search` — the same for a user's particle set and consensus map
+  (``cryosphere predict --map``);
 * :func:`local_template_matching` — the best candidate and shift per image, with the score of
   :mod:`cryosphere.poses.matching` (``mode="ctf_templates"`` when CTFs are given, the plain
   squared error otherwise), or, for images whose scale relative to the map is unknown (real
@@ -26,7 +25,6 @@ the candidates.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,20 +33,14 @@ from tqdm.auto import tqdm
 
 from cryosphere.geometry import so3
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.imaging import preprocess
 from cryosphere.poses.matching import (
     MatchResult,
     TemplateSpectra,
     shift_grid_px,
-    template_spectra,
 )
-from cryosphere.poses.templates import template_bank
 
 __all__ = [
-    "DEFAULT_SEARCH_RESOLUTION_PX",
     "SCORES",
-    "MapRefinement",
-    "MapSearch",
     "child_cells",
     "candidate_cells",
     "local_template_matching",
@@ -56,13 +48,12 @@ __all__ = [
     "search_top_cells",
     "best_of_top_cells",
     "candidate_scores",
+    "candidate_posterior",
+    "SearchResult",
+    "search_candidates",
 ]
 
 SCORES = ("mse", "scaled")
-#: The map search's default band: details down to 3 px of the network's box (two thirds of its
-#: Nyquist frequency). Measured as accurate as the whole half-plane on realistic particles and
-#: 1.5x faster at 100 cells (README "Real particles").
-DEFAULT_SEARCH_RESOLUTION_PX = 3.0
 
 
 @functools.cache
@@ -278,6 +269,96 @@ def local_template_matching(
     )
 
 
+def _first_occurrences(candidates: np.ndarray) -> np.ndarray:
+    """``(n, c)`` bool: True at the first occurrence of each template in its image's row
+    (rows of :func:`candidate_cells` repeat a cell's last child as padding)."""
+    order = np.argsort(candidates, axis=1, kind="stable")
+    ranked = np.take_along_axis(candidates, order, axis=1)
+    first = np.ones(candidates.shape, bool)
+    first[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    mask = np.empty_like(first)
+    np.put_along_axis(mask, order, first, axis=1)
+    return mask
+
+
+def candidate_posterior(
+    scores: np.ndarray, candidates: np.ndarray, spectra: TemplateSpectra, score: str = "mse"
+) -> np.ndarray:
+    """Posterior probability ``(n, c)`` float64 of each image's candidates given their scores
+    (:func:`candidate_scores`, each at its best shift), as a maximum-likelihood refinement
+    weighs orientations: white Gaussian noise on the band's ``W`` real Fourier degrees of
+    freedom (``W = Σ w_k``; the zero frequency left out with ``score="scaled"``), with the
+    noise variance estimated from the best candidate's residual, so that
+
+        log p_c = −W · (s_c − s_min) / (2 s_min) + const.
+
+    Rows sum to 1; a template repeated in a row (padding) counts once (0 at its repeats).
+    The candidates are the only poses considered (a posterior over the searched cells, not
+    over SO(3)), and the shift is maximised, not integrated.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    weights = spectra.weights()
+    dof = float(weights.sum()) - (float(weights[0]) if score == "scaled" else 0.0)
+    best = s.min(axis=1, keepdims=True)
+    logits = -dof * (s - best) / (2.0 * np.maximum(best, 1e-30))
+    logits[~_first_occurrences(np.asarray(candidates))] = -np.inf
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Every candidate of a map search, scored.
+
+    Attributes:
+        match: the best candidate and shift of each image
+            (:class:`~cryosphere.poses.matching.MatchResult`).
+        candidates: ``(n, c)`` int64 template (search-grid cell) indices.
+        probability: ``(n, c)`` float64 posterior of the candidates
+            (:func:`candidate_posterior`).
+        shift_px: ``(n, c, 2)`` float64 each candidate's best centring shift ``(sx, sy)``.
+    """
+
+    match: MatchResult
+    candidates: np.ndarray
+    probability: np.ndarray
+    shift_px: np.ndarray
+
+    def most_probable(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``r`` most probable candidates of each image, most probable first: indices
+        ``(n, r)``, probabilities ``(n, r)`` (not renormalised) and shifts ``(n, r, 2)``."""
+        r = max(1, min(int(r), self.candidates.shape[1]))
+        order = np.argsort(-self.probability, axis=1, kind="stable")[:, :r]
+        return (
+            np.take_along_axis(self.candidates, order, axis=1),
+            np.take_along_axis(self.probability, order, axis=1),
+            np.take_along_axis(self.shift_px, order[:, :, None], axis=1),
+        )
+
+
+def search_candidates(
+    images: np.ndarray | torch.Tensor,
+    candidates: np.ndarray | torch.Tensor,
+    spectra: TemplateSpectra,
+    **search,
+) -> SearchResult:
+    """:func:`local_template_matching` with every candidate's posterior and shift kept
+    (arguments as there)."""
+    cand = np.asarray(candidates, dtype=np.int64)
+    scores, shifts = candidate_scores(images, cand, spectra, **search)
+    rows = np.arange(scores.shape[0])
+    column = scores.argmin(axis=1)
+    match = MatchResult(
+        best_index=cand[rows, column],
+        shift_px=shifts[rows, column],
+        best_mse=np.maximum(scores[rows, column], 0.0),
+    )
+    probability = candidate_posterior(scores, cand, spectra, search.get("score", "mse"))
+    return SearchResult(match, cand, probability, shifts)
+
+
 def _top_cells(probabilities: np.ndarray, top_k: int, level: int) -> np.ndarray:
     p = np.asarray(probabilities)
     if p.ndim != 2 or p.shape[1] != so3.healpix_so3_grid_size(level):
@@ -345,126 +426,3 @@ def search_fraction(coarse_level: int, fine_level: int, top_k: int) -> float:
     image for ``top_k`` coarse cells (the saving against exhaustive matching)."""
     width = child_cells(coarse_level, fine_level).shape[1]
     return min(1.0, int(top_k) * width / so3.healpix_so3_grid_size(fine_level))
-
-
-@dataclass(frozen=True)
-class MapRefinement:
-    """What ``cryosphere predict --map`` searches around the network's top cells.
-
-    Attributes:
-        map_path: the consensus map (MRC) of the particles' refinement, at their box and pixel
-            size (:func:`cryosphere.imaging.preprocess.reference_map`).
-        level: grid level of the search; None: the network's own level (its top cells are
-            re-ranked); one level finer: their children (:func:`child_cells`, ~7.4° apart at 3).
-        max_shift_px: translation search in px of the network's box (0: the particles are
-            taken as centred); the shift found is written as the particle's origin.
-        blur_sigma_px: Gaussian blur of the templates in px of the network's box (0 for a
-            reconstruction, whose resolution is already that of the data).
-        keep: with a finer search level, coarse to fine: score the top cells at the network's
-            level first and search the children of only the best ``keep`` of them (None: the
-            children of every top cell).
-        resolution_angstrom: the finest detail (Å) the search compares, as refinement
-            programs limit their searches: the images and templates are low-passed there
-            (:meth:`~cryosphere.poses.matching.TemplateSpectra.low_passed`; fewer Fourier
-            coefficients, a faster search). None: :data:`DEFAULT_SEARCH_RESOLUTION_PX` px of
-            the network's box; at or below its Nyquist (2 px): every frequency.
-    """
-
-    map_path: str | os.PathLike[str]
-    level: int | None = None
-    max_shift_px: float = 0.0
-    blur_sigma_px: float = 0.0
-    keep: int | None = None
-    resolution_angstrom: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.max_shift_px >= 0 or not self.blur_sigma_px >= 0:
-            raise ValueError(
-                f"max_shift_px and blur_sigma_px must be >= 0, got {self.max_shift_px}, "
-                f"{self.blur_sigma_px}"
-            )
-        if self.keep is not None and int(self.keep) < 1:
-            raise ValueError(f"keep must be >= 1 top cells, got {self.keep}")
-        if self.resolution_angstrom is not None and not self.resolution_angstrom > 0:
-            raise ValueError(
-                f"resolution_angstrom must be > 0 Å (or None: no limit), got {self.resolution_angstrom}"
-            )
-
-    def max_frequency(self, pixel_size_angstrom: float) -> float | None:
-        """The search band's radius in cycles/px of a box with this pixel size (Å); None:
-        the whole half-plane (a limit at or finer than Nyquist)."""
-        if self.resolution_angstrom is None:
-            return 1.0 / DEFAULT_SEARCH_RESOLUTION_PX
-        frequency = float(pixel_size_angstrom) / float(self.resolution_angstrom)
-        return None if frequency >= 0.5 else frequency
-
-
-class MapSearch:
-    """A :class:`MapRefinement` prepared for one particle set and network: the map at the
-    network's box and the spectra of its templates on the search grid (level 2: ~120 MB,
-    level 3: ~1 GB of float32)."""
-
-    def __init__(
-        self,
-        refinement: MapRefinement,
-        particles,
-        image_size: int,
-        coarse_level: int,
-        progress: bool = False,
-    ):
-        level = coarse_level if refinement.level is None else int(refinement.level)
-        if not coarse_level <= level <= 3:
-            raise ValueError(
-                f"the search level must lie in {coarse_level}..3 (the network's level up to "
-                f"36,864 cells), got {level}"
-            )
-        volume = preprocess.reference_map(refinement.map_path, particles, image_size)
-        pixel = particles.pixel_size_angstrom * particles.image_size / int(image_size)
-        band = refinement.max_frequency(pixel)
-        bank = template_bank(volume, level, refinement.blur_sigma_px, progress=progress)
-        self.spectra = template_spectra(bank, band)
-        self.coarse_spectra = None
-        if refinement.keep is not None and level > coarse_level:
-            coarse = template_bank(volume, coarse_level, refinement.blur_sigma_px)
-            self.coarse_spectra = template_spectra(coarse, band)
-        self.refinement = refinement
-        self.coarse_level, self.level = int(coarse_level), level
-        self.particles_box = (int(particles.image_size), float(particles.pixel_size_angstrom))
-
-    def check_fits(self, particles, image_size: int, coarse_level: int) -> None:
-        """ValueError unless this search was prepared for such particles and network."""
-        box = (int(particles.image_size), float(particles.pixel_size_angstrom))
-        mine = (self.particles_box, self.spectra.image_size, self.coarse_level)
-        if mine != (box, int(image_size), int(coarse_level)):
-            raise ValueError(
-                f"this map search was prepared for {self.particles_box[0]}-px particles of "
-                f"{self.particles_box[1]:g} Å and a {self.spectra.image_size}-px level-"
-                f"{self.coarse_level} network, not {box[0]} px of {box[1]:g} Å and a "
-                f"{image_size}-px level-{coarse_level} one; prepare another MapSearch"
-            )
-
-    def __call__(
-        self, images: torch.Tensor, ctf, pixel_size_angstrom: float, top_index: np.ndarray
-    ) -> MatchResult:
-        """Best candidate and shift of images ``(n, M, M)`` (the network's box, not
-        CTF-corrected) given their network top cells ``(n, k)``; ``score="scaled"``."""
-        images = images.detach().cpu()
-        search = dict(
-            ctf=ctf,
-            pixel_size_angstrom=pixel_size_angstrom,
-            max_shift_px=self.refinement.max_shift_px,
-            score="scaled",
-        )
-        top = np.asarray(top_index, dtype=np.int64)
-        if self.coarse_spectra is not None:
-            keep = min(int(self.refinement.keep), top.shape[1])
-            top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
-        return local_template_matching(
-            images, candidate_cells(top, self.coarse_level, self.level), self.spectra, **search
-        )
-
-    def parent_cells(self, fine_index: np.ndarray) -> np.ndarray:
-        """``(n,)`` the network's cell (coarse level) that holds each search-grid cell."""
-        if self.level == self.coarse_level:
-            return np.asarray(fine_index, dtype=np.int64)
-        return _parents(self.coarse_level, self.level)[np.asarray(fine_index)]

@@ -256,7 +256,7 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         refine = None
         if args.map is not None:
-            from cryosphere.poses.local_search import MapRefinement
+            from cryosphere.poses.map_search import MapRefinement
 
             refine = MapRefinement(
                 args.map,
