@@ -12,7 +12,8 @@ one process, each after a warm-up call, best of ``--repeats``:
 * ``predict_map_top{10,50,100}_images_per_s`` (``_level3_``: 10 and 50): ``predict_star`` with
   the consensus map (``cryosphere predict --map``, its default band): the network's 10, 50 or
   100 most probable cells (their children on the level-3 grid) searched against the map's
-  templates with each particle's CTF and a ±3 px translation search (``_top100_turns4``: the
+  templates with each particle's CTF and a ±3 px translation search (``_top100_whole_band``:
+  every frequency instead of the default band; ``_top100_turns4``: the
   network's distribution averaged over
   the four quarter turns of each image first, ``predict --turns 4``), with the map projected
   beforehand (``map_setup_s``, once per map: it does not grow with the particles); its peer is
@@ -29,6 +30,7 @@ The last line printed is one JSON object (predict_images_per_s, the stage rates,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -128,6 +130,20 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
             rates[f"predict_map{suffix}_top{top_k}_images_per_s"] = best_rate(
                 lambda s=search, k=top_k: inference.predict_star(
                     star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=k
+                ),
+                n,
+                1,
+            )
+        if level == 2:  # the same search on every frequency (no resolution limit)
+            whole = map_search.MapSearch(
+                dataclasses.replace(refine, resolution_angstrom=2 * pset.pixel_size_angstrom),
+                pset,
+                REALISTIC["image_size"],
+                2,
+            )
+            rates["predict_map_top100_whole_band_images_per_s"] = best_rate(
+                lambda s=whole: inference.predict_star(
+                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=100
                 ),
                 n,
                 1,

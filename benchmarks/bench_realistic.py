@@ -190,6 +190,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     refinement = map_search.MapRefinement(
         star.with_name("volume.mrc"), level=2, max_shift_px=REALISTIC["max_shift_px"],
         blur_sigma_px=REALISTIC["blur_sigma"],
+        resolution_angstrom=args.search_resolution_px * dataset.pixel_size,
     )  # fmt: skip
     search = map_search.MapSearch(refinement, read_particle_set(star), REALISTIC["image_size"], 2)
     for k in args.top_k:
@@ -244,6 +245,13 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     return case, training
 
 
+def map_search_default() -> float:
+    """``cryosphere predict --map``'s resolution limit, px of the network's box."""
+    from cryosphere.poses.map_search import DEFAULT_SEARCH_RESOLUTION_PX
+
+    return DEFAULT_SEARCH_RESOLUTION_PX
+
+
 def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
     return {
         "cases": cases,
@@ -275,6 +283,13 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         default=[100, 50, 10],
         help="network cells searched against the map (refined_* keys: the first)",
+    )
+    parser.add_argument(
+        "--search-resolution-px",
+        type=float,
+        default=map_search_default(),
+        help="the map search's resolution limit in px of the 64-px box (default: predict --map's; "
+        "2: every frequency)",
     )
     parser.add_argument(
         "--run-dir",
