@@ -28,9 +28,12 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing import util as mp_util
 from typing import Any
 
 import numpy as np
@@ -233,10 +236,20 @@ def _worker(
     )
     torch.set_num_threads(int(threads))
     context = init_from_env("cpu", timeout_s=timeout_s)
+    code = 0
     try:
         fn(context, *args)
-    finally:
-        shutdown(context)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # Leave without tearing the process group down: once a peer has died, Gloo's teardown
+    # (destroy_process_group or the interpreter's exit) can end in std::terminate at random,
+    # which would replace how fn ended with SIGABRT. Everything fn wrote is already closed;
+    # multiprocessing's own exit hooks still run (they release its semaphores).
+    mp_util._exit_function()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch(
