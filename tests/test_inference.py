@@ -117,7 +117,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         [
             "predict", str(star_in), "--checkpoint", str(checkpoint), "-o", str(searched),
             "--no-progress", "--map", str(folder / "data" / "volume.mrc"), "--search-level",
-            "2", "--max-shift", "1", "--keep", "4",
+            "2", "--max-shift", "1", "--keep", "4", "--resolution", "4",
         ]
     )  # fmt: skip
     assert code == 0
@@ -133,6 +133,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         ([str(star_in), "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint"),
         ([str(star_in), "--map", str(tmp_path / "none.mrc")], "none.mrc"),
         ([str(star_in), "--map", str(star_in), "--max-shift", "-1"], "max_shift_px"),
+        ([str(star_in), "--map", str(star_in), "--resolution", "0"], "resolution_angstrom"),
     ]
     for extra, message in cases:
         argv = ["predict", *extra[:1], "--checkpoint", str(checkpoint), "-o", str(bad)]
