@@ -151,7 +151,7 @@ def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: i
 def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     from cryosphere.geometry import so3
     from cryosphere.imaging import simulate
-    from cryosphere.poses import evaluate, labels, matching, train
+    from cryosphere.poses import evaluate, labels, map_search, matching, train
     from cryosphere.poses.model import build_model
     from cryosphere.poses.stream import SimulatedStream, StreamConfig
     from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
@@ -171,7 +171,7 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
         ops,
     )
     templates = {2: stream.templates, 3: labels.template_bank(dataset.volume, 3, 1.0)}
-    band = None if args.search_resolution_px <= 2 else 1.0 / args.search_resolution_px
+    band = map_search.band_max_frequency(args.search_resolution_px)
     spectra = {level: matching.template_spectra(bank, band) for level, bank in templates.items()}
     validation = stream.heldout(200, snr=0.1)
     model_config = stream_model_config(args.image_size, args.lmax, 2, tuple(args.channels))
@@ -282,6 +282,8 @@ def _combine(paths: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from cryosphere.poses.map_search import DEFAULT_SEARCH_RESOLUTION_PX
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])
     parser.add_argument("--snrs", type=float, nargs="+", default=[1.0, 0.1, 0.03])
@@ -314,8 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--search-resolution-px",
         type=float,
-        default=3.0,
-        help="the search's band, px of the 64-px box (predict --map's default: 3; 2: every "
+        default=DEFAULT_SEARCH_RESOLUTION_PX,
+        help="the search's band, px of the 64-px box (default: predict --map's; 2: every "
         "frequency); template matching always uses every frequency",
     )
     parser.add_argument(

@@ -245,13 +245,6 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     return case, training
 
 
-def map_search_default() -> float:
-    """``cryosphere predict --map``'s resolution limit, px of the network's box."""
-    from cryosphere.poses.map_search import DEFAULT_SEARCH_RESOLUTION_PX
-
-    return DEFAULT_SEARCH_RESOLUTION_PX
-
-
 def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
     return {
         "cases": cases,
@@ -265,6 +258,8 @@ def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from cryosphere.poses.map_search import DEFAULT_SEARCH_RESOLUTION_PX
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])
     parser.add_argument("--train-snr", type=float, nargs=2, default=[0.03, 0.5])
@@ -287,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--search-resolution-px",
         type=float,
-        default=map_search_default(),
+        default=DEFAULT_SEARCH_RESOLUTION_PX,
         help="the map search's resolution limit in px of the 64-px box (default: predict --map's; "
         "2: every frequency)",
     )

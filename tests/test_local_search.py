@@ -275,5 +275,7 @@ def test_the_map_search_band_defaults_to_three_pixels_of_the_network_box(tmp_pat
     assert band() == pytest.approx(1 / map_search.DEFAULT_SEARCH_RESOLUTION_PX)
     assert band(resolution_angstrom=6.0) == pytest.approx(0.25)  # 4 px of 1.5 Å
     assert band(resolution_angstrom=3.0) is None  # Nyquist: every frequency
+    assert map_search.band_max_frequency(4.0) == 0.25  # what bench_accuracy reads in px
+    assert map_search.band_max_frequency(2.0) is None
     with pytest.raises(ValueError, match="resolution_angstrom must be > 0"):
         band(resolution_angstrom=0.0)

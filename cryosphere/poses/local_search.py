@@ -258,12 +258,16 @@ def local_template_matching(
         (one of the image's candidates), ``shift_px`` and ``best_mse`` per pixel, the same
         score as exhaustive matching restricted to the candidates.
     """
-    scores, shifts = candidate_scores(images, candidates, spectra, **search)
+    cand = np.asarray(candidates, dtype=np.int64)
+    return _best_match(cand, *candidate_scores(images, cand, spectra, **search))
+
+
+def _best_match(candidates: np.ndarray, scores: np.ndarray, shifts: np.ndarray) -> MatchResult:
+    """The lowest-scoring candidate of each row of ``scores`` ``(n, c)``, its shift and score."""
     rows = np.arange(scores.shape[0])
     column = scores.argmin(axis=1)
-    chosen = np.asarray(candidates, dtype=np.int64)[rows, column]
     return MatchResult(
-        best_index=chosen,
+        best_index=candidates[rows, column],
         shift_px=shifts[rows, column],
         best_mse=np.maximum(scores[rows, column], 0.0),
     )
@@ -348,13 +352,7 @@ def search_candidates(
     (arguments as there)."""
     cand = np.asarray(candidates, dtype=np.int64)
     scores, shifts = candidate_scores(images, cand, spectra, **search)
-    rows = np.arange(scores.shape[0])
-    column = scores.argmin(axis=1)
-    match = MatchResult(
-        best_index=cand[rows, column],
-        shift_px=shifts[rows, column],
-        best_mse=np.maximum(scores[rows, column], 0.0),
-    )
+    match = _best_match(cand, scores, shifts)
     probability = candidate_posterior(scores, cand, spectra, search.get("score", "mse"))
     return SearchResult(match, cand, probability, shifts)
 

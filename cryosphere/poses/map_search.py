@@ -27,12 +27,19 @@ from cryosphere.poses.local_search import (
 from cryosphere.poses.matching import template_spectra
 from cryosphere.poses.templates import template_bank
 
-__all__ = ["DEFAULT_SEARCH_RESOLUTION_PX", "MapRefinement", "MapSearch"]
+__all__ = ["DEFAULT_SEARCH_RESOLUTION_PX", "MapRefinement", "MapSearch", "band_max_frequency"]
 
 #: The map search's default band: details down to 3 px of the network's box (two thirds of its
 #: Nyquist frequency). Measured as accurate as the whole half-plane on realistic particles and
 #: 1.5x faster at 100 cells (README "Real particles").
 DEFAULT_SEARCH_RESOLUTION_PX = 3.0
+
+
+def band_max_frequency(resolution_px: float) -> float | None:
+    """The search band's radius in cycles/px for a resolution limit of ``resolution_px``
+    pixels; None at or below Nyquist (2 px): the whole half-plane."""
+    frequency = 1.0 / float(resolution_px)
+    return None if frequency >= 0.5 else frequency
 
 
 @dataclass(frozen=True)
@@ -79,12 +86,11 @@ class MapRefinement:
             )
 
     def max_frequency(self, pixel_size_angstrom: float) -> float | None:
-        """The search band's radius in cycles/px of a box with this pixel size (Å); None:
-        the whole half-plane (a limit at or finer than Nyquist)."""
+        """The search band's radius in cycles/px of a box with this pixel size (Å)
+        (:func:`band_max_frequency`)."""
         if self.resolution_angstrom is None:
-            return 1.0 / DEFAULT_SEARCH_RESOLUTION_PX
-        frequency = float(pixel_size_angstrom) / float(self.resolution_angstrom)
-        return None if frequency >= 0.5 else frequency
+            return band_max_frequency(DEFAULT_SEARCH_RESOLUTION_PX)
+        return band_max_frequency(float(self.resolution_angstrom) / float(pixel_size_angstrom))
 
 
 class MapSearch:

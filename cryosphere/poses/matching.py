@@ -25,6 +25,7 @@ pixel_size`` (:mod:`cryosphere.imaging.ctf`). Measured choice: ``"ctf_templates"
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -176,9 +177,12 @@ class TemplateSpectra:
         )
 
 
+@functools.cache
 def _band(n_pix: int, max_frequency: float | None) -> tuple[torch.Tensor, int]:
     """Rows and column count of the ``rfft2`` rectangle that holds the disk of radius
-    ``max_frequency`` cycles/px (the whole half-plane for None)."""
+    ``max_frequency`` cycles/px (the whole half-plane for None). Cached: every
+    :meth:`TemplateSpectra.restrict` of a search block reads it; callers only index with the
+    rows."""
     if max_frequency is None:
         return torch.arange(n_pix), n_pix // 2 + 1
     radius = int(math.floor(float(max_frequency) * n_pix + 1e-9))
