@@ -148,7 +148,7 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
                 n,
                 1,
             )
-        if level == 2:  # the network averaged over the four quarter turns first
+            # the network averaged over the four quarter turns first
             rates["predict_map_top100_turns4_images_per_s"] = best_rate(
                 lambda s=search: inference.predict_star(
                     star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=100,

@@ -138,14 +138,15 @@ def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return so3.matrices_from_relion_euler(angles), top, weights / weights.sum(1, keepdims=True)
 
 
-def _predict_with_map(star: Path, checkpoint: Path, top_k: int, search) -> tuple[Path, float]:
+def _predict_with_map(
+    star: Path, n: int, checkpoint: Path, top_k: int, search
+) -> tuple[Path, float]:
     """``cryosphere predict --map`` (``predict_star`` with the prepared ``search``: level 2,
-    ±3 px, the default band) on ``star`` keeping ``top_k`` cells: the STAR written and
-    images/s (one warm-up call, then the best of two)."""
+    ±3 px, the default band) on ``star`` (``n`` particles) keeping ``top_k`` cells: the STAR
+    written and images/s (one warm-up call, then the best of two)."""
     from cryosphere.poses import inference
 
     out = star.with_name(f"searched_top{top_k}.star")
-    n = int(np.load(inference.topk_path(star.with_name("predicted.star")))["top_index"].shape[0])
     rate = best_rate(
         lambda: inference.predict_star(
             star, checkpoint, out, top_k=top_k, refine=search, device="cpu", progress=False
@@ -194,7 +195,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     )  # fmt: skip
     search = map_search.MapSearch(refinement, read_particle_set(star), REALISTIC["image_size"], 2)
     for k in args.top_k:
-        searched, search_rate = _predict_with_map(star, result.checkpoint, k, search)
+        searched, search_rate = _predict_with_map(star, args.n_test, result.checkpoint, k, search)
         refined, _, _ = _predicted(searched)
         refined_err = train.pose_errors_deg(refined, dataset.rotations, ops)
         searched_side = inference.load_topk(searched)
