@@ -165,14 +165,19 @@ def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
     return (torch.fft.irfftn(cropped, s=(m, m, m)) * (m / n_pix) ** 3).numpy()
 
 
-def reference_map(map_path, particles, image_size: int) -> np.ndarray:
+def reference_map(map_path, particles, image_size: int, crop_size: int | None = None) -> np.ndarray:
     """The consensus map of a particle set at the network's box: ``(M, M, M)`` float32 with
-    ``M = image_size``, voxel ``particles.pixel_size_angstrom · N / M`` Å.
+    ``M = image_size``, voxel ``particles.pixel_size_angstrom · C / M`` Å.
+
+    Brought there as the images are (:func:`prepare_images`): the centre ``C³`` window
+    (``crop_size``, default the whole ``N``; the images' real-space crop), then the Fourier
+    crop to ``M``.
 
     Args:
         map_path: MRC map of the refinement (``N`` voxels wide, the particles' pixel size).
         particles: the :class:`~cryosphere.imaging.particles.ParticleSet` it belongs to.
-        image_size: the network's box ``M`` (even, ``<= N``).
+        image_size: the network's box ``M`` (even, ``<= C``).
+        crop_size: the images' real-space crop ``C`` (px), or None.
 
     Raises:
         FileNotFoundError: no map at ``map_path``.
@@ -191,4 +196,11 @@ def reference_map(map_path, particles, image_size: int) -> np.ndarray:
             f"the map's voxel size is {voxel:g} Å but the particles' pixel size is "
             f"{pset.pixel_size_angstrom:g} Å; rescale the map (relion_image_handler --rescale_angpix)"
         )
+    if crop_size is not None and int(crop_size) != volume.shape[0]:
+        size = int(crop_size)
+        if not 1 <= size <= volume.shape[0]:
+            raise ValueError(f"crop size must be in 1..{volume.shape[0]} px, got {crop_size}")
+        start = volume.shape[0] // 2 - size // 2
+        window = slice(start, start + size)
+        volume = np.ascontiguousarray(volume[window, window, window])
     return fourier_crop_volume(volume, image_size)

@@ -127,6 +127,34 @@ def _add_train_parser(commands: Any) -> None:
         "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
+    fit.add_argument(
+        "--minutes", type=float, default=None, help="stop training after M minutes (wall clock)"
+    )
+    _add_reading_options(fit)
+
+
+def _add_reading_options(command: Any) -> None:
+    """Options of both commands for reading other programs' particle files (docs/particles.md)."""
+    command.add_argument(
+        "--project-dir",
+        "--datadir",
+        dest="project_dir",
+        default=None,
+        help="folder the STAR file's image paths are relative to (RELION's project folder; "
+        "default: found beside the STAR file or in its enclosing folders)",
+    )
+    command.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        help="Å per pixel when the STAR file states none (it wins otherwise)",
+    )
+    command.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out particles whose images hold NaN or infinite pixels (listed) instead of "
+        "refusing the set",
+    )
 
 
 def _training_config(args: argparse.Namespace) -> Any:
@@ -135,6 +163,10 @@ def _training_config(args: argparse.Namespace) -> Any:
     from cryosphere.poses.stream_training import StreamTrainingConfig
 
     extra = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
+    if args.minutes is not None:
+        if not args.minutes > 0:
+            raise ValueError(f"--minutes must be positive, got {args.minutes}")
+        extra["time_budget_s"] = 60.0 * args.minutes
     if args.steps is not None:
         extra |= {
             "steps": args.steps,
@@ -163,6 +195,9 @@ def _train(args: argparse.Namespace) -> int:
             slots=args.slots,
             bf16=args.bf16,
             progress=not args.no_progress,
+            project_dir=args.project_dir,
+            pixel_size_angstrom=args.pixel_size,
+            skip_bad=args.skip_bad,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere train: {error}", file=sys.stderr)
@@ -248,6 +283,10 @@ def _add_predict_parser(commands: Any) -> None:
         help="finest detail (Å) the map search compares: images and templates low-passed "
         "there (default: 3 px of the network's box; 2 px or less: every frequency)",
     )
+    predict.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output STAR file"
+    )
+    _add_reading_options(predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -282,6 +321,10 @@ def _predict(args: argparse.Namespace) -> int:
             refine=refine,
             turns=args.turns,
             context=context,
+            project_dir=args.project_dir,
+            pixel_size_angstrom=args.pixel_size,
+            skip_bad=args.skip_bad,
+            overwrite=args.overwrite,
         )
         distributed.shutdown(context)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
@@ -289,6 +332,11 @@ def _predict(args: argparse.Namespace) -> int:
         return 2
     if not context.writes:
         return 0
+    if summary.skipped:
+        print(
+            f"left out {len(summary.skipped)} particles with NaN or infinite pixels: "
+            + ", ".join(summary.skipped)
+        )
     print(
         f"{summary.n_images} particles in {summary.seconds:.1f} s "
         f"({summary.images_per_s:.0f} images/s): {summary.star}, {summary.topk}"
