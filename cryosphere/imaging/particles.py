@@ -163,7 +163,9 @@ def _stack_headers(stacks: list[Path]) -> list[tuple[int, int, int, float]]:
             messages.setdefault(str(warning.message), []).append(path)
         item = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}.get(mode)
         if item is None:
-            raise ValueError(f"{path} has MRC mode {mode}; CryoSphere reads real images (0-2, 6, 12)")
+            raise ValueError(
+                f"{path} has MRC mode {mode}; CryoSphere reads real images (0-2, 6, 12)"
+            )
         expected = 1024 + extended + nx * ny * max(nz, 1) * item
         size = path.stat().st_size
         if size < expected:

@@ -128,7 +128,9 @@ def resolve_stacks(
         hit = next((c for c in candidates if c.is_file()), None)
         if hit is None:
             tried = ", ".join(str(c) for c in candidates[:6])
-            more = f" and {len(candidates) - 6} more enclosing folders" if len(candidates) > 6 else ""
+            more = (
+                f" and {len(candidates) - 6} more enclosing folders" if len(candidates) > 6 else ""
+            )
             raise FileNotFoundError(
                 f"stack {name} named in {star_path} does not exist; tried {tried}{more}; "
                 "give the RELION project folder with --project-dir"
@@ -163,9 +165,7 @@ def pixel_sizes(
         return np.full(len(particles), float(override_angstrom))
     if not np.all(np.isfinite(values) & (values > 0)):
         raise ValueError(f"{source} states a pixel size that is not a positive number")
-    if override_angstrom is not None and np.any(
-        np.abs(values - override_angstrom) > 0.01 * values
-    ):
+    if override_angstrom is not None and np.any(np.abs(values - override_angstrom) > 0.01 * values):
         raise ValueError(
             f"--pixel-size {override_angstrom:g} Å disagrees with the {values[0]:g} Å "
             f"stated in {source}; the STAR file's pixel size is used: drop --pixel-size"
@@ -219,9 +219,7 @@ def origin_convention(particles: pd.DataFrame, optics: pd.DataFrame | None) -> s
     return "pixel" if optics is None else "angstrom"
 
 
-def origins_angstrom(
-    particles: pd.DataFrame, optics, pixel_angstrom: np.ndarray
-) -> np.ndarray:
+def origins_angstrom(particles: pd.DataFrame, optics, pixel_angstrom: np.ndarray) -> np.ndarray:
     """``(n, 2)`` origins (x, y) in Å with RELION's sign; zeros when the file has none."""
     if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles):
         return particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
