@@ -252,17 +252,17 @@ def test_relion5_file_with_a_general_table_and_missing_amplitude_contrast(
 
 
 def test_two_optics_groups_of_other_pixel_sizes_and_a_phase_plate(ubi, checkpoint, tmp_path):
-    """Group 1: 1.8 Å, a 90° phase shift, B-factor and CTF scale; group 2: 1.9 Å (made from
-    a map at 1.9 Å), other defoci. Not merged: group 2 is resampled to 1.8 Å on reading, and
+    """Group 1: 1.8 Å, a 90° phase shift, B-factor and CTF scale; group 2: 2.2 Å (made from
+    a map at 2.2 Å), other defoci. Not merged: group 2 is resampled to 1.8 Å on reading, and
     both are found against the 1.8-Å map."""
     atoms, volume = ubi
     plate = [dict(c, phase_shift_deg=90.0, b_factor=40.0, scale=0.8) for c in CTFS[:2]]
     first, rot1 = rl.particles(volume, PIXEL, CELLS[:2], SHIFTS[:2], plate, seed=4)
-    coarse = structure.coulomb_potential_map(atoms, 32, 1.9)
+    coarse = structure.coulomb_potential_map(atoms, 32, 2.2)
     # defocus small enough for the CTF to be sampled without aliasing in a 58-Å box
     other = [dict(CTFS[2], defocus_u=7000.0, defocus_v=6500.0)]
-    moved = SHIFTS[2:] * PIXEL / 1.9  # the same displacement in Å
-    second, rot2 = rl.particles(coarse, 1.9, CELLS[2:], moved, other, snr=100.0, seed=5)
+    moved = SHIFTS[2:] * PIXEL / 2.2  # the same displacement in Å
+    second, rot2 = rl.particles(coarse, 2.2, CELLS[2:], moved, other, snr=100.0, seed=5)
     rl.write_stack(tmp_path / "Extract/job3/a.mrcs", first, 1.0)
     rl.write_stack(tmp_path / "Extract/job4/b.mrcs", second, 1.0)
     rows = _particle_rows("Extract/job3/a.mrcs", rot1, np.zeros((2, 2)), plate)
@@ -271,7 +271,7 @@ def test_two_optics_groups_of_other_pixel_sizes_and_a_phase_plate(ubi, checkpoin
         row.setdefault("rlnPhaseShift", 0.0)
         row.setdefault("rlnCtfBfactor", 0.0)
         row.setdefault("rlnCtfScalefactor", 1.0)
-    optics = [_optics(), _optics(1.9, group=2)]
+    optics = [_optics(), _optics(2.2, group=2)]
     star = tmp_path / "Refine3D/job9/run_data.star"
     rl.write_star(
         star, "30001", [rl.loop_block("optics", optics), rl.loop_block("particles", rows)]
@@ -280,21 +280,21 @@ def test_two_optics_groups_of_other_pixel_sizes_and_a_phase_plate(ubi, checkpoin
         warnings.simplefilter("ignore")
         pset = read_particle_set(star)
     assert pset.pixel_size_angstrom == pytest.approx(PIXEL)
-    np.testing.assert_allclose(pset.particle_pixels(), [PIXEL, PIXEL, 1.9])
+    np.testing.assert_allclose(pset.particle_pixels(), [PIXEL, PIXEL, 2.2])
     np.testing.assert_allclose(pset.ctf.phase_shift_deg, [90, 90, 0])
     np.testing.assert_allclose(pset.ctf.scale_factor, [0.8, 0.8, 1.0])
     # the group-2 image is read resampled to 1.8 Å: the same centre, a smaller field of view
     with StackReader(pset) as reader:
         read = reader.read(np.array([2]))[0]
-    grid_19 = (np.arange(32) - 16) * 1.9
+    grid_22 = (np.arange(32) - 16) * 2.2
     grid_18 = (np.arange(32) - 16) * PIXEL
-    stored = resample_images(second, 1.9, 1.9).numpy()[0]  # band-limited as the reader's
+    stored = resample_images(second, 2.2, 2.2).numpy()[0]  # band-limited as the reader's
     assert np.abs(stored - second[0]).max() < 0.05 * np.abs(second).max()
     blob = np.exp(-(grid_18[:, None] ** 2 + grid_18[None, :] ** 2) / (2 * 4.0**2))
     seen = resample_images(
-        np.exp(-(grid_19[:, None] ** 2 + grid_19[None, :] ** 2) / (2 * 4.0**2))[None], 1.9, PIXEL
+        np.exp(-(grid_22[:, None] ** 2 + grid_22[None, :] ** 2) / (2 * 4.0**2))[None], 2.2, PIXEL
     ).numpy()[0]
-    assert np.abs(seen - blob).max() < 1e-3  # a 4-Å Gaussian sampled at 1.9 Å, seen at 1.8 Å
+    assert np.abs(seen - blob).max() < 1e-3  # a 4-Å Gaussian sampled at 2.2 Å, seen at 1.8 Å
     centre = np.unravel_index(np.argmax(np.abs(read)), read.shape)
     assert read.shape == (32, 32) and np.isfinite(read).all() and centre != (0, 0)
     io.write_map(tmp_path / "map.mrc", volume, PIXEL)
