@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cryosphere.imaging.particles import ParticleSet, StackReader
@@ -89,5 +88,6 @@ def particle_batches(
         prefetch_factor=int(prefetch_factor) if workers else None,
         persistent_workers=False,
     )
-    with torch.no_grad():
-        yield from loader
+    # no grad-mode context around the yield: a generator left suspended (the caller stopped
+    # at a damaged batch) would keep autograd off in the caller's thread
+    yield from loader
