@@ -23,6 +23,7 @@ within bfloat16's rounding (about 0.4 % of a logit).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,9 @@ class ShardPlan:
 
 
 def _check(star_path, checkpoint, context: dd.DistributedContext, **reading) -> int:
-    pset = read_particle_set(star_path, **reading)
+    with warnings.catch_warnings():  # predict_star reads the set again and warns once
+        warnings.simplefilter("ignore")
+        pset = read_particle_set(star_path, **reading)
     train.load_checkpoint(checkpoint)
     if context.world_size > len(pset):
         raise ValueError(
