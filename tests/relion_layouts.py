@@ -16,7 +16,8 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from cryosphere.geometry import so3
+from cryosphere.geometry.grids import healpix_so3_grid
+from cryosphere.geometry.rotations import relion_euler_from_matrices
 from cryosphere.imaging.projection import project_volume
 
 
@@ -68,7 +69,7 @@ def particles(volume, pixel, cells, shifts, ctfs, snr=4.0, seed=0) -> tuple[np.n
     """Noisy particles of ``volume`` at level-2 grid ``cells`` ``(n,)``, CTF-modulated with
     ``ctfs`` (dicts of :func:`relion_ctf` keywords), displaced by ``shifts`` ``(n, 2)`` px:
     ``(images (n, N, N) float32, rotations (n, 3, 3))``."""
-    rotations = so3.healpix_so3_grid(2)[np.asarray(cells)]
+    rotations = healpix_so3_grid(2)[np.asarray(cells)]
     clean = project_volume(volume, rotations).numpy().astype(np.float64)
     n_pix = clean.shape[-1]
     spectra = np.fft.rfft2(clean)
@@ -131,5 +132,5 @@ def ctf_row(ctf: dict) -> dict:
 
 
 def angles_row(rotation: np.ndarray) -> dict:
-    rot, tilt, psi = so3.relion_euler_from_matrices(rotation[None])[0]
+    rot, tilt, psi = relion_euler_from_matrices(rotation[None])[0]
     return {"rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi}

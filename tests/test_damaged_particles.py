@@ -13,7 +13,7 @@ import pytest
 import starfile
 import torch
 
-from cryosphere.geometry import so3
+from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
 from cryosphere.imaging.particles import read_particle_set
 from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
 from cryosphere.poses import inference, train
@@ -41,7 +41,7 @@ def dataset(tmp_path_factory):
         progress=False,
     )
     save_dataset(data, folder / "data")
-    mask = np.zeros((8, so3.healpix_so3_grid_size(1)), np.float32)
+    mask = np.zeros((8, healpix_so3_grid_size(1)), np.float32)
     mask[:, 0] = 1
     images = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
     config = train.TrainingConfig(epochs=1, batch_size=8)
@@ -125,8 +125,8 @@ class _DamagedFrom:
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.normal(size=(8, 16, 16)).astype(np.float32)
-    targets = np.full((8, so3.healpix_so3_grid_size(1)), 1.0 / 576, np.float32)
-    rotations = so3.healpix_so3_grid(1)[:8]
+    targets = np.full((8, healpix_so3_grid_size(1)), 1.0 / 576, np.float32)
+    rotations = healpix_so3_grid(1)[:8]
     stream = _DamagedFrom(FixedSetStream(images, targets, rotations, 4, 0), first_bad=2)
     validation = FixedSetStream(images, targets, rotations, 8, 0).batch(0)
     config = StreamTrainingConfig(steps=6, eval_every=1, warmup_steps=0)

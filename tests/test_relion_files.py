@@ -18,7 +18,8 @@ import starfile
 import torch
 
 from cryosphere import io
-from cryosphere.geometry import so3
+from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
+from cryosphere.geometry.rotations import geodesic_distance_deg, matrices_from_relion_euler
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import structure
 from cryosphere.imaging.particles import StackReader, read_particle_set
@@ -52,8 +53,8 @@ def checkpoint(tmp_path_factory):
     """An (almost untrained) 16-px level-1 model: the map search does the work."""
     folder = tmp_path_factory.mktemp("model")
     rng = np.random.default_rng(0)
-    rotations = so3.healpix_so3_grid(1)[:4]
-    mask = np.zeros((4, so3.healpix_so3_grid_size(1)), np.float32)
+    rotations = healpix_so3_grid(1)[:4]
+    mask = np.zeros((4, healpix_so3_grid_size(1)), np.float32)
     mask[np.arange(4), np.arange(4)] = 1
     images = rng.normal(size=(4, 16, 16)).astype(np.float32)
     config = train.TrainingConfig(epochs=1, batch_size=4)
@@ -69,7 +70,7 @@ def _search(map_path, max_shift=3.0) -> MapRefinement:
 
 def _predict(star, checkpoint, out, map_path, **kw):
     kw.setdefault("refine", _search(map_path))
-    G = so3.healpix_so3_grid_size(1)
+    G = healpix_so3_grid_size(1)
     return inference.predict_star(star, checkpoint, out, top_k=G, progress=False, **kw)
 
 
@@ -77,13 +78,13 @@ def _poses_and_origins(out):
     table = starfile.read(out, always_dict=True)
     particles = table.get("particles", table.get(""))
     angles = particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
-    return so3.matrices_from_relion_euler(angles), particles
+    return matrices_from_relion_euler(angles), particles
 
 
 def _assert_found(out, rotations, shifts_px, pixel=PIXEL, columns=("rlnOriginXAngst", "Å")):
     """Exact level-2 cell; origin −shift (RELION's sign) within a quarter pixel."""
     found, table = _poses_and_origins(out)
-    errors = so3.geodesic_distance_deg(found, rotations)
+    errors = geodesic_distance_deg(found, rotations)
     assert np.all(errors < 1.0), errors
     if columns[1] == "Å":
         origins = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
@@ -322,7 +323,7 @@ def test_predict_map_with_crop_crops_the_map_too(ubi, checkpoint, tmp_path):
     refine = MapRefinement(tmp_path / "map.mrc", level=2, resolution_angstrom=2 * 2.7)
     _predict(star, checkpoint, out, tmp_path / "map.mrc", crop_size=24, refine=refine)
     found, _ = _poses_and_origins(out)
-    assert np.all(so3.geodesic_distance_deg(found, rotations) < 1.0)
+    assert np.all(geodesic_distance_deg(found, rotations) < 1.0)
 
 
 def test_ctf_is_relions_with_phase_shift_bfactor_scale_and_astigmatism_from_x():
