@@ -33,7 +33,7 @@ import pandas as pd
 import starfile
 from tqdm.auto import tqdm
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging.ctf import CTFParameters
 
 __all__ = ["ParticleSet", "StackReader", "read_particle_set", "parse_image_names"]
@@ -89,7 +89,7 @@ class ParticleSet:
                 f"{self.star_path} has no rlnAngleRot/Tilt/Psi columns; poses come from a "
                 "refinement (e.g. RELION 3D auto-refine) of these particles"
             )
-        return so3.matrices_from_relion_euler(self.angles_deg)
+        return geometry_rotations.matrices_from_relion_euler(self.angles_deg)
 
 
 def parse_image_names(names: list[str], star_folder: Path) -> tuple[np.ndarray, list[Path]]:
