@@ -11,14 +11,14 @@ PROFILE ?= quick
 STRUCTURE ?= 1ubi
 NAME ?= $(STRUCTURE)-$(PROFILE)
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint docs docs-serve clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,notebooks,export,bench]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,notebooks,export,bench,docs]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -28,8 +28,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check cryosphere tests benchmarks notebooks
 	$(BIN)/ruff format --check cryosphere tests benchmarks notebooks
 
-test: lint
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+test: lint docs
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

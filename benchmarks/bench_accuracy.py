@@ -3,7 +3,7 @@
 For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
 
 1. train the default setting (:func:`cryosphere.runs.series.stream_model_config`: residual
-   encoder, lmax 4; :mod:`cryosphere.poses.stream`: fresh Haar-random particles every batch,
+   encoder, lmax 4; :mod:`cryosphere.poses.training.stream`: fresh Haar-random particles every batch,
    SNR drawn log-uniformly in ``--train-snr``, Bayes-posterior targets, cosine schedule) for
    ``--steps`` steps or until ``--budget-min`` minutes have passed;
 2. for each test SNR, draw ``--n-test`` fresh held-out particles (never seen in training) and
@@ -21,8 +21,8 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
 5. the network with the map (``refined_*`` keys for the first ``--refine-top``, ``searches``
    for each): the ``--refine-top`` most probable level-2 cells of the network, their children
    on the same level's grid
-   (:func:`cryosphere.poses.local_search.candidate_cells`), scored against the map's templates
-   (:func:`~cryosphere.poses.local_search.local_template_matching`, on the band of
+   (:func:`cryosphere.poses.search.local_search.candidate_cells`), scored against the map's templates
+   (:func:`~cryosphere.poses.search.local_search.local_template_matching`, on the band of
    ``--search-resolution-px``, as ``cryosphere predict --map`` by default); ``top_k_hit`` is the
    fraction of images whose template-matching cell is among the candidates, and
    ``refined_images_per_s`` the rate of network + search; at level 3 also coarse to fine
@@ -61,27 +61,27 @@ def _median(errors: np.ndarray) -> float:
 
 
 def _infer_rate(model, images: torch.Tensor, level: int, repeats: int = 2) -> float:
-    from cryosphere.poses import train
+    from cryosphere.poses.prediction import predictions
 
-    train.predict(model, images[:64], level=level)  # warm-up (caches the level's Wigner rows)
+    predictions.predict(model, images[:64], level=level)  # warm-up (caches the level's Wigner rows)
     start = time.perf_counter()
     for _ in range(repeats):
-        train.predict(model, images, level=level)
+        predictions.predict(model, images, level=level)
     return repeats * images.shape[0] / (time.perf_counter() - start)
 
 
 def _mode_shift_deg(model, images_R, images_QR, Q, ops) -> np.ndarray:
     """Geodesic distance between the most probable pose for I(Q R) and Q times the most
     probable pose for I(R) (0 for an equivariant predictor), symmetry-aware."""
-    from cryosphere.poses import train
+    from cryosphere.poses.prediction import predictions
 
-    best_R = train.predict(model, images_R).best_rotation
-    best_QR = train.predict(model, images_QR).best_rotation
-    return train.pose_errors_deg(best_QR, Q @ best_R, ops)
+    best_R = predictions.predict(model, images_R).best_rotation
+    best_QR = predictions.predict(model, images_QR).best_rotation
+    return predictions.pose_errors_deg(best_QR, Q @ best_R, ops)
 
 
 def _equivariance(model, untrained, volume, blur, ops, n_pairs: int, seed: int) -> dict:
-    from cryosphere.poses import equivariance
+    from cryosphere.poses.evaluation import equivariance
 
     R, Q = equivariance.equivariance_pairs(n_pairs, "out_of_plane", seed)
     images_R = equivariance._images(volume, R, blur, 0.0, 0)
@@ -104,7 +104,7 @@ def _equivariance(model, untrained, volume, blur, ops, n_pairs: int, seed: int) 
 def _bayes_on_coarse_grid(images, templates_fine, sigma, fine_to_coarse, n_coarse) -> np.ndarray:
     """Bayes posterior of each image on the level-2 cells, integrated over the level-3
     templates inside each cell (cell-centre values alone are far too sharp at high SNR)."""
-    from cryosphere.poses import targets as tg
+    from cryosphere.poses.training import targets as tg
 
     fine = tg.bayes_posterior(images, templates_fine, sigma).astype(np.float64)
     coarse = np.stack([np.bincount(fine_to_coarse, w, n_coarse) for w in fine])
@@ -115,7 +115,7 @@ def _network_top_cells(model, images, top_k: int, turns: int) -> np.ndarray:
     """``(n, top_k)`` the network's most probable level-2 cells, as ``cryosphere predict``
     takes them (softmax on the top ``k`` logits only, batches of 256; averaged over ``turns``
     quarter turns when > 1)."""
-    from cryosphere.poses import inference
+    from cryosphere.poses.prediction import inference
 
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     with torch.inference_mode():
@@ -130,7 +130,7 @@ def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: i
     """Network top-k at level 2 + local template search at ``level`` (coarse to fine with
     ``keep``: ``spectra`` maps levels to template spectra): best cells, images/s, candidates
     (the top cells' children, before any coarse stage)."""
-    from cryosphere.poses import local_search
+    from cryosphere.poses.search import local_search
 
     def network_and_search(x):
         top = _network_top_cells(model, x, top_k, turns)
@@ -149,15 +149,19 @@ def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: i
 
 
 def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
-    from cryosphere.geometry import so3
-    from cryosphere.imaging import simulate
-    from cryosphere.poses import evaluate, labels, map_search, matching, train
-    from cryosphere.poses.model import build_model
-    from cryosphere.poses.stream import SimulatedStream, StreamConfig
-    from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+    from cryosphere.geometry import grids
+    from cryosphere.imaging import datasets, simulate
+    from cryosphere.poses.evaluation import metrics
+    from cryosphere.poses.labels import landscape
+    from cryosphere.poses.labels import templates as labels_templates
+    from cryosphere.poses.network.model import build_model
+    from cryosphere.poses.prediction import predictions
+    from cryosphere.poses.search import map_search, matching
+    from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
+    from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
 
-    params = simulate.SimulationParameters(
+    params = datasets.SimulationParameters(
         structure=name, n_projections=1, image_size=args.image_size, blur_sigma=1.0
     )
     dataset = simulate.simulate_dataset(params, progress=False)
@@ -170,7 +174,7 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
         StreamConfig(snr=(low, high), target=args.target, batch_size=args.batch_size, seed=0),
         ops,
     )
-    templates = {2: stream.templates, 3: labels.template_bank(dataset.volume, 3, 1.0)}
+    templates = {2: stream.templates, 3: labels_templates.template_bank(dataset.volume, 3, 1.0)}
     band = map_search.band_max_frequency(args.search_resolution_px)
     spectra = {level: matching.template_spectra(bank, band) for level, bank in templates.items()}
     validation = stream.heldout(200, snr=0.1)
@@ -192,20 +196,22 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
         print("  ", {k: round(v, 3) for k, v in row.items()}, flush=True)
     model = result.model.to("cpu")
     cases = []
-    fine_to_coarse = so3.nearest_grid_indices(so3.healpix_so3_grid(3), so3.healpix_so3_grid(2))
+    fine_to_coarse = grids.nearest_grid_indices(
+        grids.healpix_so3_grid(3), grids.healpix_so3_grid(2)
+    )
     for snr in args.snrs:
         test = stream.heldout(args.n_test, snr=snr, seed=1000 + int(snr * 1000))
         bayes = _bayes_on_coarse_grid(
             test.images, templates[3], test.noise_sigma, fine_to_coarse, len(stream.templates)
         )
-        bayes_ll = float(np.mean(evaluate.true_pose_log_likelihood(bayes, test.rotations, 2, ops)))
+        bayes_ll = float(np.mean(metrics.true_pose_log_likelihood(bayes, test.rotations, 2, ops)))
         for level in (2, 3):
-            grid = so3.healpix_so3_grid(level)
-            pred = train.predict(model, test.images, level=level)
-            model_err = train.pose_errors_deg(pred.best_rotation, test.rotations, ops)
-            matched = labels.template_matching(test.images, templates[level])
-            oracle_err = train.pose_errors_deg(grid[matched], test.rotations, ops)
-            ll = evaluate.true_pose_log_likelihood(pred.probabilities, test.rotations, level, ops)
+            grid = grids.healpix_so3_grid(level)
+            pred = predictions.predict(model, test.images, level=level)
+            model_err = predictions.pose_errors_deg(pred.best_rotation, test.rotations, ops)
+            matched = landscape.template_matching(test.images, templates[level])
+            oracle_err = predictions.pose_errors_deg(grid[matched], test.rotations, ops)
+            ll = metrics.true_pose_log_likelihood(pred.probabilities, test.rotations, level, ops)
             searches = []
             plans = [(k, None) for k in args.refine_top]
             if level > 2 and args.keep:
@@ -214,7 +220,7 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
                 refined, refined_rate, candidates = _refined(
                     model, test.images, spectra, k, level, keep, args.turns
                 )
-                refined_err = train.pose_errors_deg(grid[refined], test.rotations, ops)
+                refined_err = predictions.pose_errors_deg(grid[refined], test.rotations, ops)
                 searches.append(
                     {
                         "refine_top": int(k),
@@ -282,7 +288,7 @@ def _combine(paths: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cryosphere.poses.map_search import DEFAULT_SEARCH_RESOLUTION_PX
+    from cryosphere.poses.search.map_search import DEFAULT_SEARCH_RESOLUTION_PX
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])

@@ -20,9 +20,11 @@ import time
 
 import torch
 
-from cryosphere.geometry import so3
-from cryosphere.imaging.simulate import SimulationParameters, simulate_dataset
-from cryosphere.poses import labels
+from cryosphere.geometry import grids
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import simulate_dataset
+from cryosphere.poses.labels import landscape, soft_maps
+from cryosphere.poses.labels import templates as labels_templates
 
 
 def best_time(function, repeats: int):
@@ -45,20 +47,21 @@ def main() -> None:
 
     params = SimulationParameters(structure="1ubi", n_projections=args.n_images, image_size=64)
     dataset = simulate_dataset(params, progress=False)
-    so3.healpix_so3_grid(2)  # build the cached grid (and import healpy) outside the timings
+    grids.healpix_so3_grid(2)  # build the cached grid (and import healpy) outside the timings
     n, size, level, q = len(dataset), dataset.image_size, 2, 0.05
-    n_cells, n_pixels = so3.healpix_so3_grid_size(level), size * size
+    n_cells, n_pixels = grids.healpix_so3_grid_size(level), size * size
 
     templates_s, templates = best_time(
-        lambda: labels.template_bank(dataset.volume, level, params.blur_sigma), args.repeats
+        lambda: labels_templates.template_bank(dataset.volume, level, params.blur_sigma),
+        args.repeats,
     )
     mse_s, mse = best_time(
-        lambda: labels.mse_landscape(dataset.clean_images, templates), args.repeats
+        lambda: landscape.mse_landscape(dataset.clean_images, templates), args.repeats
     )
-    mask_s, mask = best_time(lambda: labels.top_fraction_mask(mse, q), args.repeats)
+    mask_s, mask = best_time(lambda: soft_maps.top_fraction_mask(mse, q), args.repeats)
     start = time.perf_counter()
-    lam = labels.tune_lambda(
-        mse, so3.healpix_so3_grid(level), dataset.rotations, dataset.symmetry_ops
+    lam = soft_maps.tune_lambda(
+        mse, grids.healpix_so3_grid(level), dataset.rotations, dataset.symmetry_ops
     )
     tune_s = time.perf_counter() - start
 

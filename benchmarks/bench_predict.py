@@ -5,7 +5,7 @@ to ±3 px, SNR 0.05; :func:`cryosphere.imaging.simulate.simulate_dataset`) and a
 the default streamed network (untrained: speed does not depend on the weights), then times in
 one process, each after a warm-up call, best of ``--repeats``:
 
-* ``predict_images_per_s``: :func:`cryosphere.poses.inference.predict_star` end to end
+* ``predict_images_per_s``: :func:`cryosphere.poses.prediction.inference.predict_star` end to end
   (reading, preprocessing, network, top-k, writing the STAR and side file);
 * its stages alone: reading the memory-mapped stack, preprocessing (Fourier crop, CTF phase
   flip, background normalisation), and the network with top-k;
@@ -17,10 +17,10 @@ one process, each after a warm-up call, best of ``--repeats``:
   network's distribution averaged over
   the four quarter turns of each image first, ``predict --turns 4``), with the map projected
   beforehand (``map_setup_s``, once per map: it does not grow with the particles); its peer is
-  exhaustive CTF-aware template matching (:func:`cryosphere.poses.matching.
+  exhaustive CTF-aware template matching (:func:`cryosphere.poses.search.matching.
   ctf_template_matching`, same shifts, level 2) on ``--n-matching`` particles;
 * peers measured in the same run: the CTF from ``torch_ctf.calculate_ctf_2d`` against our
-  :func:`cryosphere.imaging.ctf.ctf_2d`, and :func:`cryosphere.poses.train.predict` (the full
+  :func:`cryosphere.imaging.ctf.ctf_2d`, and :func:`cryosphere.poses.prediction.predictions.predict` (the full
   softmax over the grid, as ``predict`` used before) against the top-k network stage.
 
 Usage: python benchmarks/bench_predict.py [--n 2000] [--threads 2] [--batch-size 256]
@@ -53,7 +53,8 @@ REALISTIC = dict(
 def write_particle_set(folder: Path, structure: str, n: int, seed: int, snr: float = 0.05):
     """Simulate ``n`` realistic particles (:data:`REALISTIC` at ``snr``) into ``folder``;
     returns the dataset."""
-    from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
+    from cryosphere.imaging.datasets import SimulationParameters
+    from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 
     params = SimulationParameters(
         structure=structure, n_projections=n, seed=seed, snr=snr, **REALISTIC
@@ -65,14 +66,14 @@ def write_particle_set(folder: Path, structure: str, n: int, seed: int, snr: flo
 
 def write_untrained_checkpoint(run_dir: Path, image_size: int) -> Path:
     """A checkpoint of the default streamed network before any step (``run_dir/model/``)."""
-    from cryosphere.geometry import so3
-    from cryosphere.poses.stream import FixedSetStream
-    from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+    from cryosphere.geometry import grids, rotations
+    from cryosphere.poses.training.stream import FixedSetStream
+    from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
 
-    G = so3.healpix_so3_grid_size(2)
+    G = grids.healpix_so3_grid_size(2)
     images = np.random.default_rng(0).standard_normal((8, image_size, image_size))
-    stream = FixedSetStream(images, np.full((8, G), 1 / G), so3.random_rotations(8, 0), 8)
+    stream = FixedSetStream(images, np.full((8, G), 1 / G), rotations.random_rotations(8, 0), 8)
     config = StreamTrainingConfig(steps=0, device="cpu")
     result = train_on_stream(
         stream,
@@ -111,7 +112,9 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
     """``predict_star --map`` images/s at levels 2 and 3 and exhaustive matching's (level 2)."""
     from cryosphere import io
     from cryosphere.imaging.particles import StackReader, read_particle_set
-    from cryosphere.poses import inference, labels, map_search, matching
+    from cryosphere.poses.labels import templates as labels_templates
+    from cryosphere.poses.prediction import inference
+    from cryosphere.poses.search import map_search, matching
 
     pset = read_particle_set(star)
     n, volume_path = len(pset), Path(star).with_name("volume.mrc")
@@ -173,7 +176,7 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
                 1,
             )  # fmt: skip
     volume, _ = io.read_map(volume_path)
-    templates = labels.template_bank(volume, 2, 1.0)
+    templates = labels_templates.template_bank(volume, 2, 1.0)
     m = min(int(n_matching), n)
     with StackReader(pset) as reader:
         images = reader.read(np.arange(m))
@@ -200,11 +203,12 @@ def predict_rates(star: Path, checkpoint: Path, batch_size: int, repeats: int) -
     """``predict_star`` images/s on ``star`` and the stage and peer rates (module docstring)."""
     from cryosphere.imaging import ctf, preprocess
     from cryosphere.imaging.particles import StackReader, read_particle_set
-    from cryosphere.poses import inference, train
+    from cryosphere.poses.network import checkpoints
+    from cryosphere.poses.prediction import inference, predictions
 
     pset = read_particle_set(star)
     n, size, pixel = len(pset), pset.image_size, pset.pixel_size_angstrom
-    model = train.load_model(checkpoint, device="cpu")
+    model = checkpoints.load_model(checkpoint, device="cpu")
     out = Path(star).with_name("bench_predicted.star")
     rates = {"n_images": n}
     rates["predict_images_per_s"] = best_rate(
@@ -235,7 +239,7 @@ def predict_rates(star: Path, checkpoint: Path, batch_size: int, repeats: int) -
 
     rates["network_topk_images_per_s"] = best_rate(network, n, repeats)
     rates["peer_train_predict_images_per_s"] = best_rate(
-        lambda: train.predict(model, prepared, batch_size=batch_size), n, repeats
+        lambda: predictions.predict(model, prepared, batch_size=batch_size), n, repeats
     )
     rates["ctf_images_per_s"] = best_rate(lambda: ctf.ctf_2d(pset.ctf, size, pixel), n, repeats)
     rates["peer_torch_ctf_images_per_s"] = best_rate(

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch_fourier_slice import project_3d_to_2d
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import grids
+from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.simulate import auto_pixel_size
@@ -42,9 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    atoms = structure.load_structure("1ubi")
+    atoms = imaging_atoms.load_structure("1ubi")
     volume = structure.coulomb_potential_map(atoms, 64, auto_pixel_size(atoms, 64))
-    poses = so3.healpix_so3_grid(2)
+    poses = grids.healpix_so3_grid(2)
     volume_t = torch.as_tensor(volume)
     transposed = torch.tensor(poses.transpose(0, 2, 1), dtype=torch.float32)
 

@@ -3,20 +3,20 @@
 For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
 
 1. train the default streamed network (:func:`cryosphere.runs.series.stream_model_config`) on
-   fresh particles of :class:`cryosphere.poses.stream.SimulatedStream` with
-   :class:`~cryosphere.poses.stream.ParticleRealism`: a CTF per particle (mean defocus uniform
+   fresh particles of :class:`cryosphere.poses.training.stream.SimulatedStream` with
+   :class:`~cryosphere.poses.training.stream.ParticleRealism`: a CTF per particle (mean defocus uniform
    in 0.5-2.5 µm, astigmatism up to 500 Å, 300 kV, Cs 2.7 mm, 10 % amplitude contrast), shifts
    uniform in ±3 px, SNR drawn log-uniformly in ``--train-snr``, network input phase-flipped and
    background-normalised as ``cryosphere predict`` does, CTF-aware Bayes targets; for
    ``--steps`` steps or ``--budget-min`` minutes, whichever comes first;
 2. simulate ``--n-test`` held-out particles of the same kind at SNR 0.05 (another seed, never
    seen in training; :func:`cryosphere.imaging.simulate.simulate_dataset`), write them as a
-   RELION 3.1 STAR file + MRC stack, and run :func:`cryosphere.poses.inference.predict_star`
+   RELION 3.1 STAR file + MRC stack, and run :func:`cryosphere.poses.prediction.inference.predict_star`
    on them (the user's path: reading, preprocessing, network, top-k side file); its images/s
    is the ``predict`` figure (best of two calls);
 3. score the predicted angles (symmetry-aware geodesic error) against CTF-aware template
    matching on the same level-2 grid with a ±3 px translation search
-   (:func:`cryosphere.poses.matching.ctf_template_matching`, templates carrying each image's
+   (:func:`cryosphere.poses.search.matching.ctf_template_matching`, templates carrying each image's
    CTF), on the first ``--n-oracle`` particles;
 4. reconstruct with CTF correction (Wiener ratio with each image's CTF,
    :func:`cryosphere.reconstruction.backprojection.backproject`, point group imposed) from the
@@ -25,8 +25,8 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    give each map's FSC-0.5 resolution against the true map;
 5. the network with the map (``refined_*`` keys, for the first ``--top-k``; ``searches`` for
    each): ``cryosphere predict --map`` on the same STAR file
-   (:func:`~cryosphere.poses.inference.predict_star` with a
-   :class:`~cryosphere.poses.map_search.MapSearch` of the map, prepared once: level 2, ±3 px
+   (:func:`~cryosphere.poses.prediction.inference.predict_star` with a
+   :class:`~cryosphere.poses.search.map_search.MapSearch` of the map, prepared once: level 2, ±3 px
    translation search, each candidate carrying its particle's CTF, the default search band):
    pose error against the same template matching, ``top_k_hit`` (how often the template
    matcher's cell is among the network's top cells), ``predict_map_images_per_s`` (end to end,
@@ -65,8 +65,8 @@ SNR_TEST = 0.05
 
 
 def _train(dataset, args, run_dir: Path, resume: bool):
-    from cryosphere.poses.stream import ParticleRealism, SimulatedStream, StreamConfig
-    from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+    from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
+    from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
 
     realism = ParticleRealism(pixel_size_angstrom=dataset.pixel_size, optics=dataset.parameters)
@@ -126,16 +126,22 @@ def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best rotations ``(n, 3, 3)``, top-k rotations ``(n, k, 3, 3)`` and weights ``(n, k)``."""
     import starfile
 
-    from cryosphere.geometry import so3
-    from cryosphere.poses.inference import topk_path
+    from cryosphere.geometry import rotations as geometry_rotations
+    from cryosphere.poses.prediction.inference import topk_path
 
     table = starfile.read(star, always_dict=True)["particles"]
     angles = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     side = np.load(topk_path(star))
     k_angles = side["top_angles_deg"]
-    top = so3.matrices_from_relion_euler(k_angles.reshape(-1, 3)).reshape(*k_angles.shape[:2], 3, 3)
+    top = geometry_rotations.matrices_from_relion_euler(k_angles.reshape(-1, 3)).reshape(
+        *k_angles.shape[:2], 3, 3
+    )
     weights = side["top_probability"].astype(np.float64)
-    return so3.matrices_from_relion_euler(angles), top, weights / weights.sum(1, keepdims=True)
+    return (
+        geometry_rotations.matrices_from_relion_euler(angles),
+        top,
+        weights / weights.sum(1, keepdims=True),
+    )
 
 
 def _predict_with_map(
@@ -144,7 +150,7 @@ def _predict_with_map(
     """``cryosphere predict --map`` (``predict_star`` with the prepared ``search``: level 2,
     ±3 px, the default band) on ``star`` (``n`` particles) keeping ``top_k`` cells: the STAR
     written and images/s (one warm-up call, then the best of two)."""
-    from cryosphere.poses import inference
+    from cryosphere.poses.prediction import inference
 
     out = star.with_name(f"searched_top{top_k}.star")
     rate = best_rate(
@@ -161,9 +167,10 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     """Train (or, with ``--run-dir``, reuse the model trained there), predict, score."""
     from bench_predict import write_particle_set
 
-    from cryosphere.geometry import so3
+    from cryosphere.geometry import grids
     from cryosphere.imaging.particles import read_particle_set
-    from cryosphere.poses import inference, map_search, matching, train
+    from cryosphere.poses.prediction import inference, predictions
+    from cryosphere.poses.search import map_search, matching
 
     print(f"== {name}: simulating {args.n_test} held-out particles ...", flush=True)
     dataset = write_particle_set(folder / "data", name, args.n_test, seed=1000, snr=SNR_TEST)
@@ -175,7 +182,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         lambda: inference.predict_star(star, result.checkpoint, out, progress=False), args.n_test, 1
     )
     best, top, weights = _predicted(out)
-    model_err = train.pose_errors_deg(best, dataset.rotations, ops)
+    model_err = predictions.pose_errors_deg(best, dataset.rotations, ops)
     m = min(args.n_oracle, args.n_test)
     matched = matching.ctf_template_matching(
         dataset.noisy_images[:m],
@@ -184,8 +191,8 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         pixel_size_angstrom=dataset.pixel_size,
         max_shift_px=REALISTIC["max_shift_px"],
     )
-    grid = so3.healpix_so3_grid(2)
-    oracle_err = train.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
+    grid = grids.healpix_so3_grid(2)
+    oracle_err = predictions.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
     regularisation = args.regularisation if args.regularisation else 1.0 / SNR_TEST
     searches = {}
     refinement = map_search.MapRefinement(
@@ -197,7 +204,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     for k in args.top_k:
         searched, search_rate = _predict_with_map(star, args.n_test, result.checkpoint, k, search)
         refined, _, _ = _predicted(searched)
-        refined_err = train.pose_errors_deg(refined, dataset.rotations, ops)
+        refined_err = predictions.pose_errors_deg(refined, dataset.rotations, ops)
         searched_side = inference.load_topk(searched)
         top_index = searched_side.index
         hit = (top_index[:m] == matched.best_index[:, None]).any(axis=1)
@@ -259,7 +266,7 @@ def _summary(cases: list[dict], trainings: list[dict], settings: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cryosphere.poses.map_search import DEFAULT_SEARCH_RESOLUTION_PX
+    from cryosphere.poses.search.map_search import DEFAULT_SEARCH_RESOLUTION_PX
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])

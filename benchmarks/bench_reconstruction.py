@@ -20,7 +20,8 @@ import time
 import torch
 from torch_fourier_slice import backproject_2d_to_3d
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import grids
+from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.simulate import auto_pixel_size
@@ -48,10 +49,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    atoms = structure.load_structure("1ubi")
+    atoms = imaging_atoms.load_structure("1ubi")
     pixel = auto_pixel_size(atoms, 64)
     volume = structure.coulomb_potential_map(atoms, 64, pixel)
-    poses = so3.healpix_so3_grid(2)
+    poses = grids.healpix_so3_grid(2)
     images = project_volume(volume, poses, device=device)
     transposed = torch.as_tensor(
         poses.transpose(0, 2, 1).copy(), dtype=torch.float32, device=device

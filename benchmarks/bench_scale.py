@@ -40,11 +40,12 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
 from cryosphere.imaging.simulate import auto_pixel_size
-from cryosphere.poses.model import ModelConfig
-from cryosphere.poses.stream import SimulatedStream, StreamConfig
-from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
+from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 
 PIXEL_A = 1.5
 
@@ -86,7 +87,7 @@ def write_star(folder: Path, name: str, n: int, box: int) -> Path:
 
 
 def write_checkpoint(folder: Path, box: int, level: int) -> Path:
-    atoms = structure.load_structure("1ubi")
+    atoms = imaging_atoms.load_structure("1ubi")
     volume = structure.coulomb_potential_map(atoms, box, auto_pixel_size(atoms, box))
     stream = SimulatedStream(volume, 1.0, level, StreamConfig(target="pose", reference_images=16))
     result = train_on_stream(

@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from cryosphere.imaging import simulate
-    from cryosphere.poses import labels, train
-    from cryosphere.poses.model import ModelConfig
+    from cryosphere.imaging import datasets, simulate
+    from cryosphere.poses.labels import dataset_labels
+    from cryosphere.poses.network.model import ModelConfig
+    from cryosphere.poses.prediction import predictions
+    from cryosphere.poses.training import fixed_set, settings
 
     epochs = args.epochs if args.epochs is not None else (5 if args.quick else 200)
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="cryosphere_bench_")
-    params = simulate.SimulationParameters(
+    params = datasets.SimulationParameters(
         structure="1ubi",
         n_projections=args.n_projections,
         image_size=args.image_size,
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     simulate_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pose_labels = labels.load_or_make_labels(run_dir, dataset, level=2, q=args.q)
+    pose_labels = dataset_labels.load_or_make_labels(run_dir, dataset, level=2, q=args.q)
     labels_s = time.perf_counter() - t0
 
     overrides = {}
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.so3_channels:
         overrides["so3_channels"] = args.so3_channels
     model_config = ModelConfig(image_size=args.image_size, lmax=args.lmax, **overrides)
-    training_config = train.TrainingConfig(
+    training_config = settings.TrainingConfig(
         epochs=epochs,
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     targets = pose_labels.mask if args.loss == "bce" else pose_labels.soft
     t0 = time.perf_counter()
-    result = train.train_model(
+    result = fixed_set.train_model(
         dataset.noisy_images,
         np.asarray(targets, dtype=np.float32),
         dataset.rotations,
@@ -100,19 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
     train_s = time.perf_counter() - t0
 
     model = result.model
-    train.predict(model, dataset.noisy_images[:64])  # warm-up
+    predictions.predict(model, dataset.noisy_images[:64])  # warm-up
     reps = 5
     t0 = time.perf_counter()
     for _ in range(reps):
-        preds = train.predict(model, dataset.noisy_images)
+        preds = predictions.predict(model, dataset.noisy_images)
     infer_s = (time.perf_counter() - t0) / reps
     val = result.validation_indices
-    errors = train.pose_errors_deg(
+    errors = predictions.pose_errors_deg(
         preds.best_rotation[val], dataset.rotations[val], dataset.symmetry_ops
     )
-    baseline = train.untrained_model(dataset.noisy_images, model_config, training_config)
-    base_preds = train.predict(baseline, dataset.noisy_images[val])
-    base_errors = train.pose_errors_deg(
+    baseline = fixed_set.untrained_model(dataset.noisy_images, model_config, training_config)
+    base_preds = predictions.predict(baseline, dataset.noisy_images[val])
+    base_errors = predictions.pose_errors_deg(
         base_preds.best_rotation, dataset.rotations[val], dataset.symmetry_ops
     )
     n_params = sum(p.numel() for p in model.parameters())

@@ -5,7 +5,7 @@ labels on the level-2 grid (q = 0.05), the network trained for 200 epochs (lmax 
 lr 1e-3 as in the poster unless ``--learning-rate`` is given), then
 
 * the equivariance table (model, untrained network, label maps; in-plane and out-of-plane;
-  ``--pairs`` pairs each; sigmoid probabilities, see :mod:`cryosphere.poses.evaluate`);
+  ``--pairs`` pairs each; sigmoid probabilities, see :mod:`cryosphere.poses.evaluation.metrics`);
 * pose accuracy on the validation split: model vs template matching vs uniform.
 
 Each case lives in its own run folder ``<runs-root>/paper-<structure>-snr<snr>/`` (training
@@ -26,16 +26,19 @@ from pathlib import Path
 
 import torch
 
-from cryosphere.imaging.simulate import SimulationParameters
-from cryosphere.poses import evaluate, labels, train
-from cryosphere.runs import series
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.poses.evaluation import equivariance, metrics
+from cryosphere.poses.labels import dataset_labels
+from cryosphere.poses.labels import templates as labels_templates
+from cryosphere.poses.training import fixed_set
+from cryosphere.runs.pipeline import Run
+from cryosphere.runs.run_config import RunConfig
 
 
 def evaluate_case(args: argparse.Namespace, structure: str, snr: float) -> dict:
     run_dir = Path(args.runs_root) / f"paper-{structure}-snr{snr:g}"
     start = time.perf_counter()
-    run = series.load_or_train_run(
-        run_dir,
+    flat = dict(
         structure=structure,
         n_projections=args.n_projections,
         image_size=args.image_size,
@@ -45,16 +48,18 @@ def evaluate_case(args: argparse.Namespace, structure: str, snr: float) -> dict:
         lmax=args.lmax,
         epochs=args.epochs,
         learning_rate=args.learning_rate,
-        progress=False,
     )
+    run = Run(RunConfig.from_flat(flat), run_dir, progress=False).trained()
     dataset, pose_labels, result, predictions = run.dataset, run.labels, run.result, run.predictions
     trained_s = time.perf_counter() - start
-    templates = labels.dataset_templates(dataset, 2, cache_dir=labels.labels_dir(run_dir))
-    table = evaluate.equivariance_table(
+    templates = labels_templates.dataset_templates(
+        dataset, 2, cache_dir=dataset_labels.labels_dir(run_dir)
+    )
+    table = equivariance.equivariance_table(
         dataset.volume,
         dataset.parameters.blur_sigma,
         model=result.model,
-        random_model=train.untrained_model(
+        random_model=fixed_set.untrained_model(
             dataset.noisy_images, run.model_config, run.training_config
         ),
         templates=templates,
@@ -64,12 +69,12 @@ def evaluate_case(args: argparse.Namespace, structure: str, snr: float) -> dict:
         seed=args.seed,
     )
     val = result.validation_indices
-    accuracy = evaluate.compare_pose_estimators(
+    accuracy = metrics.compare_pose_estimators(
         dataset.rotations[val],
         dataset.symmetry_ops,
         model_probabilities=predictions.probabilities[val],
         model_poses=predictions.best_rotation[val],
-        template_poses=evaluate.template_matched_poses(dataset.noisy_images[val], templates, 2),
+        template_poses=metrics.template_matched_poses(dataset.noisy_images[val], templates, 2),
         level=2,
         seed=args.seed,
     )

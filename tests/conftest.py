@@ -11,8 +11,10 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
+from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
-from cryosphere.imaging.simulate import SimulationParameters, auto_pixel_size, simulate_dataset
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import auto_pixel_size, simulate_dataset
 
 #: Torch intra-op threads for the suite: 2 (the CI machines' cores) unless
 #: CRYOSPHERE_TEST_THREADS says otherwise (the suite is checked with 1 and 2).
@@ -23,7 +25,7 @@ torch.set_num_threads(TEST_THREADS)
 @pytest.fixture(scope="session")
 def ubi_map_64() -> tuple[np.ndarray, float]:
     """1UBI Coulomb-potential map, 64³ at the automatic pixel size: (volume, pixel_size)."""
-    atoms = structure.load_structure("1ubi")
+    atoms = imaging_atoms.load_structure("1ubi")
     pixel = auto_pixel_size(atoms, 64)
     return structure.coulomb_potential_map(atoms, 64, pixel), pixel
 
@@ -31,7 +33,7 @@ def ubi_map_64() -> tuple[np.ndarray, float]:
 @pytest.fixture(scope="session")
 def ubi_map_32() -> tuple[np.ndarray, float]:
     """1UBI map, 32³ at the automatic pixel size: (volume, pixel_size)."""
-    atoms = structure.load_structure("1ubi")
+    atoms = imaging_atoms.load_structure("1ubi")
     pixel = auto_pixel_size(atoms, 32)
     return structure.coulomb_potential_map(atoms, 32, pixel), pixel
 
@@ -84,8 +86,8 @@ def _write_tiny_series(folder: Path, second_body: str = "print(epochs)") -> Path
     _write_notebook(
         folder / "01_first.ipynb",
         'run_dir = "x"\nn_projections = 3\nseed = 0',
-        "from cryosphere import runs\n"
-        "runs.record_results(run_dir, '01_first', {'n': n_projections * 2, 'seed': seed})",
+        "from cryosphere.runs import execution\n"
+        "execution.record_results(run_dir, '01_first', {'n': n_projections * 2, 'seed': seed})",
     )
     _write_notebook(folder / "02_second.ipynb", 'run_dir = "x"\nepochs = 1', second_body)
     return folder
@@ -105,8 +107,8 @@ def write_tiny_series():
 
 @pytest.fixture(scope="session")
 def tiny_run() -> dict:
-    """Keyword arguments of a tiny ``series.load_or_train_run``: 12 images of 1UBI at 32 px,
-    level-1 grid, lmax 2, 2 epochs."""
+    """Flat :class:`~cryosphere.runs.run_config.RunConfig` names of a tiny run: 12 images of
+    1UBI at 32 px, level-1 grid, lmax 2, 2 epochs (see :func:`train_tiny_run`)."""
     return dict(
         structure="1ubi",
         n_projections=12,
@@ -118,3 +120,12 @@ def tiny_run() -> dict:
         lmax=2,
         epochs=2,
     )
+
+
+def train_tiny_run(folder, progress: bool = False, **flat):
+    """``Run(RunConfig.from_flat(flat), folder).trained()``: simulate, label and train (or
+    reload) the poster's setting in ``folder``."""
+    from cryosphere.runs.pipeline import Run
+    from cryosphere.runs.run_config import RunConfig
+
+    return Run(RunConfig.from_flat(flat), folder, progress=progress).trained()

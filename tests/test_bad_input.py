@@ -21,13 +21,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from conftest import train_tiny_run
 
-from cryosphere import io, runs
+from cryosphere import io
+from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
-from cryosphere.imaging.simulate import SimulationParameters, load_or_simulate
-from cryosphere.poses import labels, train
-from cryosphere.poses.model import ModelConfig
-from cryosphere.runs import checks, cli, series
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import load_or_simulate
+from cryosphere.poses.labels import dataset_labels, soft_maps, templates
+from cryosphere.poses.network import checkpoints
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.training import settings
+from cryosphere.runs import checks, cli, execution
 
 ONE_ATOM = "ATOM      1  CA  ALA A   1      11.104   6.134  -6.504  1.00  0.00           C\n"
 
@@ -42,7 +47,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def _refused_before_any_work(tmp_path, match, error=ValueError, **plan):
     root = tmp_path / "runs"
     with pytest.raises(error, match=match):
-        runs.plan_run(runs_root=root, **plan)
+        execution.plan_run(runs_root=root, **plan)
     assert not root.exists()
 
 
@@ -97,7 +102,7 @@ def test_pdb_with_only_ligands(tmp_path):
 
 
 def test_truncated_mmcif(tmp_path):
-    text = gzip.decompress(structure.embedded_structure_path("5pti").read_bytes()).decode()
+    text = gzip.decompress(imaging_atoms.embedded_structure_path("5pti").read_bytes()).decode()
     path = _pdb(tmp_path, "5pti_cut.cif", text[: len(text) // 2])  # cut inside the atom loop
     _refused_before_any_work(tmp_path, "cannot parse .* truncated or damaged", structure=path)
 
@@ -123,7 +128,7 @@ def test_very_large_assembly_is_refused_above_the_atom_limit(tmp_path, monkeypat
     # the limit stays above a ribosome (~150,000 heavy atoms); checked here on 1UBI (602
     # atoms) with the limit lowered, which exercises the same code path in milliseconds
     assert structure.MAX_ATOMS >= 150_000
-    path = _pdb(tmp_path, "ubi.pdb", structure.embedded_structure_path("1ubi").read_text())
+    path = _pdb(tmp_path, "ubi.pdb", imaging_atoms.embedded_structure_path("1ubi").read_text())
     monkeypatch.setattr(structure, "MAX_ATOMS", 500)
     _refused_before_any_work(tmp_path, "602 atoms, more than CryoSphere images", structure=path)
 
@@ -197,14 +202,14 @@ def test_simulation_parameters_refuse_bad_values(fields, error, match):
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: train.TrainingConfig(epochs=-1), "epochs must be >= 0"),
-        (lambda: train.TrainingConfig(learning_rate=0.0), "learning_rate must be > 0"),
-        (lambda: train.TrainingConfig(learning_rate=math.nan), "learning_rate must be > 0"),
+        (lambda: settings.TrainingConfig(epochs=-1), "epochs must be >= 0"),
+        (lambda: settings.TrainingConfig(learning_rate=0.0), "learning_rate must be > 0"),
+        (lambda: settings.TrainingConfig(learning_rate=math.nan), "learning_rate must be > 0"),
         (lambda: ModelConfig(lmax=0), "lmax must be in"),
-        (lambda: labels.top_fraction_mask(np.zeros((1, 72)), 0.0), "q"),
-        (lambda: labels.top_fraction_mask(np.zeros((1, 72)), 1.01), "q"),
-        (lambda: labels.soft_labels(np.zeros((1, 72)), 0.0), "λ"),
-        (lambda: labels.soft_labels(np.zeros((1, 72)), -1.0), "λ"),
+        (lambda: soft_maps.top_fraction_mask(np.zeros((1, 72)), 0.0), "q"),
+        (lambda: soft_maps.top_fraction_mask(np.zeros((1, 72)), 1.01), "q"),
+        (lambda: soft_maps.soft_labels(np.zeros((1, 72)), 0.0), "λ"),
+        (lambda: soft_maps.soft_labels(np.zeros((1, 72)), -1.0), "λ"),
     ],
 )
 def test_config_objects_refuse_bad_values(make, match):
@@ -245,23 +250,23 @@ def test_read_only_runs_folder(tmp_path, monkeypatch, capsys, write_tiny_series)
 
 
 def test_two_runs_into_one_folder_at_once_are_refused(tmp_path, write_tiny_series):
-    plan = runs.plan_run(
+    plan = execution.plan_run(
         "quick", runs_root=tmp_path / "runs", notebooks_dir=write_tiny_series(tmp_path)
     )
-    runs.execute_run(plan, progress=False, log=lambda _: None)
+    execution.execute_run(plan, progress=False, log=lambda _: None)
     before = _tree(plan.run_dir)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock = plan.run_dir / checks.LOCK_FILE
         lock.write_text(f"{checks.socket.gethostname()} {holder.pid}\n")
         with pytest.raises(checks.RunLockedError, match=f"in use by another run .*{holder.pid}"):
-            runs.execute_run(plan, overwrite=True, progress=False, log=lambda _: None)
+            execution.execute_run(plan, overwrite=True, progress=False, log=lambda _: None)
         assert _tree(plan.run_dir) == {**before, checks.LOCK_FILE: lock.read_bytes()}
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone: its lock is stale and the next run takes it over, then removes it
-    runs.execute_run(plan, progress=False, log=lambda _: None)
+    execution.execute_run(plan, progress=False, log=lambda _: None)
     assert not (plan.run_dir / checks.LOCK_FILE).exists()
 
 
@@ -345,11 +350,11 @@ def test_star_non_numeric_angles(tmp_path):
 
 
 def test_truncated_labels_npz_is_recomputed(tmp_path, small_dataset):
-    made = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    made = dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     npz = tmp_path / "labels" / "labels.npz"
     npz.write_bytes(npz.read_bytes()[:2000])
     with pytest.warns(RuntimeWarning, match="labels.npz is damaged .*recomputing"):
-        again = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+        again = dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     # the same computation on the same inputs and threads repeats exactly
     np.testing.assert_array_equal(again.mse, made.mse)
     with np.load(npz) as data:  # rewritten whole
@@ -357,61 +362,61 @@ def test_truncated_labels_npz_is_recomputed(tmp_path, small_dataset):
 
 
 def test_labels_npz_of_the_wrong_shape_is_recomputed(tmp_path, small_dataset):
-    labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     npz = tmp_path / "labels" / "labels.npz"
     io.write_npz(npz, mse=np.zeros((3, 3), np.float32), mask=np.zeros((3, 3), bool), lam=1.0)
     with pytest.warns(RuntimeWarning, match="does not hold the recorded arrays"):
-        again = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+        again = dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     assert again.mse.shape == (len(small_dataset), 576)
 
 
 def test_truncated_template_cache_is_recomputed(tmp_path, ubi_map_32):
     volume, pixel = ubi_map_32
-    first = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
+    first = templates.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
     cache = tmp_path / "templates_L1.npy"
     cache.write_bytes(cache.read_bytes()[:5000])
     with pytest.warns(RuntimeWarning, match="templates_L1.npy is damaged"):
-        again = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
+        again = templates.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
     np.testing.assert_array_equal(again, first)
 
 
 def test_garbage_labels_record_is_recomputed(tmp_path, small_dataset):
-    labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     (tmp_path / "labels" / "labels.json").write_text('{"parameters": {"lev')
     with pytest.warns(RuntimeWarning, match="labels.json is not valid JSON"):
-        labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+        dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     assert json.loads((tmp_path / "labels" / "labels.json").read_text())["parameters"]
 
 
 def test_truncated_checkpoint_stops_clearly_and_is_kept(tmp_path, tiny_run):
-    series.load_or_train_run(tmp_path, progress=False, **tiny_run)
-    checkpoint = train.checkpoint_path(tmp_path)
+    train_tiny_run(tmp_path, progress=False, **tiny_run)
+    checkpoint = checkpoints.checkpoint_path(tmp_path)
     checkpoint.write_bytes(checkpoint.read_bytes()[:3000])
     damaged = checkpoint.read_bytes()
     with pytest.raises(ValueError, match="checkpoint.pt is not a readable CryoSphere checkpoint"):
-        series.load_or_train_run(tmp_path, progress=False, **tiny_run)
+        train_tiny_run(tmp_path, progress=False, **tiny_run)
     assert checkpoint.read_bytes() == damaged  # kept for the user to inspect or delete
 
 
 def test_damaged_steps_record_stops_the_run_clearly(tmp_path, write_tiny_series):
-    plan = runs.plan_run(
+    plan = execution.plan_run(
         "quick", runs_root=tmp_path / "runs", notebooks_dir=write_tiny_series(tmp_path)
     )
-    runs.execute_run(plan, progress=False, log=lambda _: None)
+    execution.execute_run(plan, progress=False, log=lambda _: None)
     (plan.run_dir / "steps.json").write_text('{"01_first": {"param')
     with pytest.raises(ValueError, match="steps.json is not valid JSON .*--overwrite"):
-        runs.execute_run(plan, progress=False, log=lambda _: None)
+        execution.execute_run(plan, progress=False, log=lambda _: None)
     assert not (plan.run_dir / checks.LOCK_FILE).exists()  # the lock went with the error
 
 
 def test_damaged_step_results_rerun_that_step(tmp_path, write_tiny_series):
-    plan = runs.plan_run(
+    plan = execution.plan_run(
         "quick", runs_root=tmp_path / "runs", notebooks_dir=write_tiny_series(tmp_path)
     )
-    first = runs.execute_run(plan, progress=False, log=lambda _: None)
+    first = execution.execute_run(plan, progress=False, log=lambda _: None)
     (plan.run_dir / "results" / "01_first.json").write_text('{"n": 4')
     messages = []
-    again = runs.execute_run(plan, progress=False, log=messages.append)
+    again = execution.execute_run(plan, progress=False, log=messages.append)
     assert any("01_first.json is damaged: step 01_first runs again" in m for m in messages)
     assert sum("skipped" in m for m in messages) == 1  # only 02_second
     assert again["results"] == first["results"]

@@ -10,13 +10,8 @@ import torch
 
 from cryosphere import io
 from cryosphere.imaging import ctf
-from cryosphere.imaging.simulate import (
-    REALISM_FILE,
-    SimulationParameters,
-    load_dataset,
-    save_dataset,
-    simulate_dataset,
-)
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import REALISM_FILE, load_dataset, save_dataset, simulate_dataset
 
 
 def _one(u=20000.0, v=10000.0, angle=30.0, b=0.0) -> ctf.CTFParameters:
@@ -124,11 +119,11 @@ def test_own_ctf_formula_matches_torch_ctf_and_float64(size, pixel):
 
 
 def test_phase_flip_and_wiener_restore_contrast(ubi_map_32):
-    from cryosphere.geometry import so3
+    from cryosphere.geometry import rotations as geometry_rotations
     from cryosphere.imaging.projection import project_volume
 
     volume, pixel = ubi_map_32
-    clean = project_volume(volume, so3.random_rotations(4, seed=0))
+    clean = project_volume(volume, geometry_rotations.random_rotations(4, seed=0))
     params = ctf.random_ctf_parameters(4, np.random.default_rng(0))
     transfer = ctf.ctf_2d(params, 32, pixel)
     modulated = ctf.apply_ctf(clean, transfer)
@@ -162,11 +157,11 @@ def test_shift_moves_content_and_integer_shifts_are_exact():
 def test_relion_origin_convention_recentres_a_shifted_particle(ubi_map_32):
     """A particle moved by s px is written with origin -s * pixel; shifting the image by
     +origin / pixel (RELION's centring) gives back the centred projection."""
-    from cryosphere.geometry import so3
+    from cryosphere.geometry import rotations as geometry_rotations
     from cryosphere.imaging.projection import project_volume
 
     volume, pixel = ubi_map_32
-    centred = project_volume(volume, so3.random_rotations(3, seed=2))
+    centred = project_volume(volume, geometry_rotations.random_rotations(3, seed=2))
     shifts = np.array([[2.3, -1.7], [-3.0, 0.5], [0.0, 2.75]])
     particles = ctf.shift_images(centred, shifts)
     origins = ctf.origin_angstrom_from_shift_px(shifts, pixel)
@@ -253,23 +248,23 @@ def test_simulation_with_ctf_and_shifts_writes_relion_star(tmp_path):
 def test_backprojection_corrects_the_ctf(ubi_map_32):
     """CTF-modulated projections: the Wiener ratio with each image's CTF recovers the map far
     better than ignoring the CTF (FSC against the map)."""
-    from cryosphere.geometry import so3
+    from cryosphere.geometry import rotations as geometry_rotations
     from cryosphere.imaging.projection import project_volume
-    from cryosphere.reconstruction import reconstruct
+    from cryosphere.reconstruction import backprojection, fsc
 
     volume, pixel = ubi_map_32
-    rotations = so3.random_rotations(400, seed=3)
+    rotations = geometry_rotations.random_rotations(400, seed=3)
     params = ctf.random_ctf_parameters(400, np.random.default_rng(3))
     images = ctf.apply_ctf(project_volume(volume, rotations), ctf.ctf_2d(params, 32, pixel))
     kwargs = dict(regularisation=0.05, batch_size=512)
-    corrected = reconstruct.backproject(
+    corrected = backprojection.backproject(
         images, rotations, ctf=params, pixel_size_angstrom=pixel, **kwargs
     )
-    ignored = reconstruct.backproject(images, rotations, **kwargs)
-    good = reconstruct.fourier_shell_correlation(corrected, volume, pixel)
-    bad = reconstruct.fourier_shell_correlation(ignored, volume, pixel)
+    ignored = backprojection.backproject(images, rotations, **kwargs)
+    good = fsc.fourier_shell_correlation(corrected, volume, pixel)
+    bad = fsc.fourier_shell_correlation(ignored, volume, pixel)
     print("FSC-0.5 (Å) with / without CTF correction:", good.resolution(0.5), bad.resolution(0.5))
     assert good.resolution(0.5) < 0.8 * bad.resolution(0.5)
     assert float(np.mean(good.fsc[1:12])) > 0.9
     with pytest.raises(ValueError, match="pixel_size_angstrom"):
-        reconstruct.backproject(images, rotations, ctf=params)
+        backprojection.backproject(images, rotations, ctf=params)

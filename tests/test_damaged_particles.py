@@ -14,12 +14,15 @@ import starfile
 import torch
 
 from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
+from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.particles import read_particle_set
-from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
-from cryosphere.poses import inference, train
-from cryosphere.poses.model import ModelConfig
-from cryosphere.poses.stream import Batch, FixedSetStream
-from cryosphere.poses.stream_training import (
+from cryosphere.imaging.simulate import save_dataset, simulate_dataset
+from cryosphere.poses.network import checkpoints
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.prediction import inference
+from cryosphere.poses.training import fixed_set, settings
+from cryosphere.poses.training.stream import Batch, FixedSetStream
+from cryosphere.poses.training.streamed import (
     NonFiniteLossError,
     StreamTrainingConfig,
     train_on_stream,
@@ -44,8 +47,8 @@ def dataset(tmp_path_factory):
     mask = np.zeros((8, healpix_so3_grid_size(1)), np.float32)
     mask[:, 0] = 1
     images = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
-    config = train.TrainingConfig(epochs=1, batch_size=8)
-    result = train.train_model(
+    config = settings.TrainingConfig(epochs=1, batch_size=8)
+    result = fixed_set.train_model(
         images, mask, data.rotations, None, TINY, config, run_dir=folder / "run", progress=False
     )
     return folder, result.checkpoint
@@ -99,7 +102,7 @@ def test_nan_pixels_refused_by_train_and_skipped_with_skip_bad(dataset, tmp_path
     assert not run.exists()
     with pytest.warns(UserWarning, match="left out 2 particles"):
         assert cli.main([*argv, "--skip-bad"]) == 0
-    record = train.load_checkpoint(run / "model" / "checkpoint.pt")
+    record = checkpoints.load_checkpoint(run / "model" / "checkpoint.pt")
     assert record["stream_identity"]["stream"]["n_images"] == 5  # 6 kept, 1 held out
     assert all(torch.isfinite(v).all() for v in record["model_state"].values())
 
@@ -135,7 +138,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     message = str(error.value)
     assert "training stopped at step 3" in message and "nan" in message
     assert "last good checkpoint" in message and "(step 2)" in message
-    record = train.load_checkpoint(train.checkpoint_path(tmp_path))
+    record = checkpoints.load_checkpoint(checkpoints.checkpoint_path(tmp_path))
     assert record["step"] == 2
     assert all(torch.isfinite(v).all() for v in record["model_state"].values())
 
@@ -185,7 +188,7 @@ def test_train_minutes_stops_on_the_clock(dataset, tmp_path, capsys):
     argv = ["train", "--star", str(data / "particles.star"), "--map", str(data / "volume.mrc")]
     argv += ["--run-dir", str(tmp_path / "run"), "--steps", "100000", "--batch-size", "4"]
     assert cli.main([*argv, *TRAIN, "--minutes", "0.0001"]) == 0
-    record = train.load_checkpoint(tmp_path / "run" / "model" / "checkpoint.pt")
+    record = checkpoints.load_checkpoint(tmp_path / "run" / "model" / "checkpoint.pt")
     assert 1 <= record["step"] < 100 and record["training_config"]["time_budget_s"] == 0.006
     assert cli.main([*argv, *TRAIN, "--minutes", "0"]) == 2
     assert "--minutes must be positive" in capsys.readouterr().err

@@ -31,22 +31,19 @@ import pytest
 import starfile
 import torch
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import rotations as geometry_rotations
+from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.projection import gaussian_blur, project_volume
-from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
+from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 from cryosphere.poses import distributed as dd
-from cryosphere.poses import distributed_training as dt
-from cryosphere.poses import (
-    inference,
-    labels,
-    map_search,
-    sharded_inference,
-    sharded_labels,
-    train,
-)
-from cryosphere.poses.model import ModelConfig, build_model
-from cryosphere.poses.stream import FixedSetStream, SimulatedStream, StreamConfig
-from cryosphere.poses.stream_training import StreamTrainingConfig, train_on_stream
+from cryosphere.poses.labels import dataset_labels, sharded, templates
+from cryosphere.poses.network import checkpoints
+from cryosphere.poses.network.model import ModelConfig, build_model
+from cryosphere.poses.prediction import inference
+from cryosphere.poses.search import map_search
+from cryosphere.poses.training import distributed as dt
+from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
+from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 from cryosphere.runs import cli
 
 MODEL = ModelConfig(
@@ -96,13 +93,13 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
     dt.train_distributed(
         stream, MODEL, CONFIG, validation, run_dir=folder / "b", stop_after=2, **kw
     )
-    ckpt = train.checkpoint_path(folder / "a")
+    ckpt = checkpoints.checkpoint_path(folder / "a")
     data = folder / "data"
     predict = dict(batch_size=4, top_k=3, progress=False, context=context)
-    sharded_inference.predict_star_distributed(
+    sharded.predict_star_distributed(
         data / "particles.star", ckpt, data / "two.star", num_workers=1, **predict
     )
-    sharded_inference.predict_star_distributed(
+    sharded.predict_star_distributed(
         data / "particles.star", ckpt, data / "two_map.star", refine=_map_search(data), **predict
     )
     _labels(context, volume, folder)
@@ -112,23 +109,23 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
             folder,
             name,
             context.rank,
-            lambda path=path, name=name: sharded_inference.predict_star_distributed(
+            lambda path=path, name=name: sharded.predict_star_distributed(
                 path, ckpt, data / f"{name}_out.star", **predict
             ),
         )
 
 
 def _label_set(volume: np.ndarray) -> SimpleNamespace:
-    rotations = so3.random_rotations(10, 8)
+    rotations = geometry_rotations.random_rotations(10, 8)
     clean = gaussian_blur(project_volume(volume, rotations), 1.0).numpy()
     return SimpleNamespace(clean_images=clean, rotations=rotations, symmetry_ops=np.eye(3)[None])
 
 
 def _labels(context: dd.DistributedContext, volume: np.ndarray, folder: Path) -> None:
-    bank = sharded_labels.template_bank_on_disk(
+    bank = sharded.template_bank_on_disk(
         volume, 1, 1.0, folder / "bank.npy", chunk=128, context=context
     )
-    made = sharded_labels.compute_labels_sharded(_label_set(volume), bank, 1, context=context)
+    made = sharded.compute_labels_sharded(_label_set(volume), bank, 1, context=context)
     if context.writes:
         np.savez(folder / "labels.npz", mse=made.mse, mask=made.mask, lam=made.lam)
 
@@ -142,9 +139,9 @@ def _killed_worker(context: dd.DistributedContext, folder: Path) -> None:
         folder,
         "killed",
         context.rank,
-        lambda: sharded_inference.predict_star_distributed(
+        lambda: sharded.predict_star_distributed(
             data / "particles.star",
-            train.checkpoint_path(folder / "a"),
+            checkpoints.checkpoint_path(folder / "a"),
             data / "killed.star",
             batch_size=4,
             progress=False,
@@ -215,7 +212,7 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch(two_ranks, ubi_map_32):
         "checkpoint.pt",
         "training_log.csv",
     ]
-    record = train.load_checkpoint(train.checkpoint_path(two_ranks / "a"))
+    record = checkpoints.load_checkpoint(checkpoints.checkpoint_path(two_ranks / "a"))
     assert record["step"] == 4 and record["images_seen"] == 32
     assert record["stream_identity"]["slots"] == 2
     assert [row["step"] for row in record["history"]] == [2, 4]
@@ -230,7 +227,7 @@ def test_a_two_rank_run_resumed_on_one_rank_ends_at_the_same_weights(two_ranks, 
     stream, validation = _setup(ubi_map_32[0])
     run = two_ranks / "b_resumed"
     shutil.copytree(two_ranks / "b", run)
-    assert train.load_checkpoint(train.checkpoint_path(run))["step"] == 2
+    assert checkpoints.load_checkpoint(checkpoints.checkpoint_path(run))["step"] == 2
     resumed = dt.train_distributed(
         stream, MODEL, CONFIG, validation, slots=2, run_dir=run, progress=False
     )
@@ -256,7 +253,7 @@ def test_one_slot_on_one_process_is_train_on_stream(ubi_map_32):
 
 def test_sharded_prediction_writes_the_star_of_one_rank(two_ranks):
     data = two_ranks / "data"
-    ckpt = train.checkpoint_path(two_ranks / "a")
+    ckpt = checkpoints.checkpoint_path(two_ranks / "a")
     inference.predict_star(
         data / "particles.star", ckpt, data / "one_rank.star", batch_size=4, top_k=3,
         progress=False,
@@ -309,10 +306,12 @@ def test_template_bank_on_disk_and_sharded_labels_equal_one_process(two_ranks, u
     volume = ubi_map_32[0]
     assert not list(two_ranks.glob(".bank*"))  # the partial file was renamed
     bank = np.load(two_ranks / "bank.npy", mmap_mode="r")
-    reference = labels.template_bank(volume, 1, 1.0)
+    reference = templates.template_bank(volume, 1, 1.0)
     scale = float(np.abs(reference).max())
     np.testing.assert_allclose(bank, reference, rtol=0, atol=1e-5 * scale)
-    made = labels.compute_labels(_label_set(volume), level=1, templates=reference, progress=False)
+    made = dataset_labels.compute_labels(
+        _label_set(volume), level=1, templates=reference, progress=False
+    )
     got = np.load(two_ranks / "labels.npz")
     # float32 bound of mse_landscape: 2·eps·‖a−c‖·‖b−c‖ per pixel, ≤ 1e-5 of the largest MSE
     np.testing.assert_allclose(got["mse"], made.mse, rtol=0, atol=1e-5 * float(made.mse.max()))
@@ -331,9 +330,16 @@ def test_the_train_and_predict_commands(two_ranks, capsys):
     train_args += ["--level", "1", "--batch-size", "4", "--slots", "2", "--no-progress"]
     assert cli.main(train_args) == 0  # in this process: one rank
     assert "trained 2 steps (16 images, streamed)" in capsys.readouterr().out
-    assert train.load_checkpoint(train.checkpoint_path(run))["stream_identity"]["slots"] == 2
+    assert (
+        checkpoints.load_checkpoint(checkpoints.checkpoint_path(run))["stream_identity"]["slots"]
+        == 2
+    )
     predict_args = ["predict", str(data / "particles.star"), "--checkpoint"]
-    predict_args += [str(train.checkpoint_path(two_ranks / "a")), "-o", str(data / "cli.star")]
+    predict_args += [
+        str(checkpoints.checkpoint_path(two_ranks / "a")),
+        "-o",
+        str(data / "cli.star"),
+    ]
     predict_args += ["--batch-size", "4", "--top-k", "3", "--workers", "1", "--no-progress"]
     done = subprocess.run(
         common + predict_args, env=env, capture_output=True, text=True, timeout=120

@@ -8,7 +8,8 @@ import healpy
 import numpy as np
 import pytest
 
-from cryosphere.geometry import distributions, so3
+from cryosphere.geometry import distributions, grids, point_groups
+from cryosphere.geometry import rotations as geometry_rotations
 
 
 def test_normalize_rows():
@@ -29,7 +30,7 @@ def test_pixel_directions_match_grid(level):
     np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0)
     nside = 2**level
     np.testing.assert_allclose(dirs[5], healpy.pix2vec(nside, 5, nest=True))
-    grid_dirs = so3.viewing_directions(so3.healpix_so3_grid(level))
+    grid_dirs = geometry_rotations.viewing_directions(grids.healpix_so3_grid(level))
     n_psi = 6 * nside
     np.testing.assert_allclose(grid_dirs[::n_psi], dirs, atol=1e-12)
     np.testing.assert_allclose(grid_dirs[n_psi - 1 :: n_psi], dirs, atol=1e-12)
@@ -37,7 +38,7 @@ def test_pixel_directions_match_grid(level):
 
 def test_viewing_direction_marginal():
     level = 1
-    G, P = so3.healpix_so3_grid_size(level), 48
+    G, P = grids.healpix_so3_grid_size(level), 48
     rng = np.random.default_rng(0)
     probs = rng.random((3, G))
     marginal = distributions.viewing_direction_marginal(probs, level)
@@ -57,12 +58,12 @@ def test_viewing_direction_marginal():
 
 def test_mass_within_deg_and_symmetry():
     level = 2
-    grid = so3.healpix_so3_grid(level)
+    grid = grids.healpix_so3_grid(level)
     truth = grid[[100, 2000]]
     probs = np.zeros((2, len(grid)))
     probs[0, 100] = 1.0
     probs[1, 3000] = 1.0
-    far = so3.geodesic_distance_deg(grid[3000], grid[2000])
+    far = geometry_rotations.geodesic_distance_deg(grid[3000], grid[2000])
     assert far > 30
     share = distributions.mass_within_deg(probs, grid, truth, radius_deg=15)
     np.testing.assert_allclose(share, [1.0, 0.0])
@@ -73,7 +74,7 @@ def test_mass_within_deg_and_symmetry():
     np.testing.assert_allclose(share, [1.0, 1.0])
     # uniform mass: share equals the fraction of cells within the ball
     within = distributions.cells_within_deg(grid, truth, radius_deg=20)
-    distance = so3.geodesic_distance_deg(grid[None], truth[:, None])
+    distance = geometry_rotations.geodesic_distance_deg(grid[None], truth[:, None])
     # quaternion and matrix formulas agree to ~1e-12 deg; a cell that close to the radius
     # may fall on either side, every other cell must agree
     clear = np.abs(distance - 20) > 1e-9
@@ -83,13 +84,13 @@ def test_mass_within_deg_and_symmetry():
 
 
 def test_nearest_cell_recall():
-    grid = so3.healpix_so3_grid(1)
-    rotations = so3.random_rotations(10, seed=1)
-    nearest = so3.nearest_grid_indices(rotations, grid)
+    grid = grids.healpix_so3_grid(1)
+    rotations = geometry_rotations.random_rotations(10, seed=1)
+    nearest = grids.nearest_grid_indices(rotations, grid)
     mask = np.zeros((10, len(grid)), dtype=bool)
     mask[np.arange(10), nearest] = True
     mask[:3] = False
     assert distributions.nearest_cell_recall(mask, grid, rotations) == pytest.approx([0.7])
-    ops = so3.point_group("C2")
+    ops = point_groups.point_group("C2")
     recall = distributions.nearest_cell_recall(mask, grid, rotations, ops)
     assert recall.shape == (2,) and recall[0] == pytest.approx(0.7)

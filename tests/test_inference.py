@@ -10,10 +10,13 @@ import pytest
 import starfile
 import torch
 
-from cryosphere.geometry import so3
-from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
-from cryosphere.poses import inference, train
-from cryosphere.poses.model import ModelConfig
+from cryosphere.geometry import grids, rotations
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import save_dataset, simulate_dataset
+from cryosphere.poses.network import checkpoints
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.prediction import inference, predictions
+from cryosphere.poses.training import fixed_set, settings
 from cryosphere.runs import cli
 
 TINY = ModelConfig(
@@ -35,17 +38,17 @@ def particle_run(tmp_path_factory):
     from cryosphere.imaging import preprocess
 
     small, _ = preprocess.prepare_images(data.noisy_images, data.pixel_size, target_size=16)
-    G = so3.healpix_so3_grid_size(1)
-    d = so3.geodesic_distance_deg(data.rotations[:, None], so3.healpix_so3_grid(1)[None])
+    G = grids.healpix_so3_grid_size(1)
+    d = rotations.geodesic_distance_deg(data.rotations[:, None], grids.healpix_so3_grid(1)[None])
     mask = (d <= np.quantile(d, 0.05, axis=1, keepdims=True)).astype(np.float32)
     assert mask.shape == (12, G)
-    result = train.train_model(
+    result = fixed_set.train_model(
         small.numpy(),
         mask,
         data.rotations,
         None,
         TINY,
-        train.TrainingConfig(epochs=1, batch_size=4),
+        settings.TrainingConfig(epochs=1, batch_size=4),
         run_dir=folder / "run",
         progress=False,
     )
@@ -75,14 +78,14 @@ def test_predict_star_writes_every_column_and_the_poses(particle_run):
     from cryosphere.imaging import ctf as ctf_module
     from cryosphere.imaging import preprocess
 
-    model = train.load_model(checkpoint)
+    model = checkpoints.load_model(checkpoint)
     centred = ctf_module.shift_images(data.noisy_images, -data.shifts_px)
     prepared, _ = preprocess.prepare_images(centred, data.pixel_size, target_size=16, ctf=data.ctf)
-    expected = train.predict(model, prepared.numpy())
-    got = so3.matrices_from_relion_euler(
+    expected = predictions.predict(model, prepared.numpy())
+    got = rotations.matrices_from_relion_euler(
         after["particles"][["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     )
-    assert so3.geodesic_distance_deg(got, expected.best_rotation).max() < 1e-3
+    assert rotations.geodesic_distance_deg(got, expected.best_rotation).max() < 1e-3
     np.testing.assert_allclose(
         after["particles"]["rlnMaxValueProbDistribution"], expected.best_probability, atol=1e-5
     )
@@ -95,12 +98,12 @@ def test_predict_star_writes_every_column_and_the_poses(particle_run):
 
 
 def test_angular_spread_is_zero_for_a_sharp_distribution_and_grows_when_spread():
-    grid = so3.healpix_so3_grid(1)
+    grid = grids.healpix_so3_grid(1)
     top = np.array([[0, 1, 2], [0, 1, 2]])
     sharp = np.array([[1.0, 0.0, 0.0], [0.4, 0.3, 0.3]])
     spread = inference.angular_spread_deg(grid, top, sharp)
     assert spread[0] == 0.0
-    d = so3.geodesic_distance_deg(grid[[0, 0]], grid[[1, 2]])
+    d = rotations.geodesic_distance_deg(grid[[0, 0]], grid[[1, 2]])
     assert spread[1] == pytest.approx(np.sqrt(0.3 * d[0] ** 2 + 0.3 * d[1] ** 2), rel=1e-6)
 
 
@@ -196,7 +199,7 @@ def test_bf16_prediction_keeps_the_float32_distribution_within_bfloat16_rounding
     assert b["top_probability"].dtype == np.float32 and np.all(np.isfinite(b["top_probability"]))
     from cryosphere.imaging import preprocess
 
-    model = train.load_model(checkpoint)
+    model = checkpoints.load_model(checkpoint)
     images, _ = preprocess.prepare_images(
         data.noisy_images, data.pixel_size, target_size=16, ctf=data.ctf
     )
@@ -219,7 +222,7 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     template matching with CTF and shifts: at SNR 1 it finds each particle's pose within a
     level-2 cell and the origin that centres it; the network's cells and probabilities stay
     in the side file; a finer search level than 3 or a map of another box is refused."""
-    from cryosphere.poses import map_search
+    from cryosphere.poses.search import map_search
 
     data, folder, checkpoint = particle_run
     star_in = folder / "data" / "particles.star"
@@ -229,25 +232,25 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
         folder / "data" / "volume.mrc", level=2, max_shift_px=2, blur_sigma_px=0.5,
         resolution_angstrom=2 * model_pixel,  # Nyquist: every frequency, as exhaustive matching
     )  # fmt: skip
-    G = so3.healpix_so3_grid_size(1)
+    G = grids.healpix_so3_grid_size(1)
     inference.predict_star(
         star_in, checkpoint, out, top_k=G, batch_size=5, progress=False, refine=refine
     )
     after = starfile.read(out, always_dict=True)["particles"]
     before = starfile.read(star_in, always_dict=True)["particles"]
-    got = so3.matrices_from_relion_euler(
+    got = rotations.matrices_from_relion_euler(
         after[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     )
-    errors = train.pose_errors_deg(got, data.rotations, data.symmetry_ops)
-    assert np.median(errors) < so3.grid_nearest_neighbour_spacing_deg(2), errors
+    errors = predictions.pose_errors_deg(got, data.rotations, data.symmetry_ops)
+    assert np.median(errors) < grids.grid_nearest_neighbour_spacing_deg(2), errors
     origins = after[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
     truth = before[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
     assert np.median(np.abs(origins - truth)) <= model_pixel  # within one search step
     side = np.load(inference.topk_path(out))
     assert int(side["refine_level"]) == 2 and side["shift_px"].shape == (12, 2)
     assert side["top_index"].shape == (12, G)
-    parent = so3.nearest_grid_indices(
-        so3.healpix_so3_grid(2)[side["refined_index"]], so3.healpix_so3_grid(1)
+    parent = grids.nearest_grid_indices(
+        grids.healpix_so3_grid(2)[side["refined_index"]], grids.healpix_so3_grid(1)
     )
     expected = side["top_probability"][side["top_index"] == parent[:, None]]
     # the STAR file holds 6 decimals
@@ -270,11 +273,11 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
         refine=dataclasses.replace(refine, keep=8),
     )  # fmt: skip
     picked = starfile.read(fine, always_dict=True)["particles"]
-    picked = so3.matrices_from_relion_euler(
+    picked = rotations.matrices_from_relion_euler(
         picked[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     )
-    fine_errors = train.pose_errors_deg(picked, data.rotations, data.symmetry_ops)
-    assert np.median(fine_errors) < so3.grid_nearest_neighbour_spacing_deg(2), fine_errors
+    fine_errors = predictions.pose_errors_deg(picked, data.rotations, data.symmetry_ops)
+    assert np.median(fine_errors) < grids.grid_nearest_neighbour_spacing_deg(2), fine_errors
     # a search prepared once serves many calls, with the same answer
     from cryosphere.imaging.particles import read_particle_set
 
@@ -313,10 +316,10 @@ def test_the_quarter_turn_average_is_exactly_equivariant_and_one_turn_is_plain(p
     in-plane index moved by a quarter of the ψ steps (float rounding apart); one turn is the
     plain log-softmax; for the poster's encoder, equivariant to quarter turns by construction,
     the average changes nothing; predict writes the averaged top cells."""
+    from cryosphere.geometry.grids import in_plane_permutation
     from cryosphere.imaging.projection import rotate_images_quarter_turns
-    from cryosphere.poses.model import build_model
-    from cryosphere.poses.predictions import turn_averaged_log_probabilities
-    from cryosphere.poses.targets import in_plane_permutation
+    from cryosphere.poses.network.model import build_model
+    from cryosphere.poses.prediction.predictions import turn_averaged_log_probabilities
 
     data, folder, checkpoint = particle_run
     resnet = dataclasses.replace(TINY, encoder="resnet", encoder_channels=(4, 8))
@@ -339,7 +342,7 @@ def test_the_quarter_turn_average_is_exactly_equivariant_and_one_turn_is_plain(p
     torch.testing.assert_close(log_p(model, images, 1), plain, atol=1e-5, rtol=0)
     assert torch.allclose(torch.logsumexp(averaged, 1), torch.zeros(5), atol=1e-5)
     assert not torch.allclose(averaged, plain, atol=1e-3)  # the turns did change it
-    poster = train.load_model(checkpoint)
+    poster = checkpoints.load_model(checkpoint)
     torch.testing.assert_close(
         log_p(poster, images, 4), log_p(poster, images, 1), atol=1e-4, rtol=0
     )

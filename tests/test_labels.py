@@ -7,20 +7,22 @@ import math
 import numpy as np
 import pytest
 
-from cryosphere.geometry import distributions, so3
-from cryosphere.imaging.simulate import SimulationParameters, simulate_dataset
-from cryosphere.poses import labels, landscape
-from cryosphere.poses import templates as templates_module
+from cryosphere.geometry import distributions, grids
+from cryosphere.imaging import projection
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import simulate_dataset
+from cryosphere.poses.labels import dataset_labels, explorer, landscape, soft_maps
+from cryosphere.poses.labels import templates as templates_module
 
 LEVEL = 2
 
 
 @pytest.fixture(scope="module")
 def ubi_labels(small_dataset):
-    templates = labels.template_bank(
+    templates = templates_module.template_bank(
         small_dataset.volume, LEVEL, small_dataset.parameters.blur_sigma
     )
-    return templates, labels.compute_labels(
+    return templates, dataset_labels.compute_labels(
         small_dataset, level=LEVEL, progress=False, templates=templates
     )
 
@@ -35,11 +37,11 @@ def hvr_dataset():
 
 def test_mask_has_ceil_q_g_ones_and_nearest_cell(small_dataset, ubi_labels):
     _, lab = ubi_labels
-    G = so3.healpix_so3_grid_size(LEVEL)
+    G = grids.healpix_so3_grid_size(LEVEL)
     assert lab.mask.shape == (len(small_dataset), G) and lab.mask.dtype == bool
     assert np.all(lab.mask.sum(axis=1) == math.ceil(0.05 * G))
     for q in (0.013, 0.5, 1.0):
-        assert np.all(labels.top_fraction_mask(lab.mse, q).sum(axis=1) == math.ceil(q * G))
+        assert np.all(soft_maps.top_fraction_mask(lab.mse, q).sum(axis=1) == math.ceil(q * G))
     recall = distributions.nearest_cell_recall(lab.mask, lab.grid, small_dataset.rotations)
     assert recall[0] >= 0.99
 
@@ -47,16 +49,16 @@ def test_mask_has_ceil_q_g_ones_and_nearest_cell(small_dataset, ubi_labels):
 def test_mask_ties_are_deterministic():
     mse = np.zeros((2, 72), dtype=np.float32)
     mse[1, 10:] = 1.0
-    mask = labels.top_fraction_mask(mse, 0.1)  # ceil(7.2) = 8 cells
+    mask = soft_maps.top_fraction_mask(mse, 0.1)  # ceil(7.2) = 8 cells
     assert mask.sum(axis=1).tolist() == [8, 8]
     assert np.flatnonzero(mask[0]).tolist() == list(range(8))
     assert np.flatnonzero(mask[1]).tolist() == list(range(8))
-    assert np.array_equal(mask, labels.top_fraction_mask(mse, 0.1))
+    assert np.array_equal(mask, soft_maps.top_fraction_mask(mse, 0.1))
 
 
 def test_symmetric_particle_mask_holds_c2_mate(hvr_dataset):
     assert hvr_dataset.point_group == "C2"
-    lab = labels.compute_labels(hvr_dataset, level=LEVEL, progress=False)
+    lab = dataset_labels.compute_labels(hvr_dataset, level=LEVEL, progress=False)
     recall = distributions.nearest_cell_recall(
         lab.mask, lab.grid, hvr_dataset.rotations, hvr_dataset.symmetry_ops
     )
@@ -106,17 +108,17 @@ def test_chunked_equals_unchunked(ubi_labels):
     images = templates[rng.choice(len(templates), 150, replace=False)]
     images = images + rng.normal(0, 0.05, images.shape).astype(np.float32)
     G, P = len(templates), templates[0].size
-    whole = labels.mse_landscape(images, templates)
+    whole = landscape.mse_landscape(images, templates)
     limit = 4 * (G + P) * 70
     rows, cells = landscape._block_sizes(len(images), G, P, limit)
     assert rows == 128 and cells == 192  # both axes are split
-    chunked = labels.mse_landscape(images, templates, memory_limit_bytes=limit)
+    chunked = landscape.mse_landscape(images, templates, memory_limit_bytes=limit)
     # Each element is one whole dot product in both, but BLAS (MKL included) may pick other
     # kernels or thread splits for other matrix heights: equal within the derived bound only.
     tolerance = _mse_tolerance(images, templates)
     assert np.all(np.abs(whole - chunked) <= tolerance + 1.2e-7 * np.abs(whole))
     assert tolerance.max() < 1e-2 * np.median(whole)  # tight enough to catch a misplaced block
-    best = labels.template_matching(images, templates, memory_limit_bytes=limit)
+    best = landscape.template_matching(images, templates, memory_limit_bytes=limit)
     _assert_is_a_minimiser(best, whole, tolerance)
 
 
@@ -132,13 +134,13 @@ def test_block_sizes_respect_memory_limit(limit):
 
 def test_template_matching_on_noisy_images(small_dataset, ubi_labels):
     templates, lab = ubi_labels
-    best = labels.template_matching(small_dataset.noisy_images, templates)
+    best = landscape.template_matching(small_dataset.noisy_images, templates)
     assert best.shape == (len(small_dataset),) and best.dtype == np.int64
-    noisy_mse = labels.mse_landscape(small_dataset.noisy_images, templates)
+    noisy_mse = landscape.mse_landscape(small_dataset.noisy_images, templates)
     # template_matching drops ‖a‖² and sums in other blocks: same argmin up to near-ties
     _assert_is_a_minimiser(best, noisy_mse, _mse_tolerance(small_dataset.noisy_images, templates))
     _assert_is_a_minimiser(
-        labels.template_matching(small_dataset.clean_images, templates),
+        landscape.template_matching(small_dataset.clean_images, templates),
         lab.mse,
         _mse_tolerance(small_dataset.clean_images, templates),
     )
@@ -148,9 +150,9 @@ def test_soft_labels(ubi_labels):
     _, lab = ubi_labels
     np.testing.assert_allclose(lab.soft.sum(axis=1), 1.0, rtol=1e-5)
     assert np.array_equal(lab.soft.argmax(axis=1), lab.mse.argmin(axis=1))
-    raw = labels.soft_labels(lab.mse[:3], 2.0, normalize=False)
+    raw = soft_maps.soft_labels(lab.mse[:3], 2.0, normalize=False)
     np.testing.assert_allclose(raw, np.exp(-2.0 * lab.mse[:3]) ** 2, rtol=1e-5)
-    sharper = labels.soft_labels(lab.mse, lab.lam * 10)
+    sharper = soft_maps.soft_labels(lab.mse, lab.lam * 10)
     assert np.all(sharper.max(axis=1) >= lab.soft.max(axis=1) - 1e-6)
 
 
@@ -161,12 +163,13 @@ def test_tune_lambda_criterion_and_determinism(small_dataset, ubi_labels):
         lab.soft, lab.grid, small_dataset.rotations, small_dataset.symmetry_ops, 15.0
     )
     assert abs(share.mean() - 0.5) < 1e-3
-    again = labels.tune_lambda(
+    again = soft_maps.tune_lambda(
         lab.mse, lab.grid, small_dataset.rotations, small_dataset.symmetry_ops
     )
     assert again == lab.lam
     assert (
-        labels.tune_lambda(lab.mse, lab.grid, small_dataset.rotations, target_share=0.8) > lab.lam
+        soft_maps.tune_lambda(lab.mse, lab.grid, small_dataset.rotations, target_share=0.8)
+        > lab.lam
     )
 
 
@@ -177,53 +180,61 @@ def test_lambda_grows_with_blur():
             SimulationParameters(n_projections=24, image_size=32, blur_sigma=blur, seed=2),
             progress=False,
         )
-        lams.append(labels.compute_labels(ds, level=LEVEL, progress=False).lam)
+        lams.append(dataset_labels.compute_labels(ds, level=LEVEL, progress=False).lam)
     assert lams[1] > 1.5 * lams[0]
 
 
 def test_template_cache_reused_and_rebuilt(tmp_path, monkeypatch, ubi_map_32):
     volume, pixel = ubi_map_32
     calls = []
-    real = templates_module.project_volume
+    real = projection.project_volume
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(templates_module, "project_volume", counting)
-    first = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
+    first = templates_module.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
     assert (tmp_path / "templates_L1.npy").is_file() and (tmp_path / "templates_L1.json").is_file()
-    again = labels.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
+    again = templates_module.template_bank(volume, 1, 1.0, pixel_size=pixel, cache_dir=tmp_path)
     assert len(calls) == 1 and np.array_equal(first, again)
-    blurrier = labels.template_bank(volume, 1, 2.0, pixel_size=pixel, cache_dir=tmp_path)
+    blurrier = templates_module.template_bank(volume, 1, 2.0, pixel_size=pixel, cache_dir=tmp_path)
     assert len(calls) == 2 and not np.allclose(first, blurrier)
-    labels.template_bank(volume * 1.01, 1, 2.0, pixel_size=pixel, cache_dir=tmp_path)
+    templates_module.template_bank(volume * 1.01, 1, 2.0, pixel_size=pixel, cache_dir=tmp_path)
     assert len(calls) == 3
-    labels.template_bank(volume * 1.01, 1, 2.0, pixel_size=pixel + 0.1, cache_dir=tmp_path)
+    templates_module.template_bank(
+        volume * 1.01, 1, 2.0, pixel_size=pixel + 0.1, cache_dir=tmp_path
+    )
     assert len(calls) == 4
     assert first.shape == (576, 32, 32) and first.dtype == np.float32
 
 
 def test_load_or_make_labels_caches(tmp_path, monkeypatch, small_dataset):
-    made = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    made = dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     assert (tmp_path / "labels" / "labels.npz").is_file()
     calls = []
-    real = labels.compute_labels
-    monkeypatch.setattr(labels, "compute_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
-    loaded = labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
+    real = dataset_labels.compute_labels
+    monkeypatch.setattr(
+        dataset_labels, "compute_labels", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    loaded = dataset_labels.load_or_make_labels(tmp_path, small_dataset, level=1, progress=False)
     assert calls == [] and loaded.lam == made.lam and loaded.level == 1
     assert np.array_equal(loaded.mse, made.mse) and np.array_equal(loaded.mask, made.mask)
     np.testing.assert_allclose(loaded.soft, made.soft)
-    other = labels.load_or_make_labels(tmp_path, small_dataset, level=1, q=0.1, progress=False)
+    other = dataset_labels.load_or_make_labels(
+        tmp_path, small_dataset, level=1, q=0.1, progress=False
+    )
     assert calls == [1] and other.q == 0.1
     assert np.all(other.mask.sum(axis=1) == math.ceil(0.1 * 576))
-    fixed = labels.load_or_make_labels(tmp_path, small_dataset, level=1, lam=3.0, progress=False)
+    fixed = dataset_labels.load_or_make_labels(
+        tmp_path, small_dataset, level=1, lam=3.0, progress=False
+    )
     assert calls == [1, 1] and fixed.lam == 3.0 and not fixed.lam_tuned
 
 
 def test_explorer_data(small_dataset, ubi_labels):
     _, lab = ubi_labels
-    data = labels.label_explorer_data(
+    data = explorer.label_explorer_data(
         lab.mse[0], LEVEL, small_dataset.rotations[0], small_dataset.symmetry_ops, lab.lam, lab.q
     )
     P = 12 * 4**LEVEL
@@ -237,34 +248,34 @@ def test_explorer_data(small_dataset, ubi_labels):
 @pytest.mark.parametrize("q", [0.0, -0.1, 1.5, float("nan")])
 def test_bad_q(q, ubi_labels):
     with pytest.raises(ValueError, match="q"):
-        labels.top_fraction_mask(ubi_labels[1].mse, q)
+        soft_maps.top_fraction_mask(ubi_labels[1].mse, q)
 
 
 @pytest.mark.parametrize("lam", [0.0, -1.0, float("inf")])
 def test_bad_lambda(lam, ubi_labels, small_dataset):
     with pytest.raises(ValueError, match="λ"):
-        labels.soft_labels(ubi_labels[1].mse, lam)
+        soft_maps.soft_labels(ubi_labels[1].mse, lam)
     with pytest.raises(ValueError, match="λ"):
-        labels.compute_labels(small_dataset, level=0, lam=lam, progress=False)
+        dataset_labels.compute_labels(small_dataset, level=0, lam=lam, progress=False)
 
 
 @pytest.mark.parametrize("level", [-1, 4, 2.0])
 def test_bad_level(level, small_dataset):
     with pytest.raises(ValueError, match="level"):
-        labels.compute_labels(small_dataset, level=level, progress=False)
+        dataset_labels.compute_labels(small_dataset, level=level, progress=False)
     with pytest.raises(ValueError, match="level"):
-        labels.template_bank(small_dataset.volume, level)
+        templates_module.template_bank(small_dataset.volume, level)
 
 
 def test_bad_images(ubi_labels, small_dataset):
     templates, _ = ubi_labels
     with pytest.raises(ValueError, match="px"):
-        labels.mse_landscape(np.zeros((3, 16, 16), np.float32), templates)
+        landscape.mse_landscape(np.zeros((3, 16, 16), np.float32), templates)
     images = small_dataset.clean_images[:4].copy()
     images[2, 5, 5] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        labels.mse_landscape(images, templates)
+        landscape.mse_landscape(images, templates)
     with pytest.raises(ValueError, match="NaN"):
-        labels.template_matching(images, templates)
+        landscape.template_matching(images, templates)
     with pytest.raises(ValueError, match="memory_limit_bytes"):
-        labels.mse_landscape(small_dataset.clean_images, templates, memory_limit_bytes=1000)
+        landscape.mse_landscape(small_dataset.clean_images, templates, memory_limit_bytes=1000)

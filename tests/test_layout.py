@@ -1,58 +1,129 @@
-"""The 0.2 layout: names that moved still work from their 0.1 homes (for one release), and the
-bench extra holds what the library never imports."""
+"""The 0.3 layout: packages by concept, imports one way and without circles, no module over
+500 lines, no package over a dozen modules, no compatibility layer (every name lives in, and is
+imported from, the one module that defines it), and the bench extra holds what the library
+never imports."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import inspect
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cryosphere.reconstruction import backprojection, experiments, fsc, symmetry
+from cryosphere.reconstruction import backprojection
 
-RECONSTRUCT_0_1 = {
-    "Reconstruction": backprojection,
-    "backproject": backprojection,
-    "reconstruct": backprojection,
-    "top_k_poses": backprojection,
-    "symmetrize_map": symmetry,
-    "symmetry_correlation": symmetry,
-    "check_point_group": symmetry,
-    "FSCCurve": fsc,
-    "fourier_shell_correlation": fsc,
-    "resolution_at_threshold": fsc,
-    "HalfSetResult": experiments,
-    "half_set_fsc": experiments,
-    "ResolutionSweep": experiments,
-    "resolution_vs_image_count": experiments,
-}
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "cryosphere"
 
 
-def test_reconstruct_module_keeps_every_0_1_name():
-    import cryosphere.reconstruct as flat_alias
-
-    from cryosphere.reconstruction import reconstruct as old
-
-    assert flat_alias is old
-    for name, home in RECONSTRUCT_0_1.items():
-        assert getattr(old, name) is getattr(home, name), name
-    assert set(old.__all__) == set(RECONSTRUCT_0_1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the re-exports above warn about nothing
-        old.fourier_shell_correlation  # noqa: B018
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_reconstruct_plots_moved_to_figures_and_warn():
-    from cryosphere.figures import resolution
-    from cryosphere.reconstruction import reconstruct as old
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
-    for name in ("plot_fsc_curves", "plot_resolution_vs_count"):
-        with pytest.warns(DeprecationWarning, match=f"cryosphere.figures.resolution.{name}"):
-            assert getattr(old, name) is getattr(resolution, name)
-    with pytest.raises(AttributeError, match="no attribute 'plot_sweep'"):
-        old.plot_sweep  # noqa: B018
+
+def _imported_modules(path: Path, known: set[str]) -> set[str]:
+    """Every cryosphere module ``path`` imports, lazily or not (``from a import b`` counts as
+    ``a.b`` when that is a module, else as ``a``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cryosphere"):
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in known else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("cryosphere")}
+    return found & known
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_cycle_finder_finds_a_circle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_anywhere_in_the_library():
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imported_modules(path, known) - {name} for name, path in modules.items()}
+    assert len(graph) > 50
+    assert import_cycles(graph) == []
+
+
+def test_no_package_holds_more_than_a_dozen_modules():
+    sizes = {
+        str(folder.relative_to(ROOT)): len(
+            [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        )
+        for folder in [PACKAGE, *(p.parent for p in PACKAGE.rglob("__init__.py"))]
+    }
+    assert {folder: n for folder, n in sizes.items() if n > 12} == {}
+
+
+def test_no_compatibility_layer():
+    """No import hook, no flat 0.1 names, no module re-exporting another's names."""
+    import cryosphere
+
+    assert not hasattr(cryosphere, "MOVED_MODULES")
+    for flat in (
+        "cryosphere.so3",
+        "cryosphere.train",
+        "cryosphere.geometry.so3",
+        "cryosphere.figures.spheres",
+        "cryosphere.reconstruction.backprojection.reconstruct",
+    ):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(flat)
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        defined = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+                assert node.name != "__getattr__", f"{name} serves names lazily"
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            elif isinstance(node, ast.ImportFrom):
+                assert all(a.name != "*" for a in node.names), f"{name} star-imports {node.module}"
+        exported = getattr(importlib.import_module(name), "__all__", [])
+        assert set(exported) <= defined, f"{name} re-exports {sorted(set(exported) - defined)}"
 
 
 def test_backproject_shows_the_options_of_reconstruct():
@@ -62,34 +133,6 @@ def test_backproject_shows_the_options_of_reconstruct():
     images = np.zeros((2, 8, 8), np.float32)
     with pytest.raises(TypeError, match="pass check_symmetry to reconstruct"):
         backprojection.backproject(images, np.stack([np.eye(3)] * 2), check_symmetry=True)
-
-
-def test_sweep_plot_moved_to_figures():
-    from cryosphere.figures import plots
-    from cryosphere.runs import sweep
-
-    assert sweep.plot_sweep is plots.plot_sweep
-    assert "plot_sweep" in sweep.__all__
-
-
-SPHERES_0_1 = (
-    "IN_PLANE_COLORSCALE SphereView DistributionSet in_plane_angles_deg grid_in_plane_angles_deg "
-    "in_plane_colors in_plane_colormap lon_lat_deg pose_markers lat_lon_pixel_mesh "
-    "check_distribution sphere_view plot_viewing_sphere plot_pose_scatter "
-    "plot_label_vs_prediction plot_mollweide save_figure export_html png_export_problem "
-    "export_png plotly_mimebundle"
-).split()
-
-
-def test_spheres_module_keeps_every_name():
-    from cryosphere.figures import export, mollweide, so3_plotly, so3_views, spheres
-
-    homes = (so3_views, so3_plotly, mollweide, export)
-    assert set(SPHERES_0_1) <= set(spheres.__all__)
-    for name in spheres.__all__:
-        owners = [home for home in homes if name in home.__all__]
-        assert len(owners) == 1, f"{name} lives in {owners}"
-        assert getattr(spheres, name) is getattr(owners[0], name)
 
 
 def test_bench_extra_holds_what_only_benchmarks_and_tests_import():
@@ -107,65 +150,6 @@ def test_bench_extra_holds_what_only_benchmarks_and_tests_import():
         library = [p for p in (root / "cryosphere").rglob("*.py") if module in p.read_text()]
         assert library == [], module
     assert "torch_fourier_slice" in (root / "benchmarks" / "bench_reconstruction.py").read_text()
-
-
-SPLIT_0_2 = {
-    "cryosphere.geometry.so3": ("rotations", "grids", "point_groups"),
-    "cryosphere.imaging.structure": ("atoms", "chain_symmetry"),
-    "cryosphere.imaging.simulate": ("datasets",),
-    "cryosphere.poses.labels": ("templates", "landscape", "soft_maps", "label_explorer"),
-    "cryosphere.poses.model": ("harmonics", "layers"),
-    "cryosphere.poses.train": ("training_setup", "checkpoints", "predictions"),
-    "cryosphere.poses.evaluate": ("equivariance",),
-}
-
-
-@pytest.mark.parametrize("old", sorted(SPLIT_0_2))
-def test_split_modules_keep_their_names(old):
-    """A module split into smaller ones still serves every name it had, as the very object of
-    its new home, and lists it in ``__all__``."""
-    import importlib
-
-    module = importlib.import_module(old)
-    package = old.rsplit(".", 1)[0]
-    moved = set()
-    for part in SPLIT_0_2[old]:
-        home = importlib.import_module(f"{package}.{part}")
-        for name in home.__all__:
-            if name in module.__all__:
-                assert getattr(module, name) is getattr(home, name), f"{old}.{name}"
-                moved.add(name)
-    assert moved, f"{old} re-exports nothing from {SPLIT_0_2[old]}"
-    for name in module.__all__:
-        assert hasattr(module, name), f"{old}.__all__ names {name} but the module lacks it"
-
-
-OLD_NAMES_0_1 = {
-    "cryosphere.geometry.so3": "random_rotations matrices_from_relion_euler healpix_so3_grid "
-    "nearest_grid_indices point_group symmetry_mates as_symmetry_ops MAX_HEALPIX_LEVEL",
-    "cryosphere.imaging.structure": "load_structure coulomb_potential_map detect_point_group "
-    "resolve_point_group check_imageable MAX_ATOMS EMBEDDED_STRUCTURES",
-    "cryosphere.imaging.simulate": "SimulationParameters ParticleDataset simulate_dataset "
-    "load_or_simulate SIMULATION_FILES",
-    "cryosphere.poses.labels": "PoseLabels template_bank mse_landscape template_matching "
-    "soft_labels top_fraction_mask tune_lambda compute_labels load_or_make_labels "
-    "label_explorer_data LabelExplorerData DEFAULT_MEMORY_LIMIT_BYTES",
-    "cryosphere.poses.model": "ModelConfig PoseDistributionNetwork QuarterTurnConv2d "
-    "grid_wigner wigner_d_flat rotate_so3_coefficients build_model",
-    "cryosphere.poses.train": "TrainingConfig TrainingResult Predictions train_model predict "
-    "load_model load_checkpoint checkpoint_path load_or_train pose_errors_deg LOSSES",
-    "cryosphere.poses.evaluate": "pose_metrics compare_pose_estimators equivariance_table "
-    "EquivarianceResult ROTATION_KINDS UNIFORM_LOG_LIKELIHOOD",
-}
-
-
-@pytest.mark.parametrize("old", sorted(OLD_NAMES_0_1))
-def test_names_users_call_still_import_from_the_old_modules(old):
-    import importlib
-
-    module = importlib.import_module(old)
-    for name in OLD_NAMES_0_1[old].split():
-        assert name in module.__all__ and hasattr(module, name), f"{old}.{name}"
 
 
 def test_no_library_module_is_over_500_lines():

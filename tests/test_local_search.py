@@ -1,36 +1,37 @@
-"""Local template search around the network's top cells (cryosphere.poses.local_search)."""
+"""Local template search around the network's top cells (cryosphere.poses.search.local_search)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import grids
 from cryosphere.imaging import ctf
 from cryosphere.imaging.projection import add_gaussian_noise
-from cryosphere.poses import labels, local_search, map_search, matching
+from cryosphere.poses.labels import templates as labels_templates
+from cryosphere.poses.search import local_search, map_search, matching
 
 
 @pytest.fixture(scope="module")
 def bank(ubi_map_32):
     volume, pixel = ubi_map_32
-    templates = labels.template_bank(volume, level=1, blur_sigma=1.0)
+    templates = labels_templates.template_bank(volume, level=1, blur_sigma=1.0)
     return templates, matching.template_spectra(templates), pixel
 
 
 def test_children_partition_the_fine_grid_and_lie_near_their_parent():
     children = local_search.child_cells(1, 2)
-    assert children.shape[0] == so3.healpix_so3_grid_size(1)
-    np.testing.assert_array_equal(np.unique(children), np.arange(so3.healpix_so3_grid_size(2)))
+    assert children.shape[0] == grids.healpix_so3_grid_size(1)
+    np.testing.assert_array_equal(np.unique(children), np.arange(grids.healpix_so3_grid_size(2)))
     owners = {}
     for parent, row in enumerate(children):
         for cell in set(row.tolist()):
             assert owners.setdefault(cell, parent) == parent  # one parent per fine cell
-    coarse, fine = so3.healpix_so3_grid(1), so3.healpix_so3_grid(2)
-    nearest = so3.nearest_grid_indices(fine[children.ravel()], coarse)
+    coarse, fine = grids.healpix_so3_grid(1), grids.healpix_so3_grid(2)
+    nearest = grids.nearest_grid_indices(fine[children.ravel()], coarse)
     np.testing.assert_array_equal(nearest, np.repeat(np.arange(len(coarse)), children.shape[1]))
     same = local_search.child_cells(2, 2)
-    np.testing.assert_array_equal(same[:, 0], np.arange(so3.healpix_so3_grid_size(2)))
+    np.testing.assert_array_equal(same[:, 0], np.arange(grids.healpix_so3_grid_size(2)))
     top = np.array([[3, 7], [0, 575]])
     cands = local_search.candidate_cells(top, 1, 2)
     assert cands.shape == (2, 2 * children.shape[1])
@@ -155,7 +156,7 @@ def test_coarse_to_fine_searches_the_children_of_the_best_top_cells(bank, ubi_ma
     Scoring the top cells first keeps the right parent, so a search of its children alone
     finds the pose; keeping every top cell gives the plain search's answer."""
     templates, spectra, _ = bank
-    fine_templates = labels.template_bank(ubi_map_32[0], level=2, blur_sigma=1.0)
+    fine_templates = labels_templates.template_bank(ubi_map_32[0], level=2, blur_sigma=1.0)
     fine_spectra = matching.template_spectra(fine_templates)
     children = local_search.child_cells(1, 2)
     parents = np.array([9, 300, 77])
@@ -256,7 +257,7 @@ def test_the_search_posterior_approaches_the_bayes_posterior_of_the_true_noise(b
     noise estimated from the best residual is close to the exact Bayes posterior with the
     simulation's own noise level (the estimate is off by the noise's sampling error, a few %
     at 32 px, and by the best template's misfit)."""
-    from cryosphere.poses import targets
+    from cryosphere.poses.training import targets
 
     templates, spectra, _ = bank
     cells = np.array([9, 300, 41, 222, 500, 17])

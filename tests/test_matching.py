@@ -1,19 +1,20 @@
-"""CTF-aware template matching with a translation search (cryosphere.poses.matching)."""
+"""CTF-aware template matching with a translation search (cryosphere.poses.search.matching)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import grids, rotations
 from cryosphere.imaging import ctf
-from cryosphere.poses import labels, matching
+from cryosphere.poses.labels import templates as labels_templates
+from cryosphere.poses.search import matching
 
 
 @pytest.fixture(scope="module")
 def bank(ubi_map_32):
     volume, pixel = ubi_map_32
-    return labels.template_bank(volume, level=1, blur_sigma=1.0), pixel
+    return labels_templates.template_bank(volume, level=1, blur_sigma=1.0), pixel
 
 
 def test_shifted_ctf_image_of_a_grid_pose_is_matched_at_pose_and_shift(bank, ctf_particles):
@@ -38,13 +39,15 @@ def test_ctf_templates_beat_ignoring_the_ctf(bank, ctf_particles):
     cells = rng.integers(0, templates.shape[0], 48)
     moved = rng.integers(-3, 4, (48, 2)).astype(float)
     images, params = ctf_particles(templates, pixel, cells, moved, snr=0.1, seed=1)
-    grid = so3.healpix_so3_grid(1)
+    grid = grids.healpix_so3_grid(1)
     errors = {}
     for mode in matching.MATCHING_MODES:
         result = matching.ctf_template_matching(
             images, templates, ctf=params, pixel_size_angstrom=pixel, mode=mode, batch_size=16
         )
-        errors[mode] = np.median(so3.geodesic_distance_deg(grid[result.best_index], grid[cells]))
+        errors[mode] = np.median(
+            rotations.geodesic_distance_deg(grid[result.best_index], grid[cells])
+        )
     print("median pose error (deg) by mode:", errors)
     assert errors["ctf_templates"] < 1e-6
     assert errors["ctf_templates"] <= errors["phase_flip"] < errors["none"]

@@ -35,26 +35,13 @@ def test_distribution_name_console_script_and_torch_pin():
     assert "make test" in (ROOT / "README.md").read_text()
 
 
-def test_flat_module_names_of_release_0_1_still_import():
-    import importlib
-
-    import cryosphere
-    from cryosphere import so3, train  # noqa: F401  (the 0.1 spelling)
-    from cryosphere.geometry import so3 as new_so3
-    from cryosphere.poses import train as new_train
-
-    assert so3 is new_so3 and train is new_train
-    for old, new in cryosphere.MOVED_MODULES.items():
-        module = importlib.import_module(f"cryosphere.{old}")
-        assert module is importlib.import_module(f"cryosphere.{new}")
-        assert module.__spec__.name == f"cryosphere.{new}"
-    import cryosphere.labels as labels_alias
-
-    assert labels_alias.__name__ == "cryosphere.poses.labels"
+#: The concepts of ``cryosphere.poses`` in the order data flow through them.
+POSES_ORDER = ["distributed", "labels", "search", "network", "prediction", "training", "evaluation"]
 
 
 def test_stages_import_only_downstream_of_themselves():
-    """Data flow one way: a stage never imports a later stage (AST scan of import lines)."""
+    """Data flow one way: a stage never imports a later stage, nor a concept of ``poses`` a later
+    concept (AST scan of import lines, lazy ones included)."""
     import ast
 
     order = ["io", "geometry", "imaging", "poses", "reconstruction", "figures", "runs"]
@@ -77,3 +64,28 @@ def test_stages_import_only_downstream_of_themselves():
                 assert order.index(bits[1]) <= order.index(stage), (
                     f"{path.relative_to(ROOT)} ({stage}) imports {name} from a later stage"
                 )
+                if stage == "poses" == bits[1] and len(parts) > 2 and len(bits) > 2:
+                    mine, theirs = parts[1], bits[2]
+                    assert POSES_ORDER.index(theirs) <= POSES_ORDER.index(mine), (
+                        f"{path.relative_to(ROOT)} (poses.{mine}) imports {name} from a later "
+                        "concept"
+                    )
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    """README: at most ~150 lines, the two set-up commands, and every relative link (into the
+    docs site) pointing at a file that exists; the docs' own links are checked by the strict
+    MkDocs build of ``make test``."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    assert "make run" in text and "make test" in text
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 8
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert missing == []
+    assert (
+        "- docs" in (ROOT / "Makefile").read_text()
+        or "test: lint docs" in (ROOT / "Makefile").read_text()
+    )
+    assert "--strict" in (ROOT / "Makefile").read_text()

@@ -11,8 +11,9 @@ import torch
 
 from cryosphere import io
 from cryosphere.imaging import preprocess
+from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.particles import StackReader, read_particle_set
-from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
+from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,9 @@ def test_cryosphere_star_reads_back_with_angles_shifts_defocus(realistic):
     pset = read_particle_set(folder / "particles.star", require_angles=True)
     assert pset.relion_format == "3.1" and len(pset) == 10 and pset.image_size == 32
     assert pset.pixel_size_angstrom == pytest.approx(data.pixel_size, rel=1e-6)
-    from cryosphere.geometry import so3
+    from cryosphere.geometry import rotations
 
-    assert so3.geodesic_distance_deg(pset.rotations(), data.rotations).max() < 1e-3
+    assert rotations.geodesic_distance_deg(pset.rotations(), data.rotations).max() < 1e-3
     np.testing.assert_allclose(pset.origins_angstrom, -data.shifts_px * data.pixel_size, atol=1e-5)
     np.testing.assert_allclose(pset.ctf.defocus_u_angstrom, data.ctf.defocus_u_angstrom, atol=1e-5)
     np.testing.assert_allclose(pset.ctf.defocus_v_angstrom, data.ctf.defocus_v_angstrom, atol=1e-5)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere.poses import train
-from cryosphere.runs import pipeline, series
-from cryosphere.runs.pipeline import PROFILES, Run, RunConfig, StageMismatchError
+from cryosphere import io
+from cryosphere.poses.network import checkpoints
+from cryosphere.runs import pipeline
+from cryosphere.runs.pipeline import Run, StageMismatchError
+from cryosphere.runs.run_config import PROFILES, RunConfig
 
 STREAM = dict(stream_steps=4, stream_batch_size=8, stream_channels=[8, 16], stream_snr=[0.5, 1.0])
 
@@ -54,10 +56,10 @@ def test_profiles_flat_names_and_seed_coupling():
 
 
 def test_run_makes_records_and_reloads_every_stage(made_run, tiny_config):
-    records = pipeline.io.read_json(made_run.layout.stages)
+    records = io.read_json(made_run.layout.stages)
     assert set(records) == {"dataset", "labels", "model", "stream"}
     assert all(records[s]["key"] == made_run.stage_key(s) for s in records)
-    checkpoint = train.checkpoint_path(made_run.folder)
+    checkpoint = checkpoints.checkpoint_path(made_run.folder)
     stamps = [checkpoint.stat().st_mtime_ns, (made_run.layout.stream / "model").stat().st_mtime_ns]
     again = Run(tiny_config, made_run.folder, progress=False)
     trained, streamed = again.trained(), again.streamed()
@@ -67,17 +69,6 @@ def test_run_makes_records_and_reloads_every_stage(made_run, tiny_config):
         streamed.predictions.logits, made_run.streamed().predictions.logits
     )
     assert trained.training_config.seed == tiny_config.simulation.seed
-    # the 0.1 spelling is the same stage
-    legacy = series.load_or_train_run(
-        made_run.folder, progress=False, **{k: tiny_config.to_flat()[k] for k in _LEGACY}
-    )
-    np.testing.assert_array_equal(legacy.predictions.logits, trained.predictions.logits)
-
-
-_LEGACY = (
-    "structure n_projections image_size snr blur_sigma seed grid_level q lam lmax epochs "
-    "batch_size learning_rate loss"
-).split()
 
 
 @pytest.mark.parametrize(
@@ -109,7 +100,7 @@ def test_overwrite_recomputes_the_stage_and_the_stages_that_read_it(made_run, tm
     run = Run(changed, folder, overwrite=True, progress=False)
     labels = run.labels()
     assert labels.q == 0.1
-    records = pipeline.io.read_json(run.layout.stages)
+    records = io.read_json(run.layout.stages)
     assert set(records) == {"dataset", "labels", "stream"}  # the model read the old labels
     assert not run.layout.model.exists() and run.layout.stream.exists()
     assert records["labels"]["key"] == run.stage_key("labels")
@@ -121,7 +112,7 @@ def test_overwrite_of_the_dataset_remakes_it_and_clears_every_later_stage(made_r
     assert all(p.is_file() for p in made_run.layout.dataset[:6])  # the files the layout names
     run = Run(made_run.config.replace(snr=0.5), folder, overwrite=True, progress=False)
     assert run.dataset().parameters.snr == 0.5
-    assert set(pipeline.io.read_json(run.layout.stages)) == {"dataset"}
+    assert set(io.read_json(run.layout.stages)) == {"dataset"}
     assert not run.layout.model.exists() and not run.layout.stream.exists()
     assert not (run.layout.labels / "labels.npz").exists()
     reloaded = Run(made_run.config.replace(snr=0.5), folder, progress=False).dataset()
@@ -141,10 +132,10 @@ def test_stage_keys_follow_their_inputs(tiny_config, tmp_path):
 def test_an_explicit_device_reaches_simulation_templates_and_labels(tmp_path, monkeypatch):
     """The device path (tensors moved to ``device``, results moved back) on the CPU: the
     same numbers as the default path, and Run passes its device to every stage that takes one."""
-    from cryosphere.imaging import simulate
-    from cryosphere.poses import labels, landscape, templates
+    from cryosphere.imaging import datasets, simulate
+    from cryosphere.poses.labels import dataset_labels, landscape, templates
 
-    parameters = simulate.SimulationParameters(n_projections=6, image_size=32, seed=2)
+    parameters = datasets.SimulationParameters(n_projections=6, image_size=32, seed=2)
     default = simulate.simulate_dataset(parameters, progress=False)
     on_cpu = simulate.simulate_dataset(parameters, progress=False, device="cpu")
     scale = float(np.abs(default.clean_images).max())
@@ -161,13 +152,13 @@ def test_an_explicit_device_reaches_simulation_templates_and_labels(tmp_path, mo
         landscape.template_matching(default.noisy_images, bank),
     )
     seen = []
-    original = labels.mse_landscape
+    original = landscape.mse_landscape
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("device"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(labels, "mse_landscape", spy)
+    monkeypatch.setattr(dataset_labels, "mse_landscape", spy)
     config = RunConfig.from_profile("tiny").replace(n_projections=6, seed=2, grid_level=1)
     run = Run(config, tmp_path, progress=False, device="cpu")
     np.testing.assert_allclose(

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch_fourier_slice import project_3d_to_2d
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging.projection import (
     add_gaussian_noise,
     gaussian_blur,
@@ -28,7 +28,7 @@ def test_fourier_projector_matches_real_space_line_integral(ubi_map_64):
     highest frequencies (raw correlation ≈ 0.99, ≈ 0.9997 after the blur).
     """
     volume, _ = ubi_map_64
-    rotations = so3.random_rotations(6, seed=11)
+    rotations = geometry_rotations.random_rotations(6, seed=11)
     fast = gaussian_blur(project_volume(volume, rotations), 1.0).numpy()
     reference = gaussian_blur(project_volume_real_space(volume, rotations), 1.0).numpy()
     for a, b in zip(fast, reference, strict=True):
@@ -38,7 +38,7 @@ def test_fourier_projector_matches_real_space_line_integral(ubi_map_64):
 def test_fourier_projector_matches_torch_fourier_slice(ubi_map_64):
     """The peer, given Rᵀ (it samples the volume at M·x), makes the same raw images."""
     volume, _ = ubi_map_64
-    rotations = so3.random_rotations(6, seed=12)
+    rotations = geometry_rotations.random_rotations(6, seed=12)
     ours = project_volume(volume, rotations).numpy()
     peer = project_3d_to_2d(
         torch.as_tensor(volume), torch.as_tensor(rotations.transpose(0, 2, 1), dtype=torch.float32)
@@ -53,7 +53,7 @@ def test_fourier_projector_matches_torch_fourier_slice(ubi_map_64):
 
 def test_every_image_sums_to_the_map_sum(ubi_map_64):
     volume, _ = ubi_map_64
-    images = project_volume(volume, so3.random_rotations(50, seed=1)).numpy()
+    images = project_volume(volume, geometry_rotations.random_rotations(50, seed=1)).numpy()
     np.testing.assert_allclose(images.sum(axis=(1, 2)), volume.sum(), rtol=1e-4)
 
 
@@ -70,8 +70,8 @@ def test_identity_pose_is_the_sum_along_z(ubi_map_32):
 
 def test_in_plane_quarter_turn_of_the_pose_rotates_the_image(ubi_map_64):
     volume, _ = ubi_map_64
-    poses = so3.random_rotations(4, seed=5)
-    quarter = so3.rotation_about_z(90.0)
+    poses = geometry_rotations.random_rotations(4, seed=5)
+    quarter = geometry_rotations.rotation_about_z(90.0)
     images = project_volume(volume, poses)
     turned_pose_images = project_volume(volume, quarter @ poses)
     turned_images = rotate_images_quarter_turns(images, 1)
@@ -92,7 +92,7 @@ def test_quarter_turns_compose_to_identity():
 
 def test_batches_do_not_change_results(ubi_map_32):
     volume, _ = ubi_map_32
-    poses = so3.random_rotations(10, seed=2)
+    poses = geometry_rotations.random_rotations(10, seed=2)
     one = project_volume(volume, poses, batch_size=10)
     many = project_volume(volume, poses, batch_size=3)
     torch.testing.assert_close(one, many)
@@ -100,7 +100,7 @@ def test_batches_do_not_change_results(ubi_map_32):
 
 def test_blur_keeps_the_sum_and_lowers_the_peak(ubi_map_32):
     volume, _ = ubi_map_32
-    images = project_volume(volume, so3.random_rotations(3, seed=0))
+    images = project_volume(volume, geometry_rotations.random_rotations(3, seed=0))
     blurred = gaussian_blur(images, 2.0)
     torch.testing.assert_close(blurred.sum(dim=(1, 2)), images.sum(dim=(1, 2)), rtol=1e-4, atol=0)
     assert bool((blurred.amax(dim=(1, 2)) < images.amax(dim=(1, 2))).all())
@@ -109,7 +109,9 @@ def test_blur_keeps_the_sum_and_lowers_the_peak(ubi_map_32):
 
 def test_measured_snr_on_1000_images_is_within_5_percent(ubi_map_32):
     volume, _ = ubi_map_32
-    clean = gaussian_blur(project_volume(volume, so3.random_rotations(1000, seed=4)), 1.0)
+    clean = gaussian_blur(
+        project_volume(volume, geometry_rotations.random_rotations(1000, seed=4)), 1.0
+    )
     for snr in (1.0, 0.1):
         noisy, sigma = add_gaussian_noise(clean, snr, seed=9)
         measured = float(clean.var()) / float((noisy - clean).var())
@@ -119,7 +121,7 @@ def test_measured_snr_on_1000_images_is_within_5_percent(ubi_map_32):
 
 def test_noise_is_seeded(ubi_map_32):
     volume, _ = ubi_map_32
-    clean = project_volume(volume, so3.random_rotations(5, seed=4))
+    clean = project_volume(volume, geometry_rotations.random_rotations(5, seed=4))
     a, _ = add_gaussian_noise(clean, 1.0, seed=1)
     b, _ = add_gaussian_noise(clean, 1.0, seed=1)
     c, _ = add_gaussian_noise(clean, 1.0, seed=2)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import grids, point_groups
+from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging.projection import gaussian_blur, project_volume, project_volume_real_space
 from cryosphere.reconstruction import backprojection, experiments, fsc, symmetry
 
@@ -87,7 +88,7 @@ def test_fsc_rejects_mismatched_maps():
 
 def test_project_then_backproject_recovers_the_map_at_64_px(ubi_map_64):
     volume, pixel = ubi_map_64
-    poses = so3.random_rotations(1500, seed=1)
+    poses = geometry_rotations.random_rotations(1500, seed=1)
     images = project_volume(volume, poses)
     recon = backprojection.backproject(images, poses, regularisation=0.0).numpy()
     curve = fsc.fourier_shell_correlation(recon, volume, pixel)
@@ -101,10 +102,10 @@ def test_project_then_backproject_recovers_the_map_at_64_px(ubi_map_64):
 
 def test_random_poses_give_a_much_worse_fsc(ubi_map_32):
     volume, pixel = ubi_map_32
-    poses = so3.random_rotations(300, seed=2)
+    poses = geometry_rotations.random_rotations(300, seed=2)
     images = project_volume(volume, poses)
     good = fsc.fourier_shell_correlation(backprojection.backproject(images, poses), volume, pixel)
-    wrong_poses = so3.random_rotations(300, seed=3)
+    wrong_poses = geometry_rotations.random_rotations(300, seed=3)
     bad = fsc.fourier_shell_correlation(
         backprojection.backproject(images, wrong_poses), volume, pixel
     )
@@ -116,7 +117,7 @@ def test_peer_backprojector_needs_the_transposed_pose(ubi_map_32):
     from torch_fourier_slice import backproject_2d_to_3d
 
     volume, pixel = ubi_map_32
-    poses = so3.random_rotations(400, seed=4)
+    poses = geometry_rotations.random_rotations(400, seed=4)
     images = project_volume(volume, poses)
     as_transposed = backproject_2d_to_3d(images, torch.as_tensor(poses.transpose(0, 2, 1)).float())
     as_is = backproject_2d_to_3d(images, torch.as_tensor(poses).float())
@@ -129,7 +130,9 @@ def test_peer_backprojector_needs_the_transposed_pose(ubi_map_32):
 def test_one_hot_weights_equal_the_plain_reconstruction(small_dataset):
     images, poses = small_dataset.noisy_images, small_dataset.rotations
     plain = backprojection.backproject(images, poses)
-    others = so3.random_rotations(2 * len(poses), seed=5).reshape(len(poses), 2, 3, 3)
+    others = geometry_rotations.random_rotations(2 * len(poses), seed=5).reshape(
+        len(poses), 2, 3, 3
+    )
     candidates = np.concatenate([others[:, :1], poses[:, None], others[:, 1:]], axis=1)
     one_hot = np.zeros((len(poses), 3))
     one_hot[:, 1] = 1.0
@@ -143,7 +146,7 @@ def test_one_hot_weights_equal_the_plain_reconstruction(small_dataset):
 
 
 def test_top_k_poses_feed_the_weighted_mode():
-    grid = so3.healpix_so3_grid(0)
+    grid = grids.healpix_so3_grid(0)
     probs = np.random.default_rng(0).dirichlet(np.ones(len(grid)), size=5)
     rotations, weights = backprojection.top_k_poses(probs, grid, k=3)
     assert rotations.shape == (5, 3, 3, 3) and weights.shape == (5, 3)
@@ -156,7 +159,7 @@ def test_top_k_poses_feed_the_weighted_mode():
 
 def test_known_blur_is_deconvolved(ubi_map_32):
     volume, _ = ubi_map_32
-    poses = so3.random_rotations(400, seed=6)
+    poses = geometry_rotations.random_rotations(400, seed=6)
     blurred = gaussian_blur(project_volume(volume, poses), 1.0)
     ref = _lowpass(volume, 0.6)
     errors = [
@@ -176,7 +179,7 @@ def test_known_blur_is_deconvolved(ubi_map_32):
 
 def test_bad_inputs_raise_clear_errors():
     images = np.zeros((4, 16, 16), dtype=np.float32)
-    poses = so3.random_rotations(4, seed=0)
+    poses = geometry_rotations.random_rotations(4, seed=0)
     with pytest.raises(ValueError, match="4 images but 3 poses"):
         backprojection.backproject(images, poses[:3])
     with pytest.raises(ValueError, match="square"):
@@ -198,7 +201,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_symmetrizing_a_symmetric_map_leaves_it_unchanged(c2_map):
     volume, _ = c2_map
-    c2_z = so3.point_group("C2")
+    c2_z = point_groups.point_group("C2")
     np.testing.assert_allclose(symmetry.symmetrize_map(volume, c2_z).numpy(), volume, atol=1e-6)
     assert symmetry.symmetry_correlation(volume, c2_z) == pytest.approx(1.0, abs=1e-4)
     # A map that is not symmetric changes.
@@ -207,8 +210,8 @@ def test_symmetrizing_a_symmetric_map_leaves_it_unchanged(c2_map):
     assert np.abs(symmetry.symmetrize_map(noise, c2_z).numpy() - noise).max() > 0.5
     # Off-grid frame: symmetrizing twice equals once, to (trilinear) interpolation error,
     # small for a smooth map.
-    frame = so3.random_rotations(1, seed=1)[0]
-    ops = so3.point_group("C2", frame)
+    frame = geometry_rotations.random_rotations(1, seed=1)[0]
+    ops = point_groups.point_group("C2", frame)
     once = symmetry.symmetrize_map(_lowpass(volume, 0.4).astype(np.float32), ops)
     twice = symmetry.symmetrize_map(once, ops)
     assert float((twice - once).norm() / once.norm()) < 0.05
@@ -216,9 +219,9 @@ def test_symmetrizing_a_symmetric_map_leaves_it_unchanged(c2_map):
 
 def test_imposing_c2_helps_a_sparse_reconstruction(c2_map):
     volume, pixel = c2_map
-    poses = so3.random_rotations(40, seed=7)
+    poses = geometry_rotations.random_rotations(40, seed=7)
     images = project_volume(volume, poses)
-    ops = so3.point_group("C2")
+    ops = point_groups.point_group("C2")
     c1 = backprojection.reconstruct(images, poses, regularisation=0.1)
     c2 = backprojection.reconstruct(images, poses, symmetry_ops=ops, regularisation=0.1)
     assert c1.c1_volume is None and c2.c1_volume is not None
@@ -237,14 +240,16 @@ def test_imposing_c2_helps_a_sparse_reconstruction(c2_map):
 
 def test_a_point_group_in_the_wrong_frame_is_rejected(c2_map):
     volume, _ = c2_map
-    poses = so3.random_rotations(64, seed=8)
+    poses = geometry_rotations.random_rotations(64, seed=8)
     images = project_volume(volume, poses)
-    about_x = so3.point_group("C2", so3.rotation_about_axis(np.array([1.0, 0, 0]), 90.0))
+    about_x = point_groups.point_group(
+        "C2", geometry_rotations.rotation_about_axis(np.array([1.0, 0, 0]), 90.0)
+    )
     with pytest.raises(ValueError, match="does not match the map's frame"):
         backprojection.reconstruct(images, poses, symmetry_ops=about_x)
     with pytest.raises(ValueError, match="does not match the map's frame"):
         symmetry.check_point_group(volume, about_x)
-    assert symmetry.check_point_group(volume, so3.point_group("C2")) > 0.9
+    assert symmetry.check_point_group(volume, point_groups.point_group("C2")) > 0.9
     # The check can be switched off.
     backprojection.reconstruct(images, poses, symmetry_ops=about_x, check_symmetry=False)
 
@@ -265,7 +270,7 @@ def test_half_set_fsc_is_seeded_and_splits_the_images(small_dataset):
 
 def test_resolution_improves_with_more_images(ubi_map_32):
     volume, pixel = ubi_map_32
-    poses = so3.random_rotations(200, seed=9)
+    poses = geometry_rotations.random_rotations(200, seed=9)
     images = project_volume(volume, poses)
     noisy = images + 0.5 * images.std() * torch.randn(
         images.shape, generator=torch.Generator().manual_seed(0)
@@ -283,7 +288,7 @@ def test_odd_image_size_is_centred_at_n_over_2(ubi_map_32):
     # The real-space reference projector (centre N // 2 by construction) for odd N.
     volume, pixel = ubi_map_32
     odd = np.ascontiguousarray(volume[1:, 1:, 1:])  # 31³, centre voxel 15 = 31 // 2
-    poses = so3.random_rotations(150, seed=10)
+    poses = geometry_rotations.random_rotations(150, seed=10)
     recon = backprojection.backproject(
         project_volume_real_space(odd, poses), poses, regularisation=0.0
     )

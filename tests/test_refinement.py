@@ -7,8 +7,10 @@ import pytest
 import starfile
 
 from cryosphere import io
-from cryosphere.imaging.simulate import SimulationParameters, save_dataset, simulate_dataset
-from cryosphere.poses import inference
+from cryosphere.imaging import preprocess
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.simulate import save_dataset, simulate_dataset
+from cryosphere.poses.prediction import inference
 from cryosphere.runs import cli, refinement
 
 
@@ -55,7 +57,7 @@ def test_refinement_images_are_recentred_and_match_their_projections(refinement_
     # (measured medians: 0.88 matched, 0.75 other particles' poses)
     assert matched.min() > 0.75 and np.median(matched) > np.median(shuffled) + 0.08
     assert np.median(matched) > np.median(wrong_sign) + 0.15  # measured 0.88 vs 0.65
-    small = refinement.fourier_crop_volume(data.volume, 16)
+    small = preprocess.fourier_crop_volume(data.volume, 16)
     assert small.sum() == pytest.approx(data.volume.sum() / 8, rel=1e-3)
 
 
@@ -71,9 +73,9 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     assert checkpoint.is_file() and "checkpoint" in capsys.readouterr().out
     # streamed training on the fixed set of real images: no fresh noise, no in-plane turns;
     # one epoch of the 14 training particles (2 held out) in batches of 8 is 2 steps
-    from cryosphere.poses import train
+    from cryosphere.poses.network import checkpoints
 
-    record = train.load_checkpoint(checkpoint)
+    record = checkpoints.load_checkpoint(checkpoint)
     stream = record["stream_identity"]["stream"]
     assert stream["kind"] == "fixed" and stream["n_images"] == 14
     assert not stream["fresh_noise"] and not stream["in_plane"]
@@ -106,17 +108,17 @@ def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, caps
 
 
 def test_labels_refuse_a_ctf_dataset_and_refinement_data_gives_the_right_ones(refinement_folder):
-    from cryosphere.poses import labels
+    from cryosphere.poses.labels import dataset_labels
 
     data, folder = refinement_folder
     with pytest.raises(ValueError, match="CTF or shifts"):
-        labels.compute_labels(data, level=1, progress=False)
+        dataset_labels.compute_labels(data, level=1, progress=False)
     prepared = refinement.refinement_data(
         folder / "particles.star", folder / "volume.mrc", 32, progress=False
     )
-    made = labels.compute_labels(prepared, level=1, progress=False)
-    from cryosphere.geometry import so3
+    made = dataset_labels.compute_labels(prepared, level=1, progress=False)
+    from cryosphere.geometry import grids, rotations
 
-    grid = so3.healpix_so3_grid(1)
-    nearest = so3.geodesic_distance_deg(data.rotations[:, None], grid[None]).argmin(axis=1)
+    grid = grids.healpix_so3_grid(1)
+    nearest = rotations.geodesic_distance_deg(data.rotations[:, None], grid[None]).argmin(axis=1)
     assert made.mask[np.arange(16), nearest].mean() > 0.9  # the true cell is in the mask

@@ -22,11 +22,13 @@ from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
 from cryosphere.geometry.rotations import geodesic_distance_deg, matrices_from_relion_euler
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import structure
+from cryosphere.imaging.atoms import load_structure
 from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.resample import resample_images
-from cryosphere.poses import inference, train
-from cryosphere.poses.map_search import MapRefinement
-from cryosphere.poses.model import ModelConfig
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.prediction import inference
+from cryosphere.poses.search.map_search import MapRefinement
+from cryosphere.poses.training import fixed_set, settings
 from cryosphere.runs import cli
 
 TINY = ModelConfig(
@@ -44,7 +46,7 @@ CTFS = [
 
 @pytest.fixture(scope="module")
 def ubi():
-    atoms = structure.load_structure("1ubi")
+    atoms = load_structure("1ubi")
     return atoms, structure.coulomb_potential_map(atoms, 32, PIXEL)
 
 
@@ -57,8 +59,8 @@ def checkpoint(tmp_path_factory):
     mask = np.zeros((4, healpix_so3_grid_size(1)), np.float32)
     mask[np.arange(4), np.arange(4)] = 1
     images = rng.normal(size=(4, 16, 16)).astype(np.float32)
-    config = train.TrainingConfig(epochs=1, batch_size=4)
-    return train.train_model(
+    config = settings.TrainingConfig(epochs=1, batch_size=4)
+    return fixed_set.train_model(
         images, mask, rotations, None, TINY, config, run_dir=folder, progress=False
     ).checkpoint
 

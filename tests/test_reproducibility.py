@@ -22,55 +22,55 @@ import pytest
 import torch
 from jupyter_client.manager import KernelManager
 
-from cryosphere import runs
-from cryosphere.poses import labels
-from cryosphere.poses.model import ModelConfig, PoseDistributionNetwork
-from cryosphere.runs import checks, cli, reproducibility
+from cryosphere.poses.labels import landscape
+from cryosphere.poses.labels import templates as labels_templates
+from cryosphere.poses.network.model import ModelConfig, PoseDistributionNetwork
+from cryosphere.runs import checks, cli, execution, reproducibility
 
 THREAD_PROBE = (
     "import os, torch\n"
-    "from cryosphere import runs\n"
-    "runs.record_results(run_dir, '02_second', {'torch_threads': torch.get_num_threads(),"
+    "from cryosphere.runs import execution\n"
+    "execution.record_results(run_dir, '02_second', {'torch_threads': torch.get_num_threads(),"
     " 'omp': os.environ.get('OMP_NUM_THREADS'), 'epochs': epochs})"
 )
 WAIT_FOR_RELEASE = (
     "import time\n"
     "from pathlib import Path\n"
-    "from cryosphere import runs\n"
+    "from cryosphere.runs import execution\n"
     "start = time.time()\n"
     "while not (Path(run_dir).parent / 'release').exists():\n"
     "    assert time.time() - start < 120, 'never released'\n"
     "    time.sleep(0.05)\n"
-    "runs.record_results(run_dir, '02_second', {'epochs': epochs})"
+    "execution.record_results(run_dir, '02_second', {'epochs': epochs})"
 )
 
 
 def test_run_prints_no_kernel_transport_warning(tmp_path, capfd, monkeypatch, write_tiny_series):
     notebooks = write_tiny_series(tmp_path / "nb", "print('second step ran')")
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
-    runs.execute_run(plan, progress=False)
+    plan = execution.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
+    execution.execute_run(plan, progress=False)
     out, err = capfd.readouterr()  # file-descriptor level: the kernels' own stderr included
     assert "[2/2] 02_second" in out
     assert "without encryption" not in out + err and "WARNING" not in err
     # control: a plain TCP kernel manager prints it, so the capture above would have seen it
-    monkeypatch.setattr(runs.execution, "kernel_manager_class", lambda: KernelManager)
-    runs.execute_run(plan, overwrite=True, progress=False, log=lambda _: None)
+    monkeypatch.setattr(execution, "kernel_manager_class", lambda: KernelManager)
+    execution.execute_run(plan, overwrite=True, progress=False, log=lambda _: None)
     assert "Kernel is running over TCP without encryption" in "".join(capfd.readouterr())
 
 
 def test_a_failing_step_still_reports_its_error(tmp_path, capfd, write_tiny_series):
     notebooks = write_tiny_series(tmp_path / "nb", "raise RuntimeError('real problem here')")
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
-    with pytest.raises(runs.RunStepError, match="RuntimeError: real problem here"):
-        runs.execute_run(plan, progress=False, log=lambda _: None)
+    plan = execution.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
+    with pytest.raises(execution.RunStepError, match="RuntimeError: real problem here"):
+        execution.execute_run(plan, progress=False, log=lambda _: None)
     assert not (plan.run_dir / checks.LOCK_FILE).exists()
 
 
 def test_summary_records_what_decides_reproducibility(tmp_path, write_tiny_series):
     notebooks = write_tiny_series(tmp_path / "nb", THREAD_PROBE)
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
+    plan = execution.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=notebooks)
     environment = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    summary = runs.execute_run(plan, progress=False, log=lambda _: None, threads=1)
+    summary = execution.execute_run(plan, progress=False, log=lambda _: None, threads=1)
     assert {name: os.environ.get(name) for name in environment} == environment  # restored
     record = summary["reproducibility"]
     assert record["threads"] == 1
@@ -91,8 +91,8 @@ def test_same_threads_give_identical_comparable_summaries(tmp_path, write_tiny_s
     notebooks = write_tiny_series(tmp_path / "nb", THREAD_PROBE)
     summaries = []
     for name in ("a", "b"):
-        plan = runs.plan_run("quick", runs_root=tmp_path, name=name, notebooks_dir=notebooks)
-        summaries.append(runs.execute_run(plan, progress=False, log=lambda _: None, threads=2))
+        plan = execution.plan_run("quick", runs_root=tmp_path, name=name, notebooks_dir=notebooks)
+        summaries.append(execution.execute_run(plan, progress=False, log=lambda _: None, threads=2))
     assert summaries[0] != summaries[1]  # paths and seconds differ…
     a, b = (reproducibility.comparable_summary(s) for s in summaries)
     assert a == b  # …and nothing else
@@ -108,7 +108,7 @@ def test_other_thread_counts_agree_within_float32_rounding(small_dataset):
     test uses 1e-4. The same thread count repeats bit for bit.
     """
     images = small_dataset.noisy_images[:8]
-    templates = labels.template_bank(small_dataset.volume, 1, 1.0)
+    templates = labels_templates.template_bank(small_dataset.volume, 1, 1.0)
     model = PoseDistributionNetwork(ModelConfig(image_size=32, lmax=2, grid_level=1), seed=0)
     model.eval()
     before = torch.get_num_threads()
@@ -119,7 +119,7 @@ def test_other_thread_counts_agree_within_float32_rounding(small_dataset):
             with torch.no_grad():
                 logits = model(torch.from_numpy(images)).numpy()
             outputs.setdefault(threads, []).append(
-                (labels.mse_landscape(images, templates), logits)
+                (landscape.mse_landscape(images, templates), logits)
             )
     finally:
         torch.set_num_threads(before)
@@ -184,5 +184,5 @@ def test_killed_run_resumes_to_the_summary_of_an_uninterrupted_run(tmp_path, wri
         for n in ("killed", "straight")
     )
     assert resumed == straight
-    assert resumed["results"]["02_second"] == {"epochs": runs.PROFILES["quick"]["epochs"]}
+    assert resumed["results"]["02_second"] == {"epochs": execution.PROFILES["quick"]["epochs"]}
     assert not (killed / checks.LOCK_FILE).exists() and not debris.exists()

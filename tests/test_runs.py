@@ -7,8 +7,7 @@ import json
 import nbformat
 import pytest
 
-from cryosphere import runs
-from cryosphere.runs import cli
+from cryosphere.runs import cli, execution, pipeline
 
 
 @pytest.fixture
@@ -18,7 +17,7 @@ def tiny_series(tmp_path, write_notebook):
     write_notebook(
         folder / "01_first.ipynb",
         'run_dir = "x"\nstructure = "1ubi"\nn_projections = 3',
-        "from cryosphere import runs\nruns.record_results(run_dir, '01_first', {'n': n_projections * 2})",
+        "from cryosphere.runs import execution\nexecution.record_results(run_dir, '01_first', {'n': n_projections * 2})",
     )
     write_notebook(
         folder / "02_second.ipynb",
@@ -29,12 +28,12 @@ def tiny_series(tmp_path, write_notebook):
 
 
 def test_plan_passes_each_notebook_only_its_parameters(tiny_series, tmp_path):
-    plan = runs.plan_run(
+    plan = execution.plan_run(
         "quick", overrides={"epochs": 7}, runs_root=tmp_path / "runs", notebooks_dir=tiny_series
     )
     assert (
         plan.notebook_parameters["01_first"]["n_projections"]
-        == runs.PROFILES["quick"]["n_projections"]
+        == execution.PROFILES["quick"]["n_projections"]
     )
     assert "epochs" not in plan.notebook_parameters["01_first"]
     assert plan.notebook_parameters["02_second"] == {"run_dir": str(plan.run_dir), "epochs": 7}
@@ -42,15 +41,15 @@ def test_plan_passes_each_notebook_only_its_parameters(tiny_series, tmp_path):
 
 
 def test_execute_writes_notebooks_summary_and_skips_on_rerun(tiny_series, tmp_path):
-    plan = runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=tiny_series)
-    summary = runs.execute_run(plan, progress=False, log=lambda _: None)
-    assert summary["results"]["01_first"] == {"n": 2 * runs.PROFILES["quick"]["n_projections"]}
+    plan = execution.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=tiny_series)
+    summary = execution.execute_run(plan, progress=False, log=lambda _: None)
+    assert summary["results"]["01_first"] == {"n": 2 * execution.PROFILES["quick"]["n_projections"]}
     assert set(summary["timings_s"]) == {"01_first", "02_second"}
     assert json.loads((plan.run_dir / "summary.json").read_text()) == summary
     assert (plan.run_dir / "notebooks" / "02_second.ipynb").is_file()
     messages = []
-    runs.execute_run(
-        runs.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=tiny_series),
+    execution.execute_run(
+        execution.plan_run("quick", runs_root=tmp_path / "runs", notebooks_dir=tiny_series),
         progress=False,
         log=messages.append,
     )
@@ -58,34 +57,39 @@ def test_execute_writes_notebooks_summary_and_skips_on_rerun(tiny_series, tmp_pa
 
 
 def test_failed_step_names_the_notebook_and_cell(tiny_series, tmp_path):
-    plan = runs.plan_run(
+    plan = execution.plan_run(
         "quick", overrides={"fail": True}, runs_root=tmp_path / "runs", notebooks_dir=tiny_series
     )
     with pytest.raises(
-        runs.RunStepError, match=r"02_second failed in cell \d+ \(AssertionError: asked to fail"
+        execution.RunStepError,
+        match=r"02_second failed in cell \d+ \(AssertionError: asked to fail",
     ):
-        runs.execute_run(plan, progress=False, log=lambda _: None)
+        execution.execute_run(plan, progress=False, log=lambda _: None)
 
 
 def test_bad_input_is_refused_before_any_work(tiny_series, tmp_path):
     root = tmp_path / "runs"
     with pytest.raises(ValueError, match="unknown profile"):
-        runs.plan_run("huge", runs_root=root, notebooks_dir=tiny_series)
+        execution.plan_run("huge", runs_root=root, notebooks_dir=tiny_series)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]"):
-        runs.plan_run("quick", overrides={"epoch": 3}, runs_root=root, notebooks_dir=tiny_series)
+        execution.plan_run(
+            "quick", overrides={"epoch": 3}, runs_root=root, notebooks_dir=tiny_series
+        )
     with pytest.raises(FileNotFoundError, match="neither an embedded name"):
-        runs.plan_run(
+        execution.plan_run(
             "quick",
             structure=str(tmp_path / "missing.pdb"),
             runs_root=root,
             notebooks_dir=tiny_series,
         )
     assert not root.exists()
-    plan = runs.plan_run("quick", runs_root=root, notebooks_dir=tiny_series)
-    runs.execute_run(plan, progress=False, log=lambda _: None)
+    plan = execution.plan_run("quick", runs_root=root, notebooks_dir=tiny_series)
+    execution.execute_run(plan, progress=False, log=lambda _: None)
     with pytest.raises(FileExistsError, match="another run's data"):
-        runs.plan_run("paper", name=plan.run_dir.name, runs_root=root, notebooks_dir=tiny_series)
-    runs.plan_run(
+        execution.plan_run(
+            "paper", name=plan.run_dir.name, runs_root=root, notebooks_dir=tiny_series
+        )
+    execution.plan_run(
         "paper", name=plan.run_dir.name, runs_root=root, notebooks_dir=tiny_series, overwrite=True
     )
 
@@ -109,7 +113,7 @@ def test_cli_parses_parameter_values():
 def test_series_notebooks_share_parameter_defaults_and_are_committed_clean():
     """Shared names have one default across notebooks, so any notebook reuses the run folder."""
     defaults: dict[str, tuple[str, object]] = {}
-    notebooks = runs.series_notebooks()
+    notebooks = execution.series_notebooks()
     assert notebooks[0].name == "01_simulate.ipynb"
     for path in notebooks:
         notebook = nbformat.read(path, as_version=4)
@@ -122,7 +126,7 @@ def test_series_notebooks_share_parameter_defaults_and_are_committed_clean():
         assert not any(
             line.lstrip().startswith("def ") for c in code for line in c.source.splitlines()
         )
-        for name, value in runs.notebook_parameters(path).items():
+        for name, value in execution.notebook_parameters(path).items():
             if name in defaults:
                 first, expected = defaults[name]
                 assert value == expected, (
@@ -135,20 +139,20 @@ def test_series_notebooks_share_parameter_defaults_and_are_committed_clean():
 def test_every_notebook_takes_the_ctf_parameters_off_by_default_and_in_every_profile(tmp_path):
     """CTF and shifts are RunConfig fields (``-p ctf True`` reaches notebook 01 through
     ``config``); no profile turns them on (paper: the poster had none)."""
-    from cryosphere.runs.pipeline import RunConfig
+    from cryosphere.runs.run_config import RunConfig
 
     names = ["ctf", "defocus_min_angstrom", "defocus_max_angstrom", "max_astigmatism_angstrom"]
     names += ["voltage_kv", "spherical_aberration_mm", "amplitude_contrast", "ctf_b_factor"]
     names += ["max_shift_px"]
-    for profile in runs.PROFILES:
+    for profile in execution.PROFILES:
         simulation = RunConfig.from_profile(profile).simulation
         assert simulation.ctf is False and simulation.max_shift_px == 0.0
         assert (simulation.defocus_min_angstrom, simulation.defocus_max_angstrom) == (5e3, 25e3)
-    path = next(p for p in runs.series_notebooks() if p.name == "01_simulate.ipynb")
-    assert {"profile", "config"} <= set(runs.notebook_parameters(path))
-    plan = runs.plan_run(
+    path = next(p for p in execution.series_notebooks() if p.name == "01_simulate.ipynb")
+    assert {"profile", "config"} <= set(execution.notebook_parameters(path))
+    plan = execution.plan_run(
         "quick", overrides={"ctf": True, "max_shift_px": 2.0}, runs_root=tmp_path, name="ctf"
     )
     passed = plan.notebook_parameters["01_simulate"]["config"]
     assert passed["ctf"] is True and passed["max_shift_px"] == 2.0
-    assert set(names) <= set(runs.pipeline.FLAT_FIELDS)
+    assert set(names) <= set(pipeline.FLAT_FIELDS)

@@ -8,11 +8,11 @@ import pytest
 import starfile
 
 from cryosphere import io
-from cryosphere.geometry import so3
+from cryosphere.geometry import rotations
+from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.simulate import (
     SIMULATION_FILES,
-    SimulationParameters,
     load_dataset,
     load_or_simulate,
     save_dataset,
@@ -70,7 +70,7 @@ def test_files_open_with_mrcfile_and_starfile(small_dataset, tmp_path):
     assert tables["particles"]["rlnImageName"].iloc[0] == "000001@particles.mrcs"
     angles = tables["particles"][["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     np.testing.assert_allclose(
-        so3.matrices_from_relion_euler(angles), small_dataset.rotations, atol=1e-5
+        rotations.matrices_from_relion_euler(angles), small_dataset.rotations, atol=1e-5
     )
 
 
@@ -78,7 +78,7 @@ def test_projection_from_exported_relion_angles_matches_the_matrix(small_dataset
     save_dataset(small_dataset, tmp_path)
     star = io.read_particles_star(tmp_path / "particles.star")
     from_angles = project_volume(
-        small_dataset.volume, so3.matrices_from_relion_euler(star["angles_deg"])
+        small_dataset.volume, rotations.matrices_from_relion_euler(star["angles_deg"])
     )
     from_matrices = project_volume(small_dataset.volume, small_dataset.rotations)
     np.testing.assert_allclose(

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import grids, point_groups, rotations
 from cryosphere.imaging.projection import gaussian_blur, project_volume, rotate_images
-from cryosphere.poses import targets as tg
-from cryosphere.poses import train as tr
-from cryosphere.poses.labels import template_bank
-from cryosphere.poses.model import ModelConfig
-from cryosphere.poses.stream import FixedSetStream, SimulatedStream, StreamConfig
-from cryosphere.poses.stream_training import (
+from cryosphere.poses.labels.templates import template_bank
+from cryosphere.poses.network import checkpoints
+from cryosphere.poses.network import model as network_model
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.prediction import predictions
+from cryosphere.poses.training import targets as tg
+from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
+from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     learning_rate_at_step,
     train_on_stream,
@@ -38,16 +40,16 @@ def _state_close(a, b, rtol):
 # targets
 # ---------------------------------------------------------------------------------------------
 def test_pose_kernel_peaks_at_the_nearest_cell_and_weighs_symmetry_mates_equally():
-    grid = so3.healpix_so3_grid(LEVEL)
-    R = so3.random_rotations(20, 3)
+    grid = grids.healpix_so3_grid(LEVEL)
+    R = rotations.random_rotations(20, 3)
     t = tg.pose_kernel_targets(R, LEVEL)
     assert t.shape == (20, grid.shape[0]) and np.allclose(t.sum(1), 1, atol=1e-5)
-    assert np.array_equal(t.argmax(1), so3.nearest_grid_indices(R, grid))
-    ops = so3.point_group("C2")
+    assert np.array_equal(t.argmax(1), grids.nearest_grid_indices(R, grid))
+    ops = point_groups.point_group("C2")
     t2 = tg.pose_kernel_targets(R, LEVEL, ops)
-    mate_cells = so3.nearest_grid_indices(R @ ops[1], grid)
+    mate_cells = grids.nearest_grid_indices(R @ ops[1], grid)
     rows = np.arange(20)
-    own = so3.nearest_grid_indices(R, grid)
+    own = grids.nearest_grid_indices(R, grid)
     np.testing.assert_allclose(t2[rows, own], t2[rows, mate_cells], rtol=1e-5)
 
 
@@ -55,7 +57,7 @@ def test_bayes_posterior_argmax_is_template_matching_and_noise_free_images_hit_t
     small_volume,
 ):
     templates = template_bank(small_volume, LEVEL, 1.0)
-    grid = so3.healpix_so3_grid(LEVEL)
+    grid = grids.healpix_so3_grid(LEVEL)
     cells = np.array([3, 100, 333, 575])
     exact = torch.from_numpy(templates[cells])
     post = tg.bayes_posterior(exact, templates, noise_sigma=0.05 * float(exact.std()))
@@ -64,35 +66,35 @@ def test_bayes_posterior_argmax_is_template_matching_and_noise_free_images_hit_t
     # off-grid noise-free images: the argmax is the truth's nearest cell or a neighbour of it
     level = 2
     templates = template_bank(small_volume, level, 1.0)
-    grid = so3.healpix_so3_grid(level)
-    R = so3.random_rotations(32, 5)
+    grid = grids.healpix_so3_grid(level)
+    R = rotations.random_rotations(32, 5)
     clean = gaussian_blur(project_volume(small_volume, R), 1.0)
     post = tg.bayes_posterior(clean, templates, noise_sigma=float(clean.std()))
-    nearest = grid[so3.nearest_grid_indices(R, grid)]
-    hop = so3.geodesic_distance_deg(grid[post.argmax(1)], nearest)
-    assert np.all(hop <= 1.5 * so3.grid_nearest_neighbour_spacing_deg(level)), hop
+    nearest = grid[grids.nearest_grid_indices(R, grid)]
+    hop = rotations.geodesic_distance_deg(grid[post.argmax(1)], nearest)
+    assert np.all(hop <= 1.5 * grids.grid_nearest_neighbour_spacing_deg(level)), hop
     assert np.mean(hop == 0) > 0.5
     with pytest.raises(ValueError, match="noise_sigma"):
         tg.bayes_posterior(clean, templates, noise_sigma=0.0)
 
 
 def test_in_plane_permutation_is_the_left_turn_of_the_grid():
-    grid = so3.healpix_so3_grid(LEVEL)
+    grid = grids.healpix_so3_grid(LEVEL)
     for steps in (1, 5, 12):
-        turn = so3.rotation_about_z(steps * tg.in_plane_step_deg(LEVEL))
-        perm = tg.in_plane_permutation(LEVEL, steps)
+        turn = rotations.rotation_about_z(steps * tg.in_plane_step_deg(LEVEL))
+        perm = grids.in_plane_permutation(LEVEL, steps)
         # target'[S] = target[Qᵀ S]: cell perm[g] of the old grid is Qᵀ grid[g]
-        expected = so3.nearest_grid_indices(turn.T @ grid, grid)
+        expected = grids.nearest_grid_indices(turn.T @ grid, grid)
         assert np.array_equal(perm, expected)  # a pure permutation: exact
 
 
 def test_in_plane_augmentation_moves_the_target_as_the_pose_moves(small_volume):
-    R = so3.random_rotations(6, 11)
+    R = rotations.random_rotations(6, 11)
     steps = np.array([0, 1, 3, 6, 7, 11])
     clean = gaussian_blur(project_volume(small_volume, R), 1.0)
     target = tg.pose_kernel_targets(R, LEVEL)
     images, moved = tg.rotate_in_plane(clean, target, steps, LEVEL)
-    turned = so3.rotation_about_z(steps * tg.in_plane_step_deg(LEVEL)) @ R
+    turned = rotations.rotation_about_z(steps * tg.in_plane_step_deg(LEVEL)) @ R
     # the target of the turned pose, computed from scratch, is the permuted target
     np.testing.assert_allclose(moved.numpy(), tg.pose_kernel_targets(turned, LEVEL), atol=1e-6)
     # and the turned image is the image of the turned pose (bilinear: correlation, not equality)
@@ -103,7 +105,7 @@ def test_in_plane_augmentation_moves_the_target_as_the_pose_moves(small_volume):
 
 
 def test_rotate_images_quarter_turns_are_exact_and_angles_compose(small_volume):
-    R = so3.random_rotations(2, 1)
+    R = rotations.random_rotations(2, 1)
     img = gaussian_blur(project_volume(small_volume, R), 1.0)
     assert torch.equal(rotate_images(rotate_images(img, 90.0), 270.0), img)
     twice = rotate_images(rotate_images(img, 30.0), 30.0)
@@ -152,7 +154,7 @@ def test_simulated_stream_bad_input(small_volume):
 
 
 def test_fixed_set_stream_fresh_noise_and_in_plane(small_volume):
-    R = so3.random_rotations(10, 2)
+    R = rotations.random_rotations(10, 2)
     clean = gaussian_blur(project_volume(small_volume, R), 1.0).numpy()
     targets = tg.pose_kernel_targets(R, LEVEL)
     fixed = FixedSetStream(clean + 0.1, targets, R, batch_size=4, seed=1)
@@ -220,7 +222,7 @@ def test_streamed_training_learns_on_noisy_images(small_volume):
     validation = stream.heldout(64)
     config = StreamTrainingConfig(steps=500, learning_rate=3e-3, warmup_steps=10, eval_every=100)
     result = train_on_stream(stream, _tiny_model(), config, validation, progress=False)
-    uniform = np.log(so3.healpix_so3_grid_size(LEVEL))
+    uniform = np.log(grids.healpix_so3_grid_size(LEVEL))
     assert result.steps_done == 500 and result.images_seen == 500 * 32
     assert abs(result.history[0]["val_loss"] - uniform) < 0.3  # starts near uniform
     assert result.history[-1]["val_loss"] < uniform - 0.7, result.history
@@ -243,7 +245,7 @@ def test_streamed_training_resumes_to_the_same_weights(small_volume, tmp_path):
     # same kernels, same inputs, same thread count: identical; a tolerance covers BLAS blocking
     assert _state_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=1e-5)
     assert len(resumed.history) == 3
-    loaded = tr.load_model(tr.checkpoint_path(run))
+    loaded = checkpoints.load_model(checkpoints.checkpoint_path(run))
     assert loaded.config == _tiny_model()
     with pytest.raises(ValueError, match="other settings"):
         other = StreamTrainingConfig(steps=12, eval_every=4, warmup_steps=2, learning_rate=5e-3)
@@ -254,18 +256,18 @@ def test_streamed_training_resumes_to_the_same_weights(small_volume, tmp_path):
 
 
 def test_predict_reads_the_harmonics_on_a_finer_grid(small_volume):
-    model = tr.build_model(_tiny_model(), seed=0)
+    model = network_model.build_model(_tiny_model(), seed=0)
     images = torch.randn(5, 32, 32)
-    coarse = tr.predict(model, images)
-    fine = tr.predict(model, images, level=LEVEL + 1)
-    assert coarse.probabilities.shape[1] == so3.healpix_so3_grid_size(LEVEL)
-    assert fine.probabilities.shape[1] == so3.healpix_so3_grid_size(LEVEL + 1)
+    coarse = predictions.predict(model, images)
+    fine = predictions.predict(model, images, level=LEVEL + 1)
+    assert coarse.probabilities.shape[1] == grids.healpix_so3_grid_size(LEVEL)
+    assert fine.probabilities.shape[1] == grids.healpix_so3_grid_size(LEVEL + 1)
     np.testing.assert_allclose(fine.coefficients, coarse.coefficients, rtol=1e-6)
     # the fine logits are the same harmonics evaluated at the fine grid's rotations
-    from cryosphere.poses.model import evaluate_so3_coefficients
+    from cryosphere.poses.network.harmonics import evaluate_so3_coefficients
 
     expected = evaluate_so3_coefficients(
-        torch.from_numpy(fine.coefficients).double(), so3.healpix_so3_grid(LEVEL + 1)
+        torch.from_numpy(fine.coefficients).double(), grids.healpix_so3_grid(LEVEL + 1)
     ).numpy()
     np.testing.assert_allclose(fine.logits, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fine.probabilities.sum(1), 1.0, atol=1e-4)
@@ -275,24 +277,24 @@ def test_density_equivariance_is_exact_for_quarter_turns_and_offset_free(small_v
     """``output="density"`` compares G·softmax maps: exact for the quarter-turn network under
     90° turns, and blind to a constant logit offset (which sigmoid maps are not)."""
     from cryosphere.imaging.projection import rotate_images_quarter_turns
-    from cryosphere.poses import evaluate
-    from cryosphere.poses.model import build_model
+    from cryosphere.poses.evaluation import equivariance
+    from cryosphere.poses.network.model import build_model
 
     config = ModelConfig(image_size=32, lmax=3, grid_level=LEVEL)
     model = build_model(config, seed=1)
-    R = so3.random_rotations(4, 8)
+    R = rotations.random_rotations(4, 8)
     images = gaussian_blur(project_volume(small_volume, R), 1.0).numpy()
-    Q = np.repeat(so3.rotation_about_z(90.0)[None], 4, axis=0)
+    Q = np.repeat(rotations.rotation_about_z(90.0)[None], 4, axis=0)
     turned = rotate_images_quarter_turns(images, 1).numpy()
-    mse = evaluate.model_equivariance_mse(model, images, turned, Q, output="density")
+    mse = equivariance.model_equivariance_mse(model, images, turned, Q, output="density")
     assert np.all(mse < 1e-8)
-    other = evaluate.model_equivariance_mse(model, images, images, Q, output="density")
+    other = equivariance.model_equivariance_mse(model, images, images, Q, output="density")
     with torch.no_grad():
         model.output_bias += 5.0
-    shifted = evaluate.model_equivariance_mse(model, images, images, Q, output="density")
+    shifted = equivariance.model_equivariance_mse(model, images, images, Q, output="density")
     np.testing.assert_allclose(shifted, other, rtol=1e-3)
     with pytest.raises(ValueError, match="density"):
-        evaluate.model_equivariance_mse(model, images, turned, Q, output="softmax")
+        equivariance.model_equivariance_mse(model, images, turned, Q, output="softmax")
 
 
 def test_soft_target_stream_tunes_lambda_on_its_reference_stack(small_volume):
@@ -311,8 +313,8 @@ def test_soft_target_stream_tunes_lambda_on_its_reference_stack(small_volume):
 def test_realistic_stream_feeds_the_network_what_predict_does(small_volume):
     from cryosphere.imaging import ctf as ctf_module
     from cryosphere.imaging import preprocess
-    from cryosphere.imaging.simulate import SimulationParameters
-    from cryosphere.poses.stream import ParticleRealism
+    from cryosphere.imaging.datasets import SimulationParameters
+    from cryosphere.poses.training.stream import ParticleRealism
 
     optics = SimulationParameters(ctf=True, max_shift_px=2.0)
     realism = ParticleRealism(pixel_size_angstrom=2.0, optics=optics)
@@ -339,9 +341,9 @@ def test_realistic_stream_feeds_the_network_what_predict_does(small_volume):
     prepared, _ = preprocess.prepare_images(batch.raw, 2.0, target_size=32, ctf=batch.ctf)
     assert torch.allclose(batch.images, prepared, atol=1e-5 * float(prepared.abs().max()))
     # at SNR 100 the CTF-aware Bayes target peaks at the true pose's cell (shift known)
-    grid = so3.healpix_so3_grid(LEVEL)
-    errors = so3.geodesic_distance_deg(grid[batch.targets.argmax(1).numpy()], batch.rotations)
-    assert np.all(errors <= so3.grid_nearest_neighbour_spacing_deg(LEVEL))
+    grid = grids.healpix_so3_grid(LEVEL)
+    errors = rotations.geodesic_distance_deg(grid[batch.targets.argmax(1).numpy()], batch.rotations)
+    assert np.all(errors <= grids.grid_nearest_neighbour_spacing_deg(LEVEL))
     assert stream.description()["realism"]["optics"]["max_shift_px"] == 2.0
     assert "realism" not in plain.description()
     # reproducible, and a held-out batch is another draw

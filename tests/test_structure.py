@@ -8,20 +8,22 @@ import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-from cryosphere.imaging.structure import (
+from cryosphere.imaging.atoms import (
     EMBEDDED_STRUCTURES,
     atom_masses,
     atom_positions,
     centre_of_mass,
-    chain_ca_positions,
-    coulomb_potential_map,
-    detect_point_group,
     embedded_structure_path,
     load_structure,
     minimum_box_size,
+)
+from cryosphere.imaging.chain_symmetry import (
+    chain_ca_positions,
+    detect_point_group,
     resolve_point_group,
     symmetry_rotation_between_chains,
 )
+from cryosphere.imaging.structure import coulomb_potential_map
 
 
 def _residue_names(structure) -> set[str]:

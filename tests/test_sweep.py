@@ -10,16 +10,17 @@ import pandas as pd
 import pytest
 
 from cryosphere import io
-from cryosphere.imaging.simulate import SimulationParameters
-from cryosphere.poses import train
-from cryosphere.poses.model import ModelConfig
+from cryosphere.figures import plots
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.training import settings
 from cryosphere.runs import sweep
 
 matplotlib.use("Agg")
 
 PARAMETERS = SimulationParameters(structure="1ubi", image_size=32, snr=1.0)
 MODEL = ModelConfig(image_size=32, lmax=3, conv_channels=(4, 8), sphere_channels=4, so3_channels=4)
-TRAINING = train.TrainingConfig(epochs=1, batch_size=16, device="cpu")
+TRAINING = settings.TrainingConfig(epochs=1, batch_size=16, device="cpu")
 SETTINGS = {
     "counts": (8, 16),
     "seeds": (0,),
@@ -115,13 +116,13 @@ def test_summary_mean_std_min_max_on_a_hand_made_example():
 def test_plot_draws_both_panels(tiny_sweep):
     _, result = tiny_sweep
     for spread in ("std", "range"):
-        fig = sweep.plot_sweep(result.summary, spread=spread)
+        fig = plots.plot_sweep(result.summary, spread=spread)
         errors, equivariance = fig.axes
         assert len(errors.get_lines()) >= 2 and equivariance.get_yscale() == "log"
-    fig = sweep.plot_sweep(pd.DataFrame(result.summary))
+    fig = plots.plot_sweep(pd.DataFrame(result.summary))
     assert len(fig.axes) == 2
     with pytest.raises(ValueError, match="spread"):
-        sweep.plot_sweep(result.summary, spread="iqr")
+        plots.plot_sweep(result.summary, spread="iqr")
 
 
 @pytest.mark.parametrize(
@@ -134,9 +135,9 @@ def test_plot_draws_both_panels(tiny_sweep):
         ({"seeds": ()}, "seeds is empty"),
         ({"seeds": (0, 0)}, "seeds holds duplicates"),
         ({"seeds": (-1,)}, "seeds must be >= 0"),
-        ({"training_config": train.TrainingConfig(epochs=0)}, "epochs must be >= 1"),
+        ({"training_config": settings.TrainingConfig(epochs=0)}, "epochs must be >= 1"),
         (
-            {"training_config": train.TrainingConfig(epochs=1, validation_fraction=0.0)},
+            {"training_config": settings.TrainingConfig(epochs=1, validation_fraction=0.0)},
             "validation_fraction must be > 0",
         ),
         ({"model_config": ModelConfig(image_size=64)}, "set ModelConfig\\(image_size=32\\)"),

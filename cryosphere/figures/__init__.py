@@ -4,6 +4,5 @@ matplotlib: label figures (:mod:`.viz`), evaluation and sweep plots (:mod:`.plot
 image galleries with the one image orientation (:mod:`.gallery`), FSC and resolution plots
 (:mod:`.resolution`), the one Mollweide map (:mod:`.mollweide`). plotly: SO(3) distributions
 on the sphere (:mod:`.so3_views` prepares them, :mod:`.so3_plotly` draws them). Files:
-:mod:`.export`. ipywidgets explorers: :mod:`.widgets`. :mod:`.spheres` keeps the 0.1 names of
-the sphere views.
+:mod:`.export`. ipywidgets explorers: :mod:`.widgets`.
 """

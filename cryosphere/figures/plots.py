@@ -1,7 +1,7 @@
 """Figures of the evaluation (matplotlib): equivariance MSE, pose errors, accuracy curves, and
 accuracy and equivariance against the number of training images (:func:`plot_sweep`).
 
-Every function takes arrays or the records of :mod:`cryosphere.poses.evaluate` and returns a
+Every function takes arrays or the records of :mod:`cryosphere.poses.evaluation.metrics` and returns a
 :class:`matplotlib.figure.Figure`; nothing is computed here beyond what is drawn.
 """
 
@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from cryosphere.figures.gallery import draw_image
 from cryosphere.figures.mollweide import mollweide_panel
-from cryosphere.poses.evaluate import accuracy_curve
+from cryosphere.poses.evaluation.metrics import accuracy_curve
 
 __all__ = [
     "plot_equivariance_distribution",

@@ -1,7 +1,7 @@
 """Heatmaps of ``cryosphere predict`` output: any particle of a predicted STAR file.
 
 :func:`predicted_particle_view` reads the top-k side file written beside the STAR file
-(:func:`cryosphere.poses.inference.load_topk`) and turns one particle's ``k`` most probable
+(:func:`cryosphere.poses.prediction.inference.load_topk`) and turns one particle's ``k`` most probable
 cells into a :class:`~cryosphere.figures.so3_views.SphereView` (probability on those cells, 0
 elsewhere, renormalised); :func:`plot_predicted_particle` draws it as the Image2Sphere-style
 scatter (:func:`~cryosphere.figures.so3_plotly.plot_pose_scatter`), titled with the particle's
@@ -18,7 +18,7 @@ import starfile
 
 from cryosphere.figures.so3_plotly import plot_pose_scatter
 from cryosphere.figures.so3_views import SphereView, sphere_view
-from cryosphere.poses.inference import load_topk
+from cryosphere.poses.prediction.inference import load_topk
 
 __all__ = ["predicted_particle_view", "plot_predicted_particle"]
 
@@ -30,7 +30,7 @@ def predicted_particle_view(
     symmetry_ops: np.ndarray | None = None,
 ) -> SphereView:
     """The sphere view of particle ``particle`` (0-based row of the STAR file) of a
-    :func:`~cryosphere.poses.inference.predict_star` output ``star_path``.
+    :func:`~cryosphere.poses.prediction.inference.predict_star` output ``star_path``.
 
     ``true_rotation`` ``(3, 3)`` (e.g. a refinement's pose) and ``symmetry_ops`` ``(K, 3, 3)``
     add the true-pose markers. Raises IndexError for a particle past the end and

@@ -41,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from cryosphere.geometry import distributions, so3
+from cryosphere import _checks
+from cryosphere.geometry import distributions, grids
+from cryosphere.geometry import rotations as geometry_rotations
 
 __all__ = [
     "IN_PLANE_COLORSCALE",
@@ -70,7 +72,7 @@ def in_plane_angles_deg(R: np.ndarray) -> np.ndarray:
     Poses are validated (ValueError for non-rotations). See the module docstring for the
     definition and the gimbal-lock convention.
     """
-    psi = so3.relion_euler_from_matrices(R)[..., 2]
+    psi = geometry_rotations.relion_euler_from_matrices(R)[..., 2]
     return np.mod(psi, 360.0)
 
 
@@ -88,7 +90,7 @@ def grid_in_plane_angles_deg(level: int) -> np.ndarray:
     Cell ``p * 6 * 2**level + j`` has ``ψ = 360 j / (6 * 2**level)``, equal to
     :func:`in_plane_angles_deg` of the cell's rotation. Read-only cached array.
     """
-    so3.healpix_so3_grid_size(level)  # validates the level
+    grids.healpix_so3_grid_size(level)  # validates the level
     return _grid_in_plane(int(level))
 
 
@@ -180,10 +182,10 @@ def pose_markers(
     if R.shape != (3, 3):
         raise ValueError(f"true_rotation must have shape (3, 3), got {R.shape}")
     in_plane_angles_deg(R)  # validates
-    ops = so3.as_symmetry_ops(symmetry_ops)
+    ops = _checks.as_symmetry_ops(symmetry_ops)
     mates = [R] + [R @ g for g in ops if not np.allclose(g, np.eye(3), atol=1e-6)]
     stack = np.stack(mates)
-    return so3.viewing_directions(stack), in_plane_angles_deg(stack)
+    return geometry_rotations.viewing_directions(stack), in_plane_angles_deg(stack)
 
 
 @functools.cache
@@ -219,7 +221,7 @@ def lat_lon_pixel_mesh(
         latitudes -90..90 and longitudes -180..180 (both ends included), and the NESTED pixel
         index (``healpy.ang2pix(nside, theta, phi, nest=True)``) of each. Read-only, cached.
     """
-    so3.healpix_so3_grid_size(level)
+    grids.healpix_so3_grid_size(level)
     if resolution_deg is None:
         resolution_deg = min(3.0, math.degrees(math.sqrt(4 * math.pi / 12)) / 2**level / 4)
     if not (resolution_deg > 0 and math.isfinite(resolution_deg)):
@@ -243,7 +245,7 @@ def check_distribution(probs: np.ndarray, level: int) -> np.ndarray:
         ValueError: not 1-D, wrong ``G`` for the level, NaN/infinite or negative weights, or all
             zero (each message says which).
     """
-    n_cells = so3.healpix_so3_grid_size(level)
+    n_cells = grids.healpix_so3_grid_size(level)
     array = np.asarray(probs)
     if array.ndim != 1:
         raise ValueError(
@@ -359,7 +361,7 @@ class DistributionSet:
 
     def __post_init__(self) -> None:
         n = len(self.rotations)
-        n_cells = so3.healpix_so3_grid_size(self.level)
+        n_cells = grids.healpix_so3_grid_size(self.level)
         shapes = {"images": np.shape(self.images)[:1], "label_probs": np.shape(self.label_probs)}
         expected = {"images": (n,), "label_probs": (n, n_cells)}
         if self.predicted_probs is not None:

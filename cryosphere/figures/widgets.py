@@ -2,7 +2,7 @@
 :mod:`.so3_plotly`.
 
 The widgets only wire sliders to library functions; the computations live in
-:mod:`cryosphere.poses.labels` and :mod:`cryosphere.figures.so3_views`, the figures in
+:mod:`cryosphere.poses.labels.dataset_labels` and :mod:`cryosphere.figures.so3_views`, the figures in
 :mod:`cryosphere.figures.viz` and :mod:`cryosphere.figures.so3_plotly`. Building a widget needs
 ipywidgets but no running front end, so notebooks executed headless (CI, papermill) still run.
 """
@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from cryosphere.figures import export, so3_plotly, so3_views, viz
-from cryosphere.poses import labels as labels_module
+from cryosphere.poses.labels import dataset_labels as labels_module
+from cryosphere.poses.labels import explorer
 
 __all__ = ["label_explorer", "sphere_explorer"]
 
@@ -30,7 +31,7 @@ def label_explorer(
     """Sliders for λ (log scale), q and the image index over :func:`viz.plot_label_explorer`.
 
     Args:
-        labels: :class:`cryosphere.poses.labels.PoseLabels` (its MSE landscape is reused; moving a
+        labels: :class:`cryosphere.poses.labels.dataset_labels.PoseLabels` (its MSE landscape is reused; moving a
             slider recomputes only the chosen image's soft map and mask).
         rotations: ``(n, 3, 3)`` true poses of the labelled images.
         symmetry_ops: ``(K, 3, 3)`` point-group ops (None: no symmetry).
@@ -82,7 +83,7 @@ def label_explorer(
 
     def redraw(_change=None) -> None:
         i = index_slider.value
-        data = labels_module.label_explorer_data(
+        data = explorer.label_explorer_data(
             labels.mse[i],
             labels.level,
             rotations[i],

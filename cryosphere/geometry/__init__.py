@@ -1,3 +1,3 @@
 """Geometry of poses: rotations and conversions (:mod:`.rotations`), HEALPix SO(3) grids
-(:mod:`.grids`), point groups (:mod:`.point_groups`), all three under one name in :mod:`.so3`;
-distributions on the grid (:mod:`.distributions`)."""
+(:mod:`.grids`), point groups (:mod:`.point_groups`), distributions on the grid
+(:mod:`.distributions`)."""

@@ -18,7 +18,9 @@ import math
 
 import numpy as np
 
-from cryosphere.geometry import so3
+from cryosphere import _checks
+from cryosphere.geometry import grids, point_groups
+from cryosphere.geometry import rotations as geometry_rotations
 
 __all__ = [
     "normalize_rows",
@@ -71,7 +73,7 @@ def healpix_pixel_directions(level: int) -> np.ndarray:
     These are the viewing directions of the grid cells: cell ``p * 6 * 2**level + j`` has
     viewing direction ``healpix_pixel_directions(level)[p]``. Read-only cached array.
     """
-    so3.healpix_so3_grid_size(level)  # validates the level
+    grids.healpix_so3_grid_size(level)  # validates the level
     return _pixel_directions(int(level))
 
 
@@ -91,7 +93,7 @@ def viewing_direction_marginal(
         ``(..., P)`` float64, ``P = 12 * 4**level``, indexed by NESTED pixel. With
         ``normalize`` the masses sum to 1 (densities integrate to 1 over the sphere).
     """
-    n_cells = so3.healpix_so3_grid_size(level)
+    n_cells = grids.healpix_so3_grid_size(level)
     array = normalize_rows(probs) if normalize else _check_probs(probs).astype(np.float64)
     if array.shape[-1] != n_cells:
         raise ValueError(
@@ -132,10 +134,10 @@ def cells_within_deg(
         raise ValueError(f"grid must have shape (G, 3, 3), got {grid.shape}")
     if rotations.ndim != 3 or rotations.shape[1:] != (3, 3):
         raise ValueError(f"true_rotations must have shape (n, 3, 3), got {rotations.shape}")
-    ops = so3.as_symmetry_ops(symmetry_ops)
-    mates = so3.symmetry_mates(rotations, ops)  # (n, K, 3, 3)
-    q_mates = so3.matrices_to_quaternions(mates)  # (n, K, 4)
-    q_grid = so3.matrices_to_quaternions(grid)  # (G, 4)
+    ops = _checks.as_symmetry_ops(symmetry_ops)
+    mates = point_groups.symmetry_mates(rotations, ops)  # (n, K, 3, 3)
+    q_mates = geometry_rotations.matrices_to_quaternions(mates)  # (n, K, 4)
+    q_grid = geometry_rotations.matrices_to_quaternions(grid)  # (G, 4)
     threshold = math.cos(math.radians(radius_deg) / 2.0)
     within = np.zeros((rotations.shape[0], grid.shape[0]), dtype=bool)
     for k in range(q_mates.shape[1]):
@@ -190,15 +192,15 @@ def nearest_cell_recall(
         ``R_i @ g_k`` has ``mask[i, cell]`` true (entry 0 is the true pose itself).
     """
     mask = np.asarray(mask, dtype=bool)
-    ops = so3.as_symmetry_ops(symmetry_ops)
+    ops = _checks.as_symmetry_ops(symmetry_ops)
     rotations = np.asarray(true_rotations, dtype=np.float64)
     if mask.shape != (rotations.shape[0], np.asarray(grid).shape[0]):
         raise ValueError(
             f"mask has shape {mask.shape}, expected (n images, G cells) = "
             f"({rotations.shape[0]}, {np.asarray(grid).shape[0]})"
         )
-    mates = so3.symmetry_mates(rotations, ops)  # (n, K, 3, 3)
+    mates = point_groups.symmetry_mates(rotations, ops)  # (n, K, 3, 3)
     n, k = mates.shape[:2]
-    nearest = so3.nearest_grid_indices(mates.reshape(-1, 3, 3), grid).reshape(n, k)
+    nearest = grids.nearest_grid_indices(mates.reshape(-1, 3, 3), grid).reshape(n, k)
     hits = np.take_along_axis(mask, nearest, axis=1)
     return hits.mean(axis=0)

@@ -23,6 +23,7 @@ from cryosphere.geometry.rotations import (
 )
 
 __all__ = [
+    "in_plane_permutation",
     "MAX_HEALPIX_LEVEL",
     "healpix_so3_grid_size",
     "healpix_so3_grid",
@@ -185,3 +186,15 @@ def grid_nearest_neighbour_spacing_deg(level: int) -> float:
     Computed exactly with a k-d tree over ``[q; -q]`` (fast even for level 4); cached.
     """
     return _grid_spacing(_check_level(level))
+
+
+def in_plane_permutation(level: int, steps: int) -> np.ndarray:
+    """Cell permutation ``(G,)`` int64 for an in-plane turn by ``steps · Δψ``.
+
+    For a target ``t`` of the image of pose ``R``, ``t[..., perm]`` is the target of the image
+    of pose ``Rz(steps · Δψ) @ R``: ``perm[p · n_ψ + j] = p · n_ψ + (j + steps) mod n_ψ``.
+    """
+    n_psi = 6 * 2 ** int(level)
+    G = healpix_so3_grid_size(level)
+    cells = np.arange(G).reshape(-1, n_psi)
+    return np.roll(cells, -int(steps), axis=1).reshape(-1).astype(np.int64)

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from cryosphere._checks import as_matrices, as_symmetry_ops, check_rotations
+from cryosphere._checks import as_matrices, check_rotations
 from cryosphere.geometry.rotations import (
     geodesic_distance_deg,
     rotation_about_axis,
@@ -23,7 +23,6 @@ __all__ = [
     "point_group",
     "symmetry_mates",
     "symmetric_geodesic_distance_deg",
-    "as_symmetry_ops",
 ]
 
 _GROUP_HELP = "C1, Cn (n >= 1), Dn (n >= 2), T, O, I (case-insensitive)"

@@ -23,7 +23,7 @@ Fourier-resamples every image to the set's :attr:`ParticleSet.pixel_size_angstro
 of the groups, :mod:`cryosphere.imaging.resample`) as it reads it, so everything downstream
 (CTF, origins in Å, the network's box) sees one pixel size.
 
-Conventions: angles (rot, tilt, psi) in degrees, RELION ZYZ (:mod:`cryosphere.geometry.so3`);
+Conventions: angles (rot, tilt, psi) in degrees, RELION ZYZ (:mod:`cryosphere.geometry.rotations`);
 origins in Å with RELION's sign (shifting an image by ``+origin / pixel_size`` centres the
 particle, :mod:`cryosphere.imaging.ctf`); defocus in Å.
 """
@@ -43,7 +43,7 @@ import pandas as pd
 import starfile
 from tqdm.auto import tqdm
 
-from cryosphere.geometry import so3
+from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging import relion_star
 from cryosphere.imaging.ctf import CTFParameters
 from cryosphere.imaging.resample import common_pixel_size, resample_images
@@ -127,7 +127,7 @@ class ParticleSet:
                 f"{self.star_path} has no rlnAngleRot/Tilt/Psi columns; poses come from a "
                 "refinement (e.g. RELION 3D auto-refine) of these particles"
             )
-        return so3.matrices_from_relion_euler(self.angles_deg)
+        return geometry_rotations.matrices_from_relion_euler(self.angles_deg)
 
 
 def non_finite_rows(indices: np.ndarray, images: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ __all__ = [
     "noise_sigma_for_snr",
     "add_gaussian_noise",
     "default_device",
+    "resolve_device",
     "rotate_images_quarter_turns",
     "rotate_images",
 ]
@@ -51,6 +52,12 @@ __all__ = [
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device; None: CUDA when available, else CPU
+    (:func:`default_device`)."""
+    return default_device() if device is None else torch.device(device)
 
 
 def _as_rotations(rotations: np.ndarray | torch.Tensor) -> torch.Tensor:

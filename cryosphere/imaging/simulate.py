@@ -40,17 +40,17 @@ import numpy as np
 import torch
 
 from cryosphere import io
-from cryosphere.geometry import so3
+from cryosphere.geometry import point_groups
+from cryosphere.geometry import rotations as geometry_rotations
+from cryosphere.imaging import atoms as imaging_atoms
+from cryosphere.imaging import chain_symmetry, structure
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.imaging import structure
 from cryosphere.imaging.datasets import ParticleDataset, SimulationParameters
 from cryosphere.imaging.projection import add_gaussian_noise, gaussian_blur, project_volume
 
 __all__ = [
     "SIMULATION_FILES",
     "REALISM_FILE",
-    "SimulationParameters",
-    "ParticleDataset",
     "auto_pixel_size",
     "simulate_dataset",
     "save_dataset",
@@ -80,9 +80,9 @@ def auto_pixel_size(
     The structure fits when every atom lies within ``N * pixel / 2 - margin`` of the centre of
     mass; the margin leaves room for the atoms' scattering profiles.
     """
-    positions = structure.atom_positions(atom_structure)
+    positions = imaging_atoms.atom_positions(atom_structure)
     radius = float(
-        np.linalg.norm(positions - structure.centre_of_mass(atom_structure), axis=1).max()
+        np.linalg.norm(positions - imaging_atoms.centre_of_mass(atom_structure), axis=1).max()
     )
     pixel = 2.0 * (radius + margin_angstrom) / image_size
     return math.ceil(pixel / 0.05 - 1e-9) * 0.05
@@ -99,16 +99,16 @@ def simulate_dataset(
     back to the CPU. The poses and the noise are drawn on the CPU, so a GPU changes the images
     only by the float error of its FFTs and interpolation.
     """
-    atoms = structure.load_structure(parameters.structure)
+    atoms = imaging_atoms.load_structure(parameters.structure)
     structure.check_imageable(atoms, repr(parameters.structure))
     pixel_size = parameters.pixel_size or auto_pixel_size(atoms, parameters.image_size)
     volume = structure.coulomb_potential_map(
         atoms, parameters.image_size, pixel_size, extra_b_factor=parameters.extra_b_factor
     )
-    group_name, frame = structure.resolve_point_group(atoms, parameters.symmetry)
-    symmetry_ops = so3.point_group(group_name, frame)
+    group_name, frame = chain_symmetry.resolve_point_group(atoms, parameters.symmetry)
+    symmetry_ops = point_groups.point_group(group_name, frame)
     rng = np.random.default_rng(parameters.seed)
-    rotations = so3.random_rotations(parameters.n_projections, rng)
+    rotations = geometry_rotations.random_rotations(parameters.n_projections, rng)
     projections = project_volume(volume, rotations, progress=progress, device=device)
     clean = gaussian_blur(projections, parameters.blur_sigma)
     noise_seed = int(rng.integers(2**31))
@@ -240,7 +240,7 @@ def save_dataset(
     optics = dataset.parameters
     io.write_particles_star(
         paths["star"],
-        so3.relion_euler_from_matrices(dataset.rotations),
+        geometry_rotations.relion_euler_from_matrices(dataset.rotations),
         stack_name=SIMULATION_FILES["noisy"],
         pixel_size=dataset.pixel_size,
         image_size=dataset.image_size,

@@ -32,38 +32,16 @@ import gemmi
 import numpy as np
 
 from cryosphere.imaging.atoms import (
-    EMBEDDED_STRUCTURES,
     EXTENT_MARGIN_ANGSTROM,
-    atom_masses,
     atom_positions,
     centre_of_mass,
     count_atoms,
-    embedded_structure_path,
-    load_structure,
     minimum_box_size,
     structure_radius,
 )
-from cryosphere.imaging.chain_symmetry import (
-    chain_ca_positions,
-    detect_point_group,
-    resolve_point_group,
-    symmetry_rotation_between_chains,
-)
 
 __all__ = [
-    "EMBEDDED_STRUCTURES",
-    "embedded_structure_path",
-    "load_structure",
-    "atom_positions",
-    "atom_masses",
-    "centre_of_mass",
-    "structure_radius",
-    "minimum_box_size",
     "coulomb_potential_map",
-    "chain_ca_positions",
-    "symmetry_rotation_between_chains",
-    "detect_point_group",
-    "resolve_point_group",
     "MIN_ATOMS",
     "MAX_ATOMS",
     "check_imageable",

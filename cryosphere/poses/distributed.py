@@ -102,7 +102,7 @@ def init_from_env(
             ``cuda:LOCAL_RANK`` and the backend is NCCL; on CPU it is Gloo.
         timeout_s: the longest a collective waits for a peer before raising (seconds).
     """
-    from cryosphere.poses.train import resolve_device  # noqa: PLC0415 - light module first
+    from cryosphere.imaging.projection import resolve_device  # noqa: PLC0415 - light module first
 
     device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,3 +1,3 @@
 """Reconstruction, by concept: Fourier-space back-projection (:mod:`.backprojection`), point-group
 symmetry (:mod:`.symmetry`), Fourier shell correlation (:mod:`.fsc`) and resolution experiments
-(:mod:`.experiments`). :mod:`.reconstruct` keeps the 0.1 names for one release."""
+(:mod:`.experiments`)."""

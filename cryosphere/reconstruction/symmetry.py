@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cryosphere._checks import as_ops, as_volume
-from cryosphere.geometry import so3
+from cryosphere.geometry import rotations
 
 __all__ = ["symmetrize_map", "symmetry_correlation", "check_point_group"]
 
@@ -106,7 +106,7 @@ def symmetry_correlation(
         angle = math.acos(max(-1.0, min(1.0, (float(torch.trace(g)) - 1) / 2)))
         key = round(angle, 4)
         if key not in controls:
-            turns = [so3.rotation_about_axis(axis, math.degrees(angle)) for axis in axes]
+            turns = [rotations.rotation_about_axis(axis, math.degrees(angle)) for axis in axes]
             values = [
                 _masked_correlation(reference, _rotate_map(smooth, torch.as_tensor(turn))[mask])
                 for turn in turns

@@ -2,11 +2,4 @@
 (:mod:`.pipeline`: ``Run``, its stages and the one cache rule), the stages' result types
 (:mod:`.series`), the SNR study (:mod:`.snr_study`) and the image-count experiment
 (:mod:`.sweep`), training on a refinement (:mod:`.refinement`), papermill execution of the
-series (:mod:`.execution`) and the command line (:mod:`.cli`).
-
-``cryosphere.runs.<name>`` keeps serving the names of :mod:`.execution` (the former
-``cryosphere/runs.py``).
-"""
-
-from cryosphere.runs.execution import *  # noqa: F403
-from cryosphere.runs.execution import __all__  # noqa: F401
+series (:mod:`.execution`) and the command line (:mod:`.cli`)."""

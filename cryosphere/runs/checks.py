@@ -32,7 +32,7 @@ LOCK_FILE = ".cryosphere.lock"
 
 #: Largest grid level the labels support (level 3: 36,864 rotations).
 _MAX_GRID_LEVEL = 3
-#: Largest harmonic degree of the network (``cryosphere.poses.model.MAX_LMAX``).
+#: Largest harmonic degree of the network (``cryosphere.poses.network.model.MAX_LMAX``).
 _MAX_LMAX = 8
 
 

@@ -26,7 +26,8 @@ import os
 import sys
 from typing import Any
 
-from cryosphere import __version__, runs
+from cryosphere import __version__
+from cryosphere.runs import execution
 from cryosphere.runs.checks import RunLockedError
 
 
@@ -47,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="execute the numbered notebooks into a run folder")
-    run.add_argument("--profile", default="quick", help=f"one of {sorted(runs.PROFILES)}")
+    run.add_argument("--profile", default="quick", help=f"one of {sorted(execution.PROFILES)}")
     run.add_argument(
         "--structure", default="1ubi", help="embedded name (1ubi, 1hvr, 5pti) or PDB/mmCIF path"
     )
@@ -160,7 +161,7 @@ def _add_reading_options(command: Any) -> None:
 def _training_config(args: argparse.Namespace) -> Any:
     """``--steps`` (warm-up 10 %, 20 validations) or the default schedule (steps from
     ``--epochs``); ``--learning-rate`` over the default when given."""
-    from cryosphere.poses.stream_training import StreamTrainingConfig
+    from cryosphere.poses.training.streamed import StreamTrainingConfig
 
     extra = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     if args.minutes is not None:
@@ -290,12 +291,13 @@ def _add_predict_parser(commands: Any) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from cryosphere.poses import distributed, sharded_inference  # torch only when needed
+    from cryosphere.poses import distributed
+    from cryosphere.poses.prediction import sharded  # torch only when needed
 
     try:
         refine = None
         if args.map is not None:
-            from cryosphere.poses.map_search import MapRefinement
+            from cryosphere.poses.search.map_search import MapRefinement
 
             refine = MapRefinement(
                 args.map,
@@ -305,7 +307,7 @@ def _predict(args: argparse.Namespace) -> int:
                 resolution_angstrom=args.resolution,
             )
         context = distributed.init_from_env(args.device)
-        summary = sharded_inference.predict_star_distributed(
+        summary = sharded.predict_star_distributed(
             args.star,
             args.checkpoint,
             args.output,
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cryosphere`` console command; returns the exit status."""
     args = _build_parser().parse_args(argv)
     if args.command == "profiles":
-        print(json.dumps(runs.PROFILES, indent=2))
+        print(json.dumps(execution.PROFILES, indent=2))
         return 0
     if args.command == "predict":
         return _predict(args)
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     overrides = {name: _parse_value(value) for name, value in args.parameter}
     try:
-        plan = runs.plan_run(
+        plan = execution.plan_run(
             profile=args.profile,
             structure=args.structure,
             overrides=overrides,
@@ -370,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run folder {plan.run_dir} (profile {plan.profile}, structure {plan.structure})")
     try:
-        summary = runs.execute_run(
+        summary = execution.execute_run(
             plan, overwrite=args.overwrite, progress=not args.no_progress, threads=args.threads
         )
     except (ValueError, FileExistsError, PermissionError, RunLockedError) as error:
         print(f"cryosphere run: {error}", file=sys.stderr)
         return 2
-    except runs.RunStepError as error:
+    except execution.RunStepError as error:
         print(f"cryosphere run: {error}", file=sys.stderr)
         return 1
     print(f"done in {summary['total_s']:.0f} s; summary: {plan.run_dir / 'summary.json'}")

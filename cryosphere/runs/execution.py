@@ -8,7 +8,7 @@ the executed notebooks under ``notebooks/``, ``run.json`` (the run's profile and
 record every notebook leaves through :func:`record_results`, plus timings).
 
 Profiles (:data:`PROFILES`, defined in :mod:`cryosphere.runs.pipeline`) are flat overrides of
-:class:`~cryosphere.runs.pipeline.RunConfig`: ``tiny`` is the notebooks' own default (seconds per
+:class:`~cryosphere.runs.run_config.RunConfig`: ``tiny`` is the notebooks' own default (seconds per
 notebook, CI), ``quick`` runs the series on a laptop CPU in minutes, ``paper`` is the poster's
 setting (400 images, 200 epochs, lmax 4). All of them also train the default model of the
 series, the streamed network (``stream_*`` parameters, notebook 03). A notebook that declares
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from cryosphere import io
-from cryosphere.runs import checks, pipeline
+from cryosphere.runs import checks
+from cryosphere.runs import run_config as runs_run_config
 from cryosphere.runs.reproducibility import (
-    comparable_summary,
     default_threads,
     kernel_manager_class,
     kernel_threads,
@@ -52,15 +52,12 @@ __all__ = [
     "record_results",
     "read_results",
     "collect_summary",
-    "reproducibility_record",
-    "comparable_summary",
-    "kernel_manager_class",
 ]
 
 RESULTS_FOLDER = "results"
 
-#: The run profiles (flat overrides of :class:`~cryosphere.runs.pipeline.RunConfig`).
-PROFILES = pipeline.PROFILES
+#: The run profiles (flat overrides of :class:`~cryosphere.runs.run_config.RunConfig`).
+PROFILES = runs_run_config.PROFILES
 
 
 class RunStepError(RuntimeError):
@@ -138,19 +135,20 @@ class RunPlan:
 def _resolve_structure(structure: Any, what: str = "structure") -> str:
     """An embedded name, or the absolute path of a PDB/mmCIF file that loads and can be
     imaged (:func:`cryosphere.imaging.structure.check_imageable`)."""
+    from cryosphere.imaging import atoms
     from cryosphere.imaging import structure as structures
 
     if not isinstance(structure, str) or not structure:
         raise ValueError(f"{what} must be an embedded name or a file path, got {structure!r}")
-    if structure.lower() in structures.EMBEDDED_STRUCTURES:
+    if structure.lower() in atoms.EMBEDDED_STRUCTURES:
         return structure.lower()
     path = Path(structure).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"{what} {structure!r} is neither an embedded name "
-            f"({', '.join(sorted(structures.EMBEDDED_STRUCTURES))}) nor an existing PDB/mmCIF file"
+            f"({', '.join(sorted(atoms.EMBEDDED_STRUCTURES))}) nor an existing PDB/mmCIF file"
         )
-    structures.check_imageable(structures.load_structure(path), repr(str(path)))
+    structures.check_imageable(atoms.load_structure(path), repr(str(path)))
     return str(path.resolve())
 
 
@@ -180,7 +178,7 @@ def plan_run(
     known = set().union(*(set(p) for p in declared.values()))
     takes_config = {stem for stem, params in declared.items() if "config" in params}
     if takes_config:
-        known |= set(pipeline.FLAT_FIELDS)
+        known |= set(runs_run_config.FLAT_FIELDS)
     reserved = {"run_dir", "structure", "profile", "config"}
     unknown = sorted(set(overrides) - (known - reserved))
     if unknown:
@@ -198,9 +196,9 @@ def plan_run(
             shared["compare_structure"], "compare_structure"
         )
     shared["structure"] = resolved_structure
-    run_config = {k: v for k, v in shared.items() if k in pipeline.FLAT_FIELDS}
+    run_config = {k: v for k, v in shared.items() if k in runs_run_config.FLAT_FIELDS}
     if takes_config:  # the whole configuration is checked before anything runs
-        pipeline.RunConfig.from_profile(profile, run_config)
+        runs_run_config.RunConfig.from_profile(profile, run_config)
     shared["run_dir"] = str(run_dir)
     if not overwrite:
         _check_run_folder(run_dir, {"profile": profile, "parameters": shared})
@@ -216,7 +214,7 @@ def plan_run(
         if "seed" in key
     }
     if takes_config:
-        resolved = pipeline.RunConfig.from_profile(profile, run_config).to_flat()
+        resolved = runs_run_config.RunConfig.from_profile(profile, run_config).to_flat()
         seeds |= {key: value for key, value in resolved.items() if "seed" in key}
     return RunPlan(
         seeds=dict(sorted(seeds.items())),

@@ -1,8 +1,8 @@
 """The pipeline layer: one run folder, one cache rule (the configuration is
 :mod:`cryosphere.runs.run_config`).
 
-A run is made from one frozen :class:`~cryosphere.runs.run_config.RunConfig` (re-exported here
-with its settings, flat names and :data:`PROFILES`). :class:`Run` owns a run folder's layout
+A run is made from one frozen :class:`~cryosphere.runs.run_config.RunConfig` (its settings,
+flat names and profiles live in :mod:`cryosphere.runs.run_config`). :class:`Run` owns a run folder's layout
 (:class:`RunLayout`) and makes or reloads each stage: :meth:`Run.dataset`, :meth:`Run.labels`,
 :meth:`Run.trained` (the poster's network) and :meth:`Run.streamed` (the default network).
 
@@ -32,27 +32,16 @@ import torch
 
 from cryosphere import io
 from cryosphere.imaging import simulate
-from cryosphere.imaging.simulate import ParticleDataset
-from cryosphere.poses import labels as pose_labels
-from cryosphere.poses import train
+from cryosphere.imaging.datasets import ParticleDataset
+from cryosphere.poses.labels import dataset_labels as pose_labels
+from cryosphere.poses.training import fixed_set
 from cryosphere.runs.run_config import (
-    FLAT_FIELDS,
-    PROFILES,
-    LabelSettings,
     RunConfig,
-    StreamSettings,
-    StudySettings,
 )
 from cryosphere.runs.series import StreamedRun, TrainedRun, load_or_train_stream
 
 __all__ = [
-    "FLAT_FIELDS",
-    "PROFILES",
     "STAGE_INPUTS",
-    "LabelSettings",
-    "StreamSettings",
-    "StudySettings",
-    "RunConfig",
     "RunLayout",
     "Run",
     "StageMismatchError",
@@ -274,7 +263,7 @@ class Run:
         def make() -> TrainedRun:
             dataset, labels = self.dataset(), self.labels()
             config = self.config
-            result, predictions = train.load_or_train(
+            result, predictions = fixed_set.load_or_train(
                 self.folder, dataset, labels, config.model, config.training, progress=self.progress
             )
             return TrainedRun(dataset, labels, config.model, config.training, result, predictions)

@@ -9,13 +9,13 @@ Steps (everything checked before any work):
 2. images: each particle is recentred by its origin (shifted by ``+origin / pixel_size``, RELION's
    sign), Fourier-cropped to the model box, CTF phase-flipped when the set has defocus values, and
    background-normalised (:func:`cryosphere.imaging.preprocess.prepare_images`); they are held in
-   memory (the array trainer of :mod:`cryosphere.poses.train`);
+   memory (the array trainer of :mod:`cryosphere.poses.training.fixed_set`);
 3. labels: the map is Fourier-cropped to the same box; the noise-free, CTF-free projection at
    each particle's refined pose plays the clean image of the poster's labels
-   (:func:`cryosphere.poses.labels.compute_labels`: MSE against the template bank, top-``q``
+   (:func:`cryosphere.poses.labels.dataset_labels.compute_labels`: MSE against the template bank, top-``q``
    mask, tuned λ), which is consistent with phase-flipped network input;
-4. streamed training (:func:`cryosphere.poses.stream_training.train_on_stream`) on a
-   :class:`~cryosphere.poses.stream.FixedSetStream` of the training split (a seeded
+4. streamed training (:func:`cryosphere.poses.training.streamed.train_on_stream`) on a
+   :class:`~cryosphere.poses.training.stream.FixedSetStream` of the training split (a seeded
    ``validation_fraction`` is held out and scored every ``eval_every`` steps), into
    ``run_dir/model/`` (checkpoint usable by ``cryosphere predict``). Fresh noise is off: these
    are real images with no noise-free copy. In-plane augmentation is off for the same reason:
@@ -37,21 +37,25 @@ import torch
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import StackReader, non_finite_rows, read_particle_set
-from cryosphere.imaging.preprocess import fourier_crop_volume
 from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import distributed as dd
-from cryosphere.poses import labels, train
-from cryosphere.poses.distributed_training import train_distributed
-from cryosphere.poses.model import ModelConfig
-from cryosphere.poses.stream import Batch, FixedSetStream
-from cryosphere.poses.stream_training import (
+from cryosphere.poses.labels import dataset_labels
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.training import settings
+from cryosphere.poses.training.distributed import train_distributed
+from cryosphere.poses.training.stream import Batch, FixedSetStream
+from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     StreamTrainingResult,
     train_on_stream,
 )
 from cryosphere.runs.series import stream_model_config
 
-__all__ = ["RefinementData", "fourier_crop_volume", "refinement_data", "train_on_refinement"]
+__all__ = [
+    "RefinementData",
+    "refinement_data",
+    "train_on_refinement",
+]
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def _split_streams(
 ) -> tuple[FixedSetStream, Batch]:
     """The training stream (``slots`` stream batches per optimiser step) and the fixed
     validation batch of a seeded split."""
-    train_idx, val_idx = train.split_indices(len(data.rotations), validation_fraction, seed)
+    train_idx, val_idx = settings.split_indices(len(data.rotations), validation_fraction, seed)
     if len(val_idx) == 0:
         val_idx = train_idx[-1:]  # tiny sets: score on one training particle rather than none
     images = np.asarray(data.noisy_images, dtype=np.float32)
@@ -214,9 +218,9 @@ def train_on_refinement(
 ) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
-    One process trains with :func:`cryosphere.poses.stream_training.train_on_stream`. Under
+    One process trains with :func:`cryosphere.poses.training.streamed.train_on_stream`. Under
     ``torchrun`` (or with ``slots > 1`` or ``bf16``) the same data go to
-    :func:`cryosphere.poses.distributed_training.train_distributed`: every rank prepares the
+    :func:`cryosphere.poses.training.distributed.train_distributed`: every rank prepares the
     same (deterministic) data and labels, each optimiser step takes ``slots`` stream batches
     split over the ranks (the rank count must divide ``slots``), rank 0 writes.
 
@@ -246,7 +250,9 @@ def train_on_refinement(
                 progress=show, project_dir=project_dir, pixel_size_angstrom=pixel_size_angstrom,
                 skip_bad=skip_bad,
             )  # fmt: skip
-            made = labels.compute_labels(data, level=model_config.grid_level, q=q, progress=show)
+            made = dataset_labels.compute_labels(
+                data, level=model_config.grid_level, q=q, progress=show
+            )
         targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
         stream, validation = _split_streams(
             data, targets, int(batch_size), validation_fraction, training_config.seed, slots

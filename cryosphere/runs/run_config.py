@@ -3,16 +3,16 @@ the profiles.
 
 :class:`RunConfig` composes the configuration of every stage of the series:
 
-* ``simulation``: :class:`~cryosphere.imaging.simulate.SimulationParameters` (structure, image
+* ``simulation``: :class:`~cryosphere.imaging.datasets.SimulationParameters` (structure, image
   count, box, SNR, blur, seed, CTF and shifts);
 * ``labels``: :class:`LabelSettings` (grid level, mask fraction ``q``, soft-map λ);
 * ``lmax``: the harmonic band limit of both networks;
-* ``training``: :class:`~cryosphere.poses.train.TrainingConfig` of the poster's network (its
+* ``training``: :class:`~cryosphere.poses.training.settings.TrainingConfig` of the poster's network (its
   ``seed`` is the simulation's);
 * ``stream``: :class:`StreamSettings` of the default network, trained on streamed particles;
 * ``studies``: :class:`StudySettings`, the sizes of the notebooks' studies (sweep, SNR study,
   equivariance pairs, resolution sweep);
-* ``network``: other :class:`~cryosphere.poses.model.ModelConfig` settings of the poster's
+* ``network``: other :class:`~cryosphere.poses.network.model.ModelConfig` settings of the poster's
   network (None: the poster's; no flat name).
 
 Every field also has a flat name (:data:`FLAT_FIELDS`: ``n_projections``, ``stream_steps``…),
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryosphere import _checks
-from cryosphere.imaging.simulate import SimulationParameters
-from cryosphere.poses import train
-from cryosphere.poses.model import ModelConfig
+from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.training import settings
 
 __all__ = [
     "FLAT_FIELDS",
@@ -180,8 +180,8 @@ class RunConfig:
     )
     labels: LabelSettings = field(default_factory=LabelSettings)
     lmax: int = 4
-    training: train.TrainingConfig = field(
-        default_factory=lambda: train.TrainingConfig(epochs=200, learning_rate=3e-3)
+    training: settings.TrainingConfig = field(
+        default_factory=lambda: settings.TrainingConfig(epochs=200, learning_rate=3e-3)
     )
     stream: StreamSettings = field(default_factory=StreamSettings)
     studies: StudySettings = field(default_factory=StudySettings)

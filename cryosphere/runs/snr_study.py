@@ -4,26 +4,26 @@ Each SNR is a run of its own, ``run_dir/snr/snr_<value>/``: the run's configurat
 SNR (same poses and seed), made or reloaded through :class:`cryosphere.runs.pipeline.Run`, so it
 follows the pipeline's one cache rule. The three estimators (and any ``extra_models``) are
 scored on that run's validation images.
-
-Moved here from :mod:`cryosphere.poses.evaluate` (which still reads the 0.1 name
-:func:`accuracy_vs_snr`, lazily) so that the metrics module imports nothing from training.
+It lives in the run layer, not in :mod:`cryosphere.poses.evaluation.metrics`, because it
+simulates, labels and trains; the metrics module imports nothing from training.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from cryosphere.imaging.datasets import SimulationParameters
-from cryosphere.poses import labels, train
-from cryosphere.poses.evaluate import compare_pose_estimators, pose_metrics, template_matched_poses
-from cryosphere.poses.model import ModelConfig, PoseDistributionNetwork
-from cryosphere.poses.train import TrainingConfig
-from cryosphere.runs.pipeline import LabelSettings, Run, RunConfig
+from cryosphere.poses.evaluation.metrics import (
+    compare_pose_estimators,
+    pose_metrics,
+    template_matched_poses,
+)
+from cryosphere.poses.labels import templates as labels_templates
+from cryosphere.poses.network.model import PoseDistributionNetwork
+from cryosphere.poses.prediction import predictions
+from cryosphere.runs.pipeline import Run
 
-__all__ = ["snr_study", "snr_run", "accuracy_vs_snr"]
+__all__ = ["snr_study", "snr_run"]
 
 
 def snr_run(run: Run, snr: float) -> Run:
@@ -52,7 +52,7 @@ def snr_study(
 
     Returns one dict per SNR: ``{"snr": s, "model": metrics, "template_matching": metrics,
     "uniform": metrics, <extra name>: metrics}`` (metrics from
-    :func:`cryosphere.poses.evaluate.pose_metrics`: geodesic errors in degrees).
+    :func:`cryosphere.poses.evaluation.metrics.pose_metrics`: geodesic errors in degrees).
     """
     levels = run.config.studies.snr_levels if snr_levels is None else snr_levels
     if not len(levels):
@@ -63,7 +63,7 @@ def snr_study(
     for at_snr in runs:
         trained = at_snr.trained()
         dataset, val = trained.dataset, trained.result.validation_indices
-        templates = labels.dataset_templates(
+        templates = labels_templates.dataset_templates(
             dataset, level, cache_dir=at_snr.layout.labels, progress=at_snr.progress
         )
         metrics = compare_pose_estimators(
@@ -75,7 +75,7 @@ def snr_study(
             level=level,
         )
         for name, extra in (extra_models or {}).items():
-            extra_pred = train.predict(extra, dataset.noisy_images[val])
+            extra_pred = predictions.predict(extra, dataset.noisy_images[val])
             metrics[name] = pose_metrics(
                 extra_pred.best_rotation,
                 dataset.rotations[val],
@@ -85,31 +85,3 @@ def snr_study(
             )
         rows.append({"snr": float(at_snr.config.simulation.snr), **metrics})
     return rows
-
-
-def accuracy_vs_snr(
-    run_dir: str | os.PathLike[str],
-    parameters: SimulationParameters,
-    snr_levels: Sequence[float],
-    *,
-    level: int = 2,
-    q: float = 0.05,
-    model_config: ModelConfig | None = None,
-    training_config: TrainingConfig | None = None,
-    progress: bool = True,
-    extra_models: Mapping[str, PoseDistributionNetwork] | None = None,
-) -> list[dict[str, Any]]:
-    """The 0.1 spelling of :func:`snr_study`: the run is made from ``parameters``, the labels'
-    ``level`` and ``q``, ``model_config`` (default: the poster's network) and
-    ``training_config`` (default :class:`~cryosphere.poses.train.TrainingConfig`; its seed
-    follows ``parameters.seed``, as in every :class:`~cryosphere.runs.pipeline.RunConfig`)."""
-    model_config = model_config or ModelConfig(image_size=parameters.image_size, grid_level=level)
-    config = RunConfig(
-        simulation=parameters,
-        labels=LabelSettings(grid_level=level, q=q),
-        lmax=model_config.lmax,
-        training=training_config or TrainingConfig(),
-        network=model_config,
-    )
-    run = Run(config, Path(run_dir), progress=progress)
-    return snr_study(run, snr_levels, extra_models)

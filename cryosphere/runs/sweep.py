@@ -3,12 +3,12 @@
 For every image count ``n`` in ``counts`` and every seed ``s`` in ``seeds``, one complete run is
 made in its own folder ``run_dir/sweep/n{n}_seed{s}/`` (:func:`sweep_folder`):
 
-1. a dataset of ``n`` images, the given :class:`~cryosphere.imaging.simulate.SimulationParameters` with
+1. a dataset of ``n`` images, the given :class:`~cryosphere.imaging.datasets.SimulationParameters` with
    ``n_projections = n`` and ``seed = s`` (:func:`cryosphere.imaging.simulate.load_or_simulate`);
 2. its labels on the level-``level`` grid with mask fraction ``q``
-   (:func:`cryosphere.poses.labels.load_or_make_labels`);
-3. a network trained on it with the given :class:`~cryosphere.poses.train.TrainingConfig` and
-   ``seed = s`` (:func:`cryosphere.poses.train.load_or_train`: a finished checkpoint is reloaded, an
+   (:func:`cryosphere.poses.labels.dataset_labels.load_or_make_labels`);
+3. a network trained on it with the given :class:`~cryosphere.poses.training.settings.TrainingConfig` and
+   ``seed = s`` (:func:`cryosphere.poses.training.fixed_set.load_or_train`: a finished checkpoint is reloaded, an
    interrupted one resumed).
 
 So one seed sets the poses, the noise, the validation split, the network initialisation and the
@@ -18,25 +18,25 @@ data order together: the spread across seeds is the spread over data *and* initi
 Measured per ``(n, seed)`` (one row, :data:`ROW_FIELDS`):
 
 * pose errors of the most probable grid pose (geodesic, degrees, minimum over the point group;
-  :func:`cryosphere.poses.evaluate.pose_metrics`) on the run's **validation** split (median, mean,
+  :func:`cryosphere.poses.evaluation.metrics.pose_metrics`) on the run's **validation** split (median, mean,
   acc@15°, acc@30°, mean log-likelihood of the true pose) and on its **training** split (median,
   acc@15°): their gap is the over-fitting that fewer images bring;
-* the **equivariance MSE** (:func:`cryosphere.poses.evaluate.equivariance_table`, noise-free images,
+* the **equivariance MSE** (:func:`cryosphere.poses.evaluation.equivariance.equivariance_table`, noise-free images,
   mean over ``n_equivariance_pairs`` pairs) for out-of-plane and in-plane rotations, of the
   trained network (``eq_*_model``) and of the same network untrained (``eq_*_random``,
-  :func:`cryosphere.poses.train.untrained_model`, the random baseline). The test pairs are seeded by
+  :func:`cryosphere.poses.training.fixed_set.untrained_model`, the random baseline). The test pairs are seeded by
   ``equivariance_seed`` alone, so every run of the grid is tested on the same pairs;
 * the last epoch's training and validation loss.
 
 :func:`summarize_sweep` aggregates the rows per ``n`` (mean, sample standard deviation with
 ``ddof = 1``, min and max across seeds); :func:`cryosphere.figures.plots.plot_sweep` draws the
-summary (``sweep.plot_sweep``, its 0.1 name, is kept until 0.3).
+summary.
 
 Files: ``run_dir/sweep/sweep.csv`` (the rows) and ``run_dir/sweep/sweep.json`` (protocol, rows
 and summary), both written atomically after the whole grid is done. The template bank is the
 same for every run (same map, blur and grid), so it is computed once into
 ``run_dir/sweep/templates/`` and hard-linked (copied where links are not possible) into each
-run's ``labels/`` folder, where :func:`cryosphere.poses.labels.template_bank` finds and checks it.
+run's ``labels/`` folder, where :func:`cryosphere.poses.labels.templates.template_bank` finds and checks it.
 
 Determinism: on CPU, the same inputs and torch thread count give identical rows (another
 thread count trains to other weights: see the README's Reproducibility), and a rerun on the
@@ -62,11 +62,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cryosphere import io
-from cryosphere.figures.plots import plot_sweep  # moved to figures in 0.2; re-exported until 0.3
-from cryosphere.imaging.simulate import ParticleDataset, SimulationParameters
-from cryosphere.poses import evaluate, labels, train
-from cryosphere.poses.model import ModelConfig
-from cryosphere.runs.pipeline import LabelSettings, Run, RunConfig
+from cryosphere.imaging.datasets import ParticleDataset, SimulationParameters
+from cryosphere.poses.evaluation import equivariance as evaluation_equivariance
+from cryosphere.poses.evaluation import metrics
+from cryosphere.poses.labels import templates
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.training import fixed_set, settings
+from cryosphere.runs.pipeline import Run
+from cryosphere.runs.run_config import LabelSettings, RunConfig
 
 __all__ = [
     "SWEEP_FOLDER",
@@ -76,7 +79,6 @@ __all__ = [
     "sweep_folder",
     "projection_count_sweep",
     "summarize_sweep",
-    "plot_sweep",
 ]
 
 SWEEP_FOLDER = "sweep"
@@ -168,7 +170,7 @@ def _int_list(values: Sequence[int], name: str, minimum: int, example: str) -> l
 def _check_settings(
     parameters: SimulationParameters,
     model_config: ModelConfig,
-    training_config: train.TrainingConfig,
+    training_config: settings.TrainingConfig,
     level: int,
     q: float,
     n_equivariance_pairs: int,
@@ -203,7 +205,7 @@ def _check_settings(
 # --------------------------------------------------------------------------------------------
 def _share_templates(dataset: ParticleDataset, level: int, shared: Path, run_labels: Path) -> None:
     """Compute (or reuse) the template bank in ``shared`` and link it into ``run_labels``."""
-    labels.dataset_templates(dataset, level, cache_dir=shared)
+    templates.dataset_templates(dataset, level, cache_dir=shared)
     run_labels.mkdir(parents=True, exist_ok=True)
     # the record (json) goes last: it marks a complete bank
     for name in (f"templates_L{level}.npy", f"templates_L{level}.json"):
@@ -221,7 +223,7 @@ def _run_row(
     folder: Path,
     parameters: SimulationParameters,
     model_config: ModelConfig,
-    training_config: train.TrainingConfig,
+    training_config: settings.TrainingConfig,
     level: int,
     q: float,
     n_pairs: int,
@@ -242,18 +244,18 @@ def _run_row(
     result, predictions = trained.result, trained.predictions
     val, trn = result.validation_indices, result.train_indices
     ops = dataset.symmetry_ops
-    val_metrics = evaluate.pose_metrics(
+    val_metrics = metrics.pose_metrics(
         predictions.best_rotation[val],
         dataset.rotations[val],
         ops,
         probabilities=predictions.probabilities[val],
         level=level,
     )
-    train_metrics = evaluate.pose_metrics(
+    train_metrics = metrics.pose_metrics(
         predictions.best_rotation[trn], dataset.rotations[trn], ops
     )
-    random_model = train.untrained_model(dataset.noisy_images, model_config, training_config)
-    equivariance = evaluate.equivariance_table(
+    random_model = fixed_set.untrained_model(dataset.noisy_images, model_config, training_config)
+    equivariance = evaluation_equivariance.equivariance_table(
         dataset.volume,
         float(dataset.parameters.blur_sigma),
         model=result.model.cpu(),  # the equivariance test feeds CPU tensors
@@ -291,7 +293,7 @@ def projection_count_sweep(
     counts: Sequence[int] = (50, 100, 200, 400),
     seeds: Sequence[int] = (0, 1, 2),
     model_config: ModelConfig | None = None,
-    training_config: train.TrainingConfig | None = None,
+    training_config: settings.TrainingConfig | None = None,
     level: int = 2,
     q: float = 0.05,
     n_equivariance_pairs: int = 32,
@@ -309,7 +311,7 @@ def projection_count_sweep(
         seeds: seeds (each >= 0, no duplicates); each seeds data, split and initialisation.
         model_config: default ``ModelConfig(image_size=parameters.image_size,
             grid_level=level)``.
-        training_config: default :class:`~cryosphere.poses.train.TrainingConfig` (200 epochs);
+        training_config: default :class:`~cryosphere.poses.training.settings.TrainingConfig` (200 epochs);
             ``seed`` is replaced per run; ``epochs`` must be >= 1 and
             ``validation_fraction`` > 0.
         level: HEALPix SO(3) grid level of the labels and the network output.
@@ -330,7 +332,7 @@ def projection_count_sweep(
     seeds = _int_list(seeds, "seeds", 0, "[0, 1, 2]")
     if model_config is None:
         model_config = ModelConfig(image_size=parameters.image_size, grid_level=int(level))
-    training_config = training_config or train.TrainingConfig()
+    training_config = training_config or settings.TrainingConfig()
     _check_settings(parameters, model_config, training_config, level, q, n_equivariance_pairs)
     folder = Path(run_dir) / SWEEP_FOLDER
     grid = [(n, seed) for n in counts for seed in seeds]
@@ -368,7 +370,7 @@ def projection_count_sweep(
         "seed_sets": "poses, noise, validation split, initialisation and data order",
         "errors": "geodesic, degrees, minimum over the point group; most probable grid pose",
         "equivariance": "mean over pairs of the per-pair MSE of sigmoid(grid logits), "
-        "noise-free images (cryosphere.poses.evaluate.equivariance_table)",
+        "noise-free images (cryosphere.poses.evaluation.equivariance.equivariance_table)",
         "std": "sample standard deviation across seeds (ddof=1)",
     }
     sweep = ProjectionSweep(

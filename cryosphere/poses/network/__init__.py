@@ -1,0 +1,3 @@
+"""The equivariant network: SO(3) harmonics and Wigner matrices (:mod:`.harmonics`), the
+spherical layers (:mod:`.layers`), image encoders (:mod:`.encoders`) and the assembled
+:class:`~cryosphere.poses.network.model.PoseDistributionNetwork` (:mod:`.model`)."""
