@@ -24,7 +24,7 @@ from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import structure
 from cryosphere.imaging.atoms import load_structure
 from cryosphere.imaging.particles import StackReader, read_particle_set
-from cryosphere.imaging.resample import resample_images
+from cryosphere.imaging.preprocess import resample_images
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction import inference
 from cryosphere.poses.search.map_search import MapRefinement

@@ -20,7 +20,7 @@ header warnings are given once per message, not once per opening.
 
 Pixel sizes: optics groups with different pixel sizes are not merged: :class:`StackReader`
 Fourier-resamples every image to the set's :attr:`ParticleSet.pixel_size_angstrom` (the finest
-of the groups, :mod:`cryosphere.imaging.resample`) as it reads it, so everything downstream
+of the groups, :func:`cryosphere.imaging.preprocess.resample_images`) as it reads it, so everything downstream
 (CTF, origins in Å, the network's box) sees one pixel size.
 
 Conventions: angles (rot, tilt, psi) in degrees, RELION ZYZ (:mod:`cryosphere.geometry.rotations`);
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging import relion_star
 from cryosphere.imaging.ctf import CTFParameters
-from cryosphere.imaging.resample import common_pixel_size, resample_images
+from cryosphere.imaging.preprocess import common_pixel_size, resample_images
 
 __all__ = [
     "PARTICLE_READERS",
@@ -54,7 +54,6 @@ __all__ = [
     "StackReader",
     "read_particle_set",
     "read_relion_star",
-    "non_finite_rows",
 ]
 
 _ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -128,12 +127,6 @@ class ParticleSet:
                 "refinement (e.g. RELION 3D auto-refine) of these particles"
             )
         return geometry_rotations.matrices_from_relion_euler(self.angles_deg)
-
-
-def non_finite_rows(indices: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """The rows of ``indices`` ``(k,)`` whose images ``(k, N, N)`` hold NaN or infinite pixels."""
-    flat = np.asarray(images).reshape(len(indices), -1)
-    return np.asarray(indices)[~np.isfinite(flat).all(axis=1)]
 
 
 def _warn_once(messages: dict[str, list[Path]]) -> None:

@@ -36,7 +36,8 @@ import torch
 
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
-from cryosphere.imaging.particles import StackReader, non_finite_rows, read_particle_set
+from cryosphere.imaging.loader import damaged_images_error, non_finite_rows
+from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.labels import dataset_labels
@@ -127,11 +128,7 @@ def refinement_data(
             bad = non_finite_rows(indices, batch)
             if len(bad):
                 if not skip_bad:
-                    names = ", ".join(pset.image_names(bad[:5]))
-                    raise ValueError(
-                        f"{pset.star_path}: {len(bad)} particle images with NaN or infinite "
-                        f"pixels ({names}); remove them or pass --skip-bad to leave them out"
-                    )
+                    raise damaged_images_error(pset, bad)
                 dropped.extend(bad.tolist())
                 good = ~np.isin(indices, bad)
                 indices, batch = indices[good], batch[good]

@@ -58,14 +58,9 @@ from tqdm.auto import tqdm
 from cryosphere import io
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
-from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess, relion_star
-from cryosphere.imaging.particles import (
-    ParticleSet,
-    StackReader,
-    non_finite_rows,
-    read_particle_set,
-)
+from cryosphere.imaging.loader import checked_and_centred
+from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import resolve_device
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.prediction.predictions import check_turns, turn_averaged_log_probabilities
@@ -158,16 +153,6 @@ def _check_request(
     if ctf_correction != "none" and pset.ctf is None:
         raise ValueError(f"ctf_correction={ctf_correction!r} but {pset.star_path} has no defocus")
     return ctf_correction
-
-
-def _bad_images_error(pset: ParticleSet, bad: np.ndarray) -> ValueError:
-    names = pset.image_names(bad[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    rows = ", ".join(f"row {int(i) + 1} ({name})" for i, name in zip(bad[:5], names, strict=True))
-    return ValueError(
-        f"{pset.star_path}: particle images with NaN or infinite pixels: {rows}{more}; remove "
-        "them from the STAR file or pass --skip-bad to leave them out (nothing was written)"
-    )
 
 
 def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray], level: int):
@@ -340,7 +325,7 @@ def predict_star(
     with StackReader(pset) as reader, torch.inference_mode():
         batches = reader.batches(batch_size) if shard is None else shard.batches(pset, batch_size)
         for indices, images in batches:
-            images = _checked_and_centred(pset, indices, images, skip_bad, arrays["bad"])
+            images = checked_and_centred(pset, indices, images, skip_bad, arrays["bad"])
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
                 images.to(device),
@@ -388,25 +373,6 @@ def predict_star(
         seconds=time.perf_counter() - started,
         skipped=tuple(pset.image_names(np.flatnonzero(arrays["bad"]))),
     )
-
-
-def _checked_and_centred(
-    pset: ParticleSet, indices: np.ndarray, images: np.ndarray, skip_bad: bool, bad: np.ndarray
-) -> torch.Tensor:
-    """Images ``(k, N, N)`` of rows ``indices`` shifted by ``+origin / pixel`` (centred);
-    NaN/inf images refused (ValueError naming them) or, with ``skip_bad``, zeroed and marked in
-    ``bad``."""
-    damaged = non_finite_rows(indices, images)
-    if len(damaged):
-        if not skip_bad:
-            raise _bad_images_error(pset, damaged)
-        bad[damaged] = True
-        images = np.where(np.isin(indices, damaged)[:, None, None], 0.0, images)
-    origins = pset.origins_angstrom[indices]
-    if not np.any(origins):
-        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    shifts = ctf_module.centring_shift_px(origins, pset.pixel_size_angstrom)
-    return ctf_module.shift_images(images, shifts)
 
 
 @dataclass(frozen=True)
