@@ -40,6 +40,7 @@ from cryosphere.poses.labels import dataset_labels, sharded, templates
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.prediction import inference
+from cryosphere.poses.prediction import sharded as prediction_sharded
 from cryosphere.poses.search import map_search
 from cryosphere.poses.training import distributed as dt
 from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
@@ -96,10 +97,10 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
     ckpt = checkpoints.checkpoint_path(folder / "a")
     data = folder / "data"
     predict = dict(batch_size=4, top_k=3, progress=False, context=context)
-    sharded.predict_star_distributed(
+    prediction_sharded.predict_star_distributed(
         data / "particles.star", ckpt, data / "two.star", num_workers=1, **predict
     )
-    sharded.predict_star_distributed(
+    prediction_sharded.predict_star_distributed(
         data / "particles.star", ckpt, data / "two_map.star", refine=_map_search(data), **predict
     )
     _labels(context, volume, folder)
@@ -109,7 +110,7 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
             folder,
             name,
             context.rank,
-            lambda path=path, name=name: sharded.predict_star_distributed(
+            lambda path=path, name=name: prediction_sharded.predict_star_distributed(
                 path, ckpt, data / f"{name}_out.star", **predict
             ),
         )
@@ -139,7 +140,7 @@ def _killed_worker(context: dd.DistributedContext, folder: Path) -> None:
         folder,
         "killed",
         context.rank,
-        lambda: sharded.predict_star_distributed(
+        lambda: prediction_sharded.predict_star_distributed(
             data / "particles.star",
             checkpoints.checkpoint_path(folder / "a"),
             data / "killed.star",
