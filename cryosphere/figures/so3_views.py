@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from cryosphere import _checks
+from cryosphere._checks import as_symmetry_ops
 from cryosphere.geometry import distributions, grids
 from cryosphere.geometry import rotations as geometry_rotations
 
@@ -182,7 +182,7 @@ def pose_markers(
     if R.shape != (3, 3):
         raise ValueError(f"true_rotation must have shape (3, 3), got {R.shape}")
     in_plane_angles_deg(R)  # validates
-    ops = _checks.as_symmetry_ops(symmetry_ops)
+    ops = as_symmetry_ops(symmetry_ops)
     mates = [R] + [R @ g for g in ops if not np.allclose(g, np.eye(3), atol=1e-6)]
     stack = np.stack(mates)
     return geometry_rotations.viewing_directions(stack), in_plane_angles_deg(stack)

@@ -253,7 +253,7 @@ def _add_predict_parser(commands: Any) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from cryosphere.poses import distributed
-    from cryosphere.poses.prediction import sharded  # torch only when needed
+    from cryosphere.poses.prediction import sharded_prediction  # torch only when needed
 
     try:
         refine = None
@@ -268,7 +268,7 @@ def _predict(args: argparse.Namespace) -> int:
                 resolution_angstrom=args.resolution,
             )
         context = distributed.init_from_env(args.device)
-        summary = sharded.predict_star_distributed(
+        summary = sharded_prediction.predict_star_distributed(
             args.star,
             args.checkpoint,
             args.output,

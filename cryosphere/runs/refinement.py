@@ -41,7 +41,7 @@ from cryosphere.poses import distributed as dd
 from cryosphere.poses.labels import dataset_labels
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.training import settings
-from cryosphere.poses.training.distributed import train_distributed
+from cryosphere.poses.training.data_parallel import train_distributed
 from cryosphere.poses.training.stream import Batch, FixedSetStream
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
@@ -184,7 +184,7 @@ def train_on_refinement(
 
     One process trains with :func:`cryosphere.poses.training.streamed.train_on_stream`. Under
     ``torchrun`` (or with ``slots > 1`` or ``bf16``) the same data go to
-    :func:`cryosphere.poses.training.distributed.train_distributed`: every rank prepares the
+    :func:`cryosphere.poses.training.data_parallel.train_distributed`: every rank prepares the
     same (deterministic) data and labels, each optimiser step takes ``slots`` stream batches
     split over the ranks (the rank count must divide ``slots``), rank 0 writes.
 

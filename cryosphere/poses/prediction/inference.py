@@ -241,9 +241,9 @@ def predict_star(
             particles is used as it is (the map projected once for many calls); None: the
             network's most probable cell.
         shard: this rank's share of a distributed run
-            (:class:`cryosphere.poses.prediction.sharded.ShardPlan`: ``count``, ``batches``,
+            (:class:`cryosphere.poses.prediction.sharded_prediction.ShardPlan`: ``count``, ``batches``,
             ``finish``); None: every particle, read here. Use
-            :func:`cryosphere.poses.prediction.sharded.predict_star_distributed`.
+            :func:`cryosphere.poses.prediction.sharded_prediction.predict_star_distributed`.
     """
     started = time.perf_counter()
     output = Path(output)
