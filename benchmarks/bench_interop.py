@@ -18,7 +18,8 @@ there) the first time. For each structure (default 1UBI):
    a "refinement" (ASPIRE's angles and origins as refined poses) for ``cryosphere train``
    (``--steps`` steps, ``--model-box`` px, level-2 grid, ``--contrast`` left at ``auto``), the
    last ``--n-test`` are predicted by the network alone and by ``cryosphere predict --map``
-   (the network's 100 top cells searched against the map, shifts up to the ASPIRE shift);
+   (the network's ``--top-k`` top cells, default 100, searched against the map, shifts up to
+   the ASPIRE shift; ``top_k_hit``: how often the oracle's cell is among them);
 4. the oracle: CryoSphere's CTF-aware template matching of the same test particles on the
    same level-2 grid and box, every template carrying the particle's CTF, with the same shift
    search and the detected contrast (:func:`cryosphere.poses.matching.ctf_template_matching`).
@@ -144,7 +145,7 @@ def _angles(star: Path) -> np.ndarray:
 
 
 def _oracle(test_star: Path, map_path: Path, args, sign: float, shift_px: float) -> np.ndarray:
-    """Poses ``(n, 3, 3)`` of CTF-aware template matching on the level-2 grid."""
+    """Cells ``(n,)`` of CTF-aware template matching on the level-2 grid."""
     pset = read_particle_set(test_star)
     with StackReader(pset) as reader:
         images = reader.read(np.arange(len(pset)))
@@ -156,7 +157,7 @@ def _oracle(test_star: Path, map_path: Path, args, sign: float, shift_px: float)
     found = ctf_template_matching(
         prepared, bank, ctf=pset.ctf, pixel_size_angstrom=pixel, max_shift_px=shift_px
     )
-    return so3.healpix_so3_grid(2)[found.best_index]
+    return found.best_index
 
 
 def run_case(name: str, args, folder: Path, python: Path) -> dict:
@@ -192,12 +193,15 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
     refine = map_search.MapRefinement(map_path, max_shift_px=float(shift_px))
     with contextlib.redirect_stderr(_io.StringIO()):
         summary = inference.predict_star(
-            test_star, checkpoint, map_star, top_k=100, refine=refine, progress=False
+            test_star, checkpoint, map_star, top_k=args.top_k, refine=refine, progress=False
         )
     detected = map_star.read_text().splitlines()[0].removeprefix("# CryoSphere: ")
     sign = -1.0 if detected.startswith("contrast dark") else 1.0
     truth = _angles(test_star)
-    oracle = _oracle(test_star, map_path, args, sign, shift_px)
+    oracle_cells = _oracle(test_star, map_path, args, sign, shift_px)
+    oracle = so3.healpix_so3_grid(2)[oracle_cells]
+    network_cells = inference.load_topk(map_star).index
+    top_k_hit = float(np.mean(np.any(network_cells == oracle_cells[:, None], axis=1)))
     errors = {
         key: so3.geodesic_distance_deg(rotations, truth)
         for key, rotations in (
@@ -218,6 +222,8 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
         "map_over_oracle": medians["map"] / medians["oracle"],
         "target_met": medians["map"] <= 1.1 * medians["oracle"],
         "predict_map_images_per_s": summary.images_per_s,
+        "top_k": args.top_k,
+        "top_k_hit": top_k_hit,
         "aspire_true_snr": aspire_info["aspire_true_snr"],
         "simulate_s": simulate_s,
         "train_s": train_s,
@@ -240,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shift", type=float, default=3.0, help="ASPIRE offsets, ± px")
     parser.add_argument("--steps", type=int, default=3000, help="training steps")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--top-k", type=int, default=100, help="network cells the map search scores (predict)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)

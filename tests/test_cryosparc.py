@@ -68,11 +68,14 @@ def _write_cs(path: Path, rows: np.ndarray) -> None:
         np.save(handle, rows)
 
 
-def write_cryosparc_project(root: Path, data, order: np.ndarray, poses: bool = True) -> Path:
+def write_cryosparc_project(
+    root: Path, data, order: np.ndarray, poses: bool = True, prefix: str = ">"
+) -> Path:
     """A cryoSPARC project ``root/P7`` holding ``data``'s noisy images in an extraction job's
     ``.mrc`` stack (J3) and a refinement job's (J9) ``J9_particles.cs`` + passthrough. The
     ``.cs`` rows list the particles in ``order`` (blob/idx points into the stack); the
-    passthrough's rows are in another order. Returns the ``.cs`` path."""
+    passthrough's rows are in another order; blob/path starts with ``prefix`` (cryoSPARC marks
+    some paths with ``>``). Returns the ``.cs`` path."""
     project = root / "P7"
     (project / "J3" / "extract").mkdir(parents=True)
     (project / "J9").mkdir()
@@ -95,7 +98,7 @@ def write_cryosparc_project(root: Path, data, order: np.ndarray, poses: bool = T
     shuffle = np.random.default_rng(2).permutation(n)
     p = data.ctf
     pt["uid"] = uids[shuffle]
-    pt["blob/path"] = (">" + stack_rel).encode()
+    pt["blob/path"] = (prefix + stack_rel).encode()
     pt["blob/idx"] = order[shuffle]
     pt["blob/shape"] = data.image_size
     pt["blob/psize_A"] = data.pixel_size
@@ -209,7 +212,7 @@ def test_blob_paths_resolve_from_the_project_folder_or_are_refused(tmp_path, shi
     """An exported .cs file outside the project needs --project-dir; without, the message names
     the places tried and the option. A .cs without blob fields or a non-.cs file is refused."""
     data = shifted_ctf_set
-    cs_path = write_cryosparc_project(tmp_path, data, np.arange(12), poses=False)
+    cs_path = write_cryosparc_project(tmp_path, data, np.arange(12), poses=False, prefix="")
     exported = tmp_path / "exports"
     exported.mkdir()
     for name in ("J9_particles.cs", "J9_passthrough_particles.cs"):
@@ -267,3 +270,27 @@ def test_predict_map_on_a_cs_file_finds_pose_and_shift_and_writes_relion_star(
     assert np.median(np.abs(origins - truth)) <= 2 * data.pixel_size
     again = read_particle_set(out)  # a RELION STAR naming the stacks it can find
     assert len(again) == 12 and again.ctf is not None
+
+
+def test_training_reads_a_cs_refinement_with_its_origins(tmp_path, shifted_ctf_set):
+    """``train``'s data from a .cs refinement: particles recentred by the .cs shifts look like
+    the map's projections at the .cs poses (better than other particles' poses), contrast
+    white."""
+    from cryosphere.runs import refinement
+
+    data = shifted_ctf_set
+    cs_path = write_cryosparc_project(tmp_path, data, np.arange(12))
+    save_dataset(data, tmp_path / "sim")
+    prepared = refinement.refinement_data(
+        cs_path, tmp_path / "sim" / "volume.mrc", 16, progress=False
+    )
+    assert prepared.contrast.contrast == "white"
+
+    def corr(a, b):
+        a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+        b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    matched = corr(prepared.noisy_images, prepared.clean_images)
+    shuffled = corr(prepared.noisy_images, np.roll(prepared.clean_images, 1, axis=0))
+    assert np.median(matched) > np.median(shuffled) + 0.05, (matched, shuffled)
