@@ -24,7 +24,8 @@ there) the first time. For each structure (default 1UBI):
    same level-2 grid and box, every template carrying the particle's CTF, with the same shift
    search and the detected contrast (:func:`cryosphere.poses.matching.ctf_template_matching`).
 
-Errors are geodesic angles to ASPIRE's own poses (its STAR angles read as RELION's). Target:
+The map search's centring shifts are compared with ASPIRE's origins (``origin_vs_found_*``: in
+RELION's sign they agree). Errors are geodesic angles to ASPIRE's own poses (its STAR angles read as RELION's). Target:
 ``map_median_deg`` ≤ 1.1 × ``oracle_median_deg``.
 
 Usage::
@@ -200,7 +201,11 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
     truth = _angles(test_star)
     oracle_cells = _oracle(test_star, map_path, args, sign, shift_px)
     oracle = so3.healpix_so3_grid(2)[oracle_cells]
-    network_cells = inference.load_topk(map_star).index
+    side = inference.load_topk(map_star)
+    network_cells = side.index
+    test_set = read_particle_set(test_star)
+    stated = test_set.origins_angstrom / (test_set.pixel_size_angstrom * args.box / args.model_box)
+    found = np.load(inference.topk_path(map_star))["shift_px"]  # centring shifts, model px
     top_k_hit = float(np.mean(np.any(network_cells == oracle_cells[:, None], axis=1)))
     errors = {
         key: so3.geodesic_distance_deg(rotations, truth)
@@ -224,6 +229,10 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
         "predict_map_images_per_s": summary.images_per_s,
         "top_k": args.top_k,
         "top_k_hit": top_k_hit,
+        # ASPIRE's rlnOriginX/YAngst against the shift the map search found to centre each
+        # particle (RELION's sign: equal; the opposite sign: twice the shift apart)
+        "origin_vs_found_median_px": float(np.median(np.abs(found - stated))),
+        "origin_negated_vs_found_median_px": float(np.median(np.abs(found + stated))),
         "aspire_true_snr": aspire_info["aspire_true_snr"],
         "simulate_s": simulate_s,
         "train_s": train_s,
