@@ -219,11 +219,19 @@ def test_blob_paths_resolve_from_the_project_folder_or_are_refused(tmp_path, shi
         (exported / name).write_bytes((cs_path.parent / name).read_bytes())
     with pytest.raises(FileNotFoundError, match="--project-dir"):
         read_particle_set(exported / "J9_particles.cs")
+    other_job = np.zeros(3, dtype=[("uid", "<u8"), ("blob/idx", "<u4")])  # J8's: not these
+    _write_cs(exported / "J8_passthrough_particles.cs", other_job)
     pset = read_particle_set(exported / "J9_particles.cs", project_dir=tmp_path / "P7")
     assert len(pset) == 12 and pset.angles_deg is None
+    same_job = exported / "J9_passthrough_particles_copy.cs"
+    same_job.write_bytes((exported / "J9_passthrough_particles.cs").read_bytes())
+    with pytest.raises(ValueError, match="several passthrough files"):
+        read_particle_set(exported / "J9_particles.cs", project_dir=tmp_path / "P7")
+    same_job.unlink()
     with pytest.raises(ValueError, match="no rlnAngleRot"):
         pset.rotations()
     (exported / "J9_passthrough_particles.cs").unlink()
+    (exported / "J8_passthrough_particles.cs").unlink()
     with pytest.raises(ValueError, match="no blob/path field"):
         read_particle_set(exported / "J9_particles.cs", project_dir=tmp_path / "P7")
     bad = tmp_path / "bad.cs"

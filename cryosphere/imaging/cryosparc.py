@@ -175,9 +175,11 @@ def read_cs(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _passthrough_candidates(path: Path) -> list[Path]:
+    """``*passthrough*.cs`` files beside ``path``; those of its job (``J12`` in
+    ``P3_J12_particles.cs``) when there are others."""
     found = sorted(p for p in path.parent.glob("*passthrough*.cs") if p != path)
-    job = path.name.split("_")[:2]  # e.g. P3_J12_... or J12_...
-    same_job = [p for p in found if any(part.startswith("J") and part in p.name for part in job)]
+    jobs = {t for t in path.stem.split("_") if t[:1] == "J" and t[1:].isdigit()}
+    same_job = [p for p in found if jobs & set(p.stem.split("_"))]
     return same_job or found
 
 
