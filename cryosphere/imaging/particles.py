@@ -14,7 +14,7 @@ a box size or pixel size that disagrees with the MRC header (1 % tolerance; a he
 of 0 counts as unset), several pixel sizes in one set, and, with ``require_angles``, a STAR file
 without Euler angles.
 
-Conventions: angles (rot, tilt, psi) in degrees, RELION ZYZ (:mod:`cryosphere.geometry.so3`);
+Conventions: angles (rot, tilt, psi) in degrees, RELION ZYZ (:mod:`cryosphere.geometry.rotations`);
 origins in Å with RELION's sign (shifting an image by ``+origin / pixel_size`` centres the
 particle, :mod:`cryosphere.imaging.ctf`); defocus in Å.
 """
@@ -34,6 +34,7 @@ import starfile
 from tqdm.auto import tqdm
 
 from cryosphere.geometry import rotations as geometry_rotations
+from cryosphere.imaging import cryosparc
 from cryosphere.imaging.ctf import CTFParameters
 
 __all__ = ["ParticleSet", "StackReader", "read_particle_set", "parse_image_names"]
@@ -248,13 +249,22 @@ def _pixel_size(particles, optics, headers_pixel, source: Path) -> float:
 
 
 def read_particle_set(
-    star_path: str | os.PathLike[str], *, require_angles: bool = False
+    star_path: str | os.PathLike[str],
+    *,
+    require_angles: bool = False,
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> ParticleSet:
-    """Read and check a RELION 3.0 or 3.1+ particle STAR file and its stacks' headers."""
+    """Read and check a RELION 3.0 or 3.1+ particle STAR file and its stacks' headers; a
+    cryoSPARC ``.cs`` file is read as the RELION 3.1 tables of
+    :func:`cryosphere.imaging.cryosparc.relion_tables_from_cryosparc` (``project_dir``: the
+    cryoSPARC project folder its image paths are relative to)."""
     source = Path(star_path)
     if not source.is_file():
         raise FileNotFoundError(f"no STAR file at {source}; check the path")
-    tables = dict(starfile.read(source, always_dict=True))
+    if source.suffix == cryosparc.CRYOSPARC_SUFFIX:
+        tables = cryosparc.relion_tables_from_cryosparc(source, project_dir=project_dir)
+    else:
+        tables = dict(starfile.read(source, always_dict=True))
     key = _particles_table(tables, source)
     particles = tables[key]
     optics = tables.get("optics")

@@ -128,6 +128,22 @@ def _add_train_parser(commands: Any) -> None:
         "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
+    _add_particle_options(fit)
+
+
+def _add_particle_options(command: Any) -> None:
+    """``--contrast`` and ``--project-dir`` (docs/cryosparc_and_contrast.md)."""
+    command.add_argument(
+        "--contrast",
+        default="auto",
+        choices=["auto", "white", "dark"],
+        help="protein white (the map's sign) or dark; auto: decided against the map",
+    )
+    command.add_argument(
+        "--project-dir",
+        default=None,
+        help="project folder the image paths are relative to (cryoSPARC .cs blob/path)",
+    )
 
 
 def _training_config(args: argparse.Namespace) -> Any:
@@ -164,6 +180,8 @@ def _train(args: argparse.Namespace) -> int:
             slots=args.slots,
             bf16=args.bf16,
             progress=not args.no_progress,
+            contrast=args.contrast,
+            project_dir=args.project_dir,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere train: {error}", file=sys.stderr)
@@ -180,7 +198,7 @@ def _add_predict_parser(commands: Any) -> None:
     predict = commands.add_parser(
         "predict", help="predict poses for a RELION particle STAR file with a trained model"
     )
-    predict.add_argument("star", help="RELION 3.0 or 3.1+ particles STAR file")
+    predict.add_argument("star", help="RELION 3.0 or 3.1+ particles STAR file, or cryoSPARC .cs")
     predict.add_argument("--checkpoint", required=True, help="CryoSphere checkpoint (.pt)")
     predict.add_argument("-o", "--output", required=True, help="STAR file to write")
     predict.add_argument("--batch-size", type=int, default=256, help="images per batch")
@@ -249,6 +267,7 @@ def _add_predict_parser(commands: Any) -> None:
         help="finest detail (Å) the map search compares: images and templates low-passed "
         "there (default: 3 px of the network's box; 2 px or less: every frequency)",
     )
+    _add_particle_options(predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -284,6 +303,8 @@ def _predict(args: argparse.Namespace) -> int:
             refine=refine,
             turns=args.turns,
             context=context,
+            contrast=args.contrast,
+            project_dir=args.project_dir,
         )
         distributed.shutdown(context)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

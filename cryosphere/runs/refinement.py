@@ -40,6 +40,7 @@ from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.labels import dataset_labels
 from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.search import contrast as contrast_module
 from cryosphere.poses.training import settings
 from cryosphere.poses.training.data_parallel import train_distributed
 from cryosphere.poses.training.stream import Batch, FixedSetStream
@@ -73,6 +74,8 @@ class RefinementData:
         clean_images: ``(n, M, M)`` projections of ``volume`` at the refined poses.
         rotations: ``(n, 3, 3)`` refined poses.
         symmetry_ops: ``(1, 3, 3)`` identity (C1).
+        contrast: the particles' contrast (:mod:`cryosphere.poses.search.contrast`); dark particles
+            are negated on reading.
     """
 
     volume: np.ndarray
@@ -82,6 +85,7 @@ class RefinementData:
     rotations: np.ndarray
     symmetry_ops: np.ndarray
     parameters: _Parameters = _Parameters()
+    contrast: contrast_module.ContrastDecision | None = None
 
     @property
     def image_size(self) -> int:
@@ -96,19 +100,25 @@ def refinement_data(
     *,
     max_particles: int | None = None,
     progress: bool = True,
+    contrast: str = "auto",
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> RefinementData:
-    """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3)."""
-    pset = read_particle_set(star_path, require_angles=True)
+    """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3);
+    ``contrast`` ``"auto"`` is decided at the refined poses (:mod:`cryosphere.poses.search.contrast`)."""
+    pset = read_particle_set(star_path, require_angles=True, project_dir=project_dir)
     small = preprocess.reference_map(map_path, pset, image_size)  # checked before reading
     n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
     rotations = pset.rotations()[:n]
+    decided = contrast_module.decide_for_particle_set(
+        pset, contrast, small, image_size, rotations=rotations
+    )
     images = []
     with StackReader(pset) as reader:
         for indices, batch in reader.batches(256, progress=progress):
             if indices[0] >= n:
                 break
             keep = indices < n
-            indices, batch = indices[keep], batch[keep]
+            indices, batch = indices[keep], batch[keep] * np.float32(decided.sign)
             shifts = ctf_module.centring_shift_px(
                 pset.origins_angstrom[indices], pset.pixel_size_angstrom
             )
@@ -128,6 +138,7 @@ def refinement_data(
         clean_images=clean,
         rotations=rotations,
         symmetry_ops=np.eye(3)[None],
+        contrast=decided,
     )
 
 
@@ -179,6 +190,8 @@ def train_on_refinement(
     slots: int = 1,
     bf16: bool = False,
     progress: bool = True,
+    contrast: str = "auto",
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
@@ -200,6 +213,9 @@ def train_on_refinement(
         resume: continue from a checkpoint of the same settings in ``run_dir`` (one process;
             a distributed run always resumes).
         slots, bf16: the distributed run's stream batches per step and bf16 autocast.
+        contrast: ``"auto"`` (decided at the refined poses), ``"white"`` or ``"dark"``; printed
+            and recorded in the checkpoint, which ``predict`` without a map then follows.
+        project_dir: the project folder image paths are relative to (a cryoSPARC ``.cs``).
     """
     model_config = model_config or stream_model_config(64)
     training_config = training_config or StreamTrainingConfig()
@@ -209,11 +225,13 @@ def train_on_refinement(
         with dd.collective_check(context, "preparing the refinement"):
             data = refinement_data(
                 star_path, map_path, model_config.image_size, max_particles=max_particles,
-                progress=show,
+                progress=show, contrast=contrast, project_dir=project_dir,
             )  # fmt: skip
             made = dataset_labels.compute_labels(
                 data, level=model_config.grid_level, q=q, progress=show
             )
+        if context.writes:
+            contrast_module.report(data.contrast)
         targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
         stream, validation = _split_streams(
             data, targets, int(batch_size), validation_fraction, training_config.seed, slots
@@ -224,7 +242,7 @@ def train_on_refinement(
             steps = int(epochs) * stream.per_epoch
             training_config = dataclasses.replace(training_config, steps=steps)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
-            return train_on_stream(
+            result = train_on_stream(
                 stream,
                 model_config,
                 training_config,
@@ -234,17 +252,21 @@ def train_on_refinement(
                 resume=resume,
                 progress=progress,
             )
-        return train_distributed(
-            stream,
-            model_config,
-            training_config,
-            validation,
-            slots=int(slots),
-            symmetry_ops=data.symmetry_ops,
-            run_dir=run_dir,
-            progress=progress,
-            bf16=bf16,
-            context=context,
-        )
+        else:
+            result = train_distributed(
+                stream,
+                model_config,
+                training_config,
+                validation,
+                slots=int(slots),
+                symmetry_ops=data.symmetry_ops,
+                run_dir=run_dir,
+                progress=progress,
+                bf16=bf16,
+                context=context,
+            )
+        if context.writes and result.checkpoint is not None:
+            contrast_module.record_in_checkpoint(result.checkpoint, data.contrast)
+        return result
     finally:
         dd.shutdown(context)

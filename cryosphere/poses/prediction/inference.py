@@ -53,6 +53,7 @@ from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle
 from cryosphere.imaging.projection import resolve_device
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.prediction.predictions import check_turns, turn_averaged_log_probabilities
+from cryosphere.poses.search import contrast as contrast_module
 from cryosphere.poses.search import map_search
 
 __all__ = [
@@ -205,6 +206,20 @@ def _refined_outputs(arrays: dict, search: map_search.MapSearch, pixel: float) -
     arrays["origin_angstrom"] = arrays["shift_px"] * pixel if shifted else None
 
 
+def _contrast(pset, requested, checkpoint, search, image_size, crop_size):
+    """The contrast of ``--contrast`` (:mod:`cryosphere.poses.search.contrast`), printed."""
+    if search is None:
+        decided = contrast_module.resolve_without_map(requested, checkpoint)
+    else:
+        volume = preprocess.reference_map(search.refinement.map_path, pset, image_size)
+        decided = contrast_module.decide_for_particle_set(
+            pset, requested, volume, image_size, crop_size=crop_size,
+            max_shift_px=max(2.0, search.refinement.max_shift_px),
+        )  # fmt: skip
+    contrast_module.report(decided)
+    return decided
+
+
 def predict_star(
     star_path: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -221,6 +236,8 @@ def predict_star(
     refine: map_search.MapRefinement | map_search.MapSearch | None = None,
     turns: int = 1,
     shard=None,
+    contrast: str = "auto",
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
 
@@ -240,6 +257,10 @@ def predict_star(
             :class:`~cryosphere.poses.search.map_search.MapSearch` already prepared for these
             particles is used as it is (the map projected once for many calls); None: the
             network's most probable cell.
+        contrast: ``"auto"``, ``"white"`` or ``"dark"`` (:mod:`cryosphere.poses.search.contrast`;
+            dark particles are negated on reading); the decision is printed and written as
+            the output STAR file's first comment line.
+        project_dir: the project folder image paths are relative to (a cryoSPARC ``.cs``).
         shard: this rank's share of a distributed run
             (:class:`cryosphere.poses.prediction.sharded_prediction.ShardPlan`: ``count``, ``batches``,
             ``finish``); None: every particle, read here. Use
@@ -247,7 +268,7 @@ def predict_star(
     """
     started = time.perf_counter()
     output = Path(output)
-    pset = read_particle_set(star_path)
+    pset = read_particle_set(star_path, project_dir=project_dir)
     device = resolve_device(device)
     model = checkpoints.load_model(checkpoint, device=device)
     correction = _check_request(pset, model, output, crop_size, ctf_correction)
@@ -273,11 +294,13 @@ def predict_star(
         arrays["searched_index"] = np.zeros((n, kept), np.int64)
         arrays["searched_probability"] = np.zeros((n, kept), np.float32)
         arrays["searched_shift_px"] = np.zeros((n, kept, 2), np.float64)
+    decided = _contrast(pset, contrast, checkpoint, search, model.config.image_size, crop_size)
     total = n if shard is None else shard.count
     bar = tqdm(total=total, desc="predicting", disable=not progress, unit="img")
     with StackReader(pset) as reader, torch.inference_mode():
         batches = reader.batches(batch_size) if shard is None else shard.batches(pset, batch_size)
         for indices, images in batches:
+            images = images if decided.sign > 0 else -images  # dark protein: negated first
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
                 torch.from_numpy(images).to(device),
@@ -317,6 +340,7 @@ def predict_star(
         _refined_outputs(arrays, search, pset.pixel_size_angstrom * box / model.config.image_size)
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
     _write_outputs(pset, output, arrays, level)
+    contrast_module.annotate_star(output, decided)
     return PredictionSummary(
         star=output, topk=topk_path(output), n_images=n, seconds=time.perf_counter() - started
     )

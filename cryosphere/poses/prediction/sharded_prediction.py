@@ -76,8 +76,8 @@ class ShardPlan:
         return None if parts is None else dd.concat_rows(parts)
 
 
-def _check(star_path, checkpoint, context: dd.DistributedContext) -> int:
-    pset = read_particle_set(star_path)
+def _check(star_path, checkpoint, context: dd.DistributedContext, project_dir=None) -> int:
+    pset = read_particle_set(star_path, project_dir=project_dir)
     checkpoints.load_checkpoint(checkpoint)
     if context.world_size > len(pset):
         raise ValueError(
@@ -104,6 +104,8 @@ def predict_star_distributed(
     refine=None,
     turns: int = 1,
     context: dd.DistributedContext | None = None,
+    contrast: str = "auto",
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> inference.PredictionSummary:
     """Sharded :func:`~cryosphere.poses.prediction.inference.predict_star` (module docstring).
 
@@ -114,7 +116,7 @@ def predict_star_distributed(
     """
     context = context or dd.init_from_env(device)
     with dd.collective_check(context, "checking the particles and the checkpoint"):
-        n = _check(star_path, checkpoint, context)
+        n = _check(star_path, checkpoint, context, project_dir)
     start, stop = dd.block_range(n, context.rank, context.world_size, align=batch_size)
     plan = ShardPlan(context, start, stop, int(num_workers))
     return inference.predict_star(
@@ -132,4 +134,6 @@ def predict_star_distributed(
         refine=refine,
         turns=turns,
         shard=plan,
+        contrast=contrast,
+        project_dir=project_dir,
     )
