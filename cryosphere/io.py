@@ -13,7 +13,7 @@ Conventions
 - STAR files follow RELION 3.1+: a ``data_optics`` table and a ``data_particles`` table; Euler
   angles (``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi``) in degrees, ZYZ, with the matrix
   ``Rz(psi) @ Ry(tilt) @ Rz(rot)`` mapping reference (volume) to image coordinates, which is
-  the package's pose convention (see :mod:`cryosphere.geometry.so3`). Origins
+  the package's pose convention (see :mod:`cryosphere.geometry.rotations`). Origins
   (``rlnOriginXAngst/YAngst``) follow RELION's sign: shifting the image by ``+origin`` centres
   the particle (:mod:`cryosphere.imaging.ctf`). Particle sets written by other programs
   (RELION 3.0 or 3.1+, many stacks, memory-mapped) are read by

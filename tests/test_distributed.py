@@ -36,13 +36,12 @@ from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.projection import gaussian_blur, project_volume
 from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 from cryosphere.poses import distributed as dd
-from cryosphere.poses.labels import dataset_labels, sharded, templates
+from cryosphere.poses.labels import dataset_labels, sharded_labels, templates
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
-from cryosphere.poses.prediction import inference
-from cryosphere.poses.prediction import sharded as prediction_sharded
+from cryosphere.poses.prediction import inference, sharded_prediction
 from cryosphere.poses.search import map_search
-from cryosphere.poses.training import distributed as dt
+from cryosphere.poses.training import data_parallel
 from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
 from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 from cryosphere.runs import cli
@@ -88,19 +87,21 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
     """Both ranks: train 4 steps, train 2 steps (stopped), predict, then meet bad input."""
     stream, validation = _setup(volume)
     kw = dict(slots=2, progress=False, context=context)
-    result = dt.train_distributed(stream, MODEL, CONFIG, validation, run_dir=folder / "a", **kw)
+    result = data_parallel.train_distributed(
+        stream, MODEL, CONFIG, validation, run_dir=folder / "a", **kw
+    )
     if context.writes:
         torch.save(result.model.state_dict(), folder / "a_weights.pt")
-    dt.train_distributed(
+    data_parallel.train_distributed(
         stream, MODEL, CONFIG, validation, run_dir=folder / "b", stop_after=2, **kw
     )
     ckpt = checkpoints.checkpoint_path(folder / "a")
     data = folder / "data"
     predict = dict(batch_size=4, top_k=3, progress=False, context=context)
-    prediction_sharded.predict_star_distributed(
+    sharded_prediction.predict_star_distributed(
         data / "particles.star", ckpt, data / "two.star", num_workers=1, **predict
     )
-    prediction_sharded.predict_star_distributed(
+    sharded_prediction.predict_star_distributed(
         data / "particles.star", ckpt, data / "two_map.star", refine=_map_search(data), **predict
     )
     _labels(context, volume, folder)
@@ -110,7 +111,7 @@ def _two_rank_worker(context: dd.DistributedContext, volume: np.ndarray, folder:
             folder,
             name,
             context.rank,
-            lambda path=path, name=name: prediction_sharded.predict_star_distributed(
+            lambda path=path, name=name: sharded_prediction.predict_star_distributed(
                 path, ckpt, data / f"{name}_out.star", **predict
             ),
         )
@@ -123,10 +124,10 @@ def _label_set(volume: np.ndarray) -> SimpleNamespace:
 
 
 def _labels(context: dd.DistributedContext, volume: np.ndarray, folder: Path) -> None:
-    bank = sharded.template_bank_on_disk(
+    bank = sharded_labels.template_bank_on_disk(
         volume, 1, 1.0, folder / "bank.npy", chunk=128, context=context
     )
-    made = sharded.compute_labels_sharded(_label_set(volume), bank, 1, context=context)
+    made = sharded_labels.compute_labels_sharded(_label_set(volume), bank, 1, context=context)
     if context.writes:
         np.savez(folder / "labels.npz", mse=made.mse, mask=made.mask, lam=made.lam)
 
@@ -140,7 +141,7 @@ def _killed_worker(context: dd.DistributedContext, folder: Path) -> None:
         folder,
         "killed",
         context.rank,
-        lambda: prediction_sharded.predict_star_distributed(
+        lambda: sharded_prediction.predict_star_distributed(
             data / "particles.star",
             checkpoints.checkpoint_path(folder / "a"),
             data / "killed.star",
@@ -180,9 +181,9 @@ def test_block_range_and_rank_slots_cover_everything_once():
         blocks = [dd.block_range(n, r, world, align) for r in range(world)]
         assert [i for a, b in blocks for i in range(a, b)] == list(range(n))
         assert all(a % align == 0 for a, b in blocks if b > a)
-    assert [list(dt.rank_slots(4, r, 2)) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [list(data_parallel.rank_slots(4, r, 2)) for r in range(2)] == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="divides slots"):
-        dt.rank_slots(3, 0, 2)
+        data_parallel.rank_slots(3, 0, 2)
 
 
 def test_fixed_set_slots_share_each_epoch_and_one_slot_is_unchanged():
@@ -202,7 +203,9 @@ def test_fixed_set_slots_share_each_epoch_and_one_slot_is_unchanged():
 
 def test_two_ranks_equal_one_rank_with_the_doubled_batch(two_ranks, ubi_map_32):
     stream, validation = _setup(ubi_map_32[0])
-    alone = dt.train_distributed(stream, MODEL, CONFIG, validation, slots=2, progress=False)
+    alone = data_parallel.train_distributed(
+        stream, MODEL, CONFIG, validation, slots=2, progress=False
+    )
     two = torch.load(two_ranks / "a_weights.pt", weights_only=True)
     initial = build_model(MODEL, seed=CONFIG.seed).state_dict()
     assert _max_difference(alone.model.state_dict(), two) < TOL
@@ -229,23 +232,23 @@ def test_a_two_rank_run_resumed_on_one_rank_ends_at_the_same_weights(two_ranks, 
     run = two_ranks / "b_resumed"
     shutil.copytree(two_ranks / "b", run)
     assert checkpoints.load_checkpoint(checkpoints.checkpoint_path(run))["step"] == 2
-    resumed = dt.train_distributed(
+    resumed = data_parallel.train_distributed(
         stream, MODEL, CONFIG, validation, slots=2, run_dir=run, progress=False
     )
     two = torch.load(two_ranks / "a_weights.pt", weights_only=True)
     assert resumed.steps_done == 4 and _max_difference(resumed.model.state_dict(), two) < TOL
     with pytest.raises(ValueError, match="other settings"):  # slots belong to the run
-        dt.train_distributed(stream, MODEL, CONFIG, validation, slots=4, run_dir=run)
+        data_parallel.train_distributed(stream, MODEL, CONFIG, validation, slots=4, run_dir=run)
 
 
 def test_one_slot_on_one_process_is_train_on_stream(ubi_map_32):
     stream, validation = _setup(ubi_map_32[0])
     config = StreamTrainingConfig(steps=2, eval_every=2, warmup_steps=1, device="cpu")
     a = train_on_stream(stream, MODEL, config, validation, progress=False)
-    b = dt.train_distributed(stream, MODEL, config, validation, progress=False)
+    b = data_parallel.train_distributed(stream, MODEL, config, validation, progress=False)
     assert _max_difference(a.model.state_dict(), b.model.state_dict()) < 1e-6
     assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], rel=1e-6)
-    bf16 = dt.train_distributed(
+    bf16 = data_parallel.train_distributed(
         stream, MODEL, config, validation, progress=False, bf16=True, stop_after=1
     )
     weights = bf16.model.state_dict()  # the autocast path runs on CPU (speed unmeasured)

@@ -298,16 +298,14 @@ def test_log_likelihood_counts_every_symmetry_mate():
 
 
 def test_snr_study_scores_extra_models_on_the_same_images(tmp_path):
-    import dataclasses
-
-    from cryosphere.poses.network.model import build_model
+    from cryosphere.poses.network.model import ModelConfig, build_model
     from cryosphere.runs import snr_study
     from cryosphere.runs.pipeline import Run
     from cryosphere.runs.run_config import RunConfig
 
     flat = dict(structure="1ubi", n_projections=10, image_size=32, seed=2, grid_level=1, lmax=2)
     config = RunConfig.from_flat({**flat, "epochs": 1, "batch_size": 8})
-    extra = build_model(dataclasses.replace(config.network, encoder="resnet"))
+    extra = build_model(ModelConfig(image_size=32, lmax=2, grid_level=1, encoder="resnet"))
     rows = snr_study.snr_study(
         Run(config, tmp_path, progress=False), [1.0, 0.5], extra_models={"other": extra}
     )

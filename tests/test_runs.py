@@ -7,7 +7,7 @@ import json
 import nbformat
 import pytest
 
-from cryosphere.runs import cli, execution, pipeline
+from cryosphere.runs import cli, execution, run_config
 
 
 @pytest.fixture
@@ -155,4 +155,4 @@ def test_every_notebook_takes_the_ctf_parameters_off_by_default_and_in_every_pro
     )
     passed = plan.notebook_parameters["01_simulate"]["config"]
     assert passed["ctf"] is True and passed["max_shift_px"] == 2.0
-    assert set(names) <= set(pipeline.FLAT_FIELDS)
+    assert set(names) <= set(run_config.FLAT_FIELDS)

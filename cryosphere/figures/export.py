@@ -112,6 +112,19 @@ def png_export_problem() -> str | None:
     return None
 
 
+def _use_bundled_plotlyjs() -> None:
+    """Point kaleido (>= 1) at the plotly.js that ships inside the plotly package, so that
+    rendering needs no network (kaleido otherwise fetches plotly.js from a CDN, and without
+    network access the page fails with ``ReferenceError: Plotly is not defined``)."""
+    import plotly
+    import plotly.io as pio
+
+    defaults = getattr(pio, "defaults", None)
+    bundled = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if defaults is not None and getattr(defaults, "plotlyjs", None) is None and bundled.is_file():
+        defaults.plotlyjs = str(bundled)
+
+
 def export_png(
     fig: go.Figure,
     path: str | os.PathLike[str],
@@ -130,6 +143,7 @@ def export_png(
         raise RuntimeError(problem)
     target = Path(path)
     try:
+        _use_bundled_plotlyjs()
         with io.atomic_path(target) as tmp:
             fig.write_image(tmp, format="png", width=width, height=height, scale=scale)
     except Exception as error:

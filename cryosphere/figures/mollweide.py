@@ -1,7 +1,7 @@
 """The one Mollweide map of the figures (matplotlib): directions on the sphere, flattened.
 
 A unit vector ``(x, y, z)`` (a viewing direction, volume frame,
-:func:`cryosphere.geometry.so3.viewing_directions`) is drawn at longitude ``atan2(y, x)`` and
+:func:`cryosphere.geometry.rotations.viewing_directions`) is drawn at longitude ``atan2(y, x)`` and
 latitude ``asin(z)`` (:func:`~cryosphere.figures.so3_views.lon_lat_deg`) of matplotlib's
 ``"mollweide"`` projection. :func:`mollweide_panel` scatters values on such an axis and
 :func:`mark_poses` marks a true pose (ring) and its symmetry mates (squares); every Mollweide

@@ -117,7 +117,7 @@ def plot_accuracy_vs_snr(
     estimators: Sequence[str] = ("model", "template_matching", "uniform"),
 ) -> Figure:
     """Median error and acc@15° against SNR (log axis) per estimator, from the rows of
-    :func:`cryosphere.runs.snr_study.accuracy_vs_snr`."""
+    :func:`cryosphere.runs.snr_study.snr_study`."""
     snr = np.array([row["snr"] for row in rows], dtype=float)
     order = np.argsort(snr)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -14,14 +14,14 @@ HEALPix pixel of the viewing direction and ``j`` the in-plane index). Two views 
   probability and the colour is the in-plane angle on a cyclic colour scale.
 
 **In-plane angle** ``ψ`` (degrees, in [0, 360)): the third RELION Euler angle ``psi`` of the pose,
-``R = Rz(-psi) @ Ry(-tilt) @ Rz(-rot)`` (:func:`cryosphere.geometry.so3.relion_euler_from_matrices`),
+``R = Rz(-psi) @ Ry(-tilt) @ Rz(-rot)`` (:func:`cryosphere.geometry.rotations.relion_euler_from_matrices`),
 wrapped to [0, 360). For grid cell ``p * 6 * 2**L + j`` it is exactly ``360 j / (6 * 2**L)``
 (:func:`grid_in_plane_angles_deg`). Rotating the image in-plane by ``θ`` (pose ``Rz(θ) @ R``)
 lowers ``ψ`` by ``θ``. At the poles (viewing direction ±z, gimbal lock) ``ψ = 0`` and the whole
 in-plane angle sits in ``rot``; no HEALPix pixel centre lies there.
 
 **Viewing direction** of a pose ``R``: ``R[2, :]`` (the volume-frame direction mapped to the
-microscope's +z, :func:`cryosphere.geometry.so3.viewing_directions`); longitude ``atan2(y, x)``, latitude
+microscope's +z, :func:`cryosphere.geometry.rotations.viewing_directions`); longitude ``atan2(y, x)``, latitude
 ``asin(z)`` (:func:`lon_lat_deg`, in every figure). The true pose is marked by a ring at its viewing
 direction, its symmetry mates ``R @ g`` (``g`` in the point group, volume frame) by diamonds on
 the 3D spheres and squares on the Mollweide maps.
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from cryosphere import _checks
+from cryosphere._checks import as_symmetry_ops
 from cryosphere.geometry import distributions, grids
 from cryosphere.geometry import rotations as geometry_rotations
 
@@ -182,7 +182,7 @@ def pose_markers(
     if R.shape != (3, 3):
         raise ValueError(f"true_rotation must have shape (3, 3), got {R.shape}")
     in_plane_angles_deg(R)  # validates
-    ops = _checks.as_symmetry_ops(symmetry_ops)
+    ops = as_symmetry_ops(symmetry_ops)
     mates = [R] + [R @ g for g in ops if not np.allclose(g, np.eye(3), atol=1e-6)]
     stack = np.stack(mates)
     return geometry_rotations.viewing_directions(stack), in_plane_angles_deg(stack)

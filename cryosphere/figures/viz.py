@@ -2,7 +2,7 @@
 
 Functions here take arrays and return a :class:`matplotlib.figure.Figure`; they compute nothing
 beyond what they draw. Viewing directions are volume-frame unit vectors ``(x, y, z)`` (see
-:func:`cryosphere.geometry.so3.viewing_directions`), drawn on the Mollweide map of
+:func:`cryosphere.geometry.rotations.viewing_directions`), drawn on the Mollweide map of
 :mod:`cryosphere.figures.mollweide` (longitude ``atan2(y, x)``, latitude ``asin(z)``).
 """
 

@@ -2,7 +2,7 @@
 near the true pose.
 
 A *grid distribution* is an array ``probs`` of shape ``(..., G)`` of non-negative weights, one
-per cell of the level-``L`` grid of :func:`cryosphere.geometry.so3.healpix_so3_grid` (``G = 72 * 8**L``),
+per cell of the level-``L`` grid of :func:`cryosphere.geometry.grids.healpix_so3_grid` (``G = 72 * 8**L``),
 ordered pixel-major (HEALPix NESTED pixel ``p`` of the viewing direction, ``P = 12 * 4**L``
 pixels) then in-plane minor (``6 * 2**L`` in-plane angles): cell ``g = p * 6 * 2**L + j``.
 

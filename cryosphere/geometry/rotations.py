@@ -1,7 +1,7 @@
 """Rotations and their conventions: construction, RELION and e3nn Euler angles, quaternions,
 viewing directions and the geodesic distance.
 
-Conventions (fixed project-wide; :mod:`cryosphere.geometry.so3` gathers them all)
+Conventions (fixed project-wide)
 ------------------------------------------------------------------------------
 * **Pose.** A pose ``R`` is a 3x3 rotation matrix that maps particle (volume) coordinates to
   microscope coordinates, ``x_mic = R @ x_vol``, vectors ordered (x, y, z). The image of pose

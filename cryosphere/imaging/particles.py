@@ -3,8 +3,9 @@
 :func:`read_particle_set` dispatches on the file's suffix (:data:`PARTICLE_READERS`): ``.star``
 is read as RELION writes it (:func:`read_relion_star`, 3.0 with one table and optics columns
 per particle, 3.1/4/5 with ``data_optics`` + ``data_particles`` and any other tables; the
-tables' meaning: :mod:`cryosphere.imaging.relion_star`). A reader for another format (e.g.
-cryoSPARC ``.cs``) registers itself there and returns the same :class:`ParticleSet`. Images are
+tables' meaning: :mod:`cryosphere.imaging.formats.relion_star`); a cryoSPARC ``.cs`` file is
+first turned into RELION's tables (:mod:`cryosphere.imaging.cryosparc`). A reader for another
+format registers itself there and returns the same :class:`ParticleSet`. Images are
 named ``index@stack.mrcs`` (1-based); relative stacks are found as RELION finds them (beside
 the STAR file, then in its enclosing folders, or in ``project_dir``). Stacks are opened with
 ``mrcfile.mmap``, so only the images asked for are read: 10⁵-10⁶ particles never have to fit
@@ -44,8 +45,9 @@ import starfile
 from tqdm.auto import tqdm
 
 from cryosphere.geometry import rotations as geometry_rotations
-from cryosphere.imaging import relion_star
+from cryosphere.imaging import cryosparc
 from cryosphere.imaging.ctf import CTFParameters
+from cryosphere.imaging.formats import relion_star
 from cryosphere.imaging.preprocess import common_pixel_size, resample_images
 
 __all__ = [
@@ -225,16 +227,22 @@ def read_relion_star(
     project_dir: str | os.PathLike[str] | None = None,
     pixel_size_angstrom: float | None = None,
 ) -> ParticleSet:
-    """Read and check a RELION 3.0 or 3.1+ particle STAR file and its stacks' headers.
+    """Read and check a RELION 3.0 or 3.1+ particle STAR file and its stacks' headers; a
+    cryoSPARC ``.cs`` file is read as the RELION 3.1 tables of
+    :func:`cryosphere.imaging.cryosparc.relion_tables_from_cryosparc`.
 
     Args:
         require_angles: ValueError unless the file has rlnAngleRot/Tilt/Psi.
         project_dir: the RELION project folder relative stacks are named from (None: found
-            as RELION would, :func:`cryosphere.imaging.relion_star.resolve_stacks`).
-        pixel_size_angstrom: Å per pixel when the STAR file states none (it wins otherwise).
+            as RELION would, :func:`cryosphere.imaging.formats.relion_star.resolve_stacks`), or the
+            cryoSPARC project folder a ``.cs`` file's ``blob/path`` is relative to.
+        pixel_size_angstrom: Å per pixel when the file states none (it wins otherwise).
     """
     source = Path(star_path)
-    tables = dict(starfile.read(source, always_dict=True))
+    if source.suffix == cryosparc.CRYOSPARC_SUFFIX:
+        tables = cryosparc.relion_tables_from_cryosparc(source, project_dir=project_dir)
+    else:
+        tables = dict(starfile.read(source, always_dict=True))
     key = relion_star.particles_table(tables, source)
     particles = tables[key]
     optics = tables.get("optics") if isinstance(tables.get("optics"), pd.DataFrame) else None
@@ -285,7 +293,10 @@ def read_relion_star(
 
 #: File suffix -> reader ``(path, *, require_angles, project_dir, pixel_size_angstrom) ->
 #: ParticleSet``; other formats register their reader here.
-PARTICLE_READERS: dict[str, Callable[..., ParticleSet]] = {".star": read_relion_star}
+PARTICLE_READERS: dict[str, Callable[..., ParticleSet]] = {
+    ".star": read_relion_star,
+    cryosparc.CRYOSPARC_SUFFIX: read_relion_star,  # converted to RELION's tables
+}
 
 
 def read_particle_set(

@@ -3,7 +3,7 @@
 Signal and geometry
 -------------------
 A volume ``V`` is a float array ``(N, N, N)`` indexed ``[z, y, x]`` with its centre at voxel
-``N // 2``. For a pose ``R`` (``x_mic = R @ x_vol``, see :mod:`cryosphere.geometry.so3`) the image is
+``N // 2``. For a pose ``R`` (``x_mic = R @ x_vol``, see :mod:`cryosphere.geometry.rotations`) the image is
 
     I_R(x, y) = ∫ V(Rᵀ · (x, y, z)) dz,
 

@@ -1,7 +1,7 @@
 """Point-group symmetry of maps: real-space averaging and a check that a map obeys a group.
 
 A point group ``ops`` is ``(K, 3, 3)`` volume-frame rotations ``g``, identity first (poses ``R``
-and ``R @ g`` give the same image; :func:`cryosphere.geometry.so3.point_group`).
+and ``R @ g`` give the same image; :func:`cryosphere.geometry.point_groups.point_group`).
 :func:`symmetrize_map` averages a finished map over ``V(g x)`` (trilinear resampling).
 :func:`symmetry_correlation` scores how well a map obeys the group in its stated frame, and
 :func:`check_point_group` raises a ``ValueError`` when that score is below a threshold: the

@@ -131,18 +131,25 @@ def _add_train_parser(commands: Any) -> None:
     fit.add_argument(
         "--minutes", type=float, default=None, help="stop training after M minutes (wall clock)"
     )
-    _add_reading_options(fit)
+    _add_particle_options(fit)
 
 
-def _add_reading_options(command: Any) -> None:
-    """Options of both commands for reading other programs' particle files (docs/particles.md)."""
+def _add_particle_options(command: Any) -> None:
+    """Reading other programs' particle files: ``--contrast`` (docs/cryosparc_and_contrast.md),
+    ``--project-dir``, ``--pixel-size``, ``--skip-bad`` (docs/particles.md)."""
+    command.add_argument(
+        "--contrast",
+        default="auto",
+        choices=["auto", "white", "dark"],
+        help="protein white (the map's sign) or dark; auto: decided against the map",
+    )
     command.add_argument(
         "--project-dir",
         "--datadir",
         dest="project_dir",
         default=None,
-        help="folder the STAR file's image paths are relative to (RELION's project folder; "
-        "default: found beside the STAR file or in its enclosing folders)",
+        help="folder the image paths are relative to (RELION's project folder, default: found "
+        "beside the STAR file or in its enclosing folders; a cryoSPARC .cs's blob/path)",
     )
     command.add_argument(
         "--pixel-size",
@@ -196,6 +203,7 @@ def _train(args: argparse.Namespace) -> int:
             slots=args.slots,
             bf16=args.bf16,
             progress=not args.no_progress,
+            contrast=args.contrast,
             project_dir=args.project_dir,
             pixel_size_angstrom=args.pixel_size,
             skip_bad=args.skip_bad,
@@ -215,7 +223,7 @@ def _add_predict_parser(commands: Any) -> None:
     predict = commands.add_parser(
         "predict", help="predict poses for a RELION particle STAR file with a trained model"
     )
-    predict.add_argument("star", help="RELION 3.0 or 3.1+ particles STAR file")
+    predict.add_argument("star", help="RELION 3.0 or 3.1+ particles STAR file, or cryoSPARC .cs")
     predict.add_argument("--checkpoint", required=True, help="CryoSphere checkpoint (.pt)")
     predict.add_argument("-o", "--output", required=True, help="STAR file to write")
     predict.add_argument("--batch-size", type=int, default=256, help="images per batch")
@@ -287,12 +295,12 @@ def _add_predict_parser(commands: Any) -> None:
     predict.add_argument(
         "--overwrite", action="store_true", help="replace an existing output STAR file"
     )
-    _add_reading_options(predict)
+    _add_particle_options(predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from cryosphere.poses import distributed
-    from cryosphere.poses.prediction import sharded  # torch only when needed
+    from cryosphere.poses.prediction import sharded_prediction  # torch only when needed
 
     try:
         refine = None
@@ -307,7 +315,7 @@ def _predict(args: argparse.Namespace) -> int:
                 resolution_angstrom=args.resolution,
             )
         context = distributed.init_from_env(args.device)
-        summary = sharded.predict_star_distributed(
+        summary = sharded_prediction.predict_star_distributed(
             args.star,
             args.checkpoint,
             args.output,
@@ -323,6 +331,7 @@ def _predict(args: argparse.Namespace) -> int:
             refine=refine,
             turns=args.turns,
             context=context,
+            contrast=args.contrast,
             project_dir=args.project_dir,
             pixel_size_angstrom=args.pixel_size,
             skip_bad=args.skip_bad,

@@ -42,8 +42,9 @@ from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.labels import dataset_labels
 from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.search import contrast as contrast_module
 from cryosphere.poses.training import settings
-from cryosphere.poses.training.distributed import train_distributed
+from cryosphere.poses.training.data_parallel import train_distributed
 from cryosphere.poses.training.stream import Batch, FixedSetStream
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
@@ -75,6 +76,8 @@ class RefinementData:
         clean_images: ``(n, M, M)`` projections of ``volume`` at the refined poses.
         rotations: ``(n, 3, 3)`` refined poses.
         symmetry_ops: ``(1, 3, 3)`` identity (C1).
+        contrast: the particles' contrast (:mod:`cryosphere.poses.search.contrast`); dark particles
+            are negated on reading.
     """
 
     volume: np.ndarray
@@ -84,6 +87,7 @@ class RefinementData:
     rotations: np.ndarray
     symmetry_ops: np.ndarray
     parameters: _Parameters = _Parameters()
+    contrast: contrast_module.ContrastDecision | None = None
 
     @property
     def image_size(self) -> int:
@@ -98,11 +102,13 @@ def refinement_data(
     *,
     max_particles: int | None = None,
     progress: bool = True,
+    contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
     pixel_size_angstrom: float | None = None,
     skip_bad: bool = False,
 ) -> RefinementData:
-    """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3).
+    """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3);
+    ``contrast`` ``"auto"`` is decided at the refined poses (:mod:`cryosphere.poses.search.contrast`).
 
     ``project_dir`` and ``pixel_size_angstrom``: as
     :func:`cryosphere.imaging.particles.read_particle_set`. A particle image with NaN or
@@ -118,13 +124,16 @@ def refinement_data(
     small = preprocess.reference_map(map_path, pset, image_size)  # checked before reading
     n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
     rotations = pset.rotations()[:n]
+    decided = contrast_module.decide_for_particle_set(
+        pset, contrast, small, image_size, rotations=rotations
+    )
     images, dropped = [], []
     with StackReader(pset) as reader:
         for indices, batch in reader.batches(256, progress=progress):
             if indices[0] >= n:
                 break
             keep = indices < n
-            indices, batch = indices[keep], batch[keep]
+            indices, batch = indices[keep], batch[keep] * np.float32(decided.sign)
             bad = non_finite_rows(indices, batch)
             if len(bad):
                 if not skip_bad:
@@ -158,6 +167,7 @@ def refinement_data(
         clean_images=clean,
         rotations=rotations,
         symmetry_ops=np.eye(3)[None],
+        contrast=decided,
     )
 
 
@@ -209,6 +219,7 @@ def train_on_refinement(
     slots: int = 1,
     bf16: bool = False,
     progress: bool = True,
+    contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
     pixel_size_angstrom: float | None = None,
     skip_bad: bool = False,
@@ -217,7 +228,7 @@ def train_on_refinement(
 
     One process trains with :func:`cryosphere.poses.training.streamed.train_on_stream`. Under
     ``torchrun`` (or with ``slots > 1`` or ``bf16``) the same data go to
-    :func:`cryosphere.poses.training.distributed.train_distributed`: every rank prepares the
+    :func:`cryosphere.poses.training.data_parallel.train_distributed`: every rank prepares the
     same (deterministic) data and labels, each optimiser step takes ``slots`` stream batches
     split over the ranks (the rank count must divide ``slots``), rank 0 writes.
 
@@ -233,8 +244,11 @@ def train_on_refinement(
         resume: continue from a checkpoint of the same settings in ``run_dir`` (one process;
             a distributed run always resumes).
         slots, bf16: the distributed run's stream batches per step and bf16 autocast.
-        project_dir, pixel_size_angstrom, skip_bad: reading the particles
-            (:func:`refinement_data`).
+        contrast: ``"auto"`` (decided at the refined poses), ``"white"`` or ``"dark"``; printed
+            and recorded in the checkpoint, which ``predict`` without a map then follows.
+        project_dir: the project folder image paths are relative to (RELION's project folder,
+            or a cryoSPARC ``.cs``'s).
+        pixel_size_angstrom, skip_bad: reading the particles (:func:`refinement_data`).
     """
     model_config = model_config or stream_model_config(64)
     training_config = training_config or StreamTrainingConfig()
@@ -244,12 +258,14 @@ def train_on_refinement(
         with dd.collective_check(context, "preparing the refinement"):
             data = refinement_data(
                 star_path, map_path, model_config.image_size, max_particles=max_particles,
-                progress=show, project_dir=project_dir, pixel_size_angstrom=pixel_size_angstrom,
-                skip_bad=skip_bad,
+                progress=show, contrast=contrast, project_dir=project_dir,
+                pixel_size_angstrom=pixel_size_angstrom, skip_bad=skip_bad,
             )  # fmt: skip
             made = dataset_labels.compute_labels(
                 data, level=model_config.grid_level, q=q, progress=show
             )
+        if context.writes:
+            contrast_module.report(data.contrast)
         targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
         stream, validation = _split_streams(
             data, targets, int(batch_size), validation_fraction, training_config.seed, slots
@@ -260,7 +276,7 @@ def train_on_refinement(
             steps = int(epochs) * stream.per_epoch
             training_config = dataclasses.replace(training_config, steps=steps)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
-            return train_on_stream(
+            result = train_on_stream(
                 stream,
                 model_config,
                 training_config,
@@ -270,17 +286,21 @@ def train_on_refinement(
                 resume=resume,
                 progress=progress,
             )
-        return train_distributed(
-            stream,
-            model_config,
-            training_config,
-            validation,
-            slots=int(slots),
-            symmetry_ops=data.symmetry_ops,
-            run_dir=run_dir,
-            progress=progress,
-            bf16=bf16,
-            context=context,
-        )
+        else:
+            result = train_distributed(
+                stream,
+                model_config,
+                training_config,
+                validation,
+                slots=int(slots),
+                symmetry_ops=data.symmetry_ops,
+                run_dir=run_dir,
+                progress=progress,
+                bf16=bf16,
+                context=context,
+            )
+        if context.writes and result.checkpoint is not None:
+            contrast_module.record_in_checkpoint(result.checkpoint, data.contrast)
+        return result
     finally:
         dd.shutdown(context)

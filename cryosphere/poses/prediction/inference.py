@@ -58,12 +58,14 @@ from tqdm.auto import tqdm
 from cryosphere import io
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
-from cryosphere.imaging import preprocess, relion_star
+from cryosphere.imaging import preprocess
+from cryosphere.imaging.formats import relion_star
 from cryosphere.imaging.loader import checked_and_centred
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import resolve_device
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.prediction.predictions import check_turns, turn_averaged_log_probabilities
+from cryosphere.poses.search import contrast as contrast_module
 from cryosphere.poses.search import map_search
 
 __all__ = [
@@ -237,6 +239,20 @@ def _refined_outputs(
     arrays["origin_angstrom"] = input_origins + arrays["shift_px"] * pixel if shifted else None
 
 
+def _contrast(pset, requested, checkpoint, search, image_size, crop_size):
+    """The contrast of ``--contrast`` (:mod:`cryosphere.poses.search.contrast`), printed."""
+    if search is None:
+        decided = contrast_module.resolve_without_map(requested, checkpoint)
+    else:
+        volume = preprocess.reference_map(search.refinement.map_path, pset, image_size, crop_size)
+        decided = contrast_module.decide_for_particle_set(
+            pset, requested, volume, image_size, crop_size=crop_size,
+            max_shift_px=max(2.0, search.refinement.max_shift_px),
+        )  # fmt: skip
+    contrast_module.report(decided)
+    return decided
+
+
 def predict_star(
     star_path: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -253,6 +269,7 @@ def predict_star(
     refine: map_search.MapRefinement | map_search.MapSearch | None = None,
     turns: int = 1,
     shard=None,
+    contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
     pixel_size_angstrom: float | None = None,
     skip_bad: bool = False,
@@ -276,12 +293,15 @@ def predict_star(
             :class:`~cryosphere.poses.search.map_search.MapSearch` already prepared for these
             particles is used as it is (the map projected once for many calls); None: the
             network's most probable cell.
+        contrast: ``"auto"``, ``"white"`` or ``"dark"`` (:mod:`cryosphere.poses.search.contrast`;
+            dark particles are negated on reading); the decision is printed and written as
+            the output STAR file's first comment line.
         shard: this rank's share of a distributed run
-            (:class:`cryosphere.poses.prediction.sharded.ShardPlan`: ``count``, ``batches``,
+            (:class:`cryosphere.poses.prediction.sharded_prediction.ShardPlan`: ``count``, ``batches``,
             ``finish``); None: every particle, read here. Use
-            :func:`cryosphere.poses.prediction.sharded.predict_star_distributed`.
-        project_dir: the RELION project folder the stacks are named from (None: found as
-            RELION does; :mod:`cryosphere.imaging.relion_star`).
+            :func:`cryosphere.poses.prediction.sharded_prediction.predict_star_distributed`.
+        project_dir: the project folder the stacks are named from (RELION's; None: found as
+            RELION does, :mod:`cryosphere.imaging.formats.relion_star`), or a cryoSPARC ``.cs``'s.
         pixel_size_angstrom: Å per pixel when the STAR file states none.
         skip_bad: leave particles with NaN or infinite pixels out of the output (listed in
             the summary) instead of refusing the set.
@@ -320,12 +340,14 @@ def predict_star(
         arrays["searched_index"] = np.zeros((n, kept), np.int64)
         arrays["searched_probability"] = np.zeros((n, kept), np.float32)
         arrays["searched_shift_px"] = np.zeros((n, kept, 2), np.float64)
+    decided = _contrast(pset, contrast, checkpoint, search, model.config.image_size, crop_size)
     total = n if shard is None else shard.count
     bar = tqdm(total=total, desc="predicting", disable=not progress, unit="img")
     with StackReader(pset) as reader, torch.inference_mode():
         batches = reader.batches(batch_size) if shard is None else shard.batches(pset, batch_size)
         for indices, images in batches:
             images = checked_and_centred(pset, indices, images, skip_bad, arrays["bad"])
+            images = images if decided.sign > 0 else -images  # dark protein: negated first
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
                 images.to(device),
@@ -366,6 +388,7 @@ def predict_star(
         _refined_outputs(arrays, search, model_pixel, pset.origins_angstrom)
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
     _write_outputs(pset, output, arrays, level)
+    contrast_module.annotate_star(output, decided)
     return PredictionSummary(
         star=output,
         topk=topk_path(output),

@@ -396,7 +396,7 @@ class FixedSetStream:
         in_plane: random in-plane turn by a multiple of the grid step, target permuted.
         level: grid level of ``targets`` (for ``in_plane``).
         slots: stream batches per optimiser step of a distributed run
-            (:mod:`cryosphere.poses.training.distributed`): step ``s`` takes the next
+            (:mod:`cryosphere.poses.training.data_parallel`): step ``s`` takes the next
             ``slots × batch_size`` images of the epoch's order and ``batch(s, k)`` is the
             ``k``-th batch of them, so the slots (ranks) share an epoch without overlap; an
             epoch is ``ceil(n / (slots · batch_size))`` steps, and its last step fills every

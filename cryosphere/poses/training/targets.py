@@ -1,7 +1,7 @@
 """Training targets on the HEALPix SO(3) grid, and the exact in-plane augmentation.
 
 Three targets, each a distribution ``(n, G)`` over the ``G`` cells of the level-``L`` grid
-(:func:`cryosphere.geometry.so3.healpix_so3_grid`), rows summing to 1, float32:
+(:func:`cryosphere.geometry.grids.healpix_so3_grid`), rows summing to 1, float32:
 
 * ``"pose"`` (:func:`pose_kernel_targets`): a kernel around the true pose,
   ``t_g ∝ exp(−d(R_g, R)² / 2w²)`` with ``d`` the symmetry-aware geodesic distance (degrees) and
