@@ -89,6 +89,11 @@ def test_nan_pixels_refused_by_predict_naming_the_particle_or_skipped(dataset, c
     written = starfile.read(out, always_dict=True)["particles"]
     assert len(written) == 7 and "000003@particles.mrcs" not in set(written["rlnImageName"])
     assert len(inference.load_topk(out)) == 7
+    # with a map, the contrast is decided on the undamaged particles of its sample
+    with_map = ["--skip-bad", "--overwrite", "--map", str(bad / "volume.mrc")]
+    assert cli.main([*_predict_argv(bad / "particles.star", checkpoint, out), *with_map]) == 0
+    report = capsys.readouterr().err
+    assert "contrast white (from the map" in report and "undecided" not in report
 
 
 def test_nan_pixels_refused_by_train_and_skipped_with_skip_bad(dataset, tmp_path, capsys):
