@@ -24,8 +24,9 @@ there) the first time. For each structure (default 1UBI):
    same level-2 grid and box, every template carrying the particle's CTF, with the same shift
    search and the detected contrast (:func:`cryosphere.poses.search.matching.ctf_template_matching`).
 
-The map search's centring shifts are compared with ASPIRE's origins (``origin_vs_found_*``: in
-RELION's sign they agree). Errors are geodesic angles to ASPIRE's own poses (its STAR angles read as RELION's). Target:
+The map search's centring shifts (``predict`` recentres by the stated origin and searches
+the rest; their sum) are compared with ASPIRE's origins (``origin_vs_found_*``: in RELION's
+sign they agree; with the opposite sign the recentring moves the particle away). Errors are geodesic angles to ASPIRE's own poses (its STAR angles read as RELION's). Target:
 ``map_median_deg`` ≤ 1.1 × ``oracle_median_deg``.
 
 Usage::
@@ -208,7 +209,9 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
     network_cells = side.index
     test_set = read_particle_set(test_star)
     stated = test_set.origins_angstrom / (test_set.pixel_size_angstrom * args.box / args.model_box)
-    found = np.load(inference.topk_path(map_star))["shift_px"]  # centring shifts, model px
+    # predict recentres each particle by its stated origin, then searches the rest: the
+    # centring shift it found in all is the stated origin plus the residual (model px)
+    found = stated + np.load(inference.topk_path(map_star))["shift_px"]
     top_k_hit = float(np.mean(np.any(network_cells == oracle_cells[:, None], axis=1)))
     errors = {
         key: geometry_rotations.geodesic_distance_deg(rotations, truth)

@@ -132,7 +132,14 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
         for top_k in (10, 50, 100) if level == 2 else (10, 50):
             rates[f"predict_map{suffix}_top{top_k}_images_per_s"] = best_rate(
                 lambda s=search, k=top_k: inference.predict_star(
-                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=k
+                    star,
+                    checkpoint,
+                    out,
+                    device="cpu",
+                    progress=False,
+                    refine=s,
+                    top_k=k,
+                    overwrite=True,
                 ),
                 n,
                 1,
@@ -146,7 +153,14 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
             )
             rates["predict_map_top100_whole_band_images_per_s"] = best_rate(
                 lambda s=whole: inference.predict_star(
-                    star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=100
+                    star,
+                    checkpoint,
+                    out,
+                    device="cpu",
+                    progress=False,
+                    refine=s,
+                    top_k=100,
+                    overwrite=True,
                 ),
                 n,
                 1,
@@ -155,6 +169,7 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
             rates["predict_map_top100_turns4_images_per_s"] = best_rate(
                 lambda s=search: inference.predict_star(
                     star, checkpoint, out, device="cpu", progress=False, refine=s, top_k=100,
+                    overwrite=True,
                     turns=4,
                 ),
                 n,
@@ -198,7 +213,13 @@ def predict_rates(star: Path, checkpoint: Path, batch_size: int, repeats: int) -
     rates = {"n_images": n}
     rates["predict_images_per_s"] = best_rate(
         lambda: inference.predict_star(
-            star, checkpoint, out, batch_size=batch_size, device="cpu", progress=False
+            star,
+            checkpoint,
+            out,
+            batch_size=batch_size,
+            device="cpu",
+            progress=False,
+            overwrite=True,
         ),
         n,
         repeats,

@@ -158,7 +158,7 @@ def predict_command(star: Path, ckpt: Path, out: Path, args, ranks: int) -> list
     tail = [
         "-m", "cryosphere", "predict", str(star), "--checkpoint", str(ckpt), "-o", str(out),
         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--no-progress",
-        "--device", "cpu",
+        "--device", "cpu", "--overwrite",
     ]  # fmt: skip
     if ranks == 1:
         return [sys.executable, *tail]

@@ -1,4 +1,4 @@
-"""cryoSPARC ``.cs`` particle files (imaging.cryosparc): files laid out as cryoSPARC writes them
+"""cryoSPARC ``.cs`` particle files (imaging.formats.cryosparc): files laid out as cryoSPARC writes them
 (numpy structured arrays saved with ``np.save``, a passthrough file joined by uid, stacks named
 relative to the project folder), read with cryoSPARC's rotation-vector and shift conventions."""
 
@@ -15,9 +15,9 @@ from scipy.spatial.transform import Rotation
 
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
-from cryosphere.imaging import cryosparc
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging.datasets import SimulationParameters
+from cryosphere.imaging.formats import cryosparc
 from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 from cryosphere.poses.network.model import ModelConfig

@@ -65,18 +65,22 @@ def test_predict_star_writes_every_column_and_the_poses(particle_run):
     assert summary.n_images == 12 and summary.star == out and summary.images_per_s > 0
     before = starfile.read(star_in, always_dict=True)
     after = starfile.read(out, always_dict=True)
-    pd.testing.assert_frame_equal(after["optics"], before["optics"])
+    # values kept (9 significant digits: 300.0 is written "300", read back as an integer)
+    pd.testing.assert_frame_equal(after["optics"], before["optics"], check_dtype=False)
     new = {"rlnMaxValueProbDistribution", inference.SPREAD_COLUMN}
     assert set(after["particles"].columns) == set(before["particles"].columns) | new
     unchanged = [c for c in before["particles"] if not c.startswith("rlnAngle")]
-    pd.testing.assert_frame_equal(after["particles"][unchanged], before["particles"][unchanged])
-    # the written angles are those of the network's own prediction on the same preprocessing
+    pd.testing.assert_frame_equal(
+        after["particles"][unchanged], before["particles"][unchanged], check_dtype=False
+    )
+    # the written angles are those of the network's own prediction on the same preprocessing:
+    # each particle recentred by its origin (-shift), as train does, then prepared
+    from cryosphere.imaging import ctf as ctf_module
     from cryosphere.imaging import preprocess
 
     model = checkpoints.load_model(checkpoint)
-    prepared, _ = preprocess.prepare_images(
-        data.noisy_images, data.pixel_size, target_size=16, ctf=data.ctf
-    )
+    centred = ctf_module.shift_images(data.noisy_images, -data.shifts_px)
+    prepared, _ = preprocess.prepare_images(centred, data.pixel_size, target_size=16, ctf=data.ctf)
     expected = predictions.predict(model, prepared.numpy())
     got = rotations.matrices_from_relion_euler(
         after["particles"][["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()

@@ -134,8 +134,8 @@ def test_bad_particle_sets_get_clear_errors(tmp_path):
         read_particle_set(write(mixed))
     wrong_pixel = table.copy()
     wrong_pixel["rlnMagnification"] = 5000.0
-    with pytest.raises(ValueError, match="pixel size of 4 Å but a stack header says 2 Å"):
-        read_particle_set(write(wrong_pixel))
+    with pytest.warns(UserWarning, match="pixel size of 4 Å but the stack header says 2 Å"):
+        assert read_particle_set(write(wrong_pixel)).pixel_size_angstrom == 4.0  # STAR wins
     with mrcfile.new(tmp_path / "rect.mrcs") as mrc:
         mrc.set_data(np.zeros((2, 16, 18), np.float32))
     rect = table.copy()

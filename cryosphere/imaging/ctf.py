@@ -12,12 +12,19 @@ CTF (RELION's form)
 For a spatial frequency ``k`` (1/Å) at angle ``φ = atan2(ky, kx)`` from the image x axis::
 
     Δf(φ)  = (U + V) / 2 + (U − V) / 2 · cos(2 (φ − θ))          (U, V, θ: rlnDefocusU/V/Angle)
-    χ(k)   = π λ Δf |k|² − (π / 2) Cs λ³ |k|⁴ + asin(w)          (w: rlnAmplitudeContrast)
-    CTF(k) = sin(χ(k)) · exp(−B |k|² / 4)
+    χ(k)   = π λ Δf |k|² − (π / 2) Cs λ³ |k|⁴ + asin(w) + ψ      (w: rlnAmplitudeContrast,
+                                                                   ψ: rlnPhaseShift)
+    CTF(k) = s · sin(χ(k)) · exp(−B |k|² / 4)                    (s: rlnCtfScalefactor)
 
 with λ the relativistic electron wavelength at the voltage, Cs in Å and B the B-factor (Å²).
+This is RELION's ``CTF::getCTF`` (which writes ``−sin(−χ)`` with a negative defocus);
+``tests/test_ctf.py`` checks it against a transcription of that form, 90° phase shift included.
 Defocus is positive for underfocus; CTF(0) = +w and the first lobe is positive, so a particle of
-positive density stays positive at low resolution (RELION's sign). :func:`ctf_2d` evaluates this
+positive density stays positive at low resolution (RELION's sign). A phase plate's ψ = 90°
+makes CTF(0) = s · cos(asin w) ≈ s. Images marked CTF-premultiplied
+(rlnCtfDataAreCtfPremultiplied = 1: the image already multiplied by its CTF once more) carry
+CTF² in all: :func:`ctf_2d` then returns CTF², which phase flip, the CTF-aware search and the
+Wiener reconstruction use as the images' transfer. :func:`ctf_2d` evaluates this
 closed form itself (vectorised, cached frequency grids: about 4x faster than
 ``torch_ctf.calculate_ctf_2d`` on a 64-px box, which made it the slowest step of ``predict``);
 ``tests/test_ctf.py`` checks it against ``torch_ctf`` (angle θ measured from x, as RELION) and
@@ -76,6 +83,10 @@ class CTFParameters:
         spherical_aberration_mm: ``(n,)`` Cs, mm (rlnSphericalAberration).
         amplitude_contrast: ``(n,)`` fraction in [0, 1) (rlnAmplitudeContrast).
         b_factor: ``(n,)`` envelope B-factor, Å² (rlnCtfBfactor); 0 for none.
+        phase_shift_deg: ``(n,)`` phase-plate shift ψ, deg (rlnPhaseShift); 0 for none.
+        scale_factor: ``(n,)`` CTF scale s (rlnCtfScalefactor); 1 for none.
+        premultiplied: ``(n,)`` 1 where the images are CTF-premultiplied
+            (rlnCtfDataAreCtfPremultiplied), else 0.
     """
 
     defocus_u_angstrom: np.ndarray
@@ -85,6 +96,9 @@ class CTFParameters:
     spherical_aberration_mm: np.ndarray
     amplitude_contrast: np.ndarray
     b_factor: np.ndarray
+    phase_shift_deg: np.ndarray | float = 0.0
+    scale_factor: np.ndarray | float = 1.0
+    premultiplied: np.ndarray | float = 0.0
 
     def __post_init__(self) -> None:
         n = np.asarray(self.defocus_u_angstrom).reshape(-1).shape[0]
@@ -101,6 +115,10 @@ class CTFParameters:
             raise ValueError("voltage_kv must be positive (e.g. 300 kV)")
         if np.any((self.amplitude_contrast < 0) | (self.amplitude_contrast >= 1)):
             raise ValueError("amplitude_contrast must lie in [0, 1) (typically 0.07-0.1)")
+        if np.any(self.scale_factor <= 0):
+            raise ValueError("the CTF scale factor (rlnCtfScalefactor) must be positive")
+        if np.any((self.premultiplied != 0) & (self.premultiplied != 1)):
+            raise ValueError("rlnCtfDataAreCtfPremultiplied must be 0 or 1")
 
     def __len__(self) -> int:
         return int(self.defocus_u_angstrom.shape[0])
@@ -184,11 +202,11 @@ def ctf_2d(
     lam = electron_wavelength_angstrom(parameters.voltage_kv)
     u, v = parameters.defocus_u_angstrom, parameters.defocus_v_angstrom
     theta = np.deg2rad(parameters.defocus_angle_deg)
-    # χ = k² (a + b cos 2(φ − θ)) − c k⁴ + asin(w), with k in cycles/px (hence the p² factors)
+    # χ = k² (a + b cos 2(φ − θ)) − c k⁴ + asin(w) + ψ, k in cycles/px (hence the p² factors)
     a = np.pi * lam * (u + v) / 2.0 / p2
     b = np.pi * lam * (u - v) / 2.0 / p2
     c = np.pi / 2.0 * parameters.spherical_aberration_mm * 1e7 * lam**3 / p2**2
-    w = np.arcsin(parameters.amplitude_contrast)
+    w = np.arcsin(parameters.amplitude_contrast) + np.deg2rad(parameters.phase_shift_deg)
 
     def col(values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.float32, device=device)[:, None, None]
@@ -198,6 +216,10 @@ def ctf_2d(
     ctf = chi.sin_()
     if np.any(parameters.b_factor != 0):
         ctf = ctf.mul_(torch.exp(-col(parameters.b_factor / (4.0 * p2)) * k2))
+    if np.any(parameters.scale_factor != 1):
+        ctf = ctf.mul_(col(parameters.scale_factor))
+    if np.any(parameters.premultiplied):  # the images carry CTF twice
+        ctf = torch.where(col(parameters.premultiplied) > 0, ctf * ctf, ctf)
     return ctf
 
 

@@ -11,6 +11,12 @@ caller computes.
 
 Items are ``(indices (k,) int64, images (k, N, N) float32)`` numpy arrays, ``indices`` the
 0-based rows of the STAR file, in STAR order.
+
+Checking a batch before any work on it: :func:`non_finite_rows` finds images holding NaN or
+infinite pixels; :func:`damaged_images_error` names them (row of the STAR file and image name) in
+a one-line message; :func:`checked_and_centred` refuses them (or, asked to skip them, zeroes and
+marks them) and shifts every image by ``+origin / pixel_size``, RELION's sign
+(:func:`cryosphere.imaging.ctf.centring_shift_px`), so the particle sits at the box centre.
 """
 
 from __future__ import annotations
@@ -21,9 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging.particles import ParticleSet, StackReader
 
-__all__ = ["ParticleBatches", "particle_batches"]
+__all__ = [
+    "ParticleBatches",
+    "particle_batches",
+    "non_finite_rows",
+    "damaged_images_error",
+    "checked_and_centred",
+]
 
 
 class ParticleBatches(Dataset):
@@ -89,5 +102,46 @@ def particle_batches(
         prefetch_factor=int(prefetch_factor) if workers else None,
         persistent_workers=False,
     )
-    with torch.no_grad():
-        yield from loader
+    # no grad-mode context around the yield: a generator left suspended (the caller stopped
+    # at a damaged batch) would keep autograd off in the caller's thread
+    yield from loader
+
+
+def non_finite_rows(indices: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """The rows of ``indices`` ``(k,)`` whose images ``(k, N, N)`` hold NaN or infinite pixels."""
+    flat = np.asarray(images).reshape(len(indices), -1)
+    return np.asarray(indices)[~np.isfinite(flat).all(axis=1)]
+
+
+def damaged_images_error(particle_set, rows: np.ndarray) -> ValueError:
+    """A one-line ValueError naming the damaged particles ``rows`` (0-based, the first five)."""
+    rows = np.asarray(rows).reshape(-1)
+    names = particle_set.image_names(rows[:5])
+    listed = ", ".join(
+        f"row {int(i) + 1} ({name})" for i, name in zip(rows[:5], names, strict=True)
+    )
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return ValueError(
+        f"{particle_set.star_path}: {len(rows)} particle images with NaN or infinite pixels: "
+        f"{listed}{more}; remove them from the STAR file or pass --skip-bad to leave them out "
+        "(nothing was written)"
+    )
+
+
+def checked_and_centred(
+    particle_set, indices: np.ndarray, images: np.ndarray, skip_bad: bool, bad: np.ndarray
+) -> torch.Tensor:
+    """Images ``(k, N, N)`` of rows ``indices`` shifted by ``+origin / pixel`` (centred),
+    float32. Damaged images raise :func:`damaged_images_error`, or with ``skip_bad`` are zeroed
+    and marked ``True`` in ``bad`` ``(n,)``."""
+    damaged = non_finite_rows(indices, images)
+    if len(damaged):
+        if not skip_bad:
+            raise damaged_images_error(particle_set, damaged)
+        bad[damaged] = True
+        images = np.where(np.isin(indices, damaged)[:, None, None], 0.0, images)
+    origins = particle_set.origins_angstrom[indices]
+    if not np.any(origins):
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    shifts = ctf_module.centring_shift_px(origins, particle_set.pixel_size_angstrom)
+    return ctf_module.shift_images(images, shifts)

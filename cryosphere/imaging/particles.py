@@ -1,18 +1,28 @@
-"""Real particle sets: RELION particle STAR files and their memory-mapped MRC stacks.
+"""Real particle sets: particle files of other programs and their memory-mapped MRC stacks.
 
-Reads RELION 3.0 files (one table; optics columns per particle, origins ``rlnOriginX/Y`` in
-pixels) and RELION 3.1/4/5 files (``data_optics`` + ``data_particles``; origins
-``rlnOriginXAngst/YAngst`` in Å) with ``starfile``; images are named ``index@stack.mrcs``
-(1-based index, path relative to the STAR file's folder unless absolute) and may come from many
-stacks. Stacks are opened with ``mrcfile.mmap``, so only the images asked for are read: a set of
-10⁵-10⁶ particles never has to fit in memory.
+:func:`read_particle_set` dispatches on the file's suffix (:data:`PARTICLE_READERS`): ``.star``
+is read as RELION writes it (:func:`read_relion_star`, 3.0 with one table and optics columns
+per particle, 3.1/4/5 with ``data_optics`` + ``data_particles`` and any other tables; the
+tables' meaning: :mod:`cryosphere.imaging.formats.relion_star`); a cryoSPARC ``.cs`` file is
+first turned into RELION's tables (:mod:`cryosphere.imaging.formats.cryosparc`). A reader for another
+format registers itself there and returns the same :class:`ParticleSet`. Images are
+named ``index@stack.mrcs`` (1-based); relative stacks are found as RELION finds them (beside
+the STAR file, then in its enclosing folders, or in ``project_dir``). Stacks are opened with
+``mrcfile.mmap``, so only the images asked for are read: 10⁵-10⁶ particles never have to fit
+in memory.
 
 Everything is checked before any image is read (headers only), and a bad set raises a
 ``ValueError`` (``FileNotFoundError`` for missing files) naming the problem and the fix: a
-missing stack, an index past the end of a stack, non-square images, stacks of mixed box sizes,
-a box size or pixel size that disagrees with the MRC header (1 % tolerance; a header pixel size
-of 0 counts as unset), several pixel sizes in one set, and, with ``require_angles``, a STAR file
-without Euler angles.
+missing stack (naming the folders tried), a file that is not an MRC stack or is shorter than
+its header says, an index past the end of a stack, non-square images, stacks of mixed box
+sizes, and, with ``require_angles``, a file without Euler angles. The STAR file's pixel size
+wins over the stack headers (a disagreeing header gives one warning naming both). mrcfile's
+header warnings are given once per message, not once per opening.
+
+Pixel sizes: optics groups with different pixel sizes are not merged: :class:`StackReader`
+Fourier-resamples every image to the set's :attr:`ParticleSet.pixel_size_angstrom` (the finest
+of the groups, :func:`cryosphere.imaging.preprocess.resample_images`) as it reads it, so everything downstream
+(CTF, origins in Å, the network's box) sees one pixel size.
 
 Conventions: angles (rot, tilt, psi) in degrees, RELION ZYZ (:mod:`cryosphere.geometry.rotations`);
 origins in Å with RELION's sign (shifting an image by ``+origin / pixel_size`` centres the
@@ -22,8 +32,9 @@ particle, :mod:`cryosphere.imaging.ctf`); defocus in Å.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +45,17 @@ import starfile
 from tqdm.auto import tqdm
 
 from cryosphere.geometry import rotations as geometry_rotations
-from cryosphere.imaging import cryosparc
 from cryosphere.imaging.ctf import CTFParameters
+from cryosphere.imaging.formats import cryosparc, relion_star
+from cryosphere.imaging.preprocess import common_pixel_size, resample_images
 
-__all__ = ["ParticleSet", "StackReader", "read_particle_set", "parse_image_names"]
+__all__ = [
+    "PARTICLE_READERS",
+    "ParticleSet",
+    "StackReader",
+    "read_particle_set",
+    "read_relion_star",
+]
 
 _ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 _PIXEL_TOLERANCE = 0.01
@@ -45,21 +63,27 @@ _PIXEL_TOLERANCE = 0.01
 
 @dataclass(frozen=True)
 class ParticleSet:
-    """A particle STAR file, checked against its stacks.
+    """A particle file, checked against its stacks.
 
     Attributes:
-        star_path: the STAR file.
-        tables: every table as read (``"optics"``, ``"particles"`` or ``""`` for RELION 3.0).
+        star_path: the particle file (a STAR file for RELION).
+        tables: every table as read (``"optics"``, ``"particles"`` or ``""`` for RELION 3.0;
+            others, e.g. RELION 5's ``"general"``, kept for the output).
         particles_key: key of the particles table in ``tables``.
         relion_format: ``"3.0"`` (no optics table) or ``"3.1"`` (3.1, 4 and 5).
         stacks: the distinct stack files, resolved.
         stack_index: ``(n,)`` int64 index into ``stacks`` per particle.
         slice_index: ``(n,)`` int64 0-based image index in its stack.
         image_size: box size ``N`` in px.
-        pixel_size_angstrom: Å per pixel.
+        pixel_size_angstrom: Å per pixel of the images as :class:`StackReader` returns them
+            (the finest of the optics groups' pixel sizes).
         angles_deg: ``(n, 3)`` RELION (rot, tilt, psi) or None when absent.
-        origins_angstrom: ``(n, 2)`` (rlnOriginXAngst, rlnOriginYAngst); zeros when absent.
+        origins_angstrom: ``(n, 2)`` (x, y) origins in Å, RELION's sign; zeros when absent.
         ctf: per-particle CTF or None when the set has no defocus.
+        image_pixel_angstrom: ``(n,)`` each particle's own pixel size in its stack (Å); None:
+            all ``pixel_size_angstrom``.
+        origin_convention: ``"angstrom"`` (rlnOriginXAngst/YAngst) or ``"pixel"``
+            (rlnOriginX/Y): how origins are written back.
     """
 
     star_path: Path
@@ -74,6 +98,8 @@ class ParticleSet:
     angles_deg: np.ndarray | None
     origins_angstrom: np.ndarray
     ctf: CTFParameters | None
+    image_pixel_angstrom: np.ndarray | None = None
+    origin_convention: str = "angstrom"
 
     @property
     def particles(self) -> pd.DataFrame:
@@ -82,6 +108,17 @@ class ParticleSet:
 
     def __len__(self) -> int:
         return int(self.stack_index.shape[0])
+
+    def particle_pixels(self) -> np.ndarray:
+        """``(n,)`` each particle's own pixel size in its stack (Å)."""
+        if self.image_pixel_angstrom is None:
+            return np.full(len(self), self.pixel_size_angstrom)
+        return self.image_pixel_angstrom
+
+    def image_names(self, indices: np.ndarray) -> list[str]:
+        """rlnImageName of rows ``indices`` (for messages)."""
+        names = self.particles["rlnImageName"].to_numpy()
+        return [str(names[int(i)]) for i in np.asarray(indices).reshape(-1)]
 
     def rotations(self) -> np.ndarray:
         """``(n, 3, 3)`` poses from the Euler angles; ValueError when the set has none."""
@@ -93,108 +130,45 @@ class ParticleSet:
         return geometry_rotations.matrices_from_relion_euler(self.angles_deg)
 
 
-def parse_image_names(names: list[str], star_folder: Path) -> tuple[np.ndarray, list[Path]]:
-    """``index@path`` names -> ``(0-based indices (n,), stack paths (n,))``; relative paths are
-    taken from ``star_folder``."""
-    indices = np.empty(len(names), dtype=np.int64)
-    paths: list[Path] = []
-    cache: dict[str, Path] = {}
-    for i, name in enumerate(names):
-        number, sep, stack = str(name).partition("@")
-        if not sep or not number.strip().isdigit() or int(number) < 1 or not stack:
-            raise ValueError(
-                f"rlnImageName {name!r} (row {i + 1}) is not of the form index@stack.mrcs with "
-                "a 1-based index; fix the STAR file"
-            )
-        indices[i] = int(number) - 1
-        if stack not in cache:
-            path = Path(stack)
-            cache[stack] = path if path.is_absolute() else star_folder / path
-        paths.append(cache[stack])
-    return indices, paths
-
-
-def _particles_table(tables: dict[str, pd.DataFrame], source: Path) -> str:
-    if "particles" in tables:
-        return "particles"
-    holding = [k for k, t in tables.items() if isinstance(t, pd.DataFrame) and "rlnImageName" in t]
-    if len(holding) != 1:
-        raise ValueError(
-            f"{source} has no particles table (data_particles, or one table with "
-            f"rlnImageName); found tables {sorted(tables)}"
-        )
-    return holding[0]
-
-
-def _per_particle(
-    particles: pd.DataFrame, optics: pd.DataFrame | None, label: str, source: Path
-) -> np.ndarray | None:
-    """Column ``label`` per particle, from the particles table or through its optics group."""
-    if label in particles:
-        return particles[label].to_numpy(np.float64)
-    if optics is None or label not in optics:
-        return None
-    if "rlnOpticsGroup" not in particles or "rlnOpticsGroup" not in optics:
-        raise ValueError(f"{source}: particles and optics tables need rlnOpticsGroup")
-    lookup = dict(
-        zip(optics["rlnOpticsGroup"].astype(int), optics[label].astype(float), strict=True)
-    )
-    groups = particles["rlnOpticsGroup"].astype(int).to_numpy()
-    missing = sorted(set(groups) - set(lookup))
-    if missing:
-        raise ValueError(f"{source}: optics groups {missing} are not in the data_optics table")
-    return np.array([lookup[g] for g in groups], dtype=np.float64)
-
-
-def _single_value(values: np.ndarray, what: str, source: Path) -> float:
-    if np.ptp(values) > _PIXEL_TOLERANCE * float(values.max()):
-        raise ValueError(
-            f"{source} mixes {what}s {sorted(set(np.round(values, 4)))}; process one "
-            "value at a time (split the set by optics group)"
-        )
-    return float(values[0])
-
-
-def _ctf_from(particles, optics, source: Path) -> CTFParameters | None:
-    u = _per_particle(particles, optics, "rlnDefocusU", source)
-    if u is None:
-        return None
-    fields = {"defocus_u_angstrom": u}
-    for name, label, default in (
-        ("defocus_v_angstrom", "rlnDefocusV", u),
-        ("defocus_angle_deg", "rlnDefocusAngle", 0.0),
-        ("voltage_kv", "rlnVoltage", None),
-        ("spherical_aberration_mm", "rlnSphericalAberration", None),
-        ("amplitude_contrast", "rlnAmplitudeContrast", None),
-        ("b_factor", "rlnCtfBfactor", 0.0),
-    ):
-        value = _per_particle(particles, optics, label, source)
-        if value is None and default is None:
-            raise ValueError(
-                f"{source} has rlnDefocusU but no {label}; a CTF needs the voltage, Cs and "
-                "amplitude contrast (add them to data_optics)"
-            )
-        fields[name] = value if value is not None else np.broadcast_to(default, u.shape)
-    return CTFParameters(**fields)
+def _warn_once(messages: dict[str, list[Path]]) -> None:
+    for message, paths in messages.items():
+        where = f"{paths[0]}" + (f" and {len(paths) - 1} more stacks" if len(paths) > 1 else "")
+        warnings.warn(f"mrcfile: {message} ({where})", stacklevel=4)
 
 
 def _stack_headers(stacks: list[Path]) -> list[tuple[int, int, int, float]]:
-    """``(nx, ny, n_images, pixel Å)`` per stack, from the headers only."""
-    out = []
+    """``(nx, ny, n_images, pixel Å)`` per stack, from the headers only; the file is checked
+    to be an MRC file holding the bytes its header announces."""
+    out, messages = [], {}
     for path in stacks:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"stack {path} named in the STAR file does not exist; rlnImageName paths are "
-                "relative to the STAR file's folder"
-            )
         try:
-            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
-                header = mrc.header
-                nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
-                pixel = float(mrc.voxel_size.x)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+                    header = mrc.header
+                    if header is None or bytes(header.map) != b"MAP ":
+                        raise ValueError("it is not an MRC file (no 'MAP ' mark in its header)")
+                    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+                    pixel = float(mrc.voxel_size.x)
+                    mode, extended = int(header.mode), int(header.nsymbt)
         except ValueError as error:
             raise ValueError(f"{path} is not a readable MRC stack: {error}") from error
+        for warning in caught:
+            messages.setdefault(str(warning.message), []).append(path)
+        item = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}.get(mode)
+        if item is None:
+            raise ValueError(
+                f"{path} has MRC mode {mode}; CryoSphere reads real images (0-2, 6, 12)"
+            )
+        expected = 1024 + extended + nx * ny * max(nz, 1) * item
+        size = path.stat().st_size
+        if size < expected:
+            raise ValueError(
+                f"{path} is truncated: its header announces {nz} images of {nx}x{ny} px "
+                f"({expected} bytes) but the file holds {size} bytes; copy or extract it again"
+            )
         out.append((nx, ny, nz, pixel))
+    _warn_once(messages)
     return out
 
 
@@ -216,58 +190,61 @@ def _check_stacks(
         i = int(np.flatnonzero(past)[0])
         path = stacks[stack_index[i]]
         raise ValueError(
-            f"row {i + 1} of {source} asks for image {slice_index[i] + 1} of {path}, which holds "
-            f"{counts[stack_index[i]]} images; the STAR file and the stack do not match"
+            f"row {i + 1} of {source} asks for image {int(slice_index[i]) + 1} of {path}, which "
+            f"holds {int(counts[stack_index[i]])} images; the STAR file and the stack do not match"
         )
     return sizes[0], [h[3] for h in headers]
 
 
-def _pixel_size(particles, optics, headers_pixel, source: Path) -> float:
-    values = _per_particle(particles, optics, "rlnImagePixelSize", source)
-    if values is None and {"rlnDetectorPixelSize", "rlnMagnification"} <= set(particles):
-        values = (
-            particles["rlnDetectorPixelSize"].to_numpy(float)
-            * 1e4
-            / particles["rlnMagnification"].to_numpy(float)
-        )
-    header = [p for p in headers_pixel if p > 0]
+def _pixel_sizes(particles, optics, headers_pixel, stack_index, source, override) -> np.ndarray:
+    """Per-particle pixel size (Å): the STAR file's, else ``override``, else the headers'."""
+    values = relion_star.pixel_sizes(particles, optics, source, override)
+    header = np.asarray(headers_pixel, dtype=np.float64)[stack_index]
     if values is None:
-        if not header:
+        if np.any(header <= 0):
             raise ValueError(
                 f"{source} states no pixel size (rlnImagePixelSize) and the stack headers have "
-                "none; add rlnImagePixelSize to the STAR file"
+                "none; add rlnImagePixelSize to the STAR file or pass --pixel-size"
             )
-        return _single_value(np.array(header), "pixel size", source)
-    pixel = _single_value(values, "pixel size", source)
-    for value in header:
-        if abs(value - pixel) > _PIXEL_TOLERANCE * pixel:
-            raise ValueError(
-                f"{source} gives a pixel size of {pixel:g} Å but a stack header says {value:g} Å; "
-                "fix rlnImagePixelSize or the MRC header (e.g. relion_image_handler --angpix)"
-            )
-    return pixel
+        return header
+    stated = header > 0
+    off = stated & (np.abs(header - values) > _PIXEL_TOLERANCE * values)
+    if np.any(off):
+        i = int(np.flatnonzero(off)[0])
+        warnings.warn(
+            f"{source} gives a pixel size of {values[i]:g} Å but the stack header says "
+            f"{header[i]:g} Å; the STAR file's {values[i]:g} Å is used",
+            stacklevel=4,
+        )
+    return values
 
 
-def read_particle_set(
+def read_relion_star(
     star_path: str | os.PathLike[str],
     *,
     require_angles: bool = False,
     project_dir: str | os.PathLike[str] | None = None,
+    pixel_size_angstrom: float | None = None,
 ) -> ParticleSet:
     """Read and check a RELION 3.0 or 3.1+ particle STAR file and its stacks' headers; a
     cryoSPARC ``.cs`` file is read as the RELION 3.1 tables of
-    :func:`cryosphere.imaging.cryosparc.relion_tables_from_cryosparc` (``project_dir``: the
-    cryoSPARC project folder its image paths are relative to)."""
+    :func:`cryosphere.imaging.formats.cryosparc.relion_tables_from_cryosparc`.
+
+    Args:
+        require_angles: ValueError unless the file has rlnAngleRot/Tilt/Psi.
+        project_dir: the RELION project folder relative stacks are named from (None: found
+            as RELION would, :func:`cryosphere.imaging.formats.relion_star.resolve_stacks`), or the
+            cryoSPARC project folder a ``.cs`` file's ``blob/path`` is relative to.
+        pixel_size_angstrom: Å per pixel when the file states none (it wins otherwise).
+    """
     source = Path(star_path)
-    if not source.is_file():
-        raise FileNotFoundError(f"no STAR file at {source}; check the path")
     if source.suffix == cryosparc.CRYOSPARC_SUFFIX:
         tables = cryosparc.relion_tables_from_cryosparc(source, project_dir=project_dir)
     else:
         tables = dict(starfile.read(source, always_dict=True))
-    key = _particles_table(tables, source)
+    key = relion_star.particles_table(tables, source)
     particles = tables[key]
-    optics = tables.get("optics")
+    optics = tables.get("optics") if isinstance(tables.get("optics"), pd.DataFrame) else None
     if len(particles) == 0:
         raise ValueError(f"{source} holds no particles")
     angles = None
@@ -278,24 +255,23 @@ def read_particle_set(
             f"{source} has no rlnAngleRot/Tilt/Psi columns; training needs poses from a "
             "consensus refinement of these particles (e.g. RELION 3D auto-refine)"
         )
-    slice_index, paths = parse_image_names(list(particles["rlnImageName"]), source.parent)
-    stacks = list(dict.fromkeys(paths))
+    slice_index, names = relion_star.parse_image_names(list(particles["rlnImageName"]))
+    files = relion_star.resolve_stacks(names, source, project_dir)
+    stacks = list(dict.fromkeys(files[name] for name in names))
     position = {p: i for i, p in enumerate(stacks)}
-    stack_index = np.array([position[p] for p in paths], dtype=np.int64)
+    stack_index = np.array([position[files[name]] for name in names], dtype=np.int64)
     box, header_pixels = _check_stacks(stacks, stack_index, slice_index, source)
-    stated = _per_particle(particles, optics, "rlnImageSize", source)
+    stated = relion_star.per_particle(particles, optics, "rlnImageSize", source)
     if stated is not None and np.any(stated != box):
         raise ValueError(
-            f"{source} states rlnImageSize {sorted(set(stated.astype(int)))} but the stacks hold "
-            f"{box}-px images; fix the optics table"
+            f"{source} states rlnImageSize {sorted({int(s) for s in stated})} but the stacks "
+            f"hold {int(box)}-px images; fix the optics table"
         )
-    pixel = _pixel_size(particles, optics, header_pixels, source)
-    if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles):
-        origins = particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
-    elif {"rlnOriginX", "rlnOriginY"} <= set(particles):
-        origins = particles[["rlnOriginX", "rlnOriginY"]].to_numpy(np.float64) * pixel
-    else:
-        origins = np.zeros((len(particles), 2))
+    pixels = _pixel_sizes(
+        particles, optics, header_pixels, stack_index, source, pixel_size_angstrom
+    )
+    common = common_pixel_size(pixels)
+    mixed = bool(np.any(np.abs(pixels - common) > 1e-6 * common))
     return ParticleSet(
         star_path=source,
         tables=tables,
@@ -305,10 +281,47 @@ def read_particle_set(
         stack_index=stack_index,
         slice_index=slice_index,
         image_size=int(box),
-        pixel_size_angstrom=pixel,
+        pixel_size_angstrom=float(common) if mixed else float(pixels[0]),
         angles_deg=angles,
-        origins_angstrom=origins,
-        ctf=_ctf_from(particles, optics, source),
+        origins_angstrom=relion_star.origins_angstrom(particles, optics, pixels),
+        ctf=relion_star.ctf_parameters(particles, optics, source),
+        image_pixel_angstrom=pixels if mixed else None,
+        origin_convention=relion_star.origin_convention(particles, optics),
+    )
+
+
+#: File suffix -> reader ``(path, *, require_angles, project_dir, pixel_size_angstrom) ->
+#: ParticleSet``; other formats register their reader here.
+PARTICLE_READERS: dict[str, Callable[..., ParticleSet]] = {
+    ".star": read_relion_star,
+    cryosparc.CRYOSPARC_SUFFIX: read_relion_star,  # converted to RELION's tables
+}
+
+
+def read_particle_set(
+    star_path: str | os.PathLike[str],
+    *,
+    require_angles: bool = False,
+    project_dir: str | os.PathLike[str] | None = None,
+    pixel_size_angstrom: float | None = None,
+) -> ParticleSet:
+    """Read and check a particle file by its suffix (:data:`PARTICLE_READERS`; module
+    docstring). Keywords as :func:`read_relion_star`."""
+    source = Path(star_path)
+    if not source.is_file():
+        what = "STAR file" if source.suffix.lower() == ".star" else "particle file"
+        raise FileNotFoundError(f"no {what} at {source}; check the path")
+    reader = PARTICLE_READERS.get(source.suffix.lower())
+    if reader is None:
+        raise ValueError(
+            f"{source}: CryoSphere reads particle files ending in "
+            f"{', '.join(sorted(PARTICLE_READERS))}, not {source.suffix or 'no suffix'}"
+        )
+    return reader(
+        source,
+        require_angles=require_angles,
+        project_dir=project_dir,
+        pixel_size_angstrom=pixel_size_angstrom,
     )
 
 
@@ -330,14 +343,22 @@ class StackReader:
         else:
             if len(self._open) >= self.max_open:
                 self._open.popitem(last=False)[1].close()
-            self._open[stack] = mrcfile.mmap(
-                self.particle_set.stacks[stack], mode="r", permissive=True
-            )
+            with warnings.catch_warnings():  # given once by read_particle_set
+                warnings.simplefilter("ignore")
+                self._open[stack] = mrcfile.mmap(
+                    self.particle_set.stacks[stack], mode="r", permissive=True
+                )
         data = self._open[stack].data
+        if data is None:
+            raise ValueError(
+                f"{self.particle_set.stacks[stack]} holds no readable images (truncated or not "
+                "an MRC stack)"
+            )
         return data[None] if data.ndim == 2 else data
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Images of particles ``indices`` (rows of the STAR file): ``(k, N, N)`` float32."""
+        """Images of particles ``indices`` (rows of the STAR file): ``(k, N, N)`` float32 at
+        the set's ``pixel_size_angstrom`` (other optics groups Fourier-resampled)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n_pix = self.particle_set.image_size
         out = np.empty((indices.shape[0], n_pix, n_pix), dtype=np.float32)
@@ -347,6 +368,14 @@ class StackReader:
             slices = self.particle_set.slice_index[indices[rows]]
             order = np.argsort(slices, kind="stable")
             out[rows[order]] = self._data(int(stack))[slices[order]]
+        pixels = self.particle_set.image_pixel_angstrom
+        if pixels is not None:  # optics groups of other pixel sizes: to the set's one
+            target = self.particle_set.pixel_size_angstrom
+            own = pixels[indices]
+            for pixel in np.unique(own):
+                if abs(pixel - target) > 1e-6 * target:
+                    rows = np.flatnonzero(own == pixel)
+                    out[rows] = resample_images(out[rows], float(pixel), target).numpy()
         return out
 
     def batches(

@@ -11,11 +11,15 @@ keeps that centre at ``M // 2`` of its ``M``-px output and returns the new pixel
   as RELION's preprocessing does; default radius ``0.375 · N`` (three quarters of the half box).
 * :func:`prepare_images`: the three above plus CTF correction (phase flip or Wiener) at the
   final pixel size, in the order crop → downsample → correct → normalise.
+* :func:`resample_images`: Fourier resampling to another pixel size in the same box (optics
+  groups of different pixel sizes brought to one; see its docstring).
 * :func:`fourier_crop_volume` and :func:`reference_map`: a consensus map checked against the
   particles (box, voxel size) and brought to the network's box the same way.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -31,6 +35,9 @@ __all__ = [
     "prepare_images",
     "fourier_crop_volume",
     "reference_map",
+    "common_pixel_size",
+    "resampling_matrix",
+    "resample_images",
 ]
 
 CTF_CORRECTIONS = ("phase_flip", "wiener", "none")
@@ -165,14 +172,19 @@ def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
     return (torch.fft.irfftn(cropped, s=(m, m, m)) * (m / n_pix) ** 3).numpy()
 
 
-def reference_map(map_path, particles, image_size: int) -> np.ndarray:
+def reference_map(map_path, particles, image_size: int, crop_size: int | None = None) -> np.ndarray:
     """The consensus map of a particle set at the network's box: ``(M, M, M)`` float32 with
-    ``M = image_size``, voxel ``particles.pixel_size_angstrom · N / M`` Å.
+    ``M = image_size``, voxel ``particles.pixel_size_angstrom · C / M`` Å.
+
+    Brought there as the images are (:func:`prepare_images`): the centre ``C³`` window
+    (``crop_size``, default the whole ``N``; the images' real-space crop), then the Fourier
+    crop to ``M``.
 
     Args:
         map_path: MRC map of the refinement (``N`` voxels wide, the particles' pixel size).
         particles: the :class:`~cryosphere.imaging.particles.ParticleSet` it belongs to.
-        image_size: the network's box ``M`` (even, ``<= N``).
+        image_size: the network's box ``M`` (even, ``<= C``).
+        crop_size: the images' real-space crop ``C`` (px), or None.
 
     Raises:
         FileNotFoundError: no map at ``map_path``.
@@ -191,4 +203,64 @@ def reference_map(map_path, particles, image_size: int) -> np.ndarray:
             f"the map's voxel size is {voxel:g} Å but the particles' pixel size is "
             f"{pset.pixel_size_angstrom:g} Å; rescale the map (relion_image_handler --rescale_angpix)"
         )
+    if crop_size is not None and int(crop_size) != volume.shape[0]:
+        size = int(crop_size)
+        if not 1 <= size <= volume.shape[0]:
+            raise ValueError(f"crop size must be in 1..{volume.shape[0]} px, got {crop_size}")
+        start = volume.shape[0] // 2 - size // 2
+        window = slice(start, start + size)
+        volume = np.ascontiguousarray(volume[window, window, window])
     return fourier_crop_volume(volume, image_size)
+
+
+def common_pixel_size(pixel_angstrom: np.ndarray) -> float:
+    """The one pixel size (Å) a set with per-particle sizes ``(n,)`` is brought to: the finest."""
+    return float(np.min(np.asarray(pixel_angstrom, dtype=np.float64)))
+
+
+@functools.lru_cache(maxsize=32)
+def resampling_matrix(image_size: int, from_pixel: float, to_pixel: float) -> np.ndarray:
+    """``(N, N)`` float64 matrix ``A`` of :func:`resample_images`."""
+    n = int(image_size)
+    ratio = float(to_pixel) / float(from_pixel)
+    centre = n // 2
+    positions = centre + (np.arange(n) - centre) * ratio  # x'_i, input px
+    top = int(np.floor(min(n / 2 - 1, n / (2 * ratio)) + 1e-9))
+    delta = positions[:, None] - np.arange(n)[None, :]
+    k = np.arange(1, top + 1)
+    terms = np.cos(2 * np.pi * k[None, None, :] * delta[:, :, None] / n).sum(axis=2)
+    return (1.0 + 2.0 * terms) / n
+
+
+def resample_images(
+    images: np.ndarray | torch.Tensor, from_pixel: float, to_pixel: float
+) -> torch.Tensor:
+    """``(n, N, N)`` images of ``from_pixel`` Å resampled to ``to_pixel`` Å, same box:
+    ``(n, N, N)`` float32.
+
+    Optics groups of one data set may have different pixel sizes (two detectors, two sessions);
+    the network and the map search need one. This takes ``(n, N, N)`` images of pixel size ``p``
+    (Å) to pixel size ``P`` in the same ``N``-px box, centre pixel ``N // 2``
+    kept: each image is read as the band-limited trigonometric polynomial through its samples
+    (the inverse DFT, Nyquist term dropped) and evaluated at ``x' = N // 2 + (i − N // 2) · P / p``
+    (px of the input), after a low-pass to ``min(1 / 2p, 1 / 2P)`` (cycles/Å) so a coarser output
+    keeps no alias. Separable: ``out = A · image · Aᵀ`` with the ``(N, N)`` matrix
+
+        A[i, j] = (1 / N) · (1 + 2 Σ_{k=1..K} cos(2π k (x'_i − j) / N)),   K = ⌊min(N / 2 − 1, N p / 2P)⌋.
+
+    ``P = p`` gives the identity up to the dropped Nyquist term. With ``P < p`` (finer output) the
+    field of view shrinks and nothing wraps; with ``P > p`` the edge pixels sample the periodic
+    continuation, so :func:`common_pixel_size` picks the finest pixel of a set.
+    """
+    tensor = torch.as_tensor(images, dtype=torch.float32)
+    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
+        raise ValueError(f"images must have shape (n, N, N), got {tuple(tensor.shape)}")
+    if not (from_pixel > 0 and to_pixel > 0):
+        raise ValueError(f"pixel sizes must be positive (Å), got {from_pixel}, {to_pixel}")
+    matrix = torch.as_tensor(
+        resampling_matrix(tensor.shape[-1], float(from_pixel), float(to_pixel)),
+        dtype=torch.float64,
+        device=tensor.device,
+    )
+    out = matrix @ tensor.double() @ matrix.T
+    return out.float()

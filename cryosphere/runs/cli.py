@@ -128,11 +128,15 @@ def _add_train_parser(commands: Any) -> None:
         "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
+    fit.add_argument(
+        "--minutes", type=float, default=None, help="stop training after M minutes (wall clock)"
+    )
     _add_particle_options(fit)
 
 
 def _add_particle_options(command: Any) -> None:
-    """``--contrast`` and ``--project-dir`` (docs/cryosparc_and_contrast.md)."""
+    """Reading other programs' particle files: ``--contrast`` (docs/cryosparc_and_contrast.md),
+    ``--project-dir``, ``--pixel-size``, ``--skip-bad`` (docs/particles.md)."""
     command.add_argument(
         "--contrast",
         default="auto",
@@ -141,8 +145,23 @@ def _add_particle_options(command: Any) -> None:
     )
     command.add_argument(
         "--project-dir",
+        "--datadir",
+        dest="project_dir",
         default=None,
-        help="project folder the image paths are relative to (cryoSPARC .cs blob/path)",
+        help="folder the image paths are relative to (RELION's project folder, default: found "
+        "beside the STAR file or in its enclosing folders; a cryoSPARC .cs's blob/path)",
+    )
+    command.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        help="Å per pixel when the STAR file states none (it wins otherwise)",
+    )
+    command.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out particles whose images hold NaN or infinite pixels (listed) instead of "
+        "refusing the set",
     )
 
 
@@ -152,6 +171,10 @@ def _training_config(args: argparse.Namespace) -> Any:
     from cryosphere.poses.training.streamed import StreamTrainingConfig
 
     extra = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
+    if args.minutes is not None:
+        if not args.minutes > 0:
+            raise ValueError(f"--minutes must be positive, got {args.minutes}")
+        extra["time_budget_s"] = 60.0 * args.minutes
     if args.steps is not None:
         extra |= {
             "steps": args.steps,
@@ -182,6 +205,8 @@ def _train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             contrast=args.contrast,
             project_dir=args.project_dir,
+            pixel_size_angstrom=args.pixel_size,
+            skip_bad=args.skip_bad,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere train: {error}", file=sys.stderr)
@@ -267,6 +292,9 @@ def _add_predict_parser(commands: Any) -> None:
         help="finest detail (Å) the map search compares: images and templates low-passed "
         "there (default: 3 px of the network's box; 2 px or less: every frequency)",
     )
+    predict.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output STAR file"
+    )
     _add_particle_options(predict)
 
 
@@ -305,6 +333,9 @@ def _predict(args: argparse.Namespace) -> int:
             context=context,
             contrast=args.contrast,
             project_dir=args.project_dir,
+            pixel_size_angstrom=args.pixel_size,
+            skip_bad=args.skip_bad,
+            overwrite=args.overwrite,
         )
         distributed.shutdown(context)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
@@ -312,6 +343,11 @@ def _predict(args: argparse.Namespace) -> int:
         return 2
     if not context.writes:
         return 0
+    if summary.skipped:
+        print(
+            f"left out {len(summary.skipped)} particles with NaN or infinite pixels: "
+            + ", ".join(summary.skipped)
+        )
     print(
         f"{summary.n_images} particles in {summary.seconds:.1f} s "
         f"({summary.images_per_s:.0f} images/s): {summary.star}, {summary.topk}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
+from cryosphere.imaging.loader import damaged_images_error, non_finite_rows
 from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
 from cryosphere.poses import distributed as dd
@@ -102,23 +104,43 @@ def refinement_data(
     progress: bool = True,
     contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
+    pixel_size_angstrom: float | None = None,
+    skip_bad: bool = False,
 ) -> RefinementData:
     """Read, check and prepare a refinement (steps 1-2 and the clean projections of step 3);
-    ``contrast`` ``"auto"`` is decided at the refined poses (:mod:`cryosphere.poses.search.contrast`)."""
-    pset = read_particle_set(star_path, require_angles=True, project_dir=project_dir)
+    ``contrast`` ``"auto"`` is decided at the refined poses (:mod:`cryosphere.poses.search.contrast`).
+
+    ``project_dir`` and ``pixel_size_angstrom``: as
+    :func:`cryosphere.imaging.particles.read_particle_set`. A particle image with NaN or
+    infinite pixels is refused (ValueError naming it) or, with ``skip_bad``, left out (a
+    warning lists it).
+    """
+    pset = read_particle_set(
+        star_path,
+        require_angles=True,
+        project_dir=project_dir,
+        pixel_size_angstrom=pixel_size_angstrom,
+    )
     small = preprocess.reference_map(map_path, pset, image_size)  # checked before reading
     n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
     rotations = pset.rotations()[:n]
     decided = contrast_module.decide_for_particle_set(
         pset, contrast, small, image_size, rotations=rotations
     )
-    images = []
+    images, dropped = [], []
     with StackReader(pset) as reader:
         for indices, batch in reader.batches(256, progress=progress):
             if indices[0] >= n:
                 break
             keep = indices < n
             indices, batch = indices[keep], batch[keep] * np.float32(decided.sign)
+            bad = non_finite_rows(indices, batch)
+            if len(bad):
+                if not skip_bad:
+                    raise damaged_images_error(pset, bad)
+                dropped.extend(bad.tolist())
+                good = ~np.isin(indices, bad)
+                indices, batch = indices[good], batch[good]
             shifts = ctf_module.centring_shift_px(
                 pset.origins_angstrom[indices], pset.pixel_size_angstrom
             )
@@ -130,6 +152,13 @@ def refinement_data(
                 ctf=None if pset.ctf is None else pset.ctf.subset(indices),
             )
             images.append(prepared.numpy())
+    if dropped:
+        warnings.warn(
+            f"left out {len(dropped)} particles with NaN or infinite pixels: "
+            f"{', '.join(pset.image_names(np.array(dropped)))}",
+            stacklevel=2,
+        )
+        rotations = np.delete(rotations, dropped, axis=0)
     clean = project_volume(small, rotations, progress=progress).numpy()
     return RefinementData(
         volume=small,
@@ -192,6 +221,8 @@ def train_on_refinement(
     progress: bool = True,
     contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
+    pixel_size_angstrom: float | None = None,
+    skip_bad: bool = False,
 ) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
@@ -215,7 +246,9 @@ def train_on_refinement(
         slots, bf16: the distributed run's stream batches per step and bf16 autocast.
         contrast: ``"auto"`` (decided at the refined poses), ``"white"`` or ``"dark"``; printed
             and recorded in the checkpoint, which ``predict`` without a map then follows.
-        project_dir: the project folder image paths are relative to (a cryoSPARC ``.cs``).
+        project_dir: the project folder image paths are relative to (RELION's project folder,
+            or a cryoSPARC ``.cs``'s).
+        pixel_size_angstrom, skip_bad: reading the particles (:func:`refinement_data`).
     """
     model_config = model_config or stream_model_config(64)
     training_config = training_config or StreamTrainingConfig()
@@ -226,6 +259,7 @@ def train_on_refinement(
             data = refinement_data(
                 star_path, map_path, model_config.image_size, max_particles=max_particles,
                 progress=show, contrast=contrast, project_dir=project_dir,
+                pixel_size_angstrom=pixel_size_angstrom, skip_bad=skip_bad,
             )  # fmt: skip
             made = dataset_labels.compute_labels(
                 data, level=model_config.grid_level, q=q, progress=show

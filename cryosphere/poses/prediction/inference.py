@@ -7,8 +7,8 @@ Fourier crop, CTF phase flip when the set has defocus values, background normali
 the network (the softmax of :func:`cryosphere.poses.prediction.predictions.predict`, read on its top ``k``
 cells only), and writes
 
-* ``OUTPUT.star``: every input table and column unchanged (image names included, so keep the
-  output beside the input STAR file or the relative stack paths no longer resolve), with
+* ``OUTPUT.star``: every input table and column unchanged (image names included: relative
+  stack paths resolve as RELION's, from the project folder, so keep the output inside it), with
   ``rlnAngleRot/Tilt/Psi`` set to the most probable grid pose (RELION ZYZ, degrees),
   ``rlnMaxValueProbDistribution`` its probability, and ``rlnCryoSphereAngularSpread`` the
   uncertainty: the probability-weighted RMS geodesic angle (deg) between the best cell and the
@@ -22,15 +22,25 @@ are scored against the map's projections carrying the particle's CTF, with an op
 translation search (:class:`~cryosphere.poses.search.map_search.MapSearch`), and the best one is
 written: ``rlnAngleRot/Tilt/Psi`` from the search, ``rlnMaxValueProbDistribution`` the
 network's probability of the cell that holds it, and, with a translation search,
-``rlnOriginXAngst/YAngst`` the shift that centres the particle. The side file then also holds
+the particle's origin: the input origin plus the shift found, in the input's own convention
+(``rlnOriginX/Y`` in px for RELION 3.0 files, ``rlnOriginXAngst/YAngst`` in Å for 3.1+). The
+side file then also holds
 ``refined_index`` ``(n,)``, ``refine_level`` and ``shift_px`` ``(n, 2)``, and the search's
 :data:`SEARCHED_KEPT` most probable candidates by their posterior
 (:func:`~cryosphere.poses.search.local_search.candidate_posterior`): ``searched_index`` ``(n, r)``
 (cells of the search level), ``searched_probability`` ``(n, r)`` and ``searched_shift_px``
 ``(n, r, 2)``, for a probability-weighted reconstruction (:meth:`TopK.searched_weights`).
 
-Everything is checked before the first batch (STAR, stacks, checkpoint, box sizes), and both
-files are written atomically at the end: a failure writes nothing.
+Every particle is first recentred by its input origin (shifted by ``+origin / pixel_size``,
+RELION's sign, as ``cryosphere train`` does), so the network sees centred particles and the
+translation search looks around the refined origin. Numbers are written with 9 significant
+digits (a float32 round trip).
+
+Everything is checked before the first batch (STAR, stacks, checkpoint, box sizes, an existing
+output unless ``overwrite``), and both files are written atomically at the end: a failure writes
+nothing. An image with NaN or infinite pixels stops the run with a message naming it, before
+anything is written; with ``skip_bad`` such particles are left out of the output and listed in
+:attr:`PredictionSummary.skipped`.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ from cryosphere import io
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging import preprocess
+from cryosphere.imaging.formats import relion_star
+from cryosphere.imaging.loader import checked_and_centred
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import resolve_device
 from cryosphere.poses.network import checkpoints
@@ -68,16 +80,20 @@ __all__ = [
 SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
 #: Candidates of the map search kept per particle in the side file (most probable first).
 SEARCHED_KEPT = 10
+#: How numbers are written to STAR files: enough significant digits for a float32 round trip.
+STAR_FLOAT_FORMAT = "%.9g"
 
 
 @dataclass(frozen=True)
 class PredictionSummary:
-    """What :func:`predict_star` did: output paths, image count, seconds, images per second."""
+    """What :func:`predict_star` did: output paths, image count, seconds, images per second,
+    and the image names of the particles left out (``skip_bad``: NaN or infinite pixels)."""
 
     star: Path
     topk: Path
     n_images: int
     seconds: float
+    skipped: tuple[str, ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -103,12 +119,21 @@ def angular_spread_deg(
 
 
 def _check_request(
-    pset: ParticleSet, model, output: Path, crop_size: int | None, ctf_correction: str
+    pset: ParticleSet,
+    model,
+    output: Path,
+    crop_size: int | None,
+    ctf_correction: str,
+    overwrite: bool = False,
 ) -> str:
     if output.resolve() == pset.star_path.resolve():
         raise FileExistsError(f"the output {output} is the input STAR file; choose another name")
     if output.suffix != ".star":
         raise ValueError(f"the output must be a .star file, got {output}")
+    if not overwrite and (output.exists() or topk_path(output).exists()):
+        raise FileExistsError(
+            f"{output} already exists; choose another name or pass --overwrite (overwrite=True)"
+        )
     target = int(model.config.image_size)
     box = pset.image_size if crop_size is None else int(crop_size)
     if crop_size is not None and not target <= box <= pset.image_size:
@@ -147,17 +172,22 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
         extra = {k: arrays[k] for k in ("refined_index", "shift_px", *searched)}
         extra["refine_level"] = np.int64(arrays["refine_level"])
         if arrays["origin_angstrom"] is not None:
-            table["rlnOriginXAngst"] = arrays["origin_angstrom"][:, 0]
-            table["rlnOriginYAngst"] = arrays["origin_angstrom"][:, 1]
+            relion_star.write_origins(
+                table, arrays["origin_angstrom"], pset.origin_convention, pset.particle_pixels()
+            )
+    keep = ~arrays["bad"]
+    if not keep.all():  # skip_bad: the damaged particles are left out of both files
+        table = table[keep].reset_index(drop=True)
+        extra = {k: v if np.ndim(v) == 0 else v[keep] for k, v in extra.items()}
     top_angles = geometry_rotations.relion_euler_from_matrices(
         grids.healpix_so3_grid(level)[arrays["top_index"].reshape(-1)]
     ).reshape(*arrays["top_index"].shape, 3)
     io.write_npz(
         topk_path(output),
-        top_index=arrays["top_index"],
-        top_probability=arrays["top_probability"],
-        top_angles_deg=top_angles,
-        image_name=np.asarray(pset.particles["rlnImageName"], dtype=str),
+        top_index=arrays["top_index"][keep],
+        top_probability=arrays["top_probability"][keep],
+        top_angles_deg=top_angles[keep],
+        image_name=np.asarray(pset.particles["rlnImageName"], dtype=str)[keep],
         grid_level=np.int64(level),
         **extra,
     )
@@ -165,9 +195,9 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
     tables[pset.particles_key] = table
     with io.atomic_path(output) as tmp:
         if pset.particles_key == "" and len(tables) == 1:
-            starfile.write(table, tmp, float_format="%.6f")
+            starfile.write(table, tmp, float_format=STAR_FLOAT_FORMAT)
         else:
-            starfile.write(tables, tmp, float_format="%.6f")
+            starfile.write(tables, tmp, float_format=STAR_FLOAT_FORMAT)
 
 
 def _top_cells(
@@ -195,15 +225,18 @@ def _top_cells(
     return probability.cpu().numpy(), top.indices.cpu().numpy()
 
 
-def _refined_outputs(arrays: dict, search: map_search.MapSearch, pixel: float) -> None:
-    """Best pose, its network probability and origins from the map search's rows."""
+def _refined_outputs(
+    arrays: dict, search: map_search.MapSearch, pixel: float, input_origins: np.ndarray
+) -> None:
+    """Best pose, its network probability and origins (input origin + the shift found, Å)
+    from the map search's rows."""
     arrays["best_rotation"] = grids.healpix_so3_grid(search.level)[arrays["refined_index"]]
     parent = search.parent_cells(arrays["refined_index"])
     hit = arrays["top_index"] == parent[:, None]
     arrays["best_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
     arrays["refine_level"] = search.level
     shifted = search.refinement.max_shift_px > 0
-    arrays["origin_angstrom"] = arrays["shift_px"] * pixel if shifted else None
+    arrays["origin_angstrom"] = input_origins + arrays["shift_px"] * pixel if shifted else None
 
 
 def _contrast(pset, requested, checkpoint, search, image_size, crop_size):
@@ -211,7 +244,7 @@ def _contrast(pset, requested, checkpoint, search, image_size, crop_size):
     if search is None:
         decided = contrast_module.resolve_without_map(requested, checkpoint)
     else:
-        volume = preprocess.reference_map(search.refinement.map_path, pset, image_size)
+        volume = preprocess.reference_map(search.refinement.map_path, pset, image_size, crop_size)
         decided = contrast_module.decide_for_particle_set(
             pset, requested, volume, image_size, crop_size=crop_size,
             max_shift_px=max(2.0, search.refinement.max_shift_px),
@@ -238,6 +271,9 @@ def predict_star(
     shard=None,
     contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
+    pixel_size_angstrom: float | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> PredictionSummary:
     """Predict a pose for every particle of ``star_path`` (see module docstring).
 
@@ -260,18 +296,25 @@ def predict_star(
         contrast: ``"auto"``, ``"white"`` or ``"dark"`` (:mod:`cryosphere.poses.search.contrast`;
             dark particles are negated on reading); the decision is printed and written as
             the output STAR file's first comment line.
-        project_dir: the project folder image paths are relative to (a cryoSPARC ``.cs``).
         shard: this rank's share of a distributed run
             (:class:`cryosphere.poses.prediction.sharded_prediction.ShardPlan`: ``count``, ``batches``,
             ``finish``); None: every particle, read here. Use
             :func:`cryosphere.poses.prediction.sharded_prediction.predict_star_distributed`.
+        project_dir: the project folder the stacks are named from (RELION's; None: found as
+            RELION does, :mod:`cryosphere.imaging.formats.relion_star`), or a cryoSPARC ``.cs``'s.
+        pixel_size_angstrom: Å per pixel when the STAR file states none.
+        skip_bad: leave particles with NaN or infinite pixels out of the output (listed in
+            the summary) instead of refusing the set.
+        overwrite: replace an existing output (default: FileExistsError).
     """
     started = time.perf_counter()
     output = Path(output)
-    pset = read_particle_set(star_path, project_dir=project_dir)
+    pset = read_particle_set(
+        star_path, project_dir=project_dir, pixel_size_angstrom=pixel_size_angstrom
+    )
     device = resolve_device(device)
     model = checkpoints.load_model(checkpoint, device=device)
-    correction = _check_request(pset, model, output, crop_size, ctf_correction)
+    correction = _check_request(pset, model, output, crop_size, ctf_correction, overwrite)
     turns = check_turns(turns)  # before the first batch
     level = int(model.config.grid_level)
     grid = grids.healpix_so3_grid(level)
@@ -280,13 +323,16 @@ def predict_star(
     arrays = {
         "top_index": np.empty((n, k), np.int64),
         "top_probability": np.empty((n, k), np.float32),
+        "bad": np.zeros(n, bool),
     }
     search = None
     if isinstance(refine, map_search.MapSearch):
         search = refine
-        search.check_fits(pset, model.config.image_size, level)
+        search.check_fits(pset, model.config.image_size, level, crop_size)
     elif refine is not None:
-        search = map_search.MapSearch(refine, pset, model.config.image_size, level, progress)
+        search = map_search.MapSearch(
+            refine, pset, model.config.image_size, level, progress, crop_size
+        )
     if search is not None:
         arrays["refined_index"] = np.zeros(n, np.int64)
         arrays["shift_px"] = np.zeros((n, 2), np.float64)
@@ -300,10 +346,11 @@ def predict_star(
     with StackReader(pset) as reader, torch.inference_mode():
         batches = reader.batches(batch_size) if shard is None else shard.batches(pset, batch_size)
         for indices, images in batches:
+            images = checked_and_centred(pset, indices, images, skip_bad, arrays["bad"])
             images = images if decided.sign > 0 else -images  # dark protein: negated first
             ctf = pset.ctf.subset(indices) if pset.ctf is not None else None
             prepared, _ = preprocess.prepare_images(
-                torch.from_numpy(images).to(device),
+                images.to(device),
                 pset.pixel_size_angstrom,
                 target_size=model.config.image_size,
                 crop_size=crop_size,
@@ -314,7 +361,7 @@ def predict_star(
             top_p, top_i = _top_cells(model, prepared, k, bf16, turns)
             if search is not None:  # the raw images at the network's box, not CTF-corrected
                 raw, model_pixel = preprocess.prepare_images(
-                    torch.from_numpy(images),
+                    images,
                     pset.pixel_size_angstrom,
                     target_size=model.config.image_size,
                     crop_size=crop_size,
@@ -337,12 +384,17 @@ def predict_star(
     arrays["best_probability"] = arrays["top_probability"][:, 0].copy()
     if search is not None:
         box = crop_size or pset.image_size
-        _refined_outputs(arrays, search, pset.pixel_size_angstrom * box / model.config.image_size)
+        model_pixel = pset.pixel_size_angstrom * box / model.config.image_size
+        _refined_outputs(arrays, search, model_pixel, pset.origins_angstrom)
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
     _write_outputs(pset, output, arrays, level)
     contrast_module.annotate_star(output, decided)
     return PredictionSummary(
-        star=output, topk=topk_path(output), n_images=n, seconds=time.perf_counter() - started
+        star=output,
+        topk=topk_path(output),
+        n_images=n - int(arrays["bad"].sum()),
+        seconds=time.perf_counter() - started,
+        skipped=tuple(pset.image_names(np.flatnonzero(arrays["bad"]))),
     )
 
 

@@ -23,6 +23,7 @@ within bfloat16's rounding (about 0.4 % of a logit).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,10 @@ class ShardPlan:
         return None if parts is None else dd.concat_rows(parts)
 
 
-def _check(star_path, checkpoint, context: dd.DistributedContext, project_dir=None) -> int:
-    pset = read_particle_set(star_path, project_dir=project_dir)
+def _check(star_path, checkpoint, context: dd.DistributedContext, **reading) -> int:
+    with warnings.catch_warnings():  # predict_star reads the set again and warns once
+        warnings.simplefilter("ignore")
+        pset = read_particle_set(star_path, **reading)
     checkpoints.load_checkpoint(checkpoint)
     if context.world_size > len(pset):
         raise ValueError(
@@ -106,6 +109,9 @@ def predict_star_distributed(
     context: dd.DistributedContext | None = None,
     contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
+    pixel_size_angstrom: float | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> inference.PredictionSummary:
     """Sharded :func:`~cryosphere.poses.prediction.inference.predict_star` (module docstring).
 
@@ -116,7 +122,8 @@ def predict_star_distributed(
     """
     context = context or dd.init_from_env(device)
     with dd.collective_check(context, "checking the particles and the checkpoint"):
-        n = _check(star_path, checkpoint, context, project_dir)
+        reading = {"project_dir": project_dir, "pixel_size_angstrom": pixel_size_angstrom}
+        n = _check(star_path, checkpoint, context, **reading)
     start, stop = dd.block_range(n, context.rank, context.world_size, align=batch_size)
     plan = ShardPlan(context, start, stop, int(num_workers))
     return inference.predict_star(
@@ -135,5 +142,7 @@ def predict_star_distributed(
         turns=turns,
         shard=plan,
         contrast=contrast,
-        project_dir=project_dir,
+        skip_bad=skip_bad,
+        overwrite=overwrite,
+        **reading,
     )

@@ -294,6 +294,8 @@ def decide_for_particle_set(
     chosen = sample_indices(n, sample, seed)
     with StackReader(particles) as reader:
         images = reader.read(chosen)
+    finite = np.isfinite(images).reshape(len(chosen), -1).all(axis=1)  # damaged: left out
+    chosen, images = chosen[finite], images[finite]
     shifts = ctf_module.centring_shift_px(
         particles.origins_angstrom[chosen], particles.pixel_size_angstrom
     )

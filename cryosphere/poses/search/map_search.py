@@ -96,7 +96,9 @@ class MapRefinement:
 class MapSearch:
     """A :class:`MapRefinement` prepared for one particle set and network: the map at the
     network's box and the spectra of its templates on the search grid (level 2: ~120 MB,
-    level 3: ~1 GB of float32)."""
+    level 3: ~1 GB of float32). With ``crop_size`` (``predict --crop``) the map is cropped
+    as the images are (:func:`cryosphere.imaging.preprocess.reference_map`), so its templates
+    have the images' pixel size."""
 
     def __init__(
         self,
@@ -105,6 +107,7 @@ class MapSearch:
         image_size: int,
         coarse_level: int,
         progress: bool = False,
+        crop_size: int | None = None,
     ):
         level = coarse_level if refinement.level is None else int(refinement.level)
         if not coarse_level <= level <= 3:
@@ -112,8 +115,9 @@ class MapSearch:
                 f"the search level must lie in {coarse_level}..3 (the network's level up to "
                 f"36,864 cells), got {level}"
             )
-        volume = preprocess.reference_map(refinement.map_path, particles, image_size)
-        pixel = particles.pixel_size_angstrom * particles.image_size / int(image_size)
+        box = particles.image_size if crop_size is None else int(crop_size)
+        volume = preprocess.reference_map(refinement.map_path, particles, image_size, crop_size)
+        pixel = particles.pixel_size_angstrom * box / int(image_size)
         band = refinement.max_frequency(pixel)
         bank = template_bank(volume, level, refinement.blur_sigma_px, progress=progress)
         self.spectra = template_spectra(bank, band)
@@ -123,11 +127,15 @@ class MapSearch:
             self.coarse_spectra = template_spectra(coarse, band)
         self.refinement = refinement
         self.coarse_level, self.level = int(coarse_level), level
-        self.particles_box = (int(particles.image_size), float(particles.pixel_size_angstrom))
+        self.particles_box = (int(box), float(particles.pixel_size_angstrom))
 
-    def check_fits(self, particles, image_size: int, coarse_level: int) -> None:
-        """ValueError unless this search was prepared for such particles and network."""
-        box = (int(particles.image_size), float(particles.pixel_size_angstrom))
+    def check_fits(
+        self, particles, image_size: int, coarse_level: int, crop_size: int | None = None
+    ) -> None:
+        """ValueError unless this search was prepared for such particles (cropped to
+        ``crop_size`` px) and network."""
+        side = particles.image_size if crop_size is None else int(crop_size)
+        box = (int(side), float(particles.pixel_size_angstrom))
         mine = (self.particles_box, self.spectra.image_size, self.coarse_level)
         if mine != (box, int(image_size), int(coarse_level)):
             raise ValueError(

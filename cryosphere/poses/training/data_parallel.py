@@ -184,7 +184,11 @@ def train_distributed(
     last = config.steps if stop_after is None else min(config.steps, int(stop_after))
     while step < last and not _out_of_time(config, started, context):
         batch = draw_share(stream, step, mine)
-        loss = st.optimiser_step(wrapped, optimizer, batch, config, step, context.device, bf16)
+        try:
+            loss = st.optimiser_step(wrapped, optimizer, batch, config, step, context.device, bf16)
+        except st.NonFiniteLossError as error:
+            bar.close()
+            raise st.NonFiniteLossError(f"{error}; {st._kept(ckpt, history)}") from None
         step, seen = step + 1, seen + batch.images.shape[0] * context.world_size
         running, count = running + loss, count + 1
         bar.update()

@@ -48,11 +48,17 @@ from cryosphere.poses.training import settings
 from cryosphere.poses.training.stream import Batch
 
 __all__ = [
+    "NonFiniteLossError",
     "StreamTrainingConfig",
     "StreamTrainingResult",
     "learning_rate_at_step",
     "train_on_stream",
 ]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss of a step was NaN or infinite: training stopped before that step changed the
+    weights; the last checkpoint written stays the last good one."""
 
 
 class BatchSource(Protocol):
@@ -237,7 +243,11 @@ def train_on_stream(
         ):
             break
         batch = stream.batch(step)
-        loss = optimiser_step(model, optimizer, batch, config, step, device)
+        try:
+            loss = optimiser_step(model, optimizer, batch, config, step, device)
+        except NonFiniteLossError as error:
+            bar.close()
+            raise NonFiniteLossError(f"{error}; {_kept(ckpt, history)}") from None
         step, seen = step + 1, seen + batch.images.shape[0]
         running, count = running + loss, count + 1
         bar.update()
@@ -302,7 +312,8 @@ def optimiser_step(
     """One step on ``batch`` at step ``step``'s learning rate; returns the batch loss.
 
     ``bf16``: forward pass and loss under bfloat16 autocast (the loss is taken on float32
-    logits); off, the step is plain float32.
+    logits); off, the step is plain float32. A NaN or infinite loss raises
+    :class:`NonFiniteLossError` before the weights change.
     """
     model.train()
     for group in optimizer.param_groups:
@@ -310,10 +321,22 @@ def optimiser_step(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
         logits = model(batch.images.to(device))
         loss = settings.compute_loss(logits.float(), batch.targets.to(device), config.loss)
+    if not bool(torch.isfinite(loss.detach())):
+        raise NonFiniteLossError(
+            f"training stopped at step {step + 1}: the loss is {float(loss.detach())} (NaN or "
+            "infinite; damaged images or too high a learning rate)"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def _kept(ckpt: Path | None, history: list) -> str:
+    """What a stopped run leaves: its last good checkpoint, or none."""
+    if ckpt is None or not history:
+        return "no checkpoint was written"
+    return f"the last good checkpoint {ckpt} (step {int(history[-1]['step'])}) is kept"
 
 
 def _checkpoint(
