@@ -231,6 +231,39 @@ def ctf_mse_landscape(
     return np.maximum(total.numpy(), 0.0) / float(n_pix) ** 4
 
 
+def padded_ctf_mse_landscape(
+    images: np.ndarray | torch.Tensor,
+    ctf: ctf_module.CTFParameters,
+    pixel_size_angstrom: float,
+    spectra: TemplateSpectra,
+) -> np.ndarray:
+    """:func:`ctf_mse_landscape` for particles imaged in a padded field
+    (:func:`cryosphere.imaging.microscope.image_in_field`): ``(n, G)`` float64.
+
+    The template of pose ``g`` is then ``B C P T_g`` (pad ``P``, CTF ``C`` on the field, box
+    ``B``). The cross term is exact: ``⟨I, B C P T_g⟩ = ⟨B C P I, T_g⟩`` (``C`` is a real,
+    even multiplier, so self-adjoint, and ``B`` is ``P``'s adjoint): the image is imaged in the
+    field once and compared with the CTF-free templates. The template norm is taken in the box,
+    ``Σ C² |T_g|²``, which leaves out the little energy the CTF carries out of the box."""
+    from cryosphere.imaging import microscope
+
+    a = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    n_pix = spectra.image_size
+    if a.ndim != 3 or tuple(a.shape[1:]) != (n_pix, n_pix):
+        raise ValueError(f"images must have shape (n, {n_pix}, {n_pix}), got {tuple(a.shape)}")
+    weights = spectra.weights()
+    f = spectra.restrict(torch.fft.rfft2(a))
+    imaged = spectra.restrict(
+        torch.fft.rfft2(microscope.image_in_field(a, ctf, pixel_size_angstrom))
+    )
+    c = spectra.restrict(ctf_module.ctf_2d(ctf, n_pix, pixel_size_angstrom)).to(torch.float32)
+    cross = _real_pair(weights * imaged) @ spectra.pairs.T
+    norms = (weights * c**2) @ spectra.power.T
+    image_power = (weights * (f.real**2 + f.imag**2)).sum(1, dtype=torch.float64)
+    total = image_power[:, None] + norms.double() - 2.0 * cross.double()
+    return np.maximum(total.numpy(), 0.0) / float(n_pix) ** 4
+
+
 def _check(images, templates, ctf, mode) -> tuple[torch.Tensor, torch.Tensor]:
     if mode not in MATCHING_MODES:
         raise ValueError(f"mode must be one of {MATCHING_MODES}, got {mode!r}")
