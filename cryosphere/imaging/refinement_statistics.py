@@ -147,6 +147,7 @@ def estimate_statistics(
     particles: ParticleSet,
     volume: np.ndarray,
     *,
+    indices: np.ndarray | None = None,
     max_images: int = 2000,
     background_radius_fraction: float = 0.375,
     seed: int = 0,
@@ -158,19 +159,22 @@ def estimate_statistics(
         particles: the particle set, with refined angles.
         volume: ``(M, M, M)`` consensus map at the model box
             (:func:`cryosphere.imaging.preprocess.reference_map`).
+        indices: the particles (rows) to describe (None: all), e.g. a training split.
         max_images: particles read for the noise and signal fits (a seeded sample).
         background_radius_fraction: radius of the particle mask, a fraction of ``M``.
         seed: the sample's seed.
     """
     volume = np.asarray(volume, dtype=np.float32)
     size = int(volume.shape[0])
-    n = len(particles)
+    pool = np.arange(len(particles)) if indices is None else np.asarray(indices, np.int64)
+    if pool.size == 0:
+        raise ValueError("no particles to measure (an empty selection)")
     ratio = size / particles.image_size
     pixel = particles.pixel_size_angstrom / ratio
     shifts_all = -np.asarray(particles.origins_angstrom) / particles.pixel_size_angstrom * ratio
     rotations = particles.rotations()
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, int(max_images)), replace=False))
+    sample = np.sort(rng.choice(pool, size=min(pool.size, int(max_images)), replace=False))
     mask = _background_mask(size, background_radius_fraction)
     cross = torch.zeros(size, size // 2 + 1, dtype=torch.float64)  # Σ_i Re(Î_i S̄_i)
     power = torch.zeros_like(cross)  # Σ_i |S_i|²
@@ -211,8 +215,8 @@ def estimate_statistics(
     return RefinementStatistics(
         image_size=size,
         pixel_size_angstrom=float(pixel),
-        ctf=particles.ctf,
-        shifts_px=shifts_all,
+        ctf=None if particles.ctf is None else particles.ctf.subset(pool),
+        shifts_px=shifts_all[pool],
         noise_sigma=sigma,
         noise_power=bg_power / max(n_bg, 1),
         contrast=contrast,

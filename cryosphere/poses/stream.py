@@ -307,6 +307,8 @@ class SimulatedStream:
         clean = self._observed(projections, ctf, shifts)
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(clean.shape, generator=noise_gen)
+        if getattr(self.realism, "noise_power", None) is not None:  # a refinement's spectrum
+            noise = microscope.colour_noise(noise, self.realism.noise_power)
         raw = clean + noise * torch.from_numpy(sigma).float()[:, None, None]
         G = so3.healpix_so3_grid_size(self.level)
         targets = (

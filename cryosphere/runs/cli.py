@@ -104,7 +104,13 @@ def _add_train_parser(commands: Any) -> None:
         help="channels of the residual encoder's stages (each halves the box)",
     )
     fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--q", type=float, default=0.05, help="label mask fraction")
+    fit.add_argument("--minutes", type=float, default=None, help="wall-clock training budget")
+    fit.add_argument(
+        "--source",
+        choices=("stream", "fixed"),
+        default="stream",
+        help="fresh particles from the map with the data's statistics, or the real images (docs/training_on_a_refinement.md)",
+    )
     fit.add_argument("--max-particles", type=int, default=None, help="use the first N only")
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     fit.add_argument("--seed", type=int, default=0)
@@ -156,9 +162,10 @@ def _train(args: argparse.Namespace) -> int:
                 args.box, grid_level=args.level, channels=tuple(args.encoder_channels)
             ),
             training_config=_training_config(args),
-            epochs=args.epochs if args.steps is None else None,
+            epochs=args.epochs if args.steps is None and args.minutes is None else None,
+            minutes=args.minutes,
+            source=args.source,
             batch_size=args.batch_size,
-            q=args.q,
             max_particles=args.max_particles,
             slots=args.slots,
             bf16=args.bf16,
@@ -172,6 +179,7 @@ def _train(args: argparse.Namespace) -> int:
             f"trained {result.steps_done} steps ({result.images_seen} images, streamed); "
             f"checkpoint: {result.checkpoint}"
         )
+        refinement.print_validation(args.run_dir)
     return 0
 
 
