@@ -104,7 +104,7 @@ def _train(dataset, args, run_dir: Path, resume: bool):
     return stream, result
 
 
-def _reconstruction_fsc05(
+def reconstruction_fsc05(
     dataset, rotations, weights, regularisation: float, centring_px: np.ndarray | None = None
 ) -> float:
     """FSC-0.5 (Å) of the CTF-corrected reconstruction from ``rotations`` ``(n, 3, 3)`` or
@@ -235,10 +235,10 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
             "refined_acc15": float(np.mean(refined_err < 15.0)),
             "top_k_hit": float(np.mean(hit)),
             "predict_map_images_per_s": search_rate,
-            "refined_fsc05_A": _reconstruction_fsc05(
+            "refined_fsc05_A": reconstruction_fsc05(
                 dataset, refined, None, regularisation, searched_side_shift(searched)
             ),
-            "refined_weighted_fsc05_A": _reconstruction_fsc05(
+            "refined_weighted_fsc05_A": reconstruction_fsc05(
                 dataset,
                 searched_side.searched_rotations(),
                 searched_side.searched_weights(),
@@ -252,8 +252,8 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         "model_median_deg": float(np.median(model_err[:m])),
         "oracle_median_deg": float(np.median(oracle_err)),
         "ratio": float(np.median(model_err[:m]) / np.median(oracle_err)),
-        "fsc05_predicted_A": _reconstruction_fsc05(dataset, top, weights, regularisation),
-        "fsc05_true_A": _reconstruction_fsc05(dataset, dataset.rotations, None, regularisation),
+        "fsc05_predicted_A": reconstruction_fsc05(dataset, top, weights, regularisation),
+        "fsc05_true_A": reconstruction_fsc05(dataset, dataset.rotations, None, regularisation),
         "model_median_deg_all": float(np.median(model_err)),
         "model_acc15": float(np.mean(model_err < 15.0)),
         "oracle_acc15": float(np.mean(oracle_err < 15.0)),

@@ -151,14 +151,25 @@ def image_in_field(
         part = slice(first, min(n, first + chunk))
         field = torch.zeros((part.stop - first, m, m), dtype=torch.float32, device=images.device)
         field[:, start : start + size, start : start + size] = images[part]
+        spectrum = torch.fft.rfft2(field)  # one transform pair for the shift and the CTF
         if shifts_px is not None:
-            field = ctf_module.shift_images(field, np.asarray(shifts_px)[part])
+            spectrum *= _phase_ramp(np.asarray(shifts_px)[part], m, images.device)
         if ctf is not None:
             index = np.arange(part.start, part.stop)
-            transfer = ctf_module.ctf_2d(ctf.subset(index), m, pixel_size_angstrom, images.device)
-            field = ctf_module.apply_ctf(field, transfer)
+            spectrum *= ctf_module.ctf_2d(ctf.subset(index), m, pixel_size_angstrom, images.device)
+        field = torch.fft.irfft2(spectrum, s=(m, m))
         out[part] = field[:, start : start + size, start : start + size]
     return out
+
+
+def _phase_ramp(shifts_px: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
+    """``exp(−2πi (sx kx + sy ky))`` ``(n, M, M // 2 + 1)`` complex64: multiplying a spectrum
+    by it moves the content by ``(sx, sy)`` px (as :func:`cryosphere.imaging.ctf.shift_images`)."""
+    ky = torch.fft.fftfreq(size, dtype=torch.float64)[None, :, None]
+    kx = torch.fft.rfftfreq(size, dtype=torch.float64)[None, None, :]
+    s = torch.as_tensor(shifts_px, dtype=torch.float64)
+    phase = (-2.0 * math.pi) * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky)
+    return torch.complex(torch.cos(phase).float(), torch.sin(phase).float()).to(device)
 
 
 def _shell_index(size: int) -> torch.Tensor:

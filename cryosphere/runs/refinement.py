@@ -28,9 +28,9 @@ Steps (everything checked before any work):
    particle as boxed (not recentred: a new particle's shift is unknown), Fourier-cropped,
    CTF phase-flipped and background-normalised;
 5. training (:func:`cryosphere.poses.stream_training.train_on_stream`) for ``epochs`` passes'
-   worth of images, or for ``minutes`` (the step count is then calibrated from the measured
-   time of a few steps so the learning-rate schedule completes, and the budget also stops the
-   run); every evaluation scores the held-out real particles against their refined poses
+   worth of images, or for ``minutes`` of wall clock in all: what steps 1-4 left of it (at
+   least 10 %) goes to training, whose step count is calibrated from the measured time of a
+   few steps so the learning-rate schedule completes (the budget also stops the run); every evaluation scores the held-out real particles against their refined poses
    (median error, acc@15°, and ``val_topk_hit``: how often the refined pose's cell is among
    the network's ``top_k`` cells, those ``predict --map`` searches), shown on the progress
    bar, logged to ``run_dir/model/training_log.csv`` and summarised in
@@ -288,6 +288,7 @@ def train_on_refinement(
     if training_config.loss != "soft_ce":
         raise ValueError("training on a refinement uses distribution targets: loss='soft_ce'")
     seed = training_config.seed
+    started = time.perf_counter()
     context = dd.init_from_env(training_config.device)
     try:
         with dd.collective_check(context, "preparing the refinement"):
@@ -311,13 +312,16 @@ def train_on_refinement(
         if epochs is not None:
             per_epoch = math.ceil(len(train_idx) / (int(batch_size) * int(slots)))
             training_config = _schedule(training_config, int(epochs) * per_epoch)
-        elif minutes is not None:
+        budget = None
+        if minutes is not None:  # what the preparation left of the budget (at least 10 %)
+            budget = max(0.1, 1.0 - (time.perf_counter() - started) / 60.0 / minutes) * minutes
+        if epochs is None and budget is not None:
             steps = _calibrated_steps(
-                stream, model_config, training_config, validation, 60.0 * minutes
+                stream, model_config, training_config, validation, 60 * budget
             )
             training_config = _schedule(training_config, steps)
-        if minutes is not None:
-            training_config = dataclasses.replace(training_config, time_budget_s=60.0 * minutes)
+        if budget is not None:
+            training_config = dataclasses.replace(training_config, time_budget_s=60.0 * budget)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
             result = train_on_stream(
                 stream,
