@@ -56,3 +56,25 @@ def test_streamed_default_beats_the_fixed_set_on_held_out_particles(small_refine
     # particles this margin is within noise, so only its order is asserted)
     assert streamed["val_loss"] < uniform < fixed["val_loss"] - 2.0
     assert streamed["val_topk_hit"] >= fixed["val_topk_hit"]
+
+
+def test_topk_hit_counts_the_refined_pose_cell_among_the_network_top_cells():
+    import torch
+
+    from cryosphere.geometry import so3
+    from cryosphere.poses.model import build_model
+    from cryosphere.poses.refinement_stream import validation_scores
+
+    model = build_model(stream_model_config(16, grid_level=LEVEL, channels=(4, 8)), seed=1)
+    images = torch.randn(40, 16, 16, generator=torch.Generator().manual_seed(0))
+    rotations = so3.random_rotations(40, 2)
+    grid = so3.healpix_so3_grid(LEVEL)
+    with torch.no_grad():
+        logits = model(images)
+    cells = so3.geodesic_distance_deg(rotations[:, None], grid[None]).argmin(axis=1)
+    for k in (1, 50, 300, 576):
+        top = torch.topk(logits, k, dim=1).indices.numpy()
+        expected = np.mean((top == cells[:, None]).any(axis=1))
+        scores = validation_scores(model, images, rotations, top_k=k)
+        assert scores["val_topk_hit"] == pytest.approx(expected) and scores["top_k"] == k
+    assert validation_scores(model, images, rotations, top_k=576)["val_topk_hit"] == 1.0
