@@ -17,7 +17,8 @@ For each structure (default 1UBI and 1HVR; any ``--structure`` name or PDB/mmCIF
    the network alone, of the map search, and of the oracle, CTF-aware template matching over
    the whole level-2 grid with a ±3 px translation search
    (:func:`cryosphere.poses.matching.ctf_template_matching`, templates of the map blurred as
-   the data); ``top100_hit``: the share of particles whose true pose's cell is among the
+   the data; ``oracle_padded_median_deg``: the same with the padded-field model,
+   ``mode="padded_ctf"``); ``top100_hit``: the share of particles whose true pose's cell is among the
    network's 100 most probable cells; FSC-0.5 (Å) of the CTF-corrected reconstructions from
    the searched poses centred by the searched shifts (``fsc05_searched_A``) and from the true
    poses and shifts (``fsc05_true_A``), all held-out particles.
@@ -125,6 +126,15 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
     )
     grid = so3.healpix_so3_grid(2)
     oracle_err = train.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
+    padded = matching.ctf_template_matching(
+        dataset.noisy_images[:m],
+        templates,
+        ctf=dataset.ctf.subset(np.arange(m)),
+        pixel_size_angstrom=dataset.pixel_size,
+        max_shift_px=REALISTIC["max_shift_px"],
+        mode="padded_ctf",
+    )
+    padded_err = train.pose_errors_deg(grid[padded.best_index], dataset.rotations[:m], ops)
     top = inference.load_topk(held / "searched.star").index
     true_cells = np.stack([nearest_grid_indices(dataset.rotations @ g, grid) for g in ops], 1)
     hit = (top[:, :, None] == true_cells[:, None, :]).any(axis=(1, 2))
@@ -145,6 +155,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
         "network_acc15": float(np.mean(network_err < 15.0)),
         "map_acc15": float(np.mean(map_err < 15.0)),
         "oracle_acc15": float(np.mean(oracle_err < 15.0)),
+        "oracle_padded_median_deg": float(np.median(padded_err)),
         "validation_final": validation["final"],
         "steps": validation["steps"],
         "images_seen": validation["images_seen"],
