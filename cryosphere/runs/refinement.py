@@ -22,8 +22,9 @@ Steps (everything checked before any work):
      :class:`~cryosphere.poses.stream.FixedSetStream` (no fresh noise, no in-plane turns:
      there is no noise-free copy of a real particle).
 
-   Nothing else is computed: no template bank, MSE landscapes, soft maps or masks (the poster's
-   labels), no clean projections.
+   Nothing else is computed: no MSE landscapes, soft maps or masks (the poster's labels) and
+   no clean projections of the particles; only the streamed source builds a template bank,
+   which its Bayes targets use.
 4. network input, for training and validation alike, as ``cryosphere predict`` makes it: the
    particle as boxed (not recentred: a new particle's shift is unknown), Fourier-cropped,
    CTF phase-flipped and background-normalised;
