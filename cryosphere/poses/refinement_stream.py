@@ -80,13 +80,25 @@ class RefinementRealism:
         return self.statistics.draw(rng, n)
 
     def description(self) -> dict[str, Any]:
+        """What identifies the particle model (for checkpoints); measured figures to 6
+        significant digits, as the stream's signal variance (FFT sums depend on threads)."""
+
+        def rounded(value: Any) -> Any:
+            if isinstance(value, float):
+                return float(f"{value:.6g}")
+            if isinstance(value, dict):
+                return {k: rounded(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [rounded(v) for v in value]
+            return value
+
+        summary = self.statistics.summary()
+        summary.pop("n_measured")
         return {
             "kind": "refinement",
             "coloured_noise": self.coloured_noise,
             "ctf_correction": self.ctf_correction,
-            "statistics": {
-                k: v for k, v in self.statistics.summary().items() if k not in ("n_measured",)
-            },
+            "statistics": rounded(summary),
         }
 
 
