@@ -85,6 +85,13 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     assert 0 <= validation["final"]["val_topk_hit"] <= 1 and validation["final"]["top_k"] == 100
     assert len(validation["history"]) == 2  # one row per evaluation, also in training_log.csv
     assert (tmp_path / "run" / "refinement_statistics.json").is_file()
+    # --minutes: a budget for the whole command; a second call resumes the same run
+    timed = [str(tmp_path / "timed") if a == str(tmp_path / "run") else a for a in argv]
+    at = timed.index("--epochs")
+    timed = timed[:at] + timed[at + 2 :] + ["--minutes", "0.3"]
+    assert cli.main(timed) == 0 and cli.main(timed) == 0
+    timed_record = train.load_checkpoint(tmp_path / "timed" / "model" / "checkpoint.pt")
+    assert timed_record["step"] >= 1 and timed_record["train_seconds"] < 0.3 * 60 * 1.5
     # the fixed set of real images: no fresh noise, no in-plane turns, no statistics
     assert cli.main(argv[:6] + [str(tmp_path / "fixed")] + argv[7:] + ["--source", "fixed"]) == 0
     fixed = train.load_checkpoint(tmp_path / "fixed" / "model" / "checkpoint.pt")

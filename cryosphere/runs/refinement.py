@@ -210,6 +210,20 @@ def _calibrated_steps(stream, model_config, config, validation, seconds, evaluat
     return max(1, int((0.95 * seconds - evaluations * evaluation) / per_step))
 
 
+def _resumed_schedule(run_dir, config: StreamTrainingConfig) -> StreamTrainingConfig:
+    """``config`` with the warm-up of the checkpoint in ``run_dir`` and at least its steps
+    (a calibrated step count varies from call to call); unchanged without a checkpoint."""
+    from cryosphere.poses import train
+
+    checkpoint = train.checkpoint_path(run_dir)
+    if not checkpoint.exists():
+        return config
+    record = train.load_checkpoint(checkpoint)
+    warmup = int(record.get("training_config", {}).get("warmup_steps", config.warmup_steps))
+    steps = max(int(config.steps), int(record["step"]))
+    return dataclasses.replace(config, steps=steps, warmup_steps=warmup)
+
+
 def _schedule(config: StreamTrainingConfig, steps: int) -> StreamTrainingConfig:
     return dataclasses.replace(
         config,
@@ -321,6 +335,8 @@ def train_on_refinement(
                 stream, model_config, training_config, validation, 60 * budget
             )
             training_config = _schedule(training_config, steps)
+            if resume:  # a resumed run keeps its warm-up and never asks for fewer steps
+                training_config = _resumed_schedule(run_dir, training_config)
         if budget is not None:
             training_config = dataclasses.replace(training_config, time_budget_s=60.0 * budget)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
