@@ -31,8 +31,11 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    pose error against the same template matching, ``top_k_hit`` (how often the template
    matcher's cell is among the network's top cells), ``predict_map_images_per_s`` (end to end,
    as ``predict_images_per_s``), and the FSC-0.5 of the reconstructions from the searched poses
-   (``refined_fsc05_A``) and from the search's 10 most probable candidates weighted by its
-   posterior (``refined_weighted_fsc05_A``, the side file's ``searched_*`` arrays).
+   centred by the searched shifts (``refined_fsc05_A``; the origins ``predict --map`` writes)
+   and from the search's 10 most probable candidates weighted by its posterior, each centred by
+   its own searched shift (``refined_weighted_fsc05_A``, the side file's ``searched_*`` arrays).
+   The particles are simulated as a microscope images them: CTF and shift in a padded field,
+   then boxed (:mod:`cryosphere.imaging.microscope`, the default since issue 23).
 
 Usage::
 
@@ -101,21 +104,36 @@ def _train(dataset, args, run_dir: Path, resume: bool):
     return stream, result
 
 
-def _reconstruction_fsc05(dataset, rotations, weights, regularisation: float) -> float:
+def reconstruction_fsc05(
+    dataset, rotations, weights, regularisation: float, centring_px: np.ndarray | None = None
+) -> float:
+    """FSC-0.5 (Å) of the CTF-corrected reconstruction from ``rotations`` ``(n, 3, 3)`` or
+    ``(n, r, 3, 3)`` with ``weights``; every particle is centred by ``centring_px`` (``(n, 2)``
+    or, per candidate, ``(n, r, 2)``: the shifts the search found) or, when None, by its true
+    origin (the true poses' reconstruction)."""
     from cryosphere.imaging import ctf as ctf_module
     from cryosphere.reconstruction.backprojection import backproject
     from cryosphere.reconstruction.fsc import fourier_shell_correlation
 
-    # centre every particle by its origin (shift by +origin / pixel = -shift_px)
-    centred = ctf_module.shift_images(dataset.noisy_images, -dataset.shifts_px)
+    images, ctf = dataset.noisy_images, dataset.ctf
+    if centring_px is None:  # centre by the origin (shift by +origin / pixel = -shift_px)
+        centring_px = -dataset.shifts_px
+    centring_px = np.asarray(centring_px, dtype=np.float64)
+    if centring_px.ndim == 3:  # one copy of each particle per candidate, at its own shift
+        n, r = centring_px.shape[:2]
+        rows = np.repeat(np.arange(n), r)
+        images, ctf = images[rows], ctf.subset(rows)
+        rotations = np.asarray(rotations).reshape(n * r, 3, 3)
+        weights = np.asarray(weights).reshape(n * r)
+        centring_px = centring_px.reshape(n * r, 2)
     volume = backproject(
-        centred,
+        ctf_module.shift_images(images, centring_px),
         rotations,
         weights,
         symmetry_ops=dataset.symmetry_ops,
         regularisation=regularisation,
         blur_sigma_px=REALISTIC["blur_sigma"],
-        ctf=dataset.ctf,
+        ctf=ctf,
         pixel_size_angstrom=dataset.pixel_size,
     )
     curve = fourier_shell_correlation(volume, dataset.volume, dataset.pixel_size)
@@ -142,6 +160,15 @@ def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         top,
         weights / weights.sum(1, keepdims=True),
     )
+
+
+def searched_side_shift(star: Path) -> np.ndarray:
+    """``(n, 2)`` centring shifts px the map search wrote as origins into ``star``
+    (``+origin / pixel`` centres a particle, RELION's sign)."""
+    from cryosphere.imaging.particles import read_particle_set
+
+    pset = read_particle_set(star)
+    return np.asarray(pset.origins_angstrom) / pset.pixel_size_angstrom
 
 
 def _predict_with_map(
@@ -215,12 +242,15 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
             "refined_acc15": float(np.mean(refined_err < 15.0)),
             "top_k_hit": float(np.mean(hit)),
             "predict_map_images_per_s": search_rate,
-            "refined_fsc05_A": _reconstruction_fsc05(dataset, refined, None, regularisation),
-            "refined_weighted_fsc05_A": _reconstruction_fsc05(
+            "refined_fsc05_A": reconstruction_fsc05(
+                dataset, refined, None, regularisation, searched_side_shift(searched)
+            ),
+            "refined_weighted_fsc05_A": reconstruction_fsc05(
                 dataset,
                 searched_side.searched_rotations(),
                 searched_side.searched_weights(),
                 regularisation,
+                searched_side.searched_shift_px,
             ),
         }
     print(f"== {name}: reconstructing from {args.n_test} particles ...", flush=True)
@@ -229,8 +259,8 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         "model_median_deg": float(np.median(model_err[:m])),
         "oracle_median_deg": float(np.median(oracle_err)),
         "ratio": float(np.median(model_err[:m]) / np.median(oracle_err)),
-        "fsc05_predicted_A": _reconstruction_fsc05(dataset, top, weights, regularisation),
-        "fsc05_true_A": _reconstruction_fsc05(dataset, dataset.rotations, None, regularisation),
+        "fsc05_predicted_A": reconstruction_fsc05(dataset, top, weights, regularisation),
+        "fsc05_true_A": reconstruction_fsc05(dataset, dataset.rotations, None, regularisation),
         "model_median_deg_all": float(np.median(model_err)),
         "model_acc15": float(np.mean(model_err < 15.0)),
         "oracle_acc15": float(np.mean(oracle_err < 15.0)),

@@ -203,6 +203,7 @@ def test_simulation_with_ctf_and_shifts_writes_relion_star(tmp_path):
         voltage_kv=200.0,
         max_shift_px=3.0,
         contrast_sigma=0.1,
+        ctf_field="box",  # the in-box CTF; the padded field: tests/test_microscope.py
     )
     data = simulate_dataset(params, progress=False)
     assert 5000 <= data.ctf.defocus_v_angstrom.min() and data.ctf.defocus_u_angstrom.max() <= 25500

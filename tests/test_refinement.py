@@ -70,16 +70,37 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     ]  # fmt: skip
     assert cli.main(argv) == 0
     checkpoint = tmp_path / "run" / "model" / "checkpoint.pt"
-    assert checkpoint.is_file() and "checkpoint" in capsys.readouterr().out
-    # streamed training on the fixed set of real images: no fresh noise, no in-plane turns;
-    # one epoch of the 14 training particles (2 held out) in batches of 8 is 2 steps
+    out = capsys.readouterr().out
+    assert checkpoint.is_file() and "checkpoint" in out and "refined cell in the top 100" in out
+    # the default: fresh particles from the map with the refinement's statistics; one epoch of
+    # the 14 training particles (2 held out) in batches of 8 is 2 steps
     from cryosphere.poses.network import checkpoints
 
     record = checkpoints.load_checkpoint(checkpoint)
     stream = record["stream_identity"]["stream"]
+    assert stream["kind"] == "simulated" and stream["realism"]["kind"] == "refinement"
+    stats = stream["realism"]["statistics"]
+    assert stats["n_particles"] == 14 and stats["contrast_sign"] == 1
+    assert record["step"] == 2 and record["model_config"]["encoder"] == "resnet"
+    validation = io.read_json(tmp_path / "run" / "validation.json")
+    assert validation["n_validation"] == 2 and validation["source"] == "stream"
+    assert 0 <= validation["final"]["val_topk_hit"] <= 1 and validation["final"]["top_k"] == 100
+    assert len(validation["history"]) == 2  # one row per evaluation, also in training_log.csv
+    assert (tmp_path / "run" / "refinement_statistics.json").is_file()
+    # --minutes: a budget for the whole command; a second call resumes the same run
+    timed = [str(tmp_path / "timed") if a == str(tmp_path / "run") else a for a in argv]
+    at = timed.index("--epochs")
+    timed = timed[:at] + timed[at + 2 :] + ["--minutes", "0.3"]
+    assert cli.main(timed) == 0 and cli.main(timed) == 0
+    timed_record = checkpoints.load_checkpoint(tmp_path / "timed" / "model" / "checkpoint.pt")
+    assert timed_record["step"] >= 1 and timed_record["train_seconds"] < 0.3 * 60 * 1.5
+    # the fixed set of real images: no fresh noise, no in-plane turns, no statistics
+    assert cli.main(argv[:6] + [str(tmp_path / "fixed")] + argv[7:] + ["--source", "fixed"]) == 0
+    fixed = checkpoints.load_checkpoint(tmp_path / "fixed" / "model" / "checkpoint.pt")
+    stream = fixed["stream_identity"]["stream"]
     assert stream["kind"] == "fixed" and stream["n_images"] == 14
     assert not stream["fresh_noise"] and not stream["in_plane"]
-    assert record["step"] == 2 and record["model_config"]["encoder"] == "resnet"
+    assert not (tmp_path / "fixed" / "refinement_statistics.json").exists()
     summary = inference.predict_star(
         folder / "particles.star", checkpoint, folder / "pred.star", progress=False
     )

@@ -54,6 +54,14 @@ class SimulationParameters:
         Particle shifts uniform in ``±max_shift_px`` pixels per axis (0: centred).
     contrast_sigma
         Per-image contrast factor ``exp(contrast_sigma · z)`` (0: none).
+    ctf_field
+        Where the CTF acts: ``"padded"`` (default: in a field padded by the rule of
+        :mod:`cryosphere.imaging.microscope`, then boxed, as a microscope images a particle) or
+        ``"box"`` (inside the particle box: circular, the delocalised signal wraps round; the
+        behaviour before 0.3, kept to reproduce old figures).
+    noise_spectrum
+        ``"white"`` or ``"mtf"`` (white noise coloured by the pixel-MTF model
+        :func:`cryosphere.imaging.microscope.pixel_mtf_power`, same variance).
     """
 
     structure: str = "1ubi"
@@ -75,6 +83,8 @@ class SimulationParameters:
     ctf_b_factor: float = 0.0
     max_shift_px: float = 0.0
     contrast_sigma: float = 0.0
+    ctf_field: str = "padded"
+    noise_spectrum: str = "white"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -100,6 +110,12 @@ class SimulationParameters:
             )
         if not (self.max_shift_px >= 0 and self.contrast_sigma >= 0):
             raise ValueError("max_shift_px and contrast_sigma must be >= 0")
+        if self.ctf_field not in CTF_FIELDS:
+            raise ValueError(f"ctf_field must be one of {CTF_FIELDS}, got {self.ctf_field!r}")
+        if self.noise_spectrum not in NOISE_SPECTRA:
+            raise ValueError(
+                f"noise_spectrum must be one of {NOISE_SPECTRA}, got {self.noise_spectrum!r}"
+            )
         if self.max_shift_px >= int(self.image_size) / 4:
             raise ValueError(
                 f"max_shift_px={self.max_shift_px} is too large for a {self.image_size}-px box; "
@@ -123,7 +139,11 @@ class SimulationParameters:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> SimulationParameters:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them. A record
+        with a CTF but no ``ctf_field`` was made before the padded field existed: ``"box"``."""
+        record = dict(record)
+        if record.get("ctf") and "ctf_field" not in record:
+            record["ctf_field"] = "box"
         return known_fields(cls, record, TypeError)(**record)
 
 
@@ -138,7 +158,11 @@ _REALISM_FIELDS = (
     "ctf_b_factor",
     "max_shift_px",
     "contrast_sigma",
+    "ctf_field",
+    "noise_spectrum",
 )
+CTF_FIELDS = ("padded", "box")
+NOISE_SPECTRA = ("white", "mtf")
 
 
 _INTEGER_FIELDS = ("n_projections", "image_size", "seed")

@@ -17,6 +17,12 @@ moves each particle by a sub-pixel shift uniform in ``±max_shift_px`` per axis;
 > 0`` scales each clean image by ``exp(contrast_sigma · z)``, ``z ~ N(0, 1)``. These draws use
 their own generator (seeded by ``[seed, 1]``), so the poses and the noise draws do not change.
 The clean stack is ``contrast · shift(CTF(blur(projection)))`` and the SNR is measured on it.
+With ``ctf_field="padded"`` (the default) the shift and the CTF act in a field padded by the
+rule of :mod:`cryosphere.imaging.microscope` and the result is boxed, as a microscope images a
+particle; ``ctf_field="box"`` applies them inside the particle box (circular: the CTF's
+delocalised signal wraps round), as datasets made before the padded field were.
+``noise_spectrum="mtf"`` colours the noise by the pixel-MTF model
+(:func:`cryosphere.imaging.microscope.pixel_mtf_power`), keeping its variance.
 
 Run-folder files (:data:`SIMULATION_FILES`): ``volume.mrc`` (the map with its voxel size),
 ``particles.mrcs`` (noisy stack), ``particles_clean.mrcs`` (clean stack), ``particles.star``
@@ -43,7 +49,7 @@ from cryosphere import io
 from cryosphere.geometry import point_groups
 from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging import atoms as imaging_atoms
-from cryosphere.imaging import chain_symmetry, structure
+from cryosphere.imaging import chain_symmetry, microscope, structure
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging.datasets import ParticleDataset, SimulationParameters
 from cryosphere.imaging.projection import add_gaussian_noise, gaussian_blur, project_volume
@@ -116,6 +122,9 @@ def simulate_dataset(
     if parameters.realism:
         clean, realism = _add_realism(clean, parameters, float(pixel_size))
     noisy, sigma = add_gaussian_noise(clean, parameters.snr, seed=noise_seed)
+    if parameters.noise_spectrum == "mtf":
+        power = microscope.pixel_mtf_power(parameters.image_size)
+        noisy = clean + microscope.colour_noise(noisy - clean, power)
     return ParticleDataset(
         parameters=parameters,
         volume=np.asarray(volume, dtype=np.float32),
@@ -165,10 +174,14 @@ def _add_realism(
     rng = np.random.default_rng([int(parameters.seed), 1])
     n, size = clean.shape[0], clean.shape[-1]
     drawn = draw_realism(parameters, n, rng)
-    if parameters.ctf:
+    if parameters.ctf and parameters.ctf_field == "padded":
+        clean = microscope.image_in_field(
+            clean, drawn["ctf"], pixel_size, shifts_px=drawn.get("shifts_px")
+        )
+    elif parameters.ctf:
         transfer = ctf_module.ctf_2d(drawn["ctf"], size, pixel_size, device=clean.device)
         clean = ctf_module.apply_ctf(clean, transfer)
-    if parameters.max_shift_px > 0:
+    if parameters.max_shift_px > 0 and not (parameters.ctf and parameters.ctf_field == "padded"):
         clean = ctf_module.shift_images(clean, drawn["shifts_px"])
     if parameters.contrast_sigma > 0:
         clean = (

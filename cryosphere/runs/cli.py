@@ -105,7 +105,19 @@ def _add_train_parser(commands: Any) -> None:
         help="channels of the residual encoder's stages (each halves the box)",
     )
     fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--q", type=float, default=0.05, help="label mask fraction")
+    fit.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole command, preparation included; the step count is "
+        "calibrated so the learning-rate schedule completes",
+    )
+    fit.add_argument(
+        "--source",
+        choices=("stream", "fixed"),
+        default="stream",
+        help="fresh particles from the map with the data's statistics, or the real images (docs/training_on_a_refinement.md)",
+    )
     fit.add_argument("--max-particles", type=int, default=None, help="use the first N only")
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     fit.add_argument("--seed", type=int, default=0)
@@ -128,9 +140,6 @@ def _add_train_parser(commands: Any) -> None:
         "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
-    fit.add_argument(
-        "--minutes", type=float, default=None, help="stop training after M minutes (wall clock)"
-    )
     _add_particle_options(fit)
 
 
@@ -171,10 +180,8 @@ def _training_config(args: argparse.Namespace) -> Any:
     from cryosphere.poses.training.streamed import StreamTrainingConfig
 
     extra = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
-    if args.minutes is not None:
-        if not args.minutes > 0:
-            raise ValueError(f"--minutes must be positive, got {args.minutes}")
-        extra["time_budget_s"] = 60.0 * args.minutes
+    if args.minutes is not None and not args.minutes > 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
     if args.steps is not None:
         extra |= {
             "steps": args.steps,
@@ -196,9 +203,10 @@ def _train(args: argparse.Namespace) -> int:
                 args.box, grid_level=args.level, channels=tuple(args.encoder_channels)
             ),
             training_config=_training_config(args),
-            epochs=args.epochs if args.steps is None else None,
+            epochs=args.epochs if args.steps is None and args.minutes is None else None,
+            minutes=args.minutes,
+            source=args.source,
             batch_size=args.batch_size,
-            q=args.q,
             max_particles=args.max_particles,
             slots=args.slots,
             bf16=args.bf16,
@@ -216,6 +224,7 @@ def _train(args: argparse.Namespace) -> int:
             f"trained {result.steps_done} steps ({result.images_seen} images, streamed); "
             f"checkpoint: {result.checkpoint}"
         )
+        refinement.print_validation(args.run_dir)
     return 0
 
 

@@ -4,60 +4,94 @@ and the map they were refined against (``cryosphere train --star particles.star 
 Steps (everything checked before any work):
 
 1. read the particle set with its angles (:func:`cryosphere.imaging.particles.read_particle_set`,
-   ``require_angles=True``) and the map (:func:`cryosphere.io.read_map`); the map's box and voxel
-   size must match the particles' (1 % tolerance);
-2. images: each particle is recentred by its origin (shifted by ``+origin / pixel_size``, RELION's
-   sign), Fourier-cropped to the model box, CTF phase-flipped when the set has defocus values, and
-   background-normalised (:func:`cryosphere.imaging.preprocess.prepare_images`); they are held in
-   memory (the array trainer of :mod:`cryosphere.poses.training.fixed_set`);
-3. labels: the map is Fourier-cropped to the same box; the noise-free, CTF-free projection at
-   each particle's refined pose plays the clean image of the poster's labels
-   (:func:`cryosphere.poses.labels.dataset_labels.compute_labels`: MSE against the template bank, top-``q``
-   mask, tuned λ), which is consistent with phase-flipped network input;
-4. streamed training (:func:`cryosphere.poses.training.streamed.train_on_stream`) on a
-   :class:`~cryosphere.poses.training.stream.FixedSetStream` of the training split (a seeded
-   ``validation_fraction`` is held out and scored every ``eval_every`` steps), into
-   ``run_dir/model/`` (checkpoint usable by ``cryosphere predict``). Fresh noise is off: these
-   are real images with no noise-free copy. In-plane augmentation is off for the same reason:
-   it turns the noise-free image before noise is drawn, and turning a noisy image by a
-   non-quarter angle would blur its noise and empty its corners.
+   ``require_angles=True``) and the map (:func:`cryosphere.imaging.preprocess.reference_map`,
+   Fourier-cropped to the model box; its box and voxel size must match the particles');
+2. split the particles (seeded): at most ``max_validation`` are held out for validation, the
+   rest is the training split;
+3. training data, by ``source``:
+
+   * ``"stream"`` (default): fresh particles simulated from the map with the training split's
+     own statistics (:mod:`cryosphere.imaging.refinement_statistics`: CTF rows, shifts from
+     the origins, noise level and spectrum, contrast, envelope, SNR) by
+     :func:`cryosphere.poses.training.refinement_stream.refinement_stream`, with CTF-aware Bayes
+     targets; the statistics go to ``run_dir/refinement_statistics.json``. There is no
+     training set to memorise: at realistic SNR the fixed set is memorised (issue 23:
+     validation median 91-97° and rising, then 111° on new particles).
+   * ``"fixed"``: the training split's real images as they are, targets a kernel around each
+     refined pose (:func:`cryosphere.poses.training.targets.pose_kernel_targets`), in a
+     :class:`~cryosphere.poses.training.stream.FixedSetStream` (no fresh noise, no in-plane turns:
+     there is no noise-free copy of a real particle).
+
+   Nothing else is computed: no MSE landscapes, soft maps or masks (the poster's labels) and
+   no clean projections of the particles; only the streamed source builds a template bank,
+   which its Bayes targets use.
+4. network input, for training and validation alike, as ``cryosphere predict`` makes it: the
+   particle recentred by its stated origin (as ``predict`` recentres by the input origins;
+   the stream draws shifts from the origins' spread, so the network also sees particles whose
+   centre is not yet known), Fourier-cropped, CTF phase-flipped and background-normalised,
+   dark particles negated (:mod:`cryosphere.poses.search.contrast`);
+5. training (:func:`cryosphere.poses.training.streamed.train_on_stream`) for ``epochs`` passes'
+   worth of images, or for ``minutes`` of wall clock in all: what steps 1-4 left of it (at
+   least 10 %) goes to training, whose step count is calibrated from the measured time of a
+   few steps so the learning-rate schedule completes (the budget also stops the run); every evaluation scores the held-out real particles against their refined poses
+   (median error, acc@15°, and ``val_topk_hit``: how often the refined pose's cell is among
+   the network's ``top_k`` cells, those ``predict --map`` searches), shown on the progress
+   bar, logged to ``run_dir/model/training_log.csv`` and summarised in
+   ``run_dir/validation.json``.
+
+Under ``torchrun`` every rank builds the same stream and validation set (the stream is a pure
+function of seed, rank and step; a rank reads the validation particles and a sample for the
+statistics, never the whole refinement in the streamed mode).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from cryosphere import io
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
-from cryosphere.imaging.loader import damaged_images_error, non_finite_rows
-from cryosphere.imaging.particles import StackReader, read_particle_set
+from cryosphere.imaging.loader import checked_and_centred, damaged_images_error, non_finite_rows
+from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
+from cryosphere.imaging.refinement_statistics import estimate_statistics
 from cryosphere.poses import distributed as dd
-from cryosphere.poses.labels import dataset_labels
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.search import contrast as contrast_module
-from cryosphere.poses.training import settings
+from cryosphere.poses.training import refinement_stream as rs
+from cryosphere.poses.training import targets as tg
 from cryosphere.poses.training.data_parallel import train_distributed
+from cryosphere.poses.training.settings import split_indices
 from cryosphere.poses.training.stream import Batch, FixedSetStream
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     StreamTrainingResult,
+    build_optimised_model,
+    optimiser_step,
     train_on_stream,
 )
 from cryosphere.runs.series import stream_model_config
 
 __all__ = [
+    "SOURCES",
     "RefinementData",
     "refinement_data",
     "train_on_refinement",
 ]
+
+SOURCES = ("stream", "fixed")
+VALIDATION_FILE = "validation.json"
+STATISTICS_FILE = "refinement_statistics.json"
 
 
 @dataclass(frozen=True)
@@ -76,8 +110,8 @@ class RefinementData:
         clean_images: ``(n, M, M)`` projections of ``volume`` at the refined poses.
         rotations: ``(n, 3, 3)`` refined poses.
         symmetry_ops: ``(1, 3, 3)`` identity (C1).
-        contrast: the particles' contrast (:mod:`cryosphere.poses.search.contrast`); dark particles
-            are negated on reading.
+        contrast: the particles' contrast (:mod:`cryosphere.poses.search.contrast`); dark
+            particles are negated on reading.
     """
 
     volume: np.ndarray
@@ -171,36 +205,112 @@ def refinement_data(
     )
 
 
-def _split_streams(
-    data: RefinementData,
-    targets: np.ndarray,
-    batch_size: int,
-    validation_fraction: float,
-    seed: int,
-    slots: int = 1,
-) -> tuple[FixedSetStream, Batch]:
-    """The training stream (``slots`` stream batches per optimiser step) and the fixed
-    validation batch of a seeded split."""
-    train_idx, val_idx = settings.split_indices(len(data.rotations), validation_fraction, seed)
+def _read_prepared(
+    pset: ParticleSet,
+    indices: np.ndarray,
+    image_size: int,
+    sign: float = 1.0,
+    skip_bad: bool = False,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Particles ``indices`` as ``predict`` feeds them to the network (step 4): ``(images
+    (k, M, M), kept indices (k,))``. Damaged images (NaN or infinite pixels) raise a ValueError
+    naming them, or with ``skip_bad`` are left out."""
+    out, kept = [], []
+    with StackReader(pset) as reader:
+        for start in range(0, len(indices), 256):
+            index = np.asarray(indices[start : start + 256])
+            raw = reader.read(index) * np.float32(sign)
+            bad = np.zeros(int(index.max()) + 1, dtype=bool)
+            centred = checked_and_centred(pset, index, raw, skip_bad, bad)
+            good = ~bad[index]
+            index = index[good]
+            ctf = None if pset.ctf is None else pset.ctf.subset(index)
+            out.append(
+                rs.prepare_like_predict(
+                    centred[torch.from_numpy(good)], pset.pixel_size_angstrom, image_size, ctf
+                )
+            )
+            kept.append(index)
+    kept = np.concatenate(kept)
+    if len(kept) < len(indices):
+        dropped = np.setdiff1d(indices, kept)
+        warnings.warn(
+            f"left out {len(dropped)} particles with NaN or infinite pixels: "
+            f"{', '.join(pset.image_names(dropped))}",
+            stacklevel=2,
+        )
+    return torch.cat(out), kept
+
+
+def _split(n: int, max_validation: int, fraction: float, seed: int):
+    """Seeded (train, validation) indices; the validation share capped at ``max_validation``."""
+    train_idx, val_idx = split_indices(n, fraction, seed)
+    if len(val_idx) > int(max_validation):
+        train_idx = np.sort(np.concatenate([train_idx, val_idx[int(max_validation) :]]))
+        val_idx = val_idx[: int(max_validation)]
     if len(val_idx) == 0:
         val_idx = train_idx[-1:]  # tiny sets: score on one training particle rather than none
-    images = np.asarray(data.noisy_images, dtype=np.float32)
-    stream = FixedSetStream(
-        images[train_idx],
-        targets[train_idx],
-        data.rotations[train_idx],
-        batch_size,
-        seed,
-        slots=slots,
+    return train_idx, val_idx
+
+
+def _calibrated_steps(stream, model_config, config, validation, seconds, evaluations=20) -> int:
+    """Steps that fit ``seconds``: a few throwaway steps (batches outside the training range)
+    and one validation are timed; 5 % is left for checkpoints."""
+    device = config.resolved_device()
+    model, optimizer = build_optimised_model(model_config, config, validation, device)
+    times = []
+    for i in range(3):
+        started = time.perf_counter()
+        optimiser_step(model, optimizer, stream.batch(10**9 + i), config, 0, device)
+        times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    rs.validation_scores(model, validation.images, validation.rotations)
+    evaluation = 2.0 * (time.perf_counter() - started)  # loss pass + top-k pass
+    per_step = float(np.median(times[1:]))
+    return max(1, int((0.95 * seconds - evaluations * evaluation) / per_step))
+
+
+def _resumed_schedule(run_dir, config: StreamTrainingConfig) -> StreamTrainingConfig:
+    """``config`` with the warm-up of the checkpoint in ``run_dir`` and at least its steps
+    (a calibrated step count varies from call to call); unchanged without a checkpoint."""
+    from cryosphere.poses.network import checkpoints
+
+    checkpoint = checkpoints.checkpoint_path(run_dir)
+    if not checkpoint.exists():
+        return config
+    record = checkpoints.load_checkpoint(checkpoint)
+    warmup = int(record.get("training_config", {}).get("warmup_steps", config.warmup_steps))
+    steps = max(int(config.steps), int(record["step"]))
+    return dataclasses.replace(config, steps=steps, warmup_steps=warmup)
+
+
+def _schedule(config: StreamTrainingConfig, steps: int) -> StreamTrainingConfig:
+    return dataclasses.replace(
+        config,
+        steps=int(steps),
+        warmup_steps=min(config.warmup_steps, int(steps) // 10),
+        eval_every=min(config.eval_every, max(1, int(steps) // 20)),
     )
-    validation = Batch(
-        torch.from_numpy(images[val_idx]),
-        torch.from_numpy(targets[val_idx]),
-        data.rotations[val_idx],
-        np.zeros(len(val_idx)),
-        torch.from_numpy(images[val_idx]),
+
+
+def _training_source(
+    source, pset, small, train_idx, model_config, batch_size, seed, slots, sign, skip_bad
+):
+    """The training stream of ``source`` (step 3) and, for a stream, its statistics.
+    ``sign`` is the decided contrast (-1: dark particles, negated on reading as ``predict``
+    does, so the stream simulates them white)."""
+    level = model_config.grid_level
+    if source == "stream":
+        stats = estimate_statistics(pset, small, indices=train_idx, seed=seed, skip_bad=skip_bad)
+        stats = dataclasses.replace(stats, contrast=float(stats.contrast) * float(sign))
+        stream = rs.refinement_stream(small, stats, level, batch_size=batch_size, seed=seed)
+        return stream, stats
+    images, train_idx = _read_prepared(
+        pset, train_idx, model_config.image_size, sign=sign, skip_bad=skip_bad
     )
-    return stream, validation
+    rotations = pset.rotations()[train_idx]
+    targets = tg.pose_kernel_targets(rotations, level).astype(np.float32)
+    return FixedSetStream(images.numpy(), targets, rotations, batch_size, seed, slots=slots), None
 
 
 def train_on_refinement(
@@ -211,9 +321,12 @@ def train_on_refinement(
     model_config: ModelConfig | None = None,
     training_config: StreamTrainingConfig | None = None,
     epochs: int | None = None,
+    minutes: float | None = None,
+    source: str = "stream",
     batch_size: int = 32,
     validation_fraction: float = 0.1,
-    q: float = 0.05,
+    max_validation: int = 500,
+    top_k: int = 100,
     max_particles: int | None = None,
     resume: bool = True,
     slots: int = 1,
@@ -227,64 +340,105 @@ def train_on_refinement(
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
     One process trains with :func:`cryosphere.poses.training.streamed.train_on_stream`. Under
-    ``torchrun`` (or with ``slots > 1`` or ``bf16``) the same data go to
-    :func:`cryosphere.poses.training.data_parallel.train_distributed`: every rank prepares the
-    same (deterministic) data and labels, each optimiser step takes ``slots`` stream batches
-    split over the ranks (the rank count must divide ``slots``), rank 0 writes.
+    ``torchrun`` (or with ``slots > 1`` or ``bf16``) the same stream goes to
+    :func:`cryosphere.poses.training.data_parallel.train_distributed` (each optimiser step takes
+    ``slots`` stream batches split over the ranks; rank 0 writes; the top-k score is then
+    computed once, after training).
 
     Args:
         model_config: default the streamed default network
             (:func:`cryosphere.runs.series.stream_model_config`, 64-px box, level-2 grid); its
             ``image_size`` is the box the particles and the map are Fourier-cropped to.
-        training_config: steps, learning rate, loss (``"soft_ce"``: soft-map targets;
-            ``"bce"``: top-``q`` masks), device, seed (also the split's and the order's seed).
-        epochs: when given, ``steps = epochs · ceil(n_train / (slots · batch_size))``.
+        training_config: steps, learning rate, device, seed (also the split's and the
+            stream's seed); ``loss`` must be ``"soft_ce"`` (targets are distributions).
+        epochs: train on ``epochs · n_train`` images (``steps = epochs · ceil(n_train /
+            (slots · batch_size))``), in either source.
+        minutes: wall-clock budget of the training; without ``epochs`` the step count is
+            calibrated to it (module docstring, step 5).
+        source: ``"stream"`` (default) or ``"fixed"`` (module docstring, step 3).
         batch_size: particles per stream batch (per step on one process).
-        validation_fraction: share of the particles held out for validation.
-        resume: continue from a checkpoint of the same settings in ``run_dir`` (one process;
-            a distributed run always resumes).
+        validation_fraction, max_validation: held-out share of the particles, and its cap.
+        top_k: the ``k`` of the ``val_topk_hit`` score (``predict --map``'s default 100).
+        max_particles: use the first ``max_particles`` rows only.
+        resume: continue from a checkpoint of the same settings in ``run_dir``.
         slots, bf16: the distributed run's stream batches per step and bf16 autocast.
         contrast: ``"auto"`` (decided at the refined poses), ``"white"`` or ``"dark"``; printed
             and recorded in the checkpoint, which ``predict`` without a map then follows.
         project_dir: the project folder image paths are relative to (RELION's project folder,
             or a cryoSPARC ``.cs``'s).
-        pixel_size_angstrom, skip_bad: reading the particles (:func:`refinement_data`).
+        pixel_size_angstrom: the pixel size when the STAR file states none.
+        skip_bad: leave out particles with NaN or infinite pixels instead of refusing them.
     """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number, got {minutes}")
+    if epochs is not None and int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     model_config = model_config or stream_model_config(64)
     training_config = training_config or StreamTrainingConfig()
+    if training_config.loss != "soft_ce":
+        raise ValueError("training on a refinement uses distribution targets: loss='soft_ce'")
+    seed = training_config.seed
+    started = time.perf_counter()
     context = dd.init_from_env(training_config.device)
-    show = progress and context.writes
     try:
         with dd.collective_check(context, "preparing the refinement"):
-            data = refinement_data(
-                star_path, map_path, model_config.image_size, max_particles=max_particles,
-                progress=show, contrast=contrast, project_dir=project_dir,
-                pixel_size_angstrom=pixel_size_angstrom, skip_bad=skip_bad,
-            )  # fmt: skip
-            made = dataset_labels.compute_labels(
-                data, level=model_config.grid_level, q=q, progress=show
+            pset = read_particle_set(
+                star_path,
+                require_angles=True,
+                project_dir=project_dir,
+                pixel_size_angstrom=pixel_size_angstrom,
             )
+            small = preprocess.reference_map(map_path, pset, model_config.image_size)
+            n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
+            train_idx, val_idx = _split(n, max_validation, validation_fraction, seed)
+            decided = contrast_module.decide_for_particle_set(
+                pset, contrast, small, model_config.image_size, rotations=pset.rotations()
+            )
+            images, val_idx = _read_prepared(
+                pset, val_idx, model_config.image_size, sign=decided.sign, skip_bad=skip_bad
+            )
+            rotations = pset.rotations()[val_idx]
+            targets = tg.pose_kernel_targets(rotations, model_config.grid_level)
+            validation = Batch(
+                images, torch.from_numpy(targets.astype(np.float32)), rotations,
+                np.zeros(len(val_idx)), images,
+            )  # fmt: skip
+            stream, stats = _training_source(
+                source, pset, small, train_idx, model_config, int(batch_size), seed, int(slots),
+                decided.sign, skip_bad,
+            )  # fmt: skip
         if context.writes:
-            contrast_module.report(data.contrast)
-        targets = np.asarray(made.mask if training_config.loss == "bce" else made.soft, np.float32)
-        stream, validation = _split_streams(
-            data, targets, int(batch_size), validation_fraction, training_config.seed, slots
-        )
+            contrast_module.report(decided)
+        if stats is not None and context.writes:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            io.write_json(Path(run_dir) / STATISTICS_FILE, stats.summary())
         if epochs is not None:
-            if int(epochs) < 1:
-                raise ValueError(f"epochs must be >= 1, got {epochs}")
-            steps = int(epochs) * stream.per_epoch
-            training_config = dataclasses.replace(training_config, steps=steps)
+            per_epoch = math.ceil(len(train_idx) / (int(batch_size) * int(slots)))
+            training_config = _schedule(training_config, int(epochs) * per_epoch)
+        budget = None
+        if minutes is not None:  # what the preparation left of the budget (at least 10 %)
+            budget = max(0.1, 1.0 - (time.perf_counter() - started) / 60.0 / minutes) * minutes
+        if epochs is None and budget is not None:
+            steps = _calibrated_steps(
+                stream, model_config, training_config, validation, 60 * budget
+            )
+            training_config = _schedule(training_config, steps)
+            if resume:  # a resumed run keeps its warm-up and never asks for fewer steps
+                training_config = _resumed_schedule(run_dir, training_config)
+        if budget is not None:
+            training_config = dataclasses.replace(training_config, time_budget_s=60.0 * budget)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
             result = train_on_stream(
                 stream,
                 model_config,
                 training_config,
                 validation,
-                data.symmetry_ops,
                 run_dir=Path(run_dir),
                 resume=resume,
-                progress=progress,
+                progress=progress and context.writes,
+                extra_validation=rs.topk_validator(validation.images, rotations, top_k),
             )
         else:
             result = train_distributed(
@@ -293,14 +447,47 @@ def train_on_refinement(
                 training_config,
                 validation,
                 slots=int(slots),
-                symmetry_ops=data.symmetry_ops,
                 run_dir=run_dir,
                 progress=progress,
                 bf16=bf16,
                 context=context,
             )
-        if context.writes and result.checkpoint is not None:
-            contrast_module.record_in_checkpoint(result.checkpoint, data.contrast)
+        if context.writes:
+            _write_validation(run_dir, result, source, len(train_idx), validation, top_k)
+            if result.checkpoint is not None:
+                contrast_module.record_in_checkpoint(result.checkpoint, decided)
         return result
     finally:
         dd.shutdown(context)
+
+
+def _write_validation(run_dir, result, source, n_train, validation, top_k) -> dict[str, Any]:
+    """``run_dir/validation.json``: the held-out real particles' scores at every evaluation
+    and at the end (``val_topk_hit`` recomputed on the final model)."""
+    final = rs.validation_scores(result.model, validation.images, validation.rotations, top_k)
+    history = [dict(row) for row in result.history]
+    record = {
+        "source": source,
+        "n_train": int(n_train),
+        "n_validation": int(validation.images.shape[0]),
+        "steps": result.steps_done,
+        "images_seen": result.images_seen,
+        "train_seconds": result.train_seconds,
+        "final": (history[-1] if history else {}) | final,
+        "best_val_median_deg": min((r["val_median_deg"] for r in history), default=None),
+        "history": history,
+    }
+    io.write_json(Path(run_dir) / VALIDATION_FILE, record)
+    return record
+
+
+def print_validation(run_dir: str | os.PathLike[str]) -> None:
+    """One line: the final validation scores of ``run_dir/validation.json``."""
+    record = io.read_json(Path(run_dir) / VALIDATION_FILE)
+    final = record["final"]
+    print(
+        f"validation on {record['n_validation']} held-out particles against their refined "
+        f"poses: median {final['val_median_deg']:.1f}°, acc@15° {final['val_acc15']:.2f}, "
+        f"refined cell in the top {final['top_k']} {final['val_topk_hit']:.2f} "
+        f"({Path(run_dir) / VALIDATION_FILE})"
+    )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from cryosphere.geometry import grids
 from cryosphere.imaging import ctf as ctf_module
+from cryosphere.imaging import microscope
 from cryosphere.poses.search.matching import MatchResult, TemplateSpectra, shift_grid_px
 
 __all__ = [
@@ -159,6 +160,7 @@ def candidate_scores(
     shift_step_px: float = 1.0,
     batch_size: int | None = None,
     score: str = "mse",
+    ctf_field: str = "box",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score of every candidate template of each image, at its best centring shift.
@@ -182,6 +184,12 @@ def candidate_scores(
         score: ``"mse"`` (images on the templates' scale, as simulated) or ``"scaled"`` (a
             free positive scale per image and candidate, no zero frequency; real particles,
             which must have RELION's contrast: protein white, as the map).
+        ctf_field: ``"box"``: every candidate carries the image's CTF applied in the box;
+            ``"padded"``: the CTF acts in a padded field and the template is boxed afterwards,
+            as a microscope images a particle (:mod:`cryosphere.imaging.microscope`); the
+            cross term is then exact, ``⟨I, B C P T⟩ = ⟨B C P I, T⟩``: the image is imaged in
+            the field once (:func:`cryosphere.poses.search.matching.padded_ctf_mse_landscape`), and
+            the shifted cross term takes the shift outside (exact up to the box edges).
 
     Returns:
         ``(n, c)`` float64 mean squared error per pixel of each candidate at its best shift
@@ -191,6 +199,8 @@ def candidate_scores(
     a, cand = _check_inputs(images, candidates, spectra, ctf)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if ctf_field not in ("box", "padded"):
+        raise ValueError(f"ctf_field must be 'box' or 'padded', got {ctf_field!r}")
     if ctf is not None and pixel_size_angstrom is None:
         raise ValueError("pixel_size_angstrom is needed to evaluate the images' CTF")
     n, n_pix, c = a.shape[0], spectra.image_size, cand.shape[1]
@@ -212,15 +222,20 @@ def candidate_scores(
         f = spectra.restrict(torch.fft.rfft2(a[start:stop]))
         image_power = (weights * (f.real**2 + f.imag**2)).sum(1, dtype=torch.float64)
         if ctf is not None:
-            model = ctf_module.ctf_2d(
-                ctf.subset(np.arange(start, stop)), n_pix, pixel_size_angstrom
-            )
+            part = ctf.subset(np.arange(start, stop))
+            model = ctf_module.ctf_2d(part, n_pix, pixel_size_angstrom)
             model = spectra.restrict(model).to(torch.float32)
+            if ctf_field == "padded":  # B C P I: the image imaged in the padded field
+                imaged = microscope.image_in_field(a[start:stop], part, pixel_size_angstrom)
+                filtered = spectra.restrict(torch.fft.rfft2(imaged))
+            else:
+                filtered = model * f
         else:
             model = torch.ones(b, f.shape[1])
+            filtered = f
         index = cand[start:stop].reshape(-1)
         h = torch.index_select(spectra.spectra, 0, index, out=gathered[:m])
-        h.view(b, c, -1).mul_((weights * model * f).conj()[:, None])  # conj(w C F) · T
+        h.view(b, c, -1).mul_((weights * filtered).conj()[:, None])  # conj(w C F) · T
         torch.matmul(h.view(m * n_rows, width), along_x, out=along_columns[: m * n_rows])
         cross = torch.matmul(along_y, along_columns[: m * n_rows].view(m, n_rows, -1)).real
         cross = cross.reshape(b, c, -1)[:, :, order]  # (b, c, S), shift_grid_px order

@@ -40,7 +40,7 @@ from cryosphere._checks import as_symmetry_ops, known_fields
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.imaging import preprocess
+from cryosphere.imaging import microscope, preprocess
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.projection import gaussian_blur, project_volume, volume_spectrum
 from cryosphere.imaging.simulate import draw_realism
@@ -272,7 +272,12 @@ class SimulatedStream:
         return ctf_module.ctf_2d(ctf, self.image_size, self.realism.pixel_size_angstrom)
 
     def _observed(self, clean: torch.Tensor, ctf, shifts) -> torch.Tensor:
-        """Noise-free particles: ``shift(CTF ∗ clean)`` (either step skipped when None)."""
+        """Noise-free particles: ``shift(CTF ∗ clean)`` (either step skipped when None); with
+        the optics' ``ctf_field="padded"`` both act in a padded field, then boxed
+        (:func:`cryosphere.imaging.microscope.image_in_field`)."""
+        if ctf is not None and self.realism.optics.ctf_field == "padded":
+            pixel = self.realism.pixel_size_angstrom
+            return microscope.image_in_field(clean, ctf, pixel, shifts_px=shifts)
         if ctf is not None:
             clean = ctf_module.apply_ctf(clean, self._transfer(ctf))
         if shifts is not None:
@@ -284,7 +289,11 @@ class SimulatedStream:
         if self.config.target != "bayes" or ctf is None:
             return self.targets_for(raw, clean, rotations, sigma)
         centred = raw if shifts is None else ctf_module.shift_images(raw, -shifts)
-        mse = matching.ctf_mse_landscape(centred, self._transfer(ctf), self._spectra)
+        if self.realism.optics.ctf_field == "padded":
+            pixel = self.realism.pixel_size_angstrom
+            mse = matching.padded_ctf_mse_landscape(centred, ctf, pixel, self._spectra)
+        else:
+            mse = matching.ctf_mse_landscape(centred, self._transfer(ctf), self._spectra)
         t = tg.posterior_from_mse(mse, self.image_size**2, sigma)
         return torch.from_numpy(np.ascontiguousarray(t))
 
@@ -298,6 +307,8 @@ class SimulatedStream:
         clean = self._observed(projections, ctf, shifts)
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(clean.shape, generator=noise_gen)
+        if getattr(self.realism, "noise_power", None) is not None:  # a refinement's spectrum
+            noise = microscope.colour_noise(noise, self.realism.noise_power)
         raw = clean + noise * torch.from_numpy(sigma).float()[:, None, None]
         G = grids.healpix_so3_grid_size(self.level)
         targets = (

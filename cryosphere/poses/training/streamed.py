@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -206,6 +207,7 @@ def train_on_stream(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    extra_validation: Callable[[PoseDistributionNetwork], dict[str, float]] | None = None,
 ) -> StreamTrainingResult:
     """Train a :class:`PoseDistributionNetwork` on ``stream`` (module docstring).
 
@@ -224,6 +226,8 @@ def train_on_stream(
             (the schedule stays that of ``config.steps``; calling again resumes). None: run to
             ``config.steps``. Resuming with another ``config.steps`` is allowed and changes the
             remaining schedule.
+        extra_validation: more scores of the model at every evaluation, added to its row
+            (e.g. :func:`cryosphere.poses.training.refinement_stream.topk_validator`).
     """
     ops = as_symmetry_ops(symmetry_ops)
     device = config.resolved_device()
@@ -254,10 +258,20 @@ def train_on_stream(
         if step % config.eval_every == 0 or step == config.steps:
             row = {"step": step, "train_loss": running / count}
             row.update(_validate(model, validation, ops, config.loss))
+            row.update(extra_validation(model) if extra_validation is not None else {})
             row.update(seconds=time.perf_counter() - started, images_seen=seen)
             history.append(row)
             running, count = 0.0, 0
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_med=f"{row['val_median_deg']:.1f}")
+            postfix = {
+                "loss": f"{row['train_loss']:.3f}",
+                "val_med": f"{row['val_median_deg']:.1f}",
+            }
+            if "val_topk_hit" in row:
+                postfix |= {
+                    "acc15": f"{row['val_acc15']:.2f}",
+                    "topk": f"{row['val_topk_hit']:.2f}",
+                }
+            bar.set_postfix(postfix)
             if ckpt is not None:
                 _checkpoint(
                     ckpt,
