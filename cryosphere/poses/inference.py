@@ -20,8 +20,11 @@ With a consensus map (``refine``, :class:`cryosphere.poses.map_search.MapRefinem
 ``cryosphere predict --map``) each particle's top cells (or their children on a finer grid)
 are scored against the map's projections carrying the particle's CTF, with an optional
 translation search (:class:`~cryosphere.poses.map_search.MapSearch`), and the best one is
-written: ``rlnAngleRot/Tilt/Psi`` from the search, ``rlnMaxValueProbDistribution`` the
-network's probability of the cell that holds it, and, with a translation search,
+written: ``rlnAngleRot/Tilt/Psi`` from the search (its most probable candidate),
+``rlnMaxValueProbDistribution`` the search posterior's probability of that pose (RELION's
+meaning; :mod:`cryosphere.poses.search_posterior`: noise whitened per shell from the
+particles' backgrounds, shifts summed), :data:`NETWORK_PROBABILITY_COLUMN` the network's
+probability of the cell that holds it, and, with a translation search,
 ``rlnOriginXAngst/YAngst`` the shift that centres the particle. The side file then also holds
 ``refined_index`` ``(n,)``, ``refine_level`` and ``shift_px`` ``(n, 2)``, and the search's
 :data:`SEARCHED_KEPT` most probable candidates by their posterior
@@ -62,6 +65,8 @@ __all__ = [
 ]
 
 SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
+#: With ``--map``: the network's probability of the cell holding the written pose.
+NETWORK_PROBABILITY_COLUMN = "rlnCryoSphereNetworkProbability"
 #: Candidates of the map search kept per particle in the side file (most probable first).
 SEARCHED_KEPT = 10
 
@@ -137,6 +142,8 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
         table[column] = values
     table["rlnMaxValueProbDistribution"] = arrays["best_probability"]
     table[SPREAD_COLUMN] = arrays["spread_deg"]
+    if "network_probability" in arrays:
+        table[NETWORK_PROBABILITY_COLUMN] = arrays["network_probability"]
     extra = {}
     if "refined_index" in arrays:
         searched = ("searched_index", "searched_probability", "searched_shift_px")
@@ -192,11 +199,12 @@ def _top_cells(
 
 
 def _refined_outputs(arrays: dict, search: map_search.MapSearch, pixel: float) -> None:
-    """Best pose, its network probability and origins from the map search's rows."""
+    """Best pose, its search and network probabilities and origins from the map search's rows."""
     arrays["best_rotation"] = so3.healpix_so3_grid(search.level)[arrays["refined_index"]]
     parent = search.parent_cells(arrays["refined_index"])
     hit = arrays["top_index"] == parent[:, None]
-    arrays["best_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
+    arrays["network_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
+    arrays["best_probability"] = arrays["searched_probability"][:, 0].astype(np.float64)
     arrays["refine_level"] = search.level
     shifted = search.refinement.max_shift_px > 0
     arrays["origin_angstrom"] = arrays["shift_px"] * pixel if shifted else None

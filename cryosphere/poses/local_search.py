@@ -346,15 +346,37 @@ def search_candidates(
     images: np.ndarray | torch.Tensor,
     candidates: np.ndarray | torch.Tensor,
     spectra: TemplateSpectra,
+    noise=None,
     **search,
 ) -> SearchResult:
     """:func:`local_template_matching` with every candidate's posterior and shift kept
-    (arguments as there)."""
+    (arguments as there).
+
+    ``noise``: the images' :class:`~cryosphere.poses.search_posterior.NoiseSpectrum` (e.g.
+    :func:`~cryosphere.poses.search_posterior.background_noise_spectrum` of the particles):
+    the posterior is then :mod:`cryosphere.poses.search_posterior`'s (noise whitened per
+    frequency shell, shifts summed) and the best candidate the most probable one, at its most
+    likely shift. None: :func:`candidate_posterior` and the best score."""
     cand = np.asarray(candidates, dtype=np.int64)
     scores, shifts = candidate_scores(images, cand, spectra, **search)
-    match = _best_match(cand, scores, shifts)
-    probability = candidate_posterior(scores, cand, spectra, search.get("score", "mse"))
-    return SearchResult(match, cand, probability, shifts)
+    if noise is None:
+        match = _best_match(cand, scores, shifts)
+        probability = candidate_posterior(scores, cand, spectra, search.get("score", "mse"))
+        return SearchResult(match, cand, probability, shifts)
+    from cryosphere.poses import search_posterior  # it builds on this module
+
+    keys = ("ctf", "pixel_size_angstrom", "max_shift_px", "shift_step_px", "score")
+    likelihood = search_posterior.search_log_likelihood(
+        images, cand, spectra, noise, **{k: search[k] for k in keys if k in search}
+    )
+    probability = search_posterior.posterior_from_log_likelihood(likelihood.log_likelihood, cand)
+    rows, column = np.arange(cand.shape[0]), probability.argmax(axis=1)
+    match = MatchResult(
+        best_index=cand[rows, column],
+        shift_px=likelihood.best_shift_px[rows, column],
+        best_mse=np.maximum(scores[rows, column], 0.0),
+    )
+    return SearchResult(match, cand, probability, likelihood.best_shift_px)
 
 
 def _top_cells(probabilities: np.ndarray, top_k: int, level: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from cryosphere.poses.local_search import (
     search_candidates,
 )
 from cryosphere.poses.matching import template_spectra
+from cryosphere.poses.search_posterior import background_noise_spectrum
 from cryosphere.poses.templates import template_bank
 
 __all__ = ["DEFAULT_SEARCH_RESOLUTION_PX", "MapRefinement", "MapSearch", "band_max_frequency"]
@@ -141,9 +142,12 @@ class MapSearch:
         self, images: torch.Tensor, ctf, pixel_size_angstrom: float, top_index: np.ndarray
     ) -> SearchResult:
         """Every candidate scored for images ``(n, M, M)`` (the network's box, not
-        CTF-corrected) given their network top cells ``(n, k)`` (``score="scaled"``): the best
-        candidate and shift (``.match``) and the posterior of all of them."""
+        CTF-corrected) given their network top cells ``(n, k)`` (``score="scaled"``): the most
+        probable candidate and its shift (``.match``) and the posterior of all of them, with
+        the noise spectrum estimated from these images' backgrounds
+        (:func:`~cryosphere.poses.search_posterior.background_noise_spectrum`)."""
         images = images.detach().cpu()
+        noise = background_noise_spectrum(images)
         search = dict(
             ctf=ctf,
             pixel_size_angstrom=pixel_size_angstrom,
@@ -155,7 +159,11 @@ class MapSearch:
             keep = min(int(self.refinement.keep), top.shape[1])
             top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
         return search_candidates(
-            images, candidate_cells(top, self.coarse_level, self.level), self.spectra, **search
+            images,
+            candidate_cells(top, self.coarse_level, self.level),
+            self.spectra,
+            noise,
+            **search,
         )
 
     def candidate_count(self, top_k: int) -> int:
