@@ -169,6 +169,8 @@ def test_bad_input_is_refused(banks):
         )
     with pytest.raises(ValueError, match="score"):
         sp.search_log_likelihood(images, np.zeros((2, 1), int), spectra, noise, score="l1")
+    with pytest.raises(ValueError, match="templates, not"):
+        sp.grid_posterior(images, spectra, noise, level=2)
     with pytest.raises(ValueError, match="positive"):
         sp.NoiseSpectrum(np.array([1.0, 0.0]), N)
     with pytest.raises(ValueError, match="NaN"):

@@ -51,6 +51,7 @@ __all__ = [
     "search_log_likelihood",
     "posterior_from_log_likelihood",
     "integrate_over_parents",
+    "grid_posterior",
 ]
 
 
@@ -279,3 +280,28 @@ def integrate_over_parents(
     rows = np.repeat(np.arange(cand.shape[0])[:, None], cand.shape[1], axis=1)
     np.add.at(out, (rows, cells), np.asarray(probability, dtype=np.float64))
     return out
+
+
+def grid_posterior(
+    images: np.ndarray | torch.Tensor,
+    spectra: TemplateSpectra,
+    noise: NoiseSpectrum,
+    level: int,
+    search_level: int | None = None,
+    **search,
+) -> np.ndarray:
+    """Exhaustive search posterior ``(n, G)`` over every level-``level`` cell: every template
+    of ``spectra`` (the level-``search_level`` grid, default ``level``) scored with
+    :func:`search_log_likelihood` (keywords ``ctf``, ``max_shift_px``... as there), each
+    cell's mass summed over its children (:func:`integrate_over_parents`). Rows sum to 1."""
+    search_level = int(level) if search_level is None else int(search_level)
+    n, g = len(images), spectra.spectra.shape[0]
+    if g != healpix_so3_grid_size(search_level):
+        raise ValueError(
+            f"spectra hold {g} templates, not the {healpix_so3_grid_size(search_level)} of "
+            f"level {search_level}"
+        )
+    candidates = np.broadcast_to(np.arange(g), (n, g))
+    likelihood = search_log_likelihood(images, candidates, spectra, noise, **search)
+    p = posterior_from_log_likelihood(likelihood.log_likelihood, candidates)
+    return integrate_over_parents(p, candidates, int(level), search_level)
