@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--search-level", type=int, default=2)
     parser.add_argument("--max-shift", type=float, default=1.0)
-    parser.add_argument("--network-steps", type=int, default=500)
+    parser.add_argument("--network-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

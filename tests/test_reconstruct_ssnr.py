@@ -14,6 +14,9 @@ from cryosphere.reconstruction.fsc import fourier_shell_correlation
 def test_ssnr_from_fsc_is_two_fsc_over_one_minus_fsc():
     np.testing.assert_allclose(ssnr.ssnr_from_fsc([0.5, 1 / 3, 0.0, -0.2, 1.0]),
                                [2.0, 1.0, 2e-3 / 0.999, 2e-3 / 0.999, 2 * 0.999 / 1e-3])  # fmt: skip
+    # from the first shell under the noise level 3 / sqrt(voxels) = 0.3 on, noise: the floor
+    cut = ssnr.ssnr_from_fsc([0.9, 0.5, 0.2, 0.6], n_voxels=[1, 100, 100, 100])
+    np.testing.assert_allclose(cut, [18.0, 2.0, 2e-3 / 0.999, 2e-3 / 0.999])
 
 
 @pytest.fixture(scope="module")

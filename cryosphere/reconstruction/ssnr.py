@@ -15,7 +15,8 @@ Wiener constant of shell ``s`` is then
 i.e. the noise-to-signal ratio of one Fourier voxel of the full set (a voxel with the shell's
 mean weight and SSNR(s) gets exactly that Wiener filter, ``SSNR / (1 + SSNR)``). Shells where
 the FSC is ≤ 0 get ``λ = mean weight / SSNR_min`` (``FSC`` clipped to ``[0.001, 0.999]``):
-nearly nothing passes there, which is the point.
+nearly nothing passes there, which is the point; so do all shells from the first where the FSC
+falls below the noise level ``3 / sqrt(voxels in the shell)`` (:func:`ssnr_from_fsc`).
 
 :func:`ssnr_reconstruct` returns the two half maps, their FSC, the SSNR per shell, ``λ(s)`` and
 the full-set map; ``tests/test_reconstruct_ssnr.py`` checks that it beats the constant against
@@ -46,10 +47,22 @@ __all__ = ["SSNRReconstruction", "ssnr_from_fsc", "ssnr_reconstruct"]
 _FSC_CLIP = (1e-3, 0.999)
 
 
-def ssnr_from_fsc(fsc: np.ndarray) -> np.ndarray:
+def ssnr_from_fsc(fsc: np.ndarray, n_voxels: np.ndarray | None = None) -> np.ndarray:
     """Full-set SSNR ``2 FSC / (1 − FSC)`` per shell from a half-map FSC ``(S,)``, with the
-    FSC clipped to ``[0.001, 0.999]`` first (so the SSNR is finite and positive)."""
+    FSC clipped to ``[0.001, 0.999]`` first (so the SSNR is finite and positive).
+
+    With ``n_voxels`` ``(S,)`` (the Fourier voxels per shell), every shell from the first
+    whose FSC falls below the noise level ``3 / sqrt(n_voxels)`` (three standard deviations of
+    the FSC of two independent noise maps) on counts as noise (FSC 0.001): the FSC of pure
+    noise is positive about half the time, and taking it for signal under-regularises the
+    highest shells, where a deconvolved blur or CTF amplifies the noise most."""
     f = np.clip(np.asarray(fsc, dtype=np.float64), *_FSC_CLIP)
+    if n_voxels is not None:
+        level = 3.0 / np.sqrt(np.maximum(np.asarray(n_voxels, dtype=np.float64), 1.0))
+        below = np.flatnonzero(np.asarray(fsc, dtype=np.float64) < level)
+        below = below[below > 0]
+        if below.size:
+            f[below[0] :] = _FSC_CLIP[0]
     return 2.0 * f / (1.0 - f)
 
 
@@ -148,7 +161,7 @@ def ssnr_reconstruct(
         )
     maps = [_finish(acc, n_pix, float(half_regularisation), True) for acc in accumulators]
     half_fsc = fourier_shell_correlation(maps[0], maps[1], pixel_size)
-    ssnr = ssnr_from_fsc(half_fsc.fsc)
+    ssnr = ssnr_from_fsc(half_fsc.fsc, half_fsc.n_voxels)
     total = _Accumulators(
         accumulators[0].numerator + accumulators[1].numerator,
         accumulators[0].weight + accumulators[1].weight,
