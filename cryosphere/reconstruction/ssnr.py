@@ -30,16 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryosphere._checks import as_images, as_ops, as_weighted_poses
+from cryosphere._checks import as_images
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.reconstruction.backprojection import (
-    _Accumulators,
-    _check_ctf,
-    _check_settings,
-    _combined_poses,
-    _finish,
-    _insert,
-)
+from cryosphere.reconstruction.backprojection import FourierSums, accumulate, finish_map
 from cryosphere.reconstruction.fsc import FSCCurve, fourier_shell_correlation
 
 __all__ = ["SSNRReconstruction", "ssnr_from_fsc", "ssnr_reconstruct"]
@@ -132,37 +125,36 @@ def ssnr_reconstruct(
     n, n_pix = imgs.shape[0], imgs.shape[-1]
     if n < 2:
         raise ValueError("a half-set SSNR needs at least 2 images")
-    rots, wts = as_weighted_poses(rotations, weights, n)
-    ops = as_ops(symmetry_ops)
-    _check_settings(half_regularisation, oversampling, n_pix, batch_size)
-    _check_ctf(ctf, n, pixel_size_angstrom)
-    device = torch.device(
-        device or (imgs.device if torch.is_tensor(images) else torch.device("cpu"))
-    )
-    rots, wts = _combined_poses(rots, wts, ops)
+    if not (np.isfinite(half_regularisation) and half_regularisation >= 0):
+        raise ValueError(f"half_regularisation must be >= 0, got {half_regularisation}")
+    rots = torch.as_tensor(np.asarray(rotations) if not torch.is_tensor(rotations) else rotations)
+    wts = None if weights is None else torch.as_tensor(np.asarray(weights))
     order = np.random.default_rng(seed).permutation(n)
     halves = (np.sort(order[: n // 2]), np.sort(order[n // 2 :]))
+    options = dict(
+        symmetry_ops=symmetry_ops,
+        blur_sigma_px=blur_sigma_px,
+        oversampling=oversampling,
+        batch_size=batch_size,
+        device=device,
+        pixel_size_angstrom=pixel_size_angstrom,
+    )
     accumulators = []
     for idx in halves:
         sel = torch.as_tensor(idx)
         accumulators.append(
-            _insert(
+            accumulate(
                 imgs[sel],
                 rots[sel],
-                wts[sel],
-                int(oversampling),
-                float(blur_sigma_px),
-                batch_size,
-                device,
-                False,
-                None if ctf is None else ctf.subset(idx),
-                pixel_size_angstrom,
+                None if wts is None else wts[sel],
+                ctf=None if ctf is None else ctf.subset(idx),
+                **options,
             )
         )
-    maps = [_finish(acc, n_pix, float(half_regularisation), True) for acc in accumulators]
+    maps = [finish_map(acc, n_pix, float(half_regularisation)) for acc in accumulators]
     half_fsc = fourier_shell_correlation(maps[0], maps[1], pixel_size)
     ssnr = ssnr_from_fsc(half_fsc.fsc, half_fsc.n_voxels)
-    total = _Accumulators(
+    total = FourierSums(
         accumulators[0].numerator + accumulators[1].numerator,
         accumulators[0].weight + accumulators[1].weight,
     )
@@ -173,7 +165,7 @@ def ssnr_reconstruct(
     mean_weight = (summed / counts.clamp(min=1)).cpu().numpy()
     regularisation = np.maximum(mean_weight, 1e-12) / ssnr
     per_voxel = torch.as_tensor(regularisation, device=total.weight.device)[shells]
-    volume = _finish(total, n_pix, per_voxel, True)
+    volume = finish_map(total, n_pix, per_voxel)
     return SSNRReconstruction(
         volume, maps[0], maps[1], half_fsc, ssnr, regularisation, halves[0], halves[1]
     )
