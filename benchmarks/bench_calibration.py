@@ -9,7 +9,9 @@ SNR. Three distributions over the level-``L`` cells are scored with
 
 * ``search``: :mod:`cryosphere.poses.search_posterior` over every level-``L'`` template
   (``L' = --search-level``), noise spectrum estimated from the particles' backgrounds, shifts
-  summed over ±``--max-shift`` px, each cell's mass summed over its children;
+  summed over ±``--max-shift`` px, each cell's mass summed over its children, the most
+  probable cells split down two more levels (``--refine 16 8``:
+  :func:`~cryosphere.poses.search_posterior.refined_grid_posterior`);
 * ``bayes``: the same with the *true* noise spectrum and the known (zero) shift: the exact
   posterior up to the integration over each cell on the ``L'`` grid;
 * ``network``: a small network trained briefly (``--network-steps``) on a stream of fresh
@@ -89,8 +91,15 @@ def _particles(volume, poses, snr, noise, rng):
     return noisy.numpy(), sp.NoiseSpectrum(truth, clean.shape[-1])
 
 
-def _posterior(images, spectra, noise, level, search_level, max_shift):
-    return sp.grid_posterior(images, spectra, noise, level, search_level, max_shift_px=max_shift)
+def _posterior(images, volume, spectra, noise, args, max_shift):
+    if not args.refine:
+        return sp.grid_posterior(
+            images, spectra, noise, args.level, args.search_level, max_shift_px=max_shift
+        )
+    return sp.refined_grid_posterior(
+        images, volume, spectra, noise, args.level, args.search_level,
+        blur_sigma_px=BLUR_PX, refine=tuple(args.refine), max_shift_px=max_shift,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -102,6 +111,10 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--search-level", type=int, default=2)
     parser.add_argument("--max-shift", type=float, default=1.0)
+    parser.add_argument(
+        "--refine", nargs="*", type=int, default=[16, 8],
+        help="cells split one level finer per round (refined_grid_posterior); none: off",
+    )  # fmt: skip
     parser.add_argument("--network-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -134,15 +147,13 @@ def main() -> None:
                     sources = {
                         "search": _posterior(
                             images,
+                            volume,
                             spectra,
                             sp.background_noise_spectrum(images),
-                            args.level,
-                            args.search_level,
+                            args,
                             args.max_shift,
                         ),
-                        "bayes": _posterior(
-                            images, spectra, true_noise, args.level, args.search_level, 0.0
-                        ),
+                        "bayes": _posterior(images, volume, spectra, true_noise, args, 0.0),
                     }
                     if network is not None:
                         sources["network"] = predict(network, images).probabilities

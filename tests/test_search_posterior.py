@@ -175,3 +175,38 @@ def test_bad_input_is_refused(banks):
         sp.NoiseSpectrum(np.array([1.0, 0.0]), N)
     with pytest.raises(ValueError, match="NaN"):
         sp.posterior_from_log_likelihood(np.array([[np.nan, 0.0]]), np.array([[0, 1]]))
+
+
+def test_refining_the_most_probable_cells_calibrates_a_sharp_off_grid_posterior(banks):
+    """SNR 1, off-grid: the posterior is narrower than the level-2 spacing, so summing level-2
+    children overstates the top cell; splitting the most probable cells down to level 4
+    integrates it (measured here: ECE 0.32 -> 0.073, coverage90 0.64 -> 0.88)."""
+    volume, _, fine, spectra = banks
+    R = rotations.random_rotations(120, 12)
+    images, _ = _particles(volume, R, 1.0, False, 13)
+    noise = sp.background_noise_spectrum(images)
+    plain = sp.grid_posterior(images, spectra, noise, 1, 2, max_shift_px=1.0)
+    refined = sp.refined_grid_posterior(
+        images, volume, spectra, noise, 1, 2, blur_sigma_px=1.0, max_shift_px=1.0
+    )
+    np.testing.assert_allclose(refined.sum(1), 1.0, atol=1e-9)
+    before = calibration.calibration_summary(plain, R, 1)
+    after = calibration.calibration_summary(refined, R, 1)
+    print("plain", before.to_dict(), "refined", after.to_dict())
+    assert before.ece > 0.15 and after.ece < 0.1
+    assert after.coverage90 > before.coverage90 + 0.1
+    assert after.log_likelihood > before.log_likelihood
+    with pytest.raises(ValueError, match="<= 4"):
+        sp.refined_grid_posterior(images, volume, spectra, noise, 1, 2, refine=(4, 4, 4))
+
+
+def test_refinement_conserves_each_cells_volume_when_the_likelihood_is_flat():
+    """A map of zeros makes every pose equally likely: splitting cells into children must then
+    leave the coarse distribution as it was (each child carries its share of the parent)."""
+    volume = np.zeros((N, N, N), np.float32)
+    spectra = template_spectra(np.zeros((grids.healpix_so3_grid_size(2), N, N), np.float32))
+    images = np.zeros((2, N, N), np.float32)
+    noise = sp.white_noise_spectrum(1.0, N)
+    plain = sp.grid_posterior(images, spectra, noise, 1, 2)
+    refined = sp.refined_grid_posterior(images, volume, spectra, noise, 1, 2, refine=(64, 64))
+    np.testing.assert_allclose(refined, plain, atol=0.1 * plain.max())

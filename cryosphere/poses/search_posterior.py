@@ -27,6 +27,11 @@ alone makes the posterior overconfident when the truth lies between centres. Sea
 cell's children on a finer grid and summing their masses
 (:func:`integrate_over_parents`) integrates the likelihood over the cell.
 
+:func:`refined_grid_posterior` goes further where it matters: the most probable cells are
+split again into their children on the next grids (projected on the fly), each child weighing
+its share of the parent's volume, so a posterior narrower than the search grid is still
+integrated (measured: off-grid SNR 1 ECE 0.23 → 0.055, docs/calibration.md).
+
 No temperature: measured with ``benchmarks/bench_calibration.py`` (docs/calibration.md).
 """
 
@@ -38,10 +43,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cryosphere.geometry.grids import healpix_so3_grid_size
+from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.poses.local_search import SCORES, _first_occurrences, _parents  # noqa: F401
-from cryosphere.poses.matching import TemplateSpectra, shift_grid_px
+from cryosphere.imaging.projection import gaussian_blur, project_volume
+from cryosphere.poses.local_search import SCORES, _first_occurrences, _parents, child_cells
+from cryosphere.poses.matching import TemplateSpectra, shift_grid_px, template_spectra
 
 __all__ = [
     "NoiseSpectrum",
@@ -52,6 +58,7 @@ __all__ = [
     "posterior_from_log_likelihood",
     "integrate_over_parents",
     "grid_posterior",
+    "refined_grid_posterior",
 ]
 
 
@@ -305,3 +312,82 @@ def grid_posterior(
     likelihood = search_log_likelihood(images, candidates, spectra, noise, **search)
     p = posterior_from_log_likelihood(likelihood.log_likelihood, candidates)
     return integrate_over_parents(p, candidates, int(level), search_level)
+
+
+def _split_cells(images, volume, blur_sigma_px, spectra, noise, level, cells, log_volume, search):
+    """Children on level ``level + 1`` of ``cells`` ``(n, k)``: their cells ``(n, k·m)``, log
+    likelihoods and log volumes (the parent's volume over its children; padding repeats get
+    ``−inf``). Templates are projected for these children only."""
+    kids = child_cells(level, level + 1)[cells]  # (n, k, m)
+    n, k, m = kids.shape
+    fresh = np.ones(kids.shape, bool)
+    fresh[:, :, 1:] = kids[:, :, 1:] != kids[:, :, :-1]
+    log_vol = log_volume[:, :, None] - np.log(fresh.sum(axis=-1, keepdims=True))
+    rotations = healpix_so3_grid(level + 1)[kids.reshape(-1)]
+    templates = gaussian_blur(project_volume(volume, rotations), blur_sigma_px)
+    kid_spectra = template_spectra(templates, spectra.max_frequency)
+    ctf = search.pop("ctf", None)
+    log_l = np.empty((n, k * m))
+    for start in range(0, n, 64):  # bounded memory: 64 images' children at a time
+        stop = min(start + 64, n)
+        own = np.arange(start * k * m, stop * k * m).reshape(stop - start, k * m)
+        part = None if ctf is None else ctf.subset(np.arange(start, stop))
+        log_l[start:stop] = search_log_likelihood(
+            images[start:stop], own, kid_spectra, noise, ctf=part, **search
+        ).log_likelihood
+    log_l = np.where(fresh.reshape(n, -1), log_l, -np.inf)
+    return kids.reshape(n, -1), log_l, np.broadcast_to(log_vol, kids.shape).reshape(n, -1)
+
+
+def refined_grid_posterior(
+    images: np.ndarray | torch.Tensor,
+    volume: np.ndarray,
+    spectra: TemplateSpectra,
+    noise: NoiseSpectrum,
+    level: int,
+    search_level: int,
+    *,
+    blur_sigma_px: float = 0.0,
+    refine: tuple[int, ...] = (16, 8),
+    **search,
+) -> np.ndarray:
+    """:func:`grid_posterior` with the most probable cells integrated on finer grids.
+
+    Every level-``search_level`` template of ``spectra`` is scored; then, for each entry
+    ``k`` of ``refine``, each image's ``k`` most probable cells of the current finest level
+    are replaced by their children one level finer (projected from ``volume`` ``(N, N, N)``
+    with ``blur_sigma_px``, as the templates), each carrying ``L(child) · vol(parent) / m``
+    (``m`` children). Every piece's mass goes to its own nearest level-``level`` cell.
+    Returns ``(n, G_level)`` rows summing to 1. ``search``: keywords of
+    :func:`search_log_likelihood` (``ctf``, ``pixel_size_angstrom``, ``max_shift_px``...).
+    """
+    imgs = np.asarray(images, dtype=np.float32)
+    n, g = imgs.shape[0], spectra.spectra.shape[0]
+    if g != healpix_so3_grid_size(search_level) or search_level + len(refine) > 4:
+        raise ValueError(
+            f"spectra must hold the level-{search_level} templates and search_level + "
+            f"len(refine) must be <= 4 (level 4: 294,912 cells), got {g} templates, "
+            f"{search_level} + {len(refine)}"
+        )
+    rows = np.arange(n)[:, None]
+    cells = np.broadcast_to(np.arange(g), (n, g))
+    log_l = search_log_likelihood(imgs, cells, spectra, noise, **search).log_likelihood
+    log_vol = np.zeros_like(log_l)
+    pieces, current = [], int(search_level)
+    for keep in refine:
+        top = np.argsort(-(log_l + log_vol), axis=1, kind="stable")[:, : int(keep)]
+        rest = log_l + log_vol
+        rest[rows, top] = -np.inf
+        pieces.append((current, cells, rest))
+        cells, log_l, log_vol = _split_cells(
+            imgs, volume, blur_sigma_px, spectra, noise, current,
+            cells[rows, top], log_vol[rows, top], dict(search),
+        )  # fmt: skip
+        current += 1
+    pieces.append((current, cells, log_l + log_vol))
+    peak = np.max(np.stack([np.max(p[2], axis=1) for p in pieces]), axis=0)[:, None]
+    out = np.zeros((n, healpix_so3_grid_size(level)))
+    for piece_level, piece_cells, log_mass in pieces:
+        coarse = piece_cells if piece_level == level else _parents(level, piece_level)[piece_cells]
+        np.add.at(out, (np.broadcast_to(rows, coarse.shape), coarse), np.exp(log_mass - peak))
+    return out / out.sum(axis=1, keepdims=True)
