@@ -253,10 +253,12 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
         grids.healpix_so3_grid(2)[side["refined_index"]], grids.healpix_so3_grid(1)
     )
     expected = side["top_probability"][side["top_index"] == parent[:, None]]
-    # the STAR file holds 6 decimals
-    np.testing.assert_allclose(after["rlnMaxValueProbDistribution"], expected, atol=5e-7)
-    # the search's posterior: its most probable candidates first, the written pose first
+    # the STAR file holds 6 decimals: the network's probability in its own column, the search
+    # posterior's probability of the written pose in RELION's
+    np.testing.assert_allclose(after[inference.NETWORK_PROBABILITY_COLUMN], expected, atol=5e-7)
     kept = side["searched_probability"]
+    np.testing.assert_allclose(after["rlnMaxValueProbDistribution"], kept[:, 0], atol=5e-7)
+    # the search's posterior: its most probable candidates first, the written pose first
     assert side["searched_index"].shape == (12, inference.SEARCHED_KEPT)
     np.testing.assert_array_equal(side["searched_index"][:, 0], side["refined_index"])
     np.testing.assert_array_equal(side["searched_shift_px"][:, 0], side["shift_px"])

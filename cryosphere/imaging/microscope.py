@@ -60,6 +60,9 @@ __all__ = [
     "radial_power_spectrum",
     "pixel_mtf_power",
     "colour_noise",
+    "coloured_noise",
+    "coloured_noise_spectrum",
+    "coloured_power_shape",
 ]
 
 _MAX_FIELD_PIXELS = 2**24  # pixels of padded field per chunk (64 images of 512 px)
@@ -234,3 +237,59 @@ def colour_noise(noise: torch.Tensor, radial_power: np.ndarray) -> torch.Tensor:
     before = tensor.std(dim=(1, 2), keepdim=True)
     after = coloured.std(dim=(1, 2), keepdim=True).clamp(min=1e-12)
     return coloured * (before / after)
+
+
+# --------------------------------------------------------------------------------------------
+# coloured noise with a low-frequency-heavy (Lorentzian) spectrum
+# --------------------------------------------------------------------------------------------
+def coloured_power_shape(image_size: int, corner_frequency: float = 0.1) -> np.ndarray:
+    """Real detectors and backgrounds do not give white noise: the MTF and the ice put more
+    power at low spatial frequency. This model's power per pixel falls with frequency as
+    ``S(k) ∝ 1 / (1 + (|k| / k0)²)`` (``k``, ``k0`` in cycles/px), at variance ``sigma²`` per
+    pixel (the SNR definition of :func:`cryosphere.imaging.projection.add_gaussian_noise`);
+    :func:`coloured_noise` draws it and :func:`coloured_noise_spectrum` gives it per shell.
+
+    Returns ``(N, N // 2 + 1)`` float64 relative power ``1 / (1 + (|k|/k0)²)`` on the ``rfft2``
+    half-plane, scaled so its mean over the full plane is 1 (the variance per pixel)."""
+    n = int(image_size)
+    if not corner_frequency > 0:
+        raise ValueError(f"corner_frequency must be > 0 cycles/px, got {corner_frequency}")
+    ky = np.fft.fftfreq(n)[:, None]
+    kx = np.fft.fftfreq(n)[None, :]
+    full = 1.0 / (1.0 + (kx**2 + ky**2) / float(corner_frequency) ** 2)
+    full /= full.mean()
+    return full[:, : n // 2 + 1]
+
+
+def coloured_noise(
+    shape: tuple[int, int, int],
+    sigma: float | np.ndarray,
+    seed: int | np.random.Generator,
+    corner_frequency: float = 0.1,
+) -> torch.Tensor:
+    """``(n, N, N)`` float32 stationary Gaussian noise of variance ``sigma²`` per pixel (one
+    value, or ``(n,)``) with the low-frequency-heavy spectrum of the module docstring; seeded."""
+    n, ny, nx = (int(v) for v in shape)
+    if ny != nx:
+        raise ValueError(f"images must be square, got {ny}x{nx}")
+    rng = np.random.default_rng(seed)
+    white = torch.from_numpy(rng.standard_normal((n, ny, nx)))
+    amplitude = torch.from_numpy(np.sqrt(coloured_power_shape(nx, corner_frequency)))
+    noise = torch.fft.irfft2(torch.fft.rfft2(white) * amplitude, s=(ny, nx))
+    scale = torch.as_tensor(np.broadcast_to(np.asarray(sigma, np.float64), (n,)).copy())
+    return (noise * scale[:, None, None]).float()
+
+
+def coloured_noise_spectrum(
+    image_size: int, sigma: float, corner_frequency: float = 0.1
+) -> np.ndarray:
+    """The power per pixel of :func:`coloured_noise` per shell ``j = round(|k| N)``
+    ``(n_shells,)`` float64 (the ``power`` of a
+    :class:`cryosphere.poses.search.posterior.NoiseSpectrum`, for the exact posterior)."""
+    n = int(image_size)
+    k0 = float(corner_frequency)
+    shells = np.arange(int(np.ceil(n / np.sqrt(2))) + 2) / n
+    ky = np.fft.fftfreq(n)[:, None]
+    kx = np.fft.fftfreq(n)[None, :]
+    norm = (1.0 / (1.0 + (kx**2 + ky**2) / k0**2)).mean()
+    return float(sigma) ** 2 / (1.0 + shells**2 / k0**2) / norm

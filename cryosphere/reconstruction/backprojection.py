@@ -66,7 +66,15 @@ from cryosphere._checks import as_images, as_ops, as_weighted_poses
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.reconstruction.symmetry import raise_frame_mismatch, symmetry_correlation
 
-__all__ = ["Reconstruction", "backproject", "reconstruct", "top_k_poses"]
+__all__ = [
+    "FourierSums",
+    "Reconstruction",
+    "accumulate",
+    "backproject",
+    "finish_map",
+    "reconstruct",
+    "top_k_poses",
+]
 
 
 def _sinc2_correction(n_box: int, padded: int, device: torch.device) -> torch.Tensor:
@@ -462,3 +470,29 @@ def top_k_poses(
     weights = np.take_along_axis(probs, top, axis=1)
     weights = weights / np.clip(weights.sum(axis=1, keepdims=True), 1e-300, None)
     return grid[top], weights
+
+
+FourierSums = _Accumulators  # ``.numerator`` Σ w t H Î, ``.weight`` Σ w t H²: (P, P, P//2+1)
+
+
+def accumulate(images, rotations, weights=None, *, symmetry_ops=None, **options) -> FourierSums:
+    """The sums of :func:`reconstruct` before its Wiener ratio (every ``R @ g`` inserted), on
+    the padded half grid ``[kz, ky, kx]`` (kz, ky centred at ``P // 2``). ``options``:
+    ``oversampling``, ``blur_sigma_px``, ``batch_size``, ``device``, ``ctf``,
+    ``pixel_size_angstrom`` as there."""
+    imgs = as_images(images)
+    rots, wts = _combined_poses(
+        *as_weighted_poses(rotations, weights, imgs.shape[0]), as_ops(symmetry_ops)
+    )
+    o = {"oversampling": 2, "blur_sigma_px": 0.0, "batch_size": 256} | options
+    _check_settings(0.0, o["oversampling"], imgs.shape[-1], o["batch_size"])
+    _check_ctf(o.get("ctf"), imgs.shape[0], o.get("pixel_size_angstrom"))
+    device = torch.device(o.get("device") or (imgs.device if torch.is_tensor(images) else "cpu"))
+    return _insert(imgs, rots, wts, int(o["oversampling"]), float(o["blur_sigma_px"]),
+                   o["batch_size"], device, False, o.get("ctf"), o.get("pixel_size_angstrom"))  # fmt: skip
+
+
+def finish_map(sums: FourierSums, n_pix: int, regularisation: float | torch.Tensor) -> torch.Tensor:
+    """The ``(N, N, N)`` float32 map of :func:`accumulate`'s sums: ``Σ w t H Î / (Σ w t H² +
+    λ)`` with ``λ`` a constant or a tensor on the sums' grid, gridding-corrected."""
+    return _finish(sums, int(n_pix), regularisation, True)

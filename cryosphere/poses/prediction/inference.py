@@ -20,11 +20,13 @@ With a consensus map (``refine``, :class:`cryosphere.poses.search.map_search.Map
 ``cryosphere predict --map``) each particle's top cells (or their children on a finer grid)
 are scored against the map's projections carrying the particle's CTF, with an optional
 translation search (:class:`~cryosphere.poses.search.map_search.MapSearch`), and the best one is
-written: ``rlnAngleRot/Tilt/Psi`` from the search, ``rlnMaxValueProbDistribution`` the
-network's probability of the cell that holds it, and, with a translation search,
-the particle's origin: the input origin plus the shift found, in the input's own convention
-(``rlnOriginX/Y`` in px for RELION 3.0 files, ``rlnOriginXAngst/YAngst`` in Å for 3.1+). The
-side file then also holds
+written: ``rlnAngleRot/Tilt/Psi`` from the search (its most probable candidate),
+``rlnMaxValueProbDistribution`` the search posterior's probability of that pose (RELION's
+meaning; :mod:`cryosphere.poses.search.posterior`: noise whitened per shell from the
+particles' backgrounds, shifts summed), :data:`NETWORK_PROBABILITY_COLUMN` the network's
+probability of the cell that holds it, and, with a translation search, the particle's origin:
+the input origin plus the shift found, in the input's own convention (``rlnOriginX/Y`` in px
+for RELION 3.0 files, ``rlnOriginXAngst/YAngst`` in Å for 3.1+). The side file then also holds
 ``refined_index`` ``(n,)``, ``refine_level`` and ``shift_px`` ``(n, 2)``, and the search's
 :data:`SEARCHED_KEPT` most probable candidates by their posterior
 (:func:`~cryosphere.poses.search.local_search.candidate_posterior`): ``searched_index`` ``(n, r)``
@@ -78,6 +80,8 @@ __all__ = [
 ]
 
 SPREAD_COLUMN = "rlnCryoSphereAngularSpread"
+#: With ``--map``: the network's probability of the cell holding the written pose.
+NETWORK_PROBABILITY_COLUMN = "rlnCryoSphereNetworkProbability"
 #: Candidates of the map search kept per particle in the side file (most probable first).
 SEARCHED_KEPT = 10
 #: How numbers are written to STAR files: enough significant digits for a float32 round trip.
@@ -166,6 +170,8 @@ def _write_outputs(pset: ParticleSet, output: Path, arrays: dict[str, np.ndarray
         table[column] = values
     table["rlnMaxValueProbDistribution"] = arrays["best_probability"]
     table[SPREAD_COLUMN] = arrays["spread_deg"]
+    if "network_probability" in arrays:
+        table[NETWORK_PROBABILITY_COLUMN] = arrays["network_probability"]
     extra = {}
     if "refined_index" in arrays:
         searched = ("searched_index", "searched_probability", "searched_shift_px")
@@ -228,12 +234,13 @@ def _top_cells(
 def _refined_outputs(
     arrays: dict, search: map_search.MapSearch, pixel: float, input_origins: np.ndarray
 ) -> None:
-    """Best pose, its network probability and origins (input origin + the shift found, Å)
-    from the map search's rows."""
+    """Best pose, its search and network probabilities and origins (input origin + the shift
+    found, Å) from the map search's rows."""
     arrays["best_rotation"] = grids.healpix_so3_grid(search.level)[arrays["refined_index"]]
     parent = search.parent_cells(arrays["refined_index"])
     hit = arrays["top_index"] == parent[:, None]
-    arrays["best_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
+    arrays["network_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
+    arrays["best_probability"] = arrays["searched_probability"][:, 0].astype(np.float64)
     arrays["refine_level"] = search.level
     shifted = search.refinement.max_shift_px > 0
     arrays["origin_angstrom"] = input_origins + arrays["shift_px"] * pixel if shifted else None

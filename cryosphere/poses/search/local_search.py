@@ -359,8 +359,10 @@ def search_candidates(
     spectra: TemplateSpectra,
     **search,
 ) -> SearchResult:
-    """:func:`local_template_matching` with every candidate's posterior and shift kept
-    (arguments as there)."""
+    """:func:`local_template_matching` with every candidate's posterior
+    (:func:`candidate_posterior`) and shift kept (arguments as there). For noise whitened per
+    frequency shell and shifts summed, see
+    :func:`cryosphere.poses.search.posterior.search_candidates_whitened`."""
     cand = np.asarray(candidates, dtype=np.int64)
     scores, shifts = candidate_scores(images, cand, spectra, **search)
     match = _best_match(cand, scores, shifts)

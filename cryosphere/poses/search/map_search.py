@@ -26,6 +26,10 @@ from cryosphere.poses.search.local_search import (
     search_candidates,
 )
 from cryosphere.poses.search.matching import template_spectra
+from cryosphere.poses.search.posterior import (
+    background_noise_spectrum,
+    search_candidates_whitened,
+)
 
 __all__ = ["DEFAULT_SEARCH_RESOLUTION_PX", "MapRefinement", "MapSearch", "band_max_frequency"]
 
@@ -159,9 +163,12 @@ class MapSearch:
         self, images: torch.Tensor, ctf, pixel_size_angstrom: float, top_index: np.ndarray
     ) -> SearchResult:
         """Every candidate scored for images ``(n, M, M)`` (the network's box, not
-        CTF-corrected) given their network top cells ``(n, k)`` (``score="scaled"``): the best
-        candidate and shift (``.match``) and the posterior of all of them."""
+        CTF-corrected) given their network top cells ``(n, k)`` (``score="scaled"``): the most
+        probable candidate and its shift (``.match``) and the posterior of all of them, with
+        the noise spectrum estimated from these images' backgrounds
+        (:func:`~cryosphere.poses.search.posterior.background_noise_spectrum`)."""
         images = images.detach().cpu()
+        noise = background_noise_spectrum(images)
         search = dict(
             ctf=ctf,
             pixel_size_angstrom=pixel_size_angstrom,
@@ -173,9 +180,10 @@ class MapSearch:
         if self.coarse_spectra is not None:
             keep = min(int(self.refinement.keep), top.shape[1])
             top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
-        return search_candidates(
-            images, candidate_cells(top, self.coarse_level, self.level), self.spectra, **search
-        )
+        candidates = candidate_cells(top, self.coarse_level, self.level)
+        if noise is None:
+            return search_candidates(images, candidates, self.spectra, **search)
+        return search_candidates_whitened(images, candidates, self.spectra, noise, **search)
 
     def candidate_count(self, top_k: int) -> int:
         """Candidates per image when the network gives ``top_k`` cells (repeats included)."""
