@@ -46,10 +46,12 @@ def lab_server(
     command: Sequence[str] | None = None,
     cwd: Path | None = None,
     extra: Sequence[str] = (),
-    timeout_s: float = 90.0,
+    timeout_s: float = 180.0,
+    environment: dict[str, str] | None = None,
 ) -> Iterator[LabServer]:
     """Run ``command`` (default ``python -m cryosphere.runs.lab``) plus the server options;
-    ``home`` holds the Jupyter folders and the log."""
+    ``home`` holds the Jupyter folders and the log; ``environment`` adds variables (the
+    kernels inherit them)."""
     port, token = free_port(), secrets.token_hex(16)
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -61,6 +63,7 @@ def lab_server(
     ]:
         env[name] = str(home / sub)
     env["JUPYTER_PLATFORM_DIRS"] = "1"
+    env.update(environment or {})
     argv = [
         *(command or [sys.executable, "-m", "cryosphere.runs.lab"]),
         "--no-browser",

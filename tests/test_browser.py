@@ -8,6 +8,11 @@ folder the notebooks made then gets its report.html, opened from ``file://`` wit
 network request refused: no console error, every plotly figure drawn. Screenshots go to
 ``runs/browser-test/screenshots/`` (CI artefacts).
 
+WebGL here is SwiftShader (software; Chromium draws no WebGL headless without
+``--enable-unsafe-swiftshader`` in recent versions): drawing notebook 05's eight static 3D
+scenes took minutes, so the kernels get ``PLOTLY_RENDERER=json`` and show those figures as
+plotly JSON; the explorer under test builds its plotly MIME bundle itself and draws with WebGL.
+
 The browser is Debian's Chromium (``/usr/bin/chromium``, or ``CRYOSPHERE_CHROMIUM``; ``.ci/run``
 installs it with apt-get); nothing is downloaded. Without it the test is skipped, except where
 ``CRYOSPHERE_BROWSER_TEST=required`` (CI) makes that a failure.
@@ -50,6 +55,8 @@ CHROMIUM_ARGS = [
 NOTEBOOKS = ("02_labels.ipynb", "05_so3_heatmaps.ipynb")
 NOTEBOOK_TIMEOUT_MS = 600_000  # a loaded 2-core machine; ~1 min each when it is idle
 CURRENT = "window.jupyterapp.shell.currentWidget"
+#: plotly's default renderer in the kernels (the explorer's figure is the plotly MIME bundle)
+STATIC_FIGURES = {"PLOTLY_RENDERER": "json"}
 
 pytest.importorskip("jupyterlab", reason="JupyterLab is in the notebooks extra")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright: the test extra")
@@ -113,7 +120,11 @@ def run_all_cells(page, name: str) -> None:
         const ran = cells.every(c => c.model.executionCount !== null
             && !c.node.querySelector('.jp-InputPrompt').textContent.includes('*'));
         return error || (ran && w.sessionContext.session.kernel.status === 'idle'); }}"""
-    page.wait_for_function(done, timeout=NOTEBOOK_TIMEOUT_MS)
+    try:
+        page.wait_for_function(done, timeout=NOTEBOOK_TIMEOUT_MS, polling=2000)
+    except playwright_api.TimeoutError:
+        page.screenshot(path=SCREENSHOTS / f"timeout_{name}.png")
+        raise
     errors = page.evaluate(
         f"""() => {CURRENT}.content.widgets.flatMap(c => c.model.type !== 'code' ? [] :
             c.model.outputs.toJSON().filter(o => o.output_type === 'error')
@@ -168,8 +179,10 @@ def notebooks_in_lab(tmp_path_factory, browser):
         shutil.rmtree(SCREENSHOTS)
     SCREENSHOTS.mkdir(parents=True)
     command = lab.lab_command(folder, ["--LabApp.expose_app_in_browser=True"])
-    with lab_server(base / "jupyter", command=command) as server:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # Software WebGL is slow: the notebooks' static figures come as plotly JSON (JupyterLab's
+    # JSON viewer); the sphere explorer under test draws its figure with WebGL as always.
+    with lab_server(base / "jupyter", command=command, environment=STATIC_FIGURES) as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
         page.goto(f"{server.url}/lab?token={server.token}")
         page.wait_for_function("() => window.jupyterapp", timeout=180_000)
         page.evaluate("() => window.jupyterapp.restored.then(() => true)")  # commands ready
@@ -213,7 +226,7 @@ def test_image_slider_redraws_the_sphere_explorer(notebooks_in_lab):
     plot = explorer.locator(".js-plotly-plot")
     plot.locator(".gl-container canvas").first.wait_for(timeout=120_000)
     title = plot.locator(".gtitle")
-    assert title.inner_text().endswith("image 0")
+    assert title.text_content().endswith("image 0")
     canvas = plot.locator(".gl-container canvas").first
     page.wait_for_timeout(1000)
     before = canvas.screenshot(path=SCREENSHOTS / "05_sphere_explorer_before.png")
