@@ -8,8 +8,9 @@ folder the notebooks made then gets its report.html, opened from ``file://`` wit
 network request refused: no console error, every plotly figure drawn. Screenshots go to
 ``runs/browser-test/screenshots/`` (CI artefacts).
 
-WebGL here is SwiftShader (software; Chromium draws no WebGL headless without
-``--enable-unsafe-swiftshader`` in recent versions): drawing notebook 05's eight static 3D
+WebGL here is SwiftShader, in software (``--use-angle=swiftshader --enable-unsafe-swiftshader``
+select it explicitly; Chromium 156 also falls back to it without them): drawing notebook 05's
+eight static 3D
 scenes took minutes, so the kernels get ``PLOTLY_RENDERER=json`` and show those figures as
 plotly JSON; the explorer under test builds its plotly MIME bundle itself and draws with WebGL.
 

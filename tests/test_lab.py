@@ -21,7 +21,7 @@ def test_make_lab_runs_the_lab_module():
     if shutil.which("make") is None:
         pytest.skip("GNU make is not installed")
     printed = subprocess.run(
-        ["make", "-n", "-W", "pyproject.toml", "-o", ".venv/.cryosphere-installed", "lab"],
+        ["make", "-n", "-o", ".venv/.cryosphere-installed", "lab"],
         cwd=ROOT,
         capture_output=True,
         text=True,
