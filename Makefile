@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh clone (Python 3.11+ with venv and pip):
 #   make run    # creates .venv, installs CryoSphere, runs the notebook series (quick profile)
 #   make test   # creates .venv, installs CryoSphere, runs lint, format check, unit tests, notebooks
-# Both reuse the virtual environment once it is installed.
+# Both reuse the virtual environment once it is installed. An extra, not a set-up step:
+#   make lab    # JupyterLab on notebooks/ with the .venv kernel (the notebooks share runs/default)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PROFILE ?= quick
 STRUCTURE ?= 1ubi
 NAME ?= $(STRUCTURE)-$(PROFILE)
 
-.PHONY: install run test lint docs docs-serve clean
+.PHONY: install run lab test lint docs docs-serve clean
 
 install: $(STAMP)
 
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/cryosphere run --profile $(PROFILE) --structure $(STRUCTURE) --name $(NAME)
+
+lab: $(STAMP)
+	$(BIN)/python -m cryosphere.runs.lab $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cryosphere tests benchmarks notebooks

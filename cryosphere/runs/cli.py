@@ -7,6 +7,7 @@ Examples::
     cryosphere run -p epochs 50 -p snr 0.1 --name low-snr
     cryosphere run --structure path/to/model.cif
     cryosphere profiles
+    cryosphere report runs/1ubi-quick                 # rebuild runs/1ubi-quick/report.html
     cryosphere predict particles.star --checkpoint model.pt -o predicted.star
     cryosphere predict particles.star --checkpoint model.pt -o refined.star \
         --map consensus.mrc --search-level 3 --max-shift 3   # network + local map search
@@ -75,6 +76,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("profiles", help="print the profiles and their parameters")
+    report = commands.add_parser(
+        "report", help="rebuild RUN_DIR/report.html (one self-contained page) of a finished run"
+    )
+    report.add_argument("run_dir", help="a run folder holding summary.json")
     _add_predict_parser(commands)
     _add_train_parser(commands)
     return parser
@@ -374,6 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         return _predict(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "report":
+        from cryosphere.runs import report
+
+        try:
+            print(f"report: {report.write_report(args.run_dir)}")
+        except (ValueError, FileNotFoundError) as error:
+            print(f"cryosphere report: {error}", file=sys.stderr)
+            return 2
+        return 0
     overrides = {name: _parse_value(value) for name, value in args.parameter}
     try:
         plan = execution.plan_run(

@@ -4,8 +4,9 @@ A run is the numbered notebooks (``notebooks/01_…`` to ``0N_…``) executed in
 run folder ``<runs_root>/<name>/``, each with the same shared parameters (structure, image
 count, SNR…). The folder holds what each step writes (the dataset, labels, model, results),
 the executed notebooks under ``notebooks/``, ``run.json`` (the run's profile and parameters),
-``steps.json`` (what ran, with which parameters, how long) and ``summary.json`` (the figures of
-record every notebook leaves through :func:`record_results`, plus timings).
+``steps.json`` (what ran, with which parameters, how long), ``summary.json`` (the figures of
+record every notebook leaves through :func:`record_results`, plus timings) and ``report.html``
+(:mod:`cryosphere.runs.report`: the summary, spheres and curves on one self-contained page).
 
 Profiles (:data:`PROFILES`, defined in :mod:`cryosphere.runs.pipeline`) are flat overrides of
 :class:`~cryosphere.runs.run_config.RunConfig`: ``tiny`` is the notebooks' own default (seconds per
@@ -370,6 +371,9 @@ def _execute_steps(
         log(f"    {stem} finished in {seconds:.1f} s")
     summary = collect_summary(run_dir, reproducibility_record(plan.seeds, threads))
     io.write_json(run_dir / "summary.json", summary)
+    from cryosphere.runs import report  # plotly and the figures only once the run is done
+
+    log(f"report: {report.write_report(run_dir)}")
     return summary
 
 

@@ -1,4 +1,4 @@
-"""What makes a run repeat: thread count, package versions, device; and a quiet kernel.
+"""What makes a run repeat: thread count, package versions, device; and quiet kernels.
 
 A run of the series repeats bit for bit (identical weights, identical ``summary.json`` apart
 from wall-clock seconds) for the same parameters (seeds included), the same torch thread count,
@@ -29,20 +29,37 @@ __all__ = [
 
 
 def kernel_manager_class() -> type:
-    """The Jupyter kernel manager for the series' kernels: no plain-text TCP transport.
+    """The Jupyter kernel manager for the series' kernels: no plain-text TCP transport, and no
+    interrupt at shutdown.
 
     With CurveZMQ in pyzmq (the usual wheels) the manager provisions encryption keys for
     kernels whose spec declares support (ipykernel's does); otherwise, on POSIX, the kernel
     talks over IPC (Unix sockets) instead of TCP. Either way ipykernel has no reason to print
     its "running over TCP without encryption" warning, and no warning filter hides anything.
+
+    jupyter_client interrupts (SIGINT) every kernel it shuts down. papermill shuts a kernel down
+    as soon as the reply to its last request (``kernel_info``) arrives, while ipykernel may still
+    be inside that request's handler, where SIGINT raises: the kernel then logs
+    ``ERROR | KeyboardInterrupt caught in kernel.`` in a run that succeeded. The series shuts a
+    kernel down only after its cells finished (or failed), so the interrupt is skipped there;
+    the shutdown request and, past its wait, the kill still stop a kernel that hangs.
     """
     import zmq
     from jupyter_client.manager import KernelManager
+    from jupyter_client.utils import run_sync
     from traitlets import default
+
+    class QuietShutdownKernelManager(KernelManager):
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:  # set by shutdown_kernel before it interrupts
+                return
+            await super()._async_interrupt_kernel()
+
+        interrupt_kernel = run_sync(_async_interrupt_kernel)
 
     if "transport_encryption" in KernelManager.class_trait_names() and zmq.has("curve"):
 
-        class EncryptedKernelManager(KernelManager):
+        class EncryptedKernelManager(QuietShutdownKernelManager):
             @default("transport_encryption")
             def _encrypt_when_supported(self) -> str:
                 return "auto"
@@ -50,13 +67,13 @@ def kernel_manager_class() -> type:
         return EncryptedKernelManager
     if os.name == "posix":
 
-        class IPCKernelManager(KernelManager):
+        class IPCKernelManager(QuietShutdownKernelManager):
             @default("transport")
             def _ipc(self) -> str:
                 return "ipc"
 
         return IPCKernelManager
-    return KernelManager
+    return QuietShutdownKernelManager
 
 
 def default_threads() -> int:

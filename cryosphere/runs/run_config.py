@@ -18,12 +18,15 @@ the profiles.
 Every field also has a flat name (:data:`FLAT_FIELDS`: ``n_projections``, ``stream_steps``…),
 the vocabulary of ``cryosphere run -p NAME VALUE``, of the profiles (:data:`PROFILES`) and of
 papermill: a notebook of the series receives two parameters, ``profile`` and ``config`` (a dict
-of flat overrides), and builds its run with :meth:`RunConfig.from_profile`.
+of flat overrides), and builds its run with :meth:`RunConfig.from_notebook`, which also takes a
+flat name papermill sets on its own (``papermill NB OUT -p snr 0.1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,6 +237,47 @@ class RunConfig:
             raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
         return cls().replace(**{**PROFILES[profile], **dict(overrides or {})})
 
+    @classmethod
+    def from_notebook(
+        cls, profile: str, config: dict[str, Any] | None, namespace: Mapping[str, Any]
+    ) -> RunConfig:
+        """A series notebook's configuration: :meth:`from_profile` with ``config`` and with every
+        flat name that is a variable of ``namespace`` (the notebook's ``globals()``) holding a
+        parameter value, which is what ``papermill NB OUT -p snr 0.1`` leaves.
+
+        Raises ``ValueError`` when ``config`` is not a dict, when a flat variable and ``config``
+        give one name two values, or when a variable's name is a near miss of a flat name
+        (``n_projection``), each message showing the spelling that works.
+        """
+        if not isinstance(config, dict | type(None)):
+            raise ValueError(
+                f"config must be a dict of flat RunConfig overrides, got {config!r}; with "
+                "papermill pass each as its own parameter (-p snr 0.1 -p n_projections 20) "
+                "or the dict as YAML (-y 'config: {snr: 0.1}')"
+            )
+        flat = {
+            name: value
+            for name, value in namespace.items()
+            if name in FLAT_FIELDS and _is_parameter_value(value)
+        }
+        config = dict(config or {})
+        clashes = {n: (config[n], v) for n, v in flat.items() if n in config and config[n] != v}
+        if clashes:
+            raise ValueError(
+                "parameters given twice with different values (as -p NAME VALUE and inside "
+                f"config): {clashes}; give each once"
+            )
+        for name, value in namespace.items():
+            if name.startswith("_") or name in FLAT_FIELDS or not _is_parameter_value(value):
+                continue
+            close = difflib.get_close_matches(name, FLAT_FIELDS, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(
+                    f"{name} = {value!r} is not a RunConfig parameter; did you mean "
+                    f"{close[0]} (papermill -p {close[0]} {value!r})?"
+                )
+        return cls.from_profile(profile, {**config, **flat})
+
     def to_flat(self) -> dict[str, Any]:
         """Every field under its flat name, JSON-ready (lists for tuples)."""
         flat = {}
@@ -246,3 +290,15 @@ class RunConfig:
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_flat` (missing names keep the defaults)."""
         return cls().replace(**flat)
+
+
+def _is_parameter_value(value: Any) -> bool:
+    """A value papermill can pass (JSON/YAML scalars and containers), not a module, function
+    or other object a notebook names."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_parameter_value(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_parameter_value(v) for k, v in value.items())
+    return False
