@@ -167,7 +167,10 @@ def tune_coarse_to_fine(
     cells, _ = exhaustive(tuning, templates, level, fine_resolution_px)
     reference = float(np.median(tuning.errors(cells, level)))
     trials = []
-    for schedule in schedules(level, coarse_resolutions, keeps):
+    tried = schedules(level, coarse_resolutions, keeps)
+    first = dataclasses.replace(tried[0], fine_resolution_px=fine_resolution_px)
+    coarse_to_fine_run(tuning, templates, first, np.arange(2))  # warm-up: child tables, bands
+    for schedule in tried:
         schedule = dataclasses.replace(schedule, fine_resolution_px=fine_resolution_px)
         found, rate = coarse_to_fine_run(tuning, templates, schedule)
         median = float(np.median(tuning.errors(found, level)))
