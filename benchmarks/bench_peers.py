@@ -55,15 +55,19 @@ def _network(structure: str, args, folder: Path, data) -> Path:
     from bench_realistic import _train
 
     if args.checkpoint:
-        return Path(args.checkpoint)
+        return Path(args.checkpoint), {"checkpoint": str(args.checkpoint)}
     if args.budget_min <= 0:
-        return write_untrained_checkpoint(folder / "untrained", 64)
+        return write_untrained_checkpoint(folder / "untrained", 64), {"steps": 0}
     train_args = argparse.Namespace(
         train_snr=(0.03, 0.5), batch_size=64, steps=args.steps, learning_rate=2e-3,
         budget_min=args.budget_min, progress=False,
     )  # fmt: skip
     print(f"== {structure}: training the network for {args.budget_min} min ...", flush=True)
-    return _train(data, train_args, folder / "run", resume=False)[1].checkpoint
+    result = _train(data, train_args, folder / "run", resume=False)[1]
+    return result.checkpoint, {
+        "structure": structure, "steps": result.steps_done, "images_seen": result.images_seen,
+        "train_s": result.train_seconds,
+    }  # fmt: skip
 
 
 def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
@@ -148,7 +152,11 @@ def run_case(structure, box, snr, levels, args, folder, checkpoints, tuning_log)
     tune = simulate("tune", args.n_tune, 2000 + int(snr * 1000))
     if structure not in checkpoints:
         net_data = test if box == 64 else simulate("n64", 8, 3, 64)
-        checkpoints[structure] = _network(structure, args, folder.parent / structure, net_data)
+        checkpoints[structure], trained = _network(
+            structure, args, folder.parent / structure, net_data
+        )
+        print(f"   network: {trained}", flush=True)
+        checkpoints.setdefault("trainings", []).append(trained)
     ops = test.symmetry_ops
     particles = _classical.load_particles(
         folder / "test" / "particles.star", 64, test.rotations, ops
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['structure']} {row['box']} px SNR {row['snr']} L{row['level']} "
               f"{row['method']:16s} {row['median_deg']:7.2f}° {row['ratio_to_exhaustive']:5.2f}x "
               f"{row['images_per_s']:9.1f} img/s")  # fmt: skip
-    summary = {"cases": cases, "tuning": tuning,
+    summary = {"cases": cases, "tuning": tuning, "training": checkpoints.get("trainings", []),
                "settings": {**vars(args), "torch_threads": torch.get_num_threads()}}  # fmt: skip
     print(json.dumps(summary))
     return summary
