@@ -48,9 +48,10 @@ import torch
 from _classical import cpu_rate
 
 
-def _network(structure: str, args, folder: Path, data) -> Path:
-    """A checkpoint: ``--checkpoint``, untrained (``--budget-min 0``), or trained on the
-    realistic stream for ``--budget-min`` minutes (bench_realistic's recipe)."""
+def _network(structure: str, args, folder: Path, data) -> tuple[Path, dict]:
+    """A checkpoint and how it was trained: ``--checkpoint``, untrained (``--budget-min 0``),
+    or trained on the realistic stream for ``--budget-min`` minutes or ``--steps`` steps
+    (bench_realistic's recipe)."""
     from bench_predict import write_untrained_checkpoint
     from bench_realistic import _train
 
@@ -112,10 +113,9 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
     fine = templates(level, tuned.fine_resolution_px)
 
     def fused():
-        predicted = inference.predict_star(
+        inference.predict_star(
             star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k
         )
-        del predicted
         top = inference.load_topk(out).index
         images, ctf, pixel = particles.read()
         kwargs = dict(ctf=ctf, pixel_size_angstrom=pixel, max_shift_px=particles.max_shift_px,

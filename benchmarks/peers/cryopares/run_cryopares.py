@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 VERSION = "0.1.9"
-VENV = Path(os.environ.get("CRYOPARES_VENV", Path.home() / ".cache/cryosphere-bench/cryopares-venv"))
+VENV = Path(
+    os.environ.get("CRYOPARES_VENV", Path.home() / ".cache/cryosphere-bench/cryopares-venv")
+)
 _GUARD = '@(torch.library.register_fake if torchvision.extension._has_ops() else (lambda name: (lambda fn: fn)))("torchvision::'
 
 
@@ -63,7 +65,9 @@ def ensure_venv() -> Path:
     needs = [n for n in needs if not n.startswith("torch<") and not n.startswith("torch>")]
     _pip("install", "torch==2.13.0", *needs)
     _pip("install", "--no-deps", str(wheel))
-    for path in glob.glob(str(VENV / "lib/python*/site-packages/torchvision/_meta_registrations.py")):
+    for path in glob.glob(
+        str(VENV / "lib/python*/site-packages/torchvision/_meta_registrations.py")
+    ):
         text = Path(path).read_text()
         Path(path).write_text(text.replace('@torch.library.register_fake("torchvision::', _GUARD))
     marker.write_text(f"cryopares {VERSION}, torch 2.13.0 cpu\n")
@@ -155,16 +159,26 @@ def rows(case: dict, folder: Path, particles, args) -> list[dict]:
         one = train(star, folder / "cp_probe", case["box"], data.pixel_size, symmetry, 1)
         wall = time.perf_counter() - start
         epochs = max(1, int(args.budget_min * 60 / max(one, 1e-9)))
-        print(f"   cryoPARES: one epoch {one:.0f} CPU s ({wall:.0f} s); training {epochs}", flush=True)
+        print(
+            f"   cryoPARES: one epoch {one:.0f} CPU s ({wall:.0f} s); training {epochs}", flush=True
+        )
         run = folder / "cp_run"
         cpu = train(star, run, case["box"], data.pixel_size, symmetry, epochs)
-        checkpoint = next(p for p in sorted(run.glob("version_*")) if (p / "checkpoints").exists() or True)
+        trained = [p for p in sorted(run.glob("version_*")) if any(p.rglob("*.ckpt"))]
+        if not trained:
+            raise RuntimeError(f"cryopares_train left no checkpoint (*.ckpt) under {run}")
+        checkpoint = trained[-1]
         out = []
         n = len(particles.rotations)
-        for method, reference in (("cryopares", None), ("cryopares+refine", particles.star.with_name("volume.mrc"))):
+        for method, reference in (
+            ("cryopares", None),
+            ("cryopares+refine", particles.star.with_name("volume.mrc")),
+        ):
             results = folder / f"cp_{method.replace('+', '_')}"
             seconds = infer(particles.star, checkpoint, results, reference)
-            errors = pose_errors_deg(_poses(results, n), particles.rotations, particles.symmetry_ops)
+            errors = pose_errors_deg(
+                _poses(results, n), particles.rotations, particles.symmetry_ops
+            )
             out.append({**case, "method": method, "median_deg": float(np.median(errors)),
                         "images_per_s": n / seconds, "train_cpu_s": cpu, "epochs": epochs})  # fmt: skip
         return out
