@@ -15,8 +15,8 @@ torch pulls a multi-GB CUDA build), so :func:`ensure_venv` makes
 
 Then :func:`rows` (called by ``bench_peers.py --cryopares``): simulate ``--cryopares-train``
 particles of the same kind (CTF, ±3 px, the case's SNR, another seed; STAR + stack + map),
-``cryopares_train`` on them (one partition, CPU, one thread, ``--budget-min`` minutes: as many
-epochs as fit, estimated from a one-epoch run) and ``cryopares_infer`` on the held-out STAR
+``cryopares_train`` on them (one partition, CPU, one thread, the model of :data:`CPU_MODEL`,
+``--budget-min`` CPU-minutes: as many epochs as fit, estimated from a one-epoch run) and ``cryopares_infer`` on the held-out STAR
 file of the case, with ``--skip_localrefinement`` (``cryopares``) and with its local
 refinement against the map (``cryopares+refine``). Errors: the poses of its STAR file
 against the truth (symmetry-aware); images/s per CPU-second of the child processes.
@@ -41,6 +41,14 @@ import numpy as np
 VERSION = "0.1.9"
 VENV = Path(
     os.environ.get("CRYOPARES_VENV", Path.home() / ".cache/cryosphere-bench/cryopares-venv")
+)
+#: The model options for a CPU: its default (lmax 12, an output grid of 294,912 rotations)
+#: spent > 3.6 CPU-minutes and 4.9 GB building the grid's Wigner-D matrices before its first
+#: step here; these give an output grid of 4,608 rotations (our level 2).
+CPU_MODEL = (
+    "models.image2sphere.lmax=6",
+    "models.image2sphere.so3components.so3outputgrid.hp_order=2",
+    "models.image2sphere.so3components.s2conv.hp_order=3",
 )
 _GUARD = '@(torch.library.register_fake if torchvision.extension._has_ops() else (lambda name: (lambda fn: fn)))("torchvision::'
 
@@ -100,7 +108,7 @@ def train(star: Path, out: Path, box: int, pixel: float, symmetry: str, epochs: 
         "--sampling_rate_angs_for_nnet", f"{pixel:.4f}", "--n_epochs", str(epochs),
         "--batch_size", "32", "--num_dataworkers", "0", "--NOT_split_halves",
         "--config", "train.use_cuda=False", "train.n_cpus_if_no_cuda=1",
-        "train.cuda_for_reconstruct=False",
+        "train.cuda_for_reconstruct=False", *CPU_MODEL,
     ]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     return _run(command, out / f"train_{epochs}.log")
