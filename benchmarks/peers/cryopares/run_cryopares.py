@@ -21,13 +21,16 @@ file of the case, with ``--skip_localrefinement`` (``cryopares``) and with its l
 refinement against the map (``cryopares+refine``). Errors: the poses of its STAR file
 against the truth (symmetry-aware); images/s per CPU-second of the child processes.
 
-Run alone: ``python benchmarks/peers/cryopares/run_cryopares.py --setup`` (makes the venv).
+Run alone: ``python benchmarks/peers/cryopares/run_cryopares.py --setup`` (makes the venv);
+``--evaluate RUN_DIR TEST_STAR`` (a ``cryopares_train`` save dir, a simulated STAR file whose
+angles are the truth) prints both inference rows as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import resource
 import subprocess
@@ -197,8 +200,40 @@ def rows(case: dict, folder: Path, particles, args) -> list[dict]:
                  "images_per_s": float("nan"), "error": message}]  # fmt: skip
 
 
+def evaluate(run: Path, test_star: Path, symmetry_ops=None) -> list[dict]:
+    """A trained run (``cryopares_train``'s save dir) on a simulated STAR file whose angles are
+    the true poses: median error and images per CPU-second, without and with refinement."""
+    import starfile
+
+    from cryosphere.geometry import rotations
+    from cryosphere.poses.predictions import pose_errors_deg
+
+    table = starfile.read(test_star, always_dict=True)["particles"]
+    truth = rotations.matrices_from_relion_euler(
+        table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    )
+    trained = [p for p in sorted(Path(run).glob("version_*")) if any(p.rglob("*.ckpt"))]
+    if not trained:
+        raise SystemExit(f"no cryoPARES checkpoint (*.ckpt) under {run}")
+    out = []
+    for method, reference in (("cryopares", None), ("cryopares+refine", "volume.mrc")):
+        results = Path(run) / f"infer_{method.replace('+', '_')}"
+        ref = None if reference is None else Path(test_star).with_name(reference)
+        seconds = infer(Path(test_star), trained[-1], results, ref)
+        errors = pose_errors_deg(_poses(results, len(truth)), truth, symmetry_ops)
+        out.append({"method": method, "median_deg": float(np.median(errors)),
+                    "images_per_s": len(truth) / seconds, "n": len(truth)})  # fmt: skip
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="make the venv and stop")
-    if parser.parse_args().setup:
+    parser.add_argument(
+        "--evaluate", nargs=2, metavar=("RUN_DIR", "TEST_STAR"), help="predict a trained run"
+    )
+    options = parser.parse_args()
+    if options.setup:
         print(ensure_venv())
+    if options.evaluate:
+        print(json.dumps(evaluate(Path(options.evaluate[0]), Path(options.evaluate[1]))))
