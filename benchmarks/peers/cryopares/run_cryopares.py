@@ -173,8 +173,10 @@ def rows(case: dict, folder: Path, particles, args) -> list[dict]:
         print(
             f"   cryoPARES: one epoch {one:.0f} CPU s ({wall:.0f} s); training {epochs}", flush=True
         )
-        run = folder / "cp_run"
-        cpu = train(star, run, case["box"], data.pixel_size, symmetry, epochs)
+        run, cpu = folder / "cp_probe", one
+        if epochs > 1:
+            run = folder / "cp_run"
+            cpu = train(star, run, case["box"], data.pixel_size, symmetry, epochs)
         trained = [p for p in sorted(run.glob("version_*")) if any(p.rglob("*.ckpt"))]
         if not trained:
             raise RuntimeError(f"cryopares_train left no checkpoint (*.ckpt) under {run}")
