@@ -28,7 +28,11 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 targets):
    ``refined_images_per_s`` the rate of network + search; at level 3 also coarse to fine
    (``keep``): the top cells scored at level 2 first, then the children of the best ``--keep``;
    ``--turns 4``: the network's distribution averaged over the four quarter turns of each image
-   first (``predict --turns``).
+   first (``predict --turns``);
+6. the classical coarse-to-fine search on the same images (``coarse_to_fine_*`` keys,
+   :func:`cryosphere.poses.search.coarse_to_fine.coarse_to_fine_search`): every cell one level
+   coarser on the band of ``--c2f-resolution-px``, the best ``--c2f-keep`` cells' children on
+   the search band, without the network (benchmarks/bench_peers.py tunes it per case).
 
 Usage::
 
@@ -148,6 +152,24 @@ def _refined(model, images, spectra, top_k: int, level: int, keep=None, turns: i
     return found.best_index, rate, local_search.candidate_cells(top, 2, level)
 
 
+def _coarse_to_fine(images, coarse, fine, level: int, args):
+    """The classical coarse-to-fine search (every level-``level − 1`` cell on the band of
+    ``--c2f-resolution-px``, the best ``--c2f-keep`` cells' children on the search band):
+    best cells and images/s (best of two)."""
+    from cryosphere.poses.search import coarse_to_fine
+
+    schedule = coarse_to_fine.CoarseToFine(
+        level - 1, level, coarse_resolution_px=args.c2f_resolution_px, keep=args.c2f_keep,
+        fine_resolution_px=args.search_resolution_px,
+    )  # fmt: skip
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        found = coarse_to_fine.coarse_to_fine_search(images, [coarse, fine], schedule)
+        seconds.append(time.perf_counter() - start)
+    return found.match.best_index, images.shape[0] / min(seconds)
+
+
 def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict]:
     from cryosphere.geometry import grids
     from cryosphere.imaging import datasets, simulate
@@ -177,6 +199,13 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
     templates = {2: stream.templates, 3: labels_templates.template_bank(dataset.volume, 3, 1.0)}
     band = map_search.band_max_frequency(args.search_resolution_px)
     spectra = {level: matching.template_spectra(bank, band) for level, bank in templates.items()}
+    coarse_band = map_search.band_max_frequency(args.c2f_resolution_px)
+    coarse_spectra = {
+        1: matching.template_spectra(
+            labels_templates.template_bank(dataset.volume, 1, 1.0), coarse_band
+        ),
+        2: matching.template_spectra(templates[2], coarse_band),
+    }
     validation = stream.heldout(200, snr=0.1)
     model_config = stream_model_config(args.image_size, args.lmax, 2, tuple(args.channels))
     config = StreamTrainingConfig(
@@ -233,10 +262,17 @@ def run_structure(name: str, args: argparse.Namespace) -> tuple[list[dict], dict
                         "refined_images_per_s": refined_rate,
                     }
                 )
+            classical, classical_rate = _coarse_to_fine(
+                test.images, coarse_spectra[level - 1], spectra[level], level, args
+            )
+            classical_err = predictions.pose_errors_deg(grid[classical], test.rotations, ops)
             case = {
                 "structure": name,
                 "snr": snr,
                 "level": level,
+                "coarse_to_fine_median_deg": _median(classical_err),
+                "coarse_to_fine_ratio": _median(classical_err) / _median(oracle_err),
+                "coarse_to_fine_images_per_s": classical_rate,
                 "model_median_deg": _median(model_err),
                 "oracle_median_deg": _median(oracle_err),
                 "ratio": _median(model_err) / _median(oracle_err),
@@ -303,6 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument(
+        "--c2f-keep", type=int, default=16, help="the classical coarse-to-fine row's kept cells"
+    )
+    parser.add_argument(
+        "--c2f-resolution-px", type=float, default=8.0, help="its coarse band (px of the box)"
+    )
     parser.add_argument("--n-infer", type=int, default=2000)
     parser.add_argument("--n-pairs", type=int, default=100)
     parser.add_argument(

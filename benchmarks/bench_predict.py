@@ -18,7 +18,9 @@ one process, each after a warm-up call, best of ``--repeats``:
   the four quarter turns of each image first, ``predict --turns 4``), with the map projected
   beforehand (``map_setup_s``, once per map: it does not grow with the particles); its peer is
   exhaustive CTF-aware template matching (:func:`cryosphere.poses.search.matching.
-  ctf_template_matching`, same shifts, level 2) on ``--n-matching`` particles;
+  ctf_template_matching`, same shifts, level 2) on ``--n-matching`` particles, and on the same
+  particles the classical searches users run (:func:`classical_rates`: exhaustive on the fast
+  kernel and coarse to fine, end to end from the STAR file);
 * peers measured in the same run: the CTF from ``torch_ctf.calculate_ctf_2d`` against our
   :func:`cryosphere.imaging.ctf.ctf_2d`, and :func:`cryosphere.poses.prediction.predictions.predict` (the full
   softmax over the grid, as ``predict`` used before) against the top-k network stage.
@@ -191,12 +193,42 @@ def map_search_rates(star: Path, checkpoint: Path, n_matching: int) -> dict:
         m,
         1,
     )
+    rates.update(classical_rates(star, m))
     for top_k in (10, 50, 100):
         rates[f"map_search_top{top_k}_speedup_level2"] = (
             rates[f"predict_map_top{top_k}_images_per_s"]
             / rates["peer_ctf_template_matching_images_per_s"]
         )
     return rates
+
+
+def classical_rates(star: Path, m: int) -> dict:
+    """The classical searches on the first ``m`` particles, end to end from the STAR file
+    (level 2, the default band, ±3 px, each template with its particle's CTF):
+    ``exhaustive_fast_images_per_s`` (every cell, :func:`cryosphere.poses.search.coarse_to_fine.
+    exhaustive_search`) and ``coarse_to_fine_images_per_s`` (level 1 on an 8-px band, the
+    best 16 cells' children at level 2: the issue's setting; bench_peers tunes it per case)."""
+    import _classical
+
+    from cryosphere.geometry import rotations
+    from cryosphere.imaging.particles import read_particle_set
+    from cryosphere.poses.search.coarse_to_fine import CoarseToFine
+
+    angles = read_particle_set(star).angles_deg[:m]
+    particles = _classical.load_particles(
+        star, 64, rotations.matrices_from_relion_euler(angles), None
+    )
+    templates = _classical.Templates(particles, REALISTIC["blur_sigma"])
+    subset = np.arange(m)
+    out = {}
+    schedules = {
+        "exhaustive_fast": CoarseToFine(2, 2, keep=()),
+        "coarse_to_fine": CoarseToFine(1, 2, coarse_resolution_px=8.0, keep=16),
+    }
+    for name, schedule in schedules.items():
+        run = lambda s=schedule: _classical.coarse_to_fine_run(particles, templates, s, subset)  # noqa: E731
+        out[f"{name}_images_per_s"] = best_rate(run, m, 1)
+    return out
 
 
 def predict_rates(star: Path, checkpoint: Path, batch_size: int, repeats: int) -> dict:
