@@ -21,6 +21,7 @@ marks them) and shifts every image by ``+origin / pixel_size``, RELION's sign
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +37,8 @@ __all__ = [
     "non_finite_rows",
     "damaged_images_error",
     "checked_and_centred",
+    "drop_damaged",
+    "warn_left_out",
 ]
 
 
@@ -126,6 +129,32 @@ def damaged_images_error(particle_set, rows: np.ndarray) -> ValueError:
         f"{listed}{more}; remove them from the STAR file or pass --skip-bad to leave them out "
         "(nothing was written)"
     )
+
+
+def drop_damaged(
+    particle_set, indices: np.ndarray, images: np.ndarray, skip_bad: bool, dropped: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``indices`` ``(k,)`` and their images ``(k, N, N)`` without the damaged ones (NaN or
+    infinite pixels): those raise :func:`damaged_images_error`, or with ``skip_bad`` are
+    appended to ``dropped`` and left out."""
+    damaged = non_finite_rows(indices, images)
+    if len(damaged) == 0:
+        return indices, images
+    if not skip_bad:
+        raise damaged_images_error(particle_set, damaged)
+    dropped.extend(int(i) for i in damaged)
+    good = ~np.isin(indices, damaged)
+    return indices[good], images[good]
+
+
+def warn_left_out(particle_set, dropped: list[int] | np.ndarray, stacklevel: int = 3) -> None:
+    """One warning naming the particles ``dropped`` (0-based rows) that ``skip_bad`` left out."""
+    if len(dropped):
+        warnings.warn(
+            f"left out {len(dropped)} particles with NaN or infinite pixels: "
+            f"{', '.join(particle_set.image_names(np.asarray(dropped)))}",
+            stacklevel=stacklevel,
+        )
 
 
 def checked_and_centred(

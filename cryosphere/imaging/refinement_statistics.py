@@ -33,7 +33,6 @@ spread, contrast sign, SNR).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,7 @@ import torch
 
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import microscope, preprocess
-from cryosphere.imaging.loader import damaged_images_error, non_finite_rows
+from cryosphere.imaging.loader import drop_damaged, warn_left_out
 from cryosphere.imaging.particles import ParticleSet, StackReader
 from cryosphere.imaging.projection import gaussian_blur, project_volume
 
@@ -188,15 +187,9 @@ def estimate_statistics(
         for start in range(0, len(sample), int(batch_size)):
             index = sample[start : start + int(batch_size)]
             raw = reader.read(index)
-            damaged = non_finite_rows(index, raw)
-            if len(damaged):
-                if not skip_bad:
-                    raise damaged_images_error(particles, damaged)
-                dropped.extend(damaged.tolist())
-                good = ~np.isin(index, damaged)
-                index, raw = index[good], raw[good]
-                if len(index) == 0:
-                    continue
+            index, raw = drop_damaged(particles, index, raw, skip_bad, dropped)
+            if len(index) == 0:
+                continue
             images, _ = preprocess.fourier_crop(raw, size, particles.pixel_size_angstrom)
             background = images.double()[:, mask]
             bg_var += float(background.var(dim=1, unbiased=False).sum())
@@ -224,13 +217,8 @@ def estimate_statistics(
     sigma = float(np.sqrt(bg_var / max(n_bg, 1)))
     if not sigma > 0:
         raise ValueError("the particle backgrounds are constant; are these real particle images?")
-    if dropped:
-        warnings.warn(
-            f"left out {len(dropped)} particles with NaN or infinite pixels: "
-            f"{', '.join(particles.image_names(np.array(dropped)))}",
-            stacklevel=2,
-        )
-        sample = np.setdiff1d(sample, dropped)
+    warn_left_out(particles, dropped)
+    sample = np.setdiff1d(sample, dropped)
     return RefinementStatistics(
         image_size=size,
         pixel_size_angstrom=float(pixel),

@@ -50,7 +50,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ import torch
 from cryosphere import io
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
-from cryosphere.imaging.loader import checked_and_centred, damaged_images_error, non_finite_rows
+from cryosphere.imaging.loader import checked_and_centred, drop_damaged, warn_left_out
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.refinement_statistics import estimate_statistics
@@ -168,13 +167,7 @@ def refinement_data(
                 break
             keep = indices < n
             indices, batch = indices[keep], batch[keep] * np.float32(decided.sign)
-            bad = non_finite_rows(indices, batch)
-            if len(bad):
-                if not skip_bad:
-                    raise damaged_images_error(pset, bad)
-                dropped.extend(bad.tolist())
-                good = ~np.isin(indices, bad)
-                indices, batch = indices[good], batch[good]
+            indices, batch = drop_damaged(pset, indices, batch, skip_bad, dropped)
             shifts = ctf_module.centring_shift_px(
                 pset.origins_angstrom[indices], pset.pixel_size_angstrom
             )
@@ -186,13 +179,8 @@ def refinement_data(
                 ctf=None if pset.ctf is None else pset.ctf.subset(indices),
             )
             images.append(prepared.numpy())
-    if dropped:
-        warnings.warn(
-            f"left out {len(dropped)} particles with NaN or infinite pixels: "
-            f"{', '.join(pset.image_names(np.array(dropped)))}",
-            stacklevel=2,
-        )
-        rotations = np.delete(rotations, dropped, axis=0)
+    warn_left_out(pset, dropped)
+    rotations = np.delete(rotations, dropped, axis=0)
     clean = project_volume(small, rotations, progress=progress).numpy()
     return RefinementData(
         volume=small,
@@ -232,13 +220,7 @@ def _read_prepared(
             )
             kept.append(index)
     kept = np.concatenate(kept)
-    if len(kept) < len(indices):
-        dropped = np.setdiff1d(indices, kept)
-        warnings.warn(
-            f"left out {len(dropped)} particles with NaN or infinite pixels: "
-            f"{', '.join(pset.image_names(dropped))}",
-            stacklevel=2,
-        )
+    warn_left_out(pset, np.setdiff1d(indices, kept))
     return torch.cat(out), kept
 
 
