@@ -416,18 +416,20 @@ def search_candidates_whitened(
     """:func:`cryosphere.poses.search.local_search.search_candidates` with this module's
     posterior: ``noise`` the images' :class:`NoiseSpectrum` (e.g.
     :func:`background_noise_spectrum` of the particles), noise whitened per frequency shell,
-    shifts summed; the best candidate is the most probable one, at its most likely shift."""
+    shifts summed; the best candidate is the most probable one, at its most likely shift.
+    Its ``best_mse`` is scored alone afterwards (one candidate per image, not every one)."""
     cand = np.asarray(candidates, dtype=np.int64)
-    scores, _ = candidate_scores(images, cand, spectra, **search)
     keys = ("ctf", "pixel_size_angstrom", "max_shift_px", "shift_step_px", "score")
     likelihood = search_log_likelihood(
         images, cand, spectra, noise, **{k: search[k] for k in keys if k in search}
     )
     probability = posterior_from_log_likelihood(likelihood.log_likelihood, cand)
     rows, column = np.arange(cand.shape[0]), probability.argmax(axis=1)
+    best = cand[rows, column]
+    scores, _ = candidate_scores(images, best[:, None], spectra, **search)
     match = MatchResult(
-        best_index=cand[rows, column],
+        best_index=best,
         shift_px=likelihood.best_shift_px[rows, column],
-        best_mse=np.maximum(scores[rows, column], 0.0),
+        best_mse=np.maximum(scores[:, 0], 0.0),
     )
     return SearchResult(match, cand, probability, likelihood.best_shift_px)
