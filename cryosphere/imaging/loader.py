@@ -36,6 +36,7 @@ __all__ = [
     "particle_batches",
     "non_finite_rows",
     "damaged_images_error",
+    "centred_images",
     "checked_and_centred",
     "drop_damaged",
     "warn_left_out",
@@ -169,6 +170,12 @@ def checked_and_centred(
             raise damaged_images_error(particle_set, damaged)
         bad[damaged] = True
         images = np.where(np.isin(indices, damaged)[:, None, None], 0.0, images)
+    return centred_images(particle_set, indices, images)
+
+
+def centred_images(particle_set, indices: np.ndarray, images: np.ndarray) -> torch.Tensor:
+    """Images ``(k, N, N)`` of rows ``indices`` shifted by ``+origin / pixel`` (RELION's sign:
+    the particle's centre to pixel ``N // 2``), float32; unshifted when no origin is stated."""
     origins = particle_set.origins_angstrom[indices]
     if not np.any(origins):
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))

@@ -56,11 +56,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cryosphere import io
-from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
-from cryosphere.imaging.loader import checked_and_centred, drop_damaged, warn_left_out
+from cryosphere.imaging.loader import centred_images, drop_damaged, warn_left_out
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.refinement_statistics import estimate_statistics
@@ -156,36 +156,18 @@ def refinement_data(
     )
     small = preprocess.reference_map(map_path, pset, image_size)  # checked before reading
     n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
-    rotations = pset.rotations()[:n]
     decided = contrast_module.decide_for_particle_set(
-        pset, contrast, small, image_size, rotations=rotations
+        pset, contrast, small, image_size, rotations=pset.rotations()[:n]
     )
-    images, dropped = [], []
-    with StackReader(pset) as reader:
-        for indices, batch in reader.batches(256, progress=progress):
-            if indices[0] >= n:
-                break
-            keep = indices < n
-            indices, batch = indices[keep], batch[keep] * np.float32(decided.sign)
-            indices, batch = drop_damaged(pset, indices, batch, skip_bad, dropped)
-            shifts = ctf_module.centring_shift_px(
-                pset.origins_angstrom[indices], pset.pixel_size_angstrom
-            )
-            centred = ctf_module.shift_images(batch, shifts)
-            prepared, pixel = preprocess.prepare_images(
-                centred,
-                pset.pixel_size_angstrom,
-                target_size=image_size,
-                ctf=None if pset.ctf is None else pset.ctf.subset(indices),
-            )
-            images.append(prepared.numpy())
-    warn_left_out(pset, dropped)
-    rotations = np.delete(rotations, dropped, axis=0)
+    images, kept, pixel = _read_prepared(
+        pset, np.arange(n), image_size, decided.sign, skip_bad, progress=progress
+    )
+    rotations = pset.rotations()[kept]
     clean = project_volume(small, rotations, progress=progress).numpy()
     return RefinementData(
         volume=small,
-        pixel_size=float(pixel),
-        noisy_images=np.concatenate(images),
+        pixel_size=pixel,
+        noisy_images=images.numpy(),
         clean_images=clean,
         rotations=rotations,
         symmetry_ops=np.eye(3)[None],
@@ -199,29 +181,35 @@ def _read_prepared(
     image_size: int,
     sign: float = 1.0,
     skip_bad: bool = False,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Particles ``indices`` as ``predict`` feeds them to the network (step 4): ``(images
-    (k, M, M), kept indices (k,))``. Damaged images (NaN or infinite pixels) raise a ValueError
-    naming them, or with ``skip_bad`` are left out."""
-    out, kept = [], []
+    progress: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, float]:
+    """Particles ``indices`` as ``predict`` feeds them to the network (step 4): recentred by
+    their origins, Fourier-cropped to ``image_size``, CTF phase-flipped, background-normalised,
+    multiplied by the contrast ``sign``. Returns ``(images (k, M, M), kept indices (k,), pixel
+    size of the model box in Å)``. Damaged images (NaN or infinite pixels) raise a ValueError
+    naming them, or with ``skip_bad`` are left out (a warning lists them)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out, kept, dropped, pixel = [], [], [], pset.pixel_size_angstrom
     with StackReader(pset) as reader:
-        for start in range(0, len(indices), 256):
-            index = np.asarray(indices[start : start + 256])
+        starts = range(0, len(indices), 256)
+        for start in tqdm(starts, desc="particles", unit="batch", disable=not progress):
+            index = indices[start : start + 256]
             raw = reader.read(index) * np.float32(sign)
-            bad = np.zeros(int(index.max()) + 1, dtype=bool)
-            centred = checked_and_centred(pset, index, raw, skip_bad, bad)
-            good = ~bad[index]
-            index = index[good]
-            ctf = None if pset.ctf is None else pset.ctf.subset(index)
-            out.append(
-                rs.prepare_like_predict(
-                    centred[torch.from_numpy(good)], pset.pixel_size_angstrom, image_size, ctf
-                )
+            index, raw = drop_damaged(pset, index, raw, skip_bad, dropped)
+            if len(index) == 0:
+                continue
+            prepared, pixel = preprocess.prepare_images(
+                centred_images(pset, index, raw),
+                pset.pixel_size_angstrom,
+                target_size=image_size,
+                ctf=None if pset.ctf is None else pset.ctf.subset(index),
             )
+            out.append(prepared)
             kept.append(index)
-    kept = np.concatenate(kept)
-    warn_left_out(pset, np.setdiff1d(indices, kept))
-    return torch.cat(out), kept
+    warn_left_out(pset, dropped)
+    if not out:
+        raise ValueError(f"{pset.star_path}: no particle images left to read")
+    return torch.cat(out), np.concatenate(kept), float(pixel)
 
 
 def _split(n: int, max_validation: int, fraction: float, seed: int):
@@ -287,7 +275,7 @@ def _training_source(
         stats = dataclasses.replace(stats, contrast=float(stats.contrast) * float(sign))
         stream = rs.refinement_stream(small, stats, level, batch_size=batch_size, seed=seed)
         return stream, stats
-    images, train_idx = _read_prepared(
+    images, train_idx, _ = _read_prepared(
         pset, train_idx, model_config.image_size, sign=sign, skip_bad=skip_bad
     )
     rotations = pset.rotations()[train_idx]
@@ -378,7 +366,7 @@ def train_on_refinement(
             decided = contrast_module.decide_for_particle_set(
                 pset, contrast, small, model_config.image_size, rotations=pset.rotations()
             )
-            images, val_idx = _read_prepared(
+            images, val_idx, _ = _read_prepared(
                 pset, val_idx, model_config.image_size, sign=decided.sign, skip_bad=skip_bad
             )
             rotations = pset.rotations()[val_idx]

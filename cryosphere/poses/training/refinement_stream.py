@@ -33,7 +33,6 @@ import torch
 from cryosphere.geometry import grids
 from cryosphere.geometry.grids import nearest_grid_indices
 from cryosphere.imaging import ctf as ctf_module
-from cryosphere.imaging import preprocess
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.refinement_statistics import RefinementStatistics
 from cryosphere.poses.network.model import PoseDistributionNetwork
@@ -126,20 +125,6 @@ def refinement_stream(
     signed = np.asarray(volume, dtype=np.float32) * float(np.sign(statistics.contrast))
     realism = RefinementRealism(statistics, coloured_noise=coloured_noise)
     return SimulatedStream(signed, statistics.blur_sigma_px, level, config, realism=realism)
-
-
-def prepare_like_predict(
-    images: np.ndarray | torch.Tensor,
-    pixel_size_angstrom: float,
-    image_size: int,
-    ctf: ctf_module.CTFParameters | None,
-) -> torch.Tensor:
-    """Real particles ``(n, N, N)`` as ``cryosphere predict`` feeds them to the network: not
-    recentred, Fourier-cropped to ``image_size``, phase-flipped, background-normalised."""
-    prepared, _ = preprocess.prepare_images(
-        images, pixel_size_angstrom, target_size=image_size, ctf=ctf
-    )
-    return prepared
 
 
 def validation_scores(
