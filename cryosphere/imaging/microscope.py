@@ -57,6 +57,7 @@ __all__ = [
     "delocalisation_px",
     "field_size_px",
     "image_in_field",
+    "masked_shell_power",
     "radial_power_spectrum",
     "pixel_mtf_power",
     "colour_noise",
@@ -184,6 +185,35 @@ def _shell_index(size: int) -> torch.Tensor:
     return shells.clamp_(max=size // 2)
 
 
+def masked_shell_power(
+    images: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None,
+    shells: np.ndarray | torch.Tensor,
+) -> np.ndarray:
+    """Mean of ``|rfft2(m · (I − mean_m I))|²`` over the images ``(n, N, N)`` and over the
+    ``rfft2`` coefficients of each shell: ``(max(shells) + 1,)`` float64, image units² (not
+    divided by ``Σ m²``). ``mask`` ``m``: ``(N, N)`` weights (None: 1), each image's mean under
+    it removed first; ``shells``: the shell ``(N, N // 2 + 1)`` of every coefficient. The zero
+    shell, emptied by the mean's removal, takes the first shell's value."""
+    tensor = torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
+        raise ValueError(f"images must have shape (n, N, N), got {tuple(tensor.shape)}")
+    if mask is not None:
+        weights = torch.as_tensor(np.asarray(mask), dtype=torch.float64)
+        mean = (tensor * weights).sum(dim=(1, 2)) / weights.sum()
+        tensor = (tensor - mean[:, None, None]) * weights
+    power = (torch.fft.rfft2(tensor).abs() ** 2).mean(dim=0).reshape(-1)
+    index = torch.as_tensor(np.asarray(shells), dtype=torch.long).reshape(-1)
+    n_shells = int(index.max()) + 1
+    total = torch.zeros(n_shells, dtype=torch.float64).index_add_(0, index, power)
+    count = torch.zeros(n_shells, dtype=torch.float64).index_add_(
+        0, index, torch.ones(index.numel(), dtype=torch.float64)
+    )
+    spectrum = (total / count.clamp(min=1)).numpy()
+    spectrum[0] = spectrum[1]
+    return spectrum
+
+
 def radial_power_spectrum(
     images: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
 ) -> np.ndarray:
@@ -191,26 +221,12 @@ def radial_power_spectrum(
     mean of 1 over the ``rfft2`` coefficients (a shape, not a level).
 
     ``mask``: ``(N, N)`` 0/1 weights applied to every image before the transform (e.g. the
-    background outside a circle); the images' mean over the mask is removed first.
+    background outside a circle); the images' mean over the mask is removed first
+    (:func:`masked_shell_power`).
     """
-    tensor = torch.as_tensor(images, dtype=torch.float64)
-    if tensor.ndim != 3 or tensor.shape[1] != tensor.shape[2]:
-        raise ValueError(f"images must have shape (n, N, N), got {tuple(tensor.shape)}")
-    size = tensor.shape[-1]
-    if mask is not None:
-        weights = torch.as_tensor(mask, dtype=torch.float64)
-        mean = (tensor * weights).sum(dim=(1, 2)) / weights.sum()
-        tensor = (tensor - mean[:, None, None]) * weights
-    power = (torch.fft.rfft2(tensor).abs() ** 2).mean(dim=0)
+    size = np.asarray(images).shape[-1]
     shells = _shell_index(size)
-    total = torch.zeros(size // 2 + 1, dtype=torch.float64).index_add_(
-        0, shells.reshape(-1), power.reshape(-1)
-    )
-    count = torch.zeros(size // 2 + 1, dtype=torch.float64).index_add_(
-        0, shells.reshape(-1), torch.ones(shells.numel(), dtype=torch.float64)
-    )
-    spectrum = (total / count.clamp(min=1)).numpy()
-    spectrum[0] = spectrum[1]  # the mean was removed: the zero shell carries no noise shape
+    spectrum = masked_shell_power(images, mask, shells)
     return spectrum / float(np.mean(spectrum[shells.numpy()]))
 
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
 from cryosphere.imaging import ctf as ctf_module
+from cryosphere.imaging.microscope import masked_shell_power
 from cryosphere.imaging.projection import gaussian_blur, project_volume
 from cryosphere.poses.search.local_search import (
     SCORES,
@@ -146,12 +147,7 @@ def background_noise_spectrum(
             f"a mask radius of {radius:g} px leaves no background in a {n_pix}-px box; "
             "pass a smaller radius_px"
         )
-    mean = (a * mask).sum(dim=(1, 2), keepdim=True) / float(mask.sum())
-    power = (torch.fft.rfft2((a - mean) * mask).abs() ** 2).mean(dim=0).numpy() / weight
-    shells = _shell_index(n_pix)
-    counts = np.bincount(shells.ravel())
-    per_shell = np.bincount(shells.ravel(), power.ravel()) / np.maximum(counts, 1)
-    per_shell[0] = per_shell[1]
+    per_shell = masked_shell_power(a, mask, _shell_index(n_pix)) / weight
     per_shell = np.maximum(per_shell, 1e-12 * per_shell.max())
     return NoiseSpectrum(per_shell, n_pix)
 
