@@ -247,13 +247,13 @@ def _refined_outputs(
 
 
 def _contrast(pset, requested, checkpoint, search, image_size, crop_size):
-    """The contrast of ``--contrast`` (:mod:`cryosphere.poses.search.contrast`), printed."""
+    """The contrast of ``--contrast`` (:mod:`cryosphere.poses.search.contrast`), printed;
+    with a map search, decided against the map it prepared (no second read)."""
     if search is None:
         decided = contrast_module.resolve_without_map(requested, checkpoint)
     else:
-        volume = preprocess.reference_map(search.refinement.map_path, pset, image_size, crop_size)
         decided = contrast_module.decide_for_particle_set(
-            pset, requested, volume, image_size, crop_size=crop_size,
+            pset, requested, search.volume, image_size, crop_size=crop_size,
             max_shift_px=max(2.0, search.refinement.max_shift_px),
         )  # fmt: skip
     contrast_module.report(decided)

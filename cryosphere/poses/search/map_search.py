@@ -109,8 +109,8 @@ class MapRefinement:
 
 class MapSearch:
     """A :class:`MapRefinement` prepared for one particle set and network: the map at the
-    network's box and the spectra of its templates on the search grid (level 2: ~120 MB,
-    level 3: ~1 GB of float32). With ``crop_size`` (``predict --crop``) the map is cropped
+    network's box (``volume``, ``(M, M, M)``) and the spectra of its templates on the search
+    grid (level 2: ~120 MB, level 3: ~1 GB of float32). With ``crop_size`` (``predict --crop``) the map is cropped
     as the images are (:func:`cryosphere.imaging.preprocess.reference_map`), so its templates
     have the images' pixel size."""
 
@@ -139,6 +139,7 @@ class MapSearch:
         if refinement.keep is not None and level > coarse_level:
             coarse = template_bank(volume, coarse_level, refinement.blur_sigma_px)
             self.coarse_spectra = template_spectra(coarse, band)
+        self.volume = volume
         self.refinement = refinement
         self.coarse_level, self.level = int(coarse_level), level
         self.particles_box = (int(box), float(particles.pixel_size_angstrom))
