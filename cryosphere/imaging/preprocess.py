@@ -28,6 +28,7 @@ from cryosphere import io
 from cryosphere.imaging import ctf as ctf_module
 
 __all__ = [
+    "background_mask",
     "CTF_CORRECTIONS",
     "crop_images",
     "fourier_crop",
@@ -91,21 +92,28 @@ def _cropped_spectrum(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return spectrum[:, rows.to(tensor.device), : m // 2 + 1] * (m / n_pix) ** 2
 
 
+def background_mask(
+    n_pix: int, radius_px: float | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``(N, N)`` bool: the pixels farther than ``radius_px`` (default ``0.375 · N``) from the
+    centre pixel ``N // 2``, a particle's background. Raises when no pixel is background."""
+    radius = 0.375 * n_pix if radius_px is None else float(radius_px)
+    coords = torch.arange(n_pix, dtype=torch.float32, device=device) - n_pix // 2
+    outside = (coords[:, None] ** 2 + coords[None, :] ** 2) > radius**2
+    if not bool(outside.any()):
+        raise ValueError(
+            f"a background radius of {radius:g} px leaves no background in a {n_pix}-px box"
+        )
+    return outside
+
+
 def normalise_background(
     images: np.ndarray | torch.Tensor, radius_px: float | None = None
 ) -> torch.Tensor:
     """Per image: ``(image − mean_bg) / std_bg`` over the pixels farther than ``radius_px``
     from the centre (default ``0.375 · N``). Raises when no pixel is background."""
     tensor = _as_stack(images)
-    n_pix = tensor.shape[-1]
-    radius = 0.375 * n_pix if radius_px is None else float(radius_px)
-    coords = torch.arange(n_pix, dtype=torch.float32, device=tensor.device) - n_pix // 2
-    outside = (coords[:, None] ** 2 + coords[None, :] ** 2) > radius**2
-    if not bool(outside.any()):
-        raise ValueError(
-            f"a background radius of {radius:g} px leaves no background in a {n_pix}-px box"
-        )
-    background = tensor[:, outside]
+    background = tensor[:, background_mask(tensor.shape[-1], radius_px, tensor.device)]
     mean = background.mean(dim=1)
     std = background.std(dim=1, unbiased=False)
     std = torch.where(std > 0, std, torch.ones_like(std))

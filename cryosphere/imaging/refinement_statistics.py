@@ -118,15 +118,6 @@ class RefinementStatistics:
         return out
 
 
-def _background_mask(size: int, radius_fraction: float) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - size // 2
-    radius = float(radius_fraction) * size
-    outside = (coords[:, None] ** 2 + coords[None, :] ** 2) > radius**2
-    if not bool(outside.any()):
-        raise ValueError(f"background_radius_fraction={radius_fraction} leaves no background")
-    return outside
-
-
 def _blur_transfers(size: int) -> torch.Tensor:
     """``(B, M, M // 2 + 1)`` Gaussian blur multipliers of :data:`_BLUR_GRID_PX` on the rfft2
     grid (as :func:`cryosphere.imaging.projection.gaussian_blur`)."""
@@ -179,7 +170,7 @@ def estimate_statistics(
     rotations = particles.rotations()
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(pool, size=min(pool.size, int(max_images)), replace=False))
-    mask = _background_mask(size, background_radius_fraction)
+    mask = preprocess.background_mask(size, float(background_radius_fraction) * size)
     cross = torch.zeros(size, size // 2 + 1, dtype=torch.float64)  # Σ_i Re(Î_i S̄_i)
     power = torch.zeros_like(cross)  # Σ_i |S_i|²
     bg_var, bg_power, n_bg, predictions, dropped = 0.0, np.zeros(size // 2 + 1), 0, [], []
