@@ -247,7 +247,7 @@ def test_streamed_training_resumes_to_the_same_weights(small_volume, tmp_path):
     assert len(resumed.history) == 3
     loaded = checkpoints.load_model(checkpoints.checkpoint_path(run))
     assert loaded.config == _tiny_model()
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="training config"):
         other = StreamTrainingConfig(steps=12, eval_every=4, warmup_steps=2, learning_rate=5e-3)
         train_on_stream(stream, _tiny_model(), other, validation, run_dir=run, progress=False)
     with pytest.raises(ValueError, match="already holds"):

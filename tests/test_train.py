@@ -15,7 +15,7 @@ from cryosphere.imaging.projection import project_volume
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction import predictions
-from cryosphere.poses.training import fixed_set, settings
+from cryosphere.poses.training import fixed_set, settings, streamed
 
 TINY = ModelConfig(image_size=32, lmax=3, conv_channels=(4, 8), sphere_channels=4, so3_channels=4)
 SMALL = ModelConfig(image_size=32, lmax=4, conv_channels=(8, 16), sphere_channels=8, so3_channels=8)
@@ -262,17 +262,40 @@ def test_split_indices():
     assert len(settings.split_indices(1, 0.5, seed=0)[1]) == 0
 
 
-def test_learning_rate_schedules():
-    constant = settings.TrainingConfig(epochs=10, learning_rate=2e-3)
-    assert [settings.learning_rate_at(constant, e) for e in (0, 5, 9)] == [2e-3] * 3
-    cosine = dataclasses.replace(constant, lr_schedule="cosine")
-    rates = [settings.learning_rate_at(cosine, e) for e in range(11)]
-    assert rates[0] == pytest.approx(2e-3)
-    assert rates[5] == pytest.approx(2e-3 * (0.01 + 0.99 * 0.5))
-    assert rates[10] == pytest.approx(2e-5)
-    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+def test_learning_rate_schedules(random_poses, monkeypatch):
+    """A fixed-set run is a streamed run of ``epochs × ceil(n_train / batch)`` steps: constant
+    rate, or cosine per step down to 1 % (no warm-up)."""
     with pytest.raises(ValueError, match="lr_schedule"):
         settings.TrainingConfig(lr_schedule="step")
+    images, mask, R = random_poses
+    cosine = settings.TrainingConfig(epochs=2, batch_size=8, lr_schedule="cosine")
+    seen, real = [], streamed.learning_rate_at_step
+
+    def recording(config, step):
+        seen.append((config.steps, config.warmup_steps, real(config, step)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(streamed, "learning_rate_at_step", recording)
+    fixed_set.train_model(images, mask, R, None, TINY, cosine, progress=False)
+    # 24 images, 20 % held out: 19 training images, 3 batches of 8 per epoch, 6 steps
+    assert [(s, w) for s, w, _ in seen] == [(6, 0)] * 6
+    rates = [r for _, _, r in seen]
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates[3] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert all(x > y for x, y in zip(rates, rates[1:], strict=False))
+
+
+def test_the_poster_data_order_is_kept(random_poses):
+    """Epoch e of the fixed-set trainer reads the (e+1)-th torch.randperm of a generator seeded
+    seed + 1, as the poster's trainer always has (its published results stay bit for bit)."""
+    images, mask, R = random_poses
+    split = fixed_set._TrainingSplit(images[:19], mask[:19], R[:19], 8, seed=4, fingerprint="x")
+    generator = torch.Generator().manual_seed(5)
+    expected = [torch.randperm(19, generator=generator).numpy() for _ in range(3)]
+    assert all(np.array_equal(split.epoch_permutation(e), expected[e]) for e in (2, 0, 1))
+    batches = [split.batch(step) for step in range(6)]
+    assert [b.images.shape[0] for b in batches] == [8, 8, 3, 8, 8, 3]
+    assert torch.equal(batches[4].images, torch.from_numpy(images[:19][expected[1][8:16]]))
 
 
 def test_cosine_schedule_resumes_like_an_uninterrupted_run(random_poses, tmp_path, monkeypatch):
@@ -282,7 +305,7 @@ def test_cosine_schedule_resumes_like_an_uninterrupted_run(random_poses, tmp_pat
     )
     straight = fixed_set.train_model(images, mask, R, None, TINY, full, progress=False)
     # kill the run during epoch 2 (after epoch 1's checkpoint was written)
-    real_evaluate, calls = fixed_set._evaluate, []
+    real_evaluate, calls = streamed._validate, []
 
     def dying_evaluate(*args, **kwargs):
         calls.append(1)
@@ -290,10 +313,10 @@ def test_cosine_schedule_resumes_like_an_uninterrupted_run(random_poses, tmp_pat
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(fixed_set, "_evaluate", dying_evaluate)
+    monkeypatch.setattr(streamed, "_validate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         fixed_set.train_model(images, mask, R, None, TINY, full, run_dir=tmp_path, progress=False)
-    monkeypatch.setattr(fixed_set, "_evaluate", real_evaluate)
+    monkeypatch.setattr(streamed, "_validate", real_evaluate)
     record = torch.load(tmp_path / "model/checkpoint.pt", weights_only=True)
     assert record["epoch"] == 1 and record["training_config"]["lr_schedule"] == "cosine"
     resumed = fixed_set.train_model(
@@ -302,7 +325,9 @@ def test_cosine_schedule_resumes_like_an_uninterrupted_run(random_poses, tmp_pat
     assert _same_weights(resumed.model, straight.model)
 
 
-def test_a_release_0_1_checkpoint_without_the_encoder_keys_still_resumes(random_poses, tmp_path):
+def test_an_older_checkpoint_loads_but_does_not_resume(random_poses, tmp_path):
+    """A checkpoint of the epochs trainer before 0.3 (no run identity; model config without
+    the encoder keys of 0.1) still gives its network, and resuming it is refused plainly."""
     images, mask, R = random_poses
     config = settings.TrainingConfig(epochs=1, batch_size=8, seed=1, device="cpu")
     fixed_set.train_model(images, mask, R, None, TINY, config, run_dir=tmp_path, progress=False)
@@ -310,10 +335,23 @@ def test_a_release_0_1_checkpoint_without_the_encoder_keys_still_resumes(random_
     record = torch.load(path, weights_only=True)
     for key in ("encoder", "encoder_channels", "encoder_blocks", "per_image_normalisation"):
         record["model_config"].pop(key)  # what 0.1 wrote
+    del record["stream_identity"]
     torch.save(record, path)
-    more = dataclasses.replace(config, epochs=2)
-    result = fixed_set.train_model(
-        images, mask, R, None, TINY, more, run_dir=tmp_path, progress=False
-    )
-    assert len(result.history) == 2
     assert checkpoints.load_model(path).config == TINY
+    more = dataclasses.replace(config, epochs=2)
+    with pytest.raises(ValueError, match="older CryoSphere trainer.*new run folder"):
+        fixed_set.train_model(images, mask, R, None, TINY, more, run_dir=tmp_path, progress=False)
+
+
+def test_the_logged_loss_is_the_mean_over_the_epochs_images(random_poses):
+    """With a vanishing learning rate the network does not move, so an epoch's train_loss is the
+    untrained network's loss over all training images (batches 8, 8, 3 weighted by size)."""
+    images, mask, R = random_poses
+    config = settings.TrainingConfig(epochs=1, batch_size=8, learning_rate=1e-30, seed=3)
+    result = fixed_set.train_model(images, mask, R, None, TINY, config, progress=False)
+    train = result.train_indices
+    model = fixed_set.untrained_model(images, TINY, config)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images[train]))
+    expected = float(settings.compute_loss(logits, torch.from_numpy(mask[train]), "bce"))
+    assert len(train) == 19 and result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-5)

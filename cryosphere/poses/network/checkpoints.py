@@ -1,6 +1,7 @@
 """Training checkpoints and logs in a run folder (all written atomically):
-``run_dir/model/checkpoint.pt`` (model config and weights, optimizer state, RNG states, epoch,
-history, split; read back with ``weights_only``) and ``run_dir/model/training_log.csv``.
+``run_dir/model/checkpoint.pt`` (model config and weights, optimizer state, step (and epoch),
+history, the identity of the run's settings and data; read back with ``weights_only``) and
+``run_dir/model/training_log.csv``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cryosphere import io
@@ -25,23 +25,10 @@ __all__ = [
     "write_log_rows",
 ]
 
-_LOG_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_acc15",
-    "val_median_deg",
-    "epoch_seconds",
-)
-
 
 def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
     """``run_dir/model/checkpoint.pt``."""
     return Path(run_dir) / "model" / "checkpoint.pt"
-
-
-def _write_log(path: Path, history: list[dict[str, float]]) -> None:
-    write_log_rows(path, history, _LOG_COLUMNS)
 
 
 def write_log_rows(
@@ -69,23 +56,13 @@ def read_training_log(run_dir: str | os.PathLike[str]) -> list[dict[str, float]]
     ]
 
 
-def _numpy_state_to_torch(state: tuple) -> list[Any]:
-    name, keys, pos, has_gauss, cached = state
-    return [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached]
-
-
-def _numpy_state_from_torch(state: list[Any]) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
-
-
 def _save_checkpoint(path: Path, record: dict[str, Any]) -> None:
     with io.atomic_path(path) as tmp:
         torch.save(record, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate a checkpoint written by :func:`train_model` (``weights_only`` load).
+    """Read and validate a checkpoint written by the trainer (``weights_only`` load).
 
     Raises:
         FileNotFoundError: no file.
@@ -93,7 +70,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train a model first (train_model)")
+        raise FileNotFoundError(f"no checkpoint at {path}; train a model first (cryosphere train)")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with context

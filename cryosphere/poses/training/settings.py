@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +24,11 @@ __all__ = [
     "LR_SCHEDULES",
     "TrainingConfig",
     "split_indices",
-    "learning_rate_at",
     "compute_loss",
 ]
 
 LOSSES = ("bce", "soft_ce")
 LR_SCHEDULES = ("constant", "cosine")
-_COSINE_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -46,10 +43,10 @@ class TrainingConfig:
         validation_fraction: fraction of images held out (seeded), in [0, 1).
         loss: ``"bce"`` (BCE with logits against 0/1 masks) or ``"soft_ce"`` (cross-entropy
             against the per-image normalised soft map).
-        lr_schedule: ``"constant"`` (the poster) or ``"cosine"``: epoch ``e`` (0-based) of ``E``
-            uses ``lr · (f + (1 − f) · (1 + cos(π e / E)) / 2)`` with ``f = 0.01``
-            (:func:`learning_rate_at`); stateless, so resuming keeps the schedule of the
-            requested ``epochs``.
+        lr_schedule: ``"constant"`` (the poster) or ``"cosine"``: step ``t`` of ``T`` (all
+            epochs' steps) uses ``lr · (f + (1 − f) · (1 + cos(π t / T)) / 2)`` with
+            ``f = 0.01`` (:func:`cryosphere.poses.training.streamed.learning_rate_at_step`);
+            stateless, so resuming keeps the schedule of the requested ``epochs``.
         device: ``"cpu"``, ``"cuda"``, ... or None (CUDA when available).
     """
 
@@ -102,15 +99,6 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.nda
     n_val = min(n_val, n - 1) if n >= 1 else 0
     order = np.random.default_rng(int(seed)).permutation(n)
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
-
-
-def learning_rate_at(config: TrainingConfig, epoch: int) -> float:
-    """Learning rate of 0-based ``epoch`` under ``config.lr_schedule`` (see TrainingConfig)."""
-    if config.lr_schedule == "constant" or config.epochs <= 1:
-        return float(config.learning_rate)
-    fraction = min(max(int(epoch), 0), config.epochs) / config.epochs
-    factor = _COSINE_FLOOR + (1 - _COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * fraction))
-    return float(config.learning_rate) * factor
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:

@@ -453,13 +453,17 @@ class FixedSetStream:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.per_epoch = math.ceil(n / (self.batch_size * self.slots))
 
+    def epoch_permutation(self, epoch: int, rank: int = 0) -> np.ndarray:
+        """The order of the images in ``epoch`` for ``rank``: seeded by ``(seed, rank, epoch)``."""
+        return stream_seed(self.seed, rank, epoch).permutation(self.images.shape[0])
+
     def batch(self, step: int, rank: int = 0) -> Batch:
         epoch, within = divmod(int(step), self.per_epoch)
         if self.slots == 1:  # each rank its own order (one process: rank 0)
-            order = stream_seed(self.seed, rank, epoch).permutation(self.images.shape[0])
+            order = self.epoch_permutation(epoch, rank)
         else:  # one order per epoch dealt out in slots; the last step wraps round to its start
             n = self.images.shape[0]
-            order = stream_seed(self.seed, 0, epoch).permutation(n)
+            order = self.epoch_permutation(epoch, 0)
             first = (within * self.slots + int(rank)) * self.batch_size
             order = order[np.arange(first, first + self.batch_size) % n]
             within = 0

@@ -44,7 +44,7 @@ from cryosphere.poses.network.model import (
     PoseDistributionNetwork,
     build_model,
 )
-from cryosphere.poses.training import fixed_set as tr
+from cryosphere.poses.prediction.predictions import pose_errors_deg
 from cryosphere.poses.training import settings
 from cryosphere.poses.training.stream import Batch
 
@@ -158,18 +158,26 @@ def learning_rate_at_step(config: StreamTrainingConfig, step: int) -> float:
 def _validate(
     model: PoseDistributionNetwork, validation: Batch, ops: np.ndarray, loss: str
 ) -> dict[str, float]:
-    """Validation loss, acc@15° and median error: the fixed-set trainer's evaluation."""
+    """Validation loss, acc@15° and median error of the most probable cell (NaN without
+    validation images), in chunks of 256 images."""
+    if validation.images.shape[0] == 0:
+        return dict.fromkeys(("val_loss", "val_acc15", "val_median_deg"), float("nan"))
     device = model.image_mean.device
-    return tr._evaluate(
-        model,
-        validation.images.to(device),
-        validation.targets.to(device),
-        validation.rotations,
-        ops,
-        grids.healpix_so3_grid(model.config.grid_level),
-        loss,
-        256,
-    )
+    model.eval()
+    total, best = 0.0, []
+    with torch.no_grad():
+        for start in range(0, validation.images.shape[0], 256):
+            logits = model(validation.images[start : start + 256].to(device))
+            targets = validation.targets[start : start + 256].to(device)
+            total += float(settings.compute_loss(logits, targets, loss)) * logits.shape[0]
+            best.append(logits.argmax(dim=1).cpu())
+    grid = grids.healpix_so3_grid(model.config.grid_level)
+    errors = pose_errors_deg(grid[torch.cat(best).numpy()], validation.rotations, ops)
+    return {
+        "val_loss": total / validation.images.shape[0],
+        "val_acc15": float(np.mean(errors < 15.0)),
+        "val_median_deg": float(np.median(errors)),
+    }
 
 
 def _identity(model_config: ModelConfig, config: StreamTrainingConfig, stream: BatchSource) -> dict:
@@ -179,17 +187,34 @@ def _identity(model_config: ModelConfig, config: StreamTrainingConfig, stream: B
     return {"model": model_config.to_dict(), "training": training, "stream": stream.description()}
 
 
-def _resume(ckpt: Path, identity: dict, model, optimizer, config) -> tuple[int, list, float, int]:
+def _resume(
+    ckpt: Path, identity: dict, model, optimizer, config, steps_per_epoch: int | None = None
+) -> tuple[int, list, float, int]:
     record = checkpoints.load_checkpoint(ckpt)
-    if record.get("stream_identity") != identity:
+    saved = record.get("stream_identity")
+    if saved is None:
         raise ValueError(
-            f"{ckpt} was trained with other settings ({record.get('stream_identity')}), not "
-            f"{identity}; use another run folder or resume=False"
+            f"{ckpt} was written by an older CryoSphere trainer and cannot be resumed; train in "
+            "a new run folder or with resume=False (the network itself still loads)"
         )
+    if saved != identity:
+        fix = "use another run folder or resume=False"
+        if saved["model"] != identity["model"]:
+            what = f"model config {saved['model']}, not {identity['model']}"
+        elif saved["training"] != identity["training"]:
+            what = f"training config {saved['training']}, not {identity['training']}"
+        elif saved["stream"].get("fingerprint") != identity["stream"].get("fingerprint"):
+            what = "different images/targets/poses"
+        else:
+            what = f"other settings of its stream ({saved['stream']}, not {identity['stream']})"
+        raise ValueError(f"{ckpt} was trained with {what}; {fix}")
     if int(record["step"]) > config.steps:
+        done, asked, unit = int(record["step"]), config.steps, "steps"
+        if steps_per_epoch:
+            done, asked, unit = done // steps_per_epoch, config.steps // steps_per_epoch, "epochs"
         raise ValueError(
-            f"{ckpt} already holds {record['step']} steps, more than the {config.steps} asked "
-            f"for; ask for at least {record['step']} steps or use resume=False"
+            f"{ckpt} already holds {done} {unit}, more than the {asked} asked for; ask for "
+            f"at least {done} {unit} or use resume=False"
         )
     model.load_state_dict(record["model_state"])
     optimizer.load_state_dict(record["optimizer_state"])
@@ -208,6 +233,8 @@ def train_on_stream(
     progress: bool = True,
     stop_after: int | None = None,
     extra_validation: Callable[[PoseDistributionNetwork], dict[str, float]] | None = None,
+    input_statistics: tuple[float, float] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> StreamTrainingResult:
     """Train a :class:`PoseDistributionNetwork` on ``stream`` (module docstring).
 
@@ -228,15 +255,24 @@ def train_on_stream(
             remaining schedule.
         extra_validation: more scores of the model at every evaluation, added to its row
             (e.g. :func:`cryosphere.poses.training.refinement_stream.topk_validator`).
+        input_statistics: ``(mean, std)`` of the network's input normalisation (ignored with
+            per-image normalisation); None: those of the validation images.
+        steps_per_epoch: steps of one pass over a fixed set (:class:`FixedSetStream`'s
+            ``per_epoch``): every row and the checkpoint then also count epochs (``epoch``),
+            and messages speak of epochs. None: a stream without epochs.
     """
     ops = as_symmetry_ops(symmetry_ops)
     device = config.resolved_device()
-    model, optimizer = build_optimised_model(model_config, config, validation, device)
+    model, optimizer = build_optimised_model(
+        model_config, config, validation, device, input_statistics
+    )
     identity = _identity(model_config, config, stream)
     ckpt = checkpoints.checkpoint_path(run_dir) if run_dir is not None else None
     step, history, seconds, seen = 0, [], 0.0, 0
     if ckpt is not None and resume and ckpt.exists():
-        step, history, seconds, seen = _resume(ckpt, identity, model, optimizer, config)
+        step, history, seconds, seen = _resume(
+            ckpt, identity, model, optimizer, config, steps_per_epoch
+        )
     bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", disable=not progress)
     started, running, count = time.perf_counter() - seconds, 0.0, 0
     last = config.steps if stop_after is None else min(config.steps, int(stop_after))
@@ -253,10 +289,11 @@ def train_on_stream(
             bar.close()
             raise NonFiniteLossError(f"{error}; {_kept(ckpt, history)}") from None
         step, seen = step + 1, seen + batch.images.shape[0]
-        running, count = running + loss, count + 1
+        running, count = running + loss * batch.images.shape[0], count + batch.images.shape[0]
         bar.update()
         if step % config.eval_every == 0 or step == config.steps:
-            row = {"step": step, "train_loss": running / count}
+            row = {"step": step} | ({"epoch": step // steps_per_epoch} if steps_per_epoch else {})
+            row["train_loss"] = running / count
             row.update(_validate(model, validation, ops, config.loss))
             row.update(extra_validation(model) if extra_validation is not None else {})
             row.update(seconds=time.perf_counter() - started, images_seen=seen)
@@ -274,23 +311,17 @@ def train_on_stream(
             bar.set_postfix(postfix)
             if ckpt is not None:
                 _checkpoint(
-                    ckpt,
-                    model,
-                    optimizer,
-                    model_config,
-                    config,
-                    identity,
-                    step,
-                    seen,
-                    history,
-                    row["seconds"],
-                )
+                    ckpt, model, optimizer, model_config, config, identity, step, seen, history,
+                    row["seconds"], row.get("epoch"),
+                )  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - started
     if ckpt is not None and (not history or history[-1]["step"] != step):
+        epoch = step // steps_per_epoch if steps_per_epoch else None
         _checkpoint(
-            ckpt, model, optimizer, model_config, config, identity, step, seen, history, seconds
-        )
+            ckpt, model, optimizer, model_config, config, identity, step, seen, history, seconds,
+            epoch,
+        )  # fmt: skip
     model.eval()
     return StreamTrainingResult(model, history, step, seen, seconds, ckpt)
 
@@ -300,13 +331,17 @@ def build_optimised_model(
     config: StreamTrainingConfig,
     validation: Batch,
     device: torch.device,
+    input_statistics: tuple[float, float] | None = None,
 ) -> tuple[PoseDistributionNetwork, torch.optim.Optimizer]:
-    """The network initialised from ``config.seed`` (input statistics from the validation
-    images unless it normalises each image itself), on ``device``, and its AdamW optimiser."""
+    """The network initialised from ``config.seed`` (input statistics ``(mean, std)`` given,
+    else from the validation images, unless it normalises each image itself), on ``device``,
+    and its AdamW optimiser (Adam when ``weight_decay`` is 0)."""
     model = build_model(model_config, seed=config.seed)
     if not model_config.per_image_normalisation:
-        images = validation.images.double()
-        model.set_normalisation(float(images.mean()), float(images.std()))
+        if input_statistics is None:
+            images = validation.images.double()
+            input_statistics = (float(images.mean()), float(images.std()))
+        model.set_normalisation(*input_statistics)
     model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -354,7 +389,7 @@ def _kept(ckpt: Path | None, history: list) -> str:
 
 
 def _checkpoint(
-    ckpt, model, optimizer, model_config, config, identity, step, seen, history, seconds
+    ckpt, model, optimizer, model_config, config, identity, step, seen, history, seconds, epoch=None
 ):
     checkpoints._save_checkpoint(
         ckpt,
@@ -366,7 +401,7 @@ def _checkpoint(
             "model_state": {k: v.cpu() for k, v in model.state_dict().items()},
             "optimizer_state": optimizer.state_dict(),
             "step": step,
-            "epoch": step,
+            "epoch": step if epoch is None else int(epoch),
             "images_seen": seen,
             "train_seconds": seconds,
             "history": history,
