@@ -137,8 +137,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sweep_epochs": 2,
         "image_counts": [16, 64],
         "n_pairs": 16,
-        "stream_steps": 12,
-        "stream_batch_size": 8,
+        "stream_steps": 1000,
+        "stream_batch_size": 16,
     },
     "quick": {
         "n_projections": 200,
