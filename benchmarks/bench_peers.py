@@ -82,7 +82,7 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
     rows = []
     rate, _ = cpu_rate(
         lambda: inference.predict_star(
-            star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k
+            star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k, overwrite=True
         ),
         n,
         warm_up=True,
@@ -101,7 +101,7 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
     rate, _ = cpu_rate(
         lambda: inference.predict_star(
             star, checkpoint, searched, device="cpu", progress=False, top_k=args.top_k,
-            refine=search,
+            refine=search, overwrite=True,
         ),
         n,
     )  # fmt: skip
@@ -115,7 +115,7 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
 
     def fused():
         inference.predict_star(
-            star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k
+            star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k, overwrite=True
         )
         top = inference.load_topk(out).index
         images, ctf, pixel = particles.read()

@@ -34,6 +34,11 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    centred by the searched shifts (``refined_fsc05_A``; the origins ``predict --map`` writes)
    and from the search's 10 most probable candidates weighted by its posterior, each centred by
    its own searched shift (``refined_weighted_fsc05_A``, the side file's ``searched_*`` arrays).
+6. what a refinement program reports, for the true poses (``true_*``) and the searched ones
+   (``refined_*``, centred by the searched shifts): the gold-standard resolution
+   (``*_half_fsc0143_A``, FSC-0.143 between half maps of a seeded random split) and the
+   FSC-0.5 against the true map of the full map Wiener-filtered with the per-shell SSNR of
+   those halves (``*_ssnr_fsc05_A``, :func:`cryosphere.reconstruction.ssnr.ssnr_reconstruct`).
    The particles are simulated as a microscope images them: CTF and shift in a padded field,
    then boxed (:mod:`cryosphere.imaging.microscope`, the default since issue 23).
 
@@ -104,16 +109,11 @@ def _train(dataset, args, run_dir: Path, resume: bool):
     return stream, result
 
 
-def reconstruction_fsc05(
-    dataset, rotations, weights, regularisation: float, centring_px: np.ndarray | None = None
-) -> float:
-    """FSC-0.5 (Å) of the CTF-corrected reconstruction from ``rotations`` ``(n, 3, 3)`` or
-    ``(n, r, 3, 3)`` with ``weights``; every particle is centred by ``centring_px`` (``(n, 2)``
-    or, per candidate, ``(n, r, 2)``: the shifts the search found) or, when None, by its true
-    origin (the true poses' reconstruction)."""
+def _centred_particles(dataset, rotations, weights, centring_px):
+    """The particles centred by ``centring_px`` (``(n, 2)`` or, per candidate, ``(n, r, 2)``:
+    the shifts the search found; None: each one's true origin), one copy per candidate:
+    ``(images, ctf, rotations, weights)`` ready for back-projection."""
     from cryosphere.imaging import ctf as ctf_module
-    from cryosphere.reconstruction.backprojection import backproject
-    from cryosphere.reconstruction.fsc import fourier_shell_correlation
 
     images, ctf = dataset.noisy_images, dataset.ctf
     if centring_px is None:  # centre by the origin (shift by +origin / pixel = -shift_px)
@@ -126,8 +126,22 @@ def reconstruction_fsc05(
         rotations = np.asarray(rotations).reshape(n * r, 3, 3)
         weights = np.asarray(weights).reshape(n * r)
         centring_px = centring_px.reshape(n * r, 2)
+    return ctf_module.shift_images(images, centring_px), ctf, rotations, weights
+
+
+def reconstruction_fsc05(
+    dataset, rotations, weights, regularisation: float, centring_px: np.ndarray | None = None
+) -> float:
+    """FSC-0.5 (Å) against the true map of the CTF-corrected reconstruction (one Wiener
+    constant ``regularisation``) from ``rotations`` ``(n, 3, 3)`` or ``(n, r, 3, 3)`` with
+    ``weights``; every particle is centred by ``centring_px`` (``(n, 2)`` or ``(n, r, 2)``) or,
+    when None, by its true origin (the true poses' reconstruction)."""
+    from cryosphere.reconstruction.backprojection import backproject
+    from cryosphere.reconstruction.fsc import fourier_shell_correlation
+
+    images, ctf, rotations, weights = _centred_particles(dataset, rotations, weights, centring_px)
     volume = backproject(
-        ctf_module.shift_images(images, centring_px),
+        images,
         rotations,
         weights,
         symmetry_ops=dataset.symmetry_ops,
@@ -138,6 +152,36 @@ def reconstruction_fsc05(
     )
     curve = fourier_shell_correlation(volume, dataset.volume, dataset.pixel_size)
     return curve.resolution(0.5)
+
+
+def half_map_figures(
+    dataset, rotations, weights, regularisation: float, centring_px: np.ndarray | None = None
+) -> dict[str, float]:
+    """What a refinement program reports, from the same particles as
+    :func:`reconstruction_fsc05`: the gold-standard resolution (FSC-0.143 between two
+    half maps of a seeded random split, Å) and the FSC-0.5 against the true map of the full
+    map Wiener-filtered with the per-shell SSNR measured from those halves
+    (:func:`cryosphere.reconstruction.ssnr.ssnr_reconstruct`), Å."""
+    from cryosphere.reconstruction.fsc import fourier_shell_correlation
+    from cryosphere.reconstruction.ssnr import ssnr_reconstruct
+
+    images, ctf, rotations, weights = _centred_particles(dataset, rotations, weights, centring_px)
+    halves = ssnr_reconstruct(
+        images,
+        rotations,
+        dataset.pixel_size,
+        weights,
+        half_regularisation=regularisation,
+        symmetry_ops=dataset.symmetry_ops,
+        blur_sigma_px=REALISTIC["blur_sigma"],
+        ctf=ctf,
+        pixel_size_angstrom=dataset.pixel_size,
+    )
+    against_truth = fourier_shell_correlation(halves.volume, dataset.volume, dataset.pixel_size)
+    return {
+        "half_fsc0143_A": halves.half_fsc.resolution(0.143),
+        "ssnr_fsc05_A": against_truth.resolution(0.5),
+    }
 
 
 def _predicted(star: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,8 +226,15 @@ def _predict_with_map(
     out = star.with_name(f"searched_top{top_k}.star")
     rate = best_rate(
         lambda: inference.predict_star(
-            star, checkpoint, out, top_k=top_k, refine=search, device="cpu", progress=False
-        ),
+            star,
+            checkpoint,
+            out,
+            top_k=top_k,
+            refine=search,
+            device="cpu",
+            progress=False,
+            overwrite=True,
+        ),  # fmt: skip
         n,
         2,
     )
@@ -206,7 +257,11 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
     stream, result = _train(dataset, args, folder / "run", resume=args.run_dir is not None)
     star, out = folder / "data" / "particles.star", folder / "data" / "predicted.star"
     rate = best_rate(
-        lambda: inference.predict_star(star, result.checkpoint, out, progress=False), args.n_test, 1
+        lambda: inference.predict_star(
+            star, result.checkpoint, out, progress=False, overwrite=True
+        ),
+        args.n_test,
+        1,
     )
     best, top, weights = _predicted(out)
     model_err = predictions.pose_errors_deg(best, dataset.rotations, ops)
@@ -272,6 +327,14 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         "searches": list(searches.values()),
     }
     case["fsc_ratio"] = case["fsc05_predicted_A"] / case["fsc05_true_A"]
+    first_search = star.with_name(f"searched_top{args.top_k[0]}.star")  # _predict_with_map's
+    refined, _, _ = _predicted(first_search)
+    for prefix, poses, centring in (
+        ("true", dataset.rotations, None),
+        ("refined", refined, searched_side_shift(first_search)),
+    ):
+        figures = half_map_figures(dataset, poses, None, regularisation, centring)
+        case.update({f"{prefix}_{key}": value for key, value in figures.items()})
     training = {
         "structure": name,
         "train_s": result.train_seconds,
