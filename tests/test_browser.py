@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from lab_server import lab_server
 
-from cryosphere import io as cs_io
+from cryosphere import io as cryosphere_io
 from cryosphere.runs import execution, lab, report
 from cryosphere.runs.reproducibility import reproducibility_record
 
@@ -249,7 +249,7 @@ def test_report_opens_offline_and_draws_every_figure(notebooks_in_lab, browser):
     _, _, run_dir = notebooks_in_lab
     assert (run_dir / "stream" / "model" / "predictions.npz").is_file(), "notebook 05 first"
     summary = execution.collect_summary(run_dir, reproducibility_record({"seed": 0}, 1))
-    cs_io.write_json(run_dir / "summary.json", summary)
+    cryosphere_io.write_json(run_dir / "summary.json", summary)
     path = report.write_report(run_dir)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     refused: list[str] = []

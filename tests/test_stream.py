@@ -10,8 +10,7 @@ from cryosphere.geometry import grids, point_groups, rotations
 from cryosphere.imaging.projection import gaussian_blur, project_volume, rotate_images
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.network import checkpoints
-from cryosphere.poses.network import model as network_model
-from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.prediction import predictions
 from cryosphere.poses.training import targets as tg
 from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
@@ -256,7 +255,7 @@ def test_streamed_training_resumes_to_the_same_weights(small_volume, tmp_path):
 
 
 def test_predict_reads_the_harmonics_on_a_finer_grid(small_volume):
-    model = network_model.build_model(_tiny_model(), seed=0)
+    model = build_model(_tiny_model(), seed=0)
     images = torch.randn(5, 32, 32)
     coarse = predictions.predict(model, images)
     fine = predictions.predict(model, images, level=LEVEL + 1)

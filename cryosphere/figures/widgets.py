@@ -15,14 +15,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from cryosphere.figures import export, so3_plotly, so3_views, viz
-from cryosphere.poses.labels import dataset_labels as labels_module
 from cryosphere.poses.labels import explorer
+from cryosphere.poses.labels.dataset_labels import PoseLabels
 
 __all__ = ["label_explorer", "sphere_explorer"]
 
 
 def label_explorer(
-    labels: labels_module.PoseLabels,
+    labels: PoseLabels,
     rotations: np.ndarray,
     symmetry_ops: np.ndarray | None = None,
     image_index: int = 0,

@@ -20,7 +20,7 @@ from cryosphere.imaging.datasets import ParticleDataset
 from cryosphere.poses.labels import dataset_labels
 from cryosphere.poses.labels import templates as labels_templates
 from cryosphere.poses.network.model import ModelConfig
-from cryosphere.poses.prediction import predictions as prediction_predictions
+from cryosphere.poses.prediction.predictions import Predictions, predict_dataset
 from cryosphere.poses.training import fixed_set, settings
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 from cryosphere.poses.training.streamed import (
@@ -56,7 +56,7 @@ class TrainedRun:
     model_config: ModelConfig
     training_config: settings.TrainingConfig
     result: fixed_set.TrainingResult
-    predictions: prediction_predictions.Predictions
+    predictions: Predictions
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class StreamedRun:
     stream_config: StreamConfig
     training_config: StreamTrainingConfig
     result: StreamTrainingResult
-    predictions: prediction_predictions.Predictions
+    predictions: Predictions
     folder: Path
 
 
@@ -155,7 +155,5 @@ def load_or_train_stream(
         run_dir=folder,
         progress=progress,
     )
-    predictions = prediction_predictions.predict_dataset(
-        folder, result.model, dataset, stack_name="../../particles.mrcs"
-    )
+    predictions = predict_dataset(folder, result.model, dataset, stack_name="../../particles.mrcs")
     return StreamedRun(model_config, stream_config, training_config, result, predictions, folder)

@@ -63,8 +63,8 @@ from tqdm.auto import tqdm
 
 from cryosphere import io
 from cryosphere.imaging.datasets import ParticleDataset, SimulationParameters
-from cryosphere.poses.evaluation import equivariance as evaluation_equivariance
 from cryosphere.poses.evaluation import metrics
+from cryosphere.poses.evaluation.equivariance import equivariance_table
 from cryosphere.poses.labels import templates
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.training import fixed_set, settings
@@ -255,7 +255,7 @@ def _run_row(
         predictions.best_rotation[trn], dataset.rotations[trn], ops
     )
     random_model = fixed_set.untrained_model(dataset.noisy_images, model_config, training_config)
-    equivariance = evaluation_equivariance.equivariance_table(
+    equivariance = equivariance_table(
         dataset.volume,
         float(dataset.parameters.blur_sigma),
         model=result.model.cpu(),  # the equivariance test feeds CPU tensors
