@@ -34,7 +34,10 @@ For each structure (default 1UBI and 1HVR, 64 px, blur 1 px, level-2 grid):
    centred by the searched shifts (``refined_fsc05_A``; the origins ``predict --map`` writes)
    and from the search's 10 most probable candidates weighted by its posterior, each centred by
    its own searched shift (``refined_weighted_fsc05_A``, the side file's ``searched_*`` arrays).
-6. what a refinement program reports, for the true poses (``true_*``) and the searched ones
+6. the classical searches users run (``exhaustive_fast_*``, ``coarse_to_fine_*``: median
+   error, its ratio to the oracle's, images per CPU-second; :func:`classical_rows`), on the
+   oracle's particles, so that the network's advantage (or its absence) shows in the same run;
+7. what a refinement program reports, for the true poses (``true_*``) and the searched ones
    (``refined_*``, centred by the searched shifts): the gold-standard resolution
    (``*_half_fsc0143_A``, FSC-0.143 between half maps of a seeded random split) and the
    FSC-0.5 against the true map of the full map Wiener-filtered with the per-shell SSNR of
@@ -241,6 +244,34 @@ def _predict_with_map(
     return out, rate
 
 
+def classical_rows(star: Path, dataset, m: int) -> dict:
+    """The classical searches users run, on the first ``m`` particles (the oracle's), end to
+    end from the STAR file (level 2, the default band, ±3 px, each template with its
+    particle's CTF; :mod:`cryosphere.poses.search.coarse_to_fine`): ``exhaustive_fast_*``
+    (every cell on the project's fast kernel) and ``coarse_to_fine_*`` (level 1 on an 8-px
+    band, the best 16 cells' children at level 2: bench_peers' tuned setting at 1UBI, SNR 0.05):
+    median error (deg) and images per CPU-second."""
+    import _classical
+
+    from cryosphere.geometry import grids
+    from cryosphere.poses.prediction import predictions
+    from cryosphere.poses.search.coarse_to_fine import CoarseToFine
+
+    ops, grid = dataset.symmetry_ops, grids.healpix_so3_grid(2)
+    particles = _classical.load_particles(star, 64, dataset.rotations[:m], ops)
+    templates = _classical.Templates(particles, REALISTIC["blur_sigma"])
+    rows = {}
+    for name, schedule in (
+        ("exhaustive_fast", CoarseToFine(2, 2, keep=())),
+        ("coarse_to_fine", CoarseToFine(1, 2, coarse_resolution_px=8.0, keep=16)),
+    ):
+        best, rate = _classical.coarse_to_fine_run(particles, templates, schedule, np.arange(m))
+        errors = predictions.pose_errors_deg(grid[best], dataset.rotations[:m], ops)
+        rows[f"{name}_median_deg"] = float(np.median(errors))
+        rows[f"{name}_images_per_s"] = float(rate)
+    return rows
+
+
 def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
     """Train (or, with ``--run-dir``, reuse the model trained there), predict, score."""
     from bench_predict import write_particle_set
@@ -327,6 +358,9 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> tuple[di
         "searches": list(searches.values()),
     }
     case["fsc_ratio"] = case["fsc05_predicted_A"] / case["fsc05_true_A"]
+    case.update(classical_rows(star, dataset, m))
+    for key in ("exhaustive_fast", "coarse_to_fine"):
+        case[f"{key}_ratio"] = case[f"{key}_median_deg"] / case["oracle_median_deg"]
     first_search = star.with_name(f"searched_top{args.top_k[0]}.star")  # _predict_with_map's
     refined, _, _ = _predicted(first_search)
     for prefix, poses, centring in (
