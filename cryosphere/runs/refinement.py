@@ -18,9 +18,13 @@ Steps (everything checked before any work):
      training set to memorise: at realistic SNR the fixed set is memorised (issue 23:
      validation median 91-97° and rising, then 111° on new particles).
    * ``"fixed"``: the training split's real images as they are, targets a kernel around each
-     refined pose (:func:`cryosphere.poses.training.targets.pose_kernel_targets`), in a
-     :class:`~cryosphere.poses.training.stream.FixedSetStream` (no fresh noise, no in-plane turns:
-     there is no noise-free copy of a real particle).
+     refined pose (:func:`cryosphere.poses.training.targets.pose_kernel_targets`, computed
+     per batch), in a :class:`~cryosphere.poses.training.fixed_stream.FixedSetStream` (no fresh
+     noise, no in-plane turns: there is no noise-free copy of a real particle). Under
+     ``torchrun`` a rank reads and prepares only the shards of its own slots of the training
+     split (~1/W of it, one contiguous block of STAR rows, memory-mapped), and the batches are
+     those of one process with the same ``slots``; ``run_dir/shards.json`` records the STAR
+     rows each rank read.
 
    Nothing else is computed: no MSE landscapes, soft maps or masks (the poster's labels) and
    no clean projections of the particles; only the streamed source builds a template bank,
@@ -39,14 +43,16 @@ Steps (everything checked before any work):
    bar, logged to ``run_dir/model/training_log.csv`` and summarised in
    ``run_dir/validation.json``.
 
-Under ``torchrun`` every rank builds the same stream and validation set (the stream is a pure
-function of seed, rank and step; a rank reads the validation particles and a sample for the
-statistics, never the whole refinement in the streamed mode).
+Under ``torchrun`` every rank builds the same validation set and the stream of its slots (a
+pure function of seed, slot and step); a rank reads the validation particles, a sample for
+the contrast and (streamed) for the statistics or (fixed) its own shards, never the whole
+refinement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -67,11 +73,12 @@ from cryosphere.imaging.refinement_statistics import estimate_statistics
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.search import contrast as contrast_module
+from cryosphere.poses.training import fixed_stream as fs
 from cryosphere.poses.training import refinement_stream as rs
 from cryosphere.poses.training import targets as tg
-from cryosphere.poses.training.data_parallel import train_distributed
+from cryosphere.poses.training.data_parallel import rank_slots, train_distributed
 from cryosphere.poses.training.settings import split_indices
-from cryosphere.poses.training.stream import Batch, FixedSetStream
+from cryosphere.poses.training.stream import Batch
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     StreamTrainingResult,
@@ -91,6 +98,7 @@ __all__ = [
 SOURCES = ("stream", "fixed")
 VALIDATION_FILE = "validation.json"
 STATISTICS_FILE = "refinement_statistics.json"
+SHARDS_FILE = "shards.json"
 
 
 @dataclass(frozen=True)
@@ -223,21 +231,25 @@ def _split(n: int, max_validation: int, fraction: float, seed: int):
     return train_idx, val_idx
 
 
-def _calibrated_steps(stream, model_config, config, validation, seconds, evaluations=20) -> int:
-    """Steps that fit ``seconds``: a few throwaway steps (batches outside the training range)
-    and one validation are timed; 5 % is left for checkpoints."""
+def _calibrated_steps(
+    stream, model_config, config, validation, seconds, context, slot=0, evaluations=20
+) -> int:
+    """Steps that fit ``seconds``: a few throwaway steps (batches of ``slot`` outside the
+    training range) and one validation are timed; 5 % is left for checkpoints. The fewest of
+    the ranks' counts, so every rank runs the same schedule."""
     device = config.resolved_device()
     model, optimizer = build_optimised_model(model_config, config, validation, device)
     times = []
     for i in range(3):
         started = time.perf_counter()
-        optimiser_step(model, optimizer, stream.batch(10**9 + i), config, 0, device)
+        optimiser_step(model, optimizer, stream.batch(10**9 + i, slot), config, 0, device)
         times.append(time.perf_counter() - started)
     started = time.perf_counter()
     rs.validation_scores(model, validation.images, validation.rotations)
     evaluation = 2.0 * (time.perf_counter() - started)  # loss pass + top-k pass
     per_step = float(np.median(times[1:]))
-    return max(1, int((0.95 * seconds - evaluations * evaluation) / per_step))
+    steps = max(1, int((0.95 * seconds - evaluations * evaluation) / per_step))
+    return min(dd.all_gather(context, steps))
 
 
 def _resumed_schedule(run_dir, config: StreamTrainingConfig) -> StreamTrainingConfig:
@@ -264,23 +276,38 @@ def _schedule(config: StreamTrainingConfig, steps: int) -> StreamTrainingConfig:
 
 
 def _training_source(
-    source, pset, small, train_idx, model_config, batch_size, seed, slots, sign, skip_bad
+    source, pset, small, train_idx, model_config, batch_size, seed, slots, held, sign, skip_bad
 ):
-    """The training stream of ``source`` (step 3) and, for a stream, its statistics.
-    ``sign`` is the decided contrast (-1: dark particles, negated on reading as ``predict``
-    does, so the stream simulates them white)."""
+    """The training stream of ``source`` (step 3) and, for a stream, its statistics; for
+    ``"fixed"`` instead this rank's share (the shards of its slots ``held`` of ``slots``,
+    :mod:`cryosphere.poses.training.fixed_stream`), read and prepared: ``(images, kept STAR
+    rows)``. ``sign`` is the decided contrast (-1: dark particles, negated on reading as
+    ``predict`` does, so the stream simulates them white)."""
     level = model_config.grid_level
     if source == "stream":
         stats = estimate_statistics(pset, small, indices=train_idx, seed=seed, skip_bad=skip_bad)
         stats = dataclasses.replace(stats, contrast=float(stats.contrast) * float(sign))
         stream = rs.refinement_stream(small, stats, level, batch_size=batch_size, seed=seed)
         return stream, stats
-    images, train_idx, _ = _read_prepared(
-        pset, train_idx, model_config.image_size, sign=sign, skip_bad=skip_bad
+    first, last = fs.held_block(len(train_idx), slots, held)
+    images, kept, _ = _read_prepared(
+        pset, train_idx[first:last], model_config.image_size, sign=sign, skip_bad=skip_bad
     )
-    rotations = pset.rotations()[train_idx]
-    targets = tg.pose_kernel_targets(rotations, level).astype(np.float32)
-    return FixedSetStream(images.numpy(), targets, rotations, batch_size, seed, slots=slots), None
+    return (images.numpy(), kept), None
+
+
+def _fixed_stream(context, pset, train_idx, share, level, batch_size, seed, slots, held):
+    """The fixed stream of this rank's ``share`` (every rank calls it: the shard sizes are
+    gathered), targets a kernel around each refined pose computed per batch."""
+    images, kept = share
+    positions = np.searchsorted(train_idx, kept)
+    sizes = fs.gathered_shard_sizes(context, len(train_idx), slots, held, positions)
+    targets = functools.partial(tg.pose_kernel_targets, level=level)
+    rotations = pset.rotations()[kept]
+    return fs.FixedSetStream(
+        images, targets, rotations, batch_size, seed, slots=slots, shard_sizes=sizes,
+        held_slots=held,
+    )  # fmt: skip
 
 
 def train_on_refinement(
@@ -363,6 +390,7 @@ def train_on_refinement(
             small = preprocess.reference_map(map_path, pset, model_config.image_size)
             n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
             train_idx, val_idx = _split(n, max_validation, validation_fraction, seed)
+            held = rank_slots(int(slots), context.rank, context.world_size)
             decided = contrast_module.decide_for_particle_set(
                 pset, contrast, small, model_config.image_size, rotations=pset.rotations()
             )
@@ -377,8 +405,15 @@ def train_on_refinement(
             )  # fmt: skip
             stream, stats = _training_source(
                 source, pset, small, train_idx, model_config, int(batch_size), seed, int(slots),
-                decided.sign, skip_bad,
+                held, decided.sign, skip_bad,
             )  # fmt: skip
+        if source == "fixed":  # this rank's shards only (issue 23: never the whole refinement)
+            share = stream
+            stream = _fixed_stream(
+                context, pset, train_idx, share, model_config.grid_level, int(batch_size), seed,
+                int(slots), held,
+            )  # fmt: skip
+            fs.record_shares(context, Path(run_dir) / SHARDS_FILE, held, share[1])
         if context.writes:
             contrast_module.report(decided)
         if stats is not None and context.writes:
@@ -392,7 +427,7 @@ def train_on_refinement(
             budget = max(0.1, 1.0 - (time.perf_counter() - started) / 60.0 / minutes) * minutes
         if epochs is None and budget is not None:
             steps = _calibrated_steps(
-                stream, model_config, training_config, validation, 60 * budget
+                stream, model_config, training_config, validation, 60 * budget, context, held[0]
             )
             training_config = _schedule(training_config, steps)
             if resume:  # a resumed run keeps its warm-up and never asks for fewer steps
