@@ -1,5 +1,6 @@
 """Training on a refinement's real particles (``--source fixed``) on 2 CPU ranks (Gloo): each
-rank reads only the shards of its own slots, and the weights are those of one process.
+rank reads only the shards of its own slots, and the weights are those of one process. Also
+real particles mixed into the streamed batches (``real_fraction``).
 
 The refinement is laid out as RELION 3.1 writes it (:mod:`relion_layouts`: a project folder,
 two stacks under ``Extract/``, ``Refine3D/job002/run_data.star`` and its map). One training
@@ -17,6 +18,7 @@ distributions the two models predict must agree to 1e-5 of their peak.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,9 @@ from cryosphere import io
 from cryosphere.imaging import structure
 from cryosphere.imaging.atoms import load_structure
 from cryosphere.poses import distributed as dd
+from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
-from cryosphere.poses.training.fixed_stream import shard_bounds
+from cryosphere.poses.training.fixed_stream import FixedSetStream, MixedStream, shard_bounds
 from cryosphere.poses.training.streamed import StreamTrainingConfig
 from cryosphere.runs import refinement
 
@@ -192,3 +195,51 @@ def test_two_ranks_train_as_one_process_with_the_same_slots(two_ranks, tmp_path)
     validation = io.read_json(two_ranks / "two" / refinement.VALIDATION_FILE)
     assert validation["source"] == "fixed" and validation["steps"] == 4
     assert validation["n_train"] == 22 and validation["images_seen"] == 4 * 2 * 4
+
+
+def test_mixed_stream_puts_real_particles_of_the_slot_shard_after_the_fresh_ones():
+    n = 8
+    images = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
+    poses = np.tile(np.eye(3), (n, 1, 1))
+    real = FixedSetStream(images, np.ones((n, 3), np.float32), poses, 1, seed=2, slots=2)
+    fresh = FixedSetStream(-1 - images, np.zeros((n, 3), np.float32), poses, 3, seed=5, slots=2)
+    mixed = MixedStream(fresh, real)
+    for step in range(4):
+        for slot in (0, 1):
+            batch = mixed.batch(step, slot)
+            values = batch.images[:, 0, 0].tolist()
+            assert values[:3] == fresh.batch(step, slot).images[:, 0, 0].tolist()
+            assert values[3] == real.batch(step, slot).images[0, 0, 0] and 4 * slot <= values[3]
+            assert values[3] < 4 * slot + 4  # slot k's real particles come from shard k
+            assert batch.targets.sum(1).tolist() == [0, 0, 0, 3]
+            assert np.isnan(batch.noise_sigma[3]) and not np.isnan(batch.noise_sigma[:3]).any()
+    assert mixed.slots == 2 and mixed.description()["real"] == real.description()
+
+
+def test_real_fraction_mixes_real_particles_into_the_stream(project, tmp_path):
+    run = tmp_path / "mixed"
+    result = refinement.train_on_refinement(
+        project / "Refine3D/job002/run_data.star",
+        project / "Refine3D/job002/run_class001.mrc",
+        run,
+        model_config=MODEL,
+        training_config=dataclasses.replace(CONFIG, steps=2),
+        real_fraction=0.25,
+        batch_size=4,
+        progress=False,
+        contrast="white",
+        skip_bad=True,
+    )
+    assert result.steps_done == 2 and result.images_seen == 8
+    stream = checkpoints.load_checkpoint(result.checkpoint)["stream_identity"]["stream"]
+    assert stream["kind"] == "mixed" and stream["simulated"]["config"]["batch_size"] == 3
+    assert stream["real"]["kind"] == "fixed" and stream["real"]["batch_size"] == 1
+    assert io.read_json(run / refinement.VALIDATION_FILE)["real_per_batch"] == 1
+    assert io.read_json(run / refinement.SHARDS_FILE)["ranks"][0]["n_read"] == 21
+    for fraction, source, message in ((0.1, "stream", "got 0.1"), (0.5, "fixed", "streamed")):
+        with pytest.raises(ValueError, match=message):
+            refinement.train_on_refinement(
+                project / "x.star", project / "x.mrc", tmp_path / "bad", batch_size=4,
+                real_fraction=fraction, source=source,
+            )  # fmt: skip
+    assert not (tmp_path / "bad").exists()

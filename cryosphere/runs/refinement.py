@@ -25,6 +25,9 @@ Steps (everything checked before any work):
      split (~1/W of it, one contiguous block of STAR rows, memory-mapped), and the batches are
      those of one process with the same ``slots``; ``run_dir/shards.json`` records the STAR
      rows each rank read.
+   * ``"stream"`` with ``real_fraction`` ``F > 0``: each stream batch is ``round(F · B)`` real
+     particles drawn as in ``"fixed"`` (the same shards) and the rest fresh
+     (:class:`~cryosphere.poses.training.fixed_stream.MixedStream`).
 
    Nothing else is computed: no MSE landscapes, soft maps or masks (the poster's labels) and
    no clean projections of the particles; only the streamed source builds a template bank,
@@ -76,14 +79,13 @@ from cryosphere.poses.search import contrast as contrast_module
 from cryosphere.poses.training import fixed_stream as fs
 from cryosphere.poses.training import refinement_stream as rs
 from cryosphere.poses.training import targets as tg
+from cryosphere.poses.training.budget import calibrated_steps, resumed_schedule, scheduled
 from cryosphere.poses.training.data_parallel import rank_slots, train_distributed
 from cryosphere.poses.training.settings import split_indices
 from cryosphere.poses.training.stream import Batch
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     StreamTrainingResult,
-    build_optimised_model,
-    optimiser_step,
     train_on_stream,
 )
 from cryosphere.runs.series import stream_model_config
@@ -231,69 +233,42 @@ def _split(n: int, max_validation: int, fraction: float, seed: int):
     return train_idx, val_idx
 
 
-def _calibrated_steps(
-    stream, model_config, config, validation, seconds, context, slot=0, evaluations=20
-) -> int:
-    """Steps that fit ``seconds``: a few throwaway steps (batches of ``slot`` outside the
-    training range) and one validation are timed; 5 % is left for checkpoints. The fewest of
-    the ranks' counts, so every rank runs the same schedule."""
-    device = config.resolved_device()
-    model, optimizer = build_optimised_model(model_config, config, validation, device)
-    times = []
-    for i in range(3):
-        started = time.perf_counter()
-        optimiser_step(model, optimizer, stream.batch(10**9 + i, slot), config, 0, device)
-        times.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    rs.validation_scores(model, validation.images, validation.rotations)
-    evaluation = 2.0 * (time.perf_counter() - started)  # loss pass + top-k pass
-    per_step = float(np.median(times[1:]))
-    steps = max(1, int((0.95 * seconds - evaluations * evaluation) / per_step))
-    return min(dd.all_gather(context, steps))
-
-
-def _resumed_schedule(run_dir, config: StreamTrainingConfig) -> StreamTrainingConfig:
-    """``config`` with the warm-up of the checkpoint in ``run_dir`` and at least its steps
-    (a calibrated step count varies from call to call); unchanged without a checkpoint."""
-    from cryosphere.poses.network import checkpoints
-
-    checkpoint = checkpoints.checkpoint_path(run_dir)
-    if not checkpoint.exists():
-        return config
-    record = checkpoints.load_checkpoint(checkpoint)
-    warmup = int(record.get("training_config", {}).get("warmup_steps", config.warmup_steps))
-    steps = max(int(config.steps), int(record["step"]))
-    return dataclasses.replace(config, steps=steps, warmup_steps=warmup)
-
-
-def _schedule(config: StreamTrainingConfig, steps: int) -> StreamTrainingConfig:
-    return dataclasses.replace(
-        config,
-        steps=int(steps),
-        warmup_steps=min(config.warmup_steps, int(steps) // 10),
-        eval_every=min(config.eval_every, max(1, int(steps) // 20)),
-    )
-
-
 def _training_source(
-    source, pset, small, train_idx, model_config, batch_size, seed, slots, held, sign, skip_bad
-):
-    """The training stream of ``source`` (step 3) and, for a stream, its statistics; for
-    ``"fixed"`` instead this rank's share (the shards of its slots ``held`` of ``slots``,
-    :mod:`cryosphere.poses.training.fixed_stream`), read and prepared: ``(images, kept STAR
-    rows)``. ``sign`` is the decided contrast (-1: dark particles, negated on reading as
-    ``predict`` does, so the stream simulates them white)."""
-    level = model_config.grid_level
+    source, pset, small, train_idx, model_config, batch_size, seed, slots, held, sign, skip_bad,
+    real,
+):  # fmt: skip
+    """``(stream, statistics, share)`` of ``source`` (step 3): for ``"stream"`` the stream of
+    ``batch_size − real`` fresh particles and its statistics; for ``"fixed"``, or with ``real``
+    particles mixed in, this rank's ``share`` of the training split (the shards of its slots
+    ``held`` of ``slots``, :mod:`cryosphere.poses.training.fixed_stream`), read and prepared:
+    ``(images, kept STAR rows)``. ``sign`` is the decided contrast (-1: dark particles, negated
+    on reading as ``predict`` does, so the stream simulates them white)."""
+    stream = stats = share = None
     if source == "stream":
         stats = estimate_statistics(pset, small, indices=train_idx, seed=seed, skip_bad=skip_bad)
         stats = dataclasses.replace(stats, contrast=float(stats.contrast) * float(sign))
-        stream = rs.refinement_stream(small, stats, level, batch_size=batch_size, seed=seed)
-        return stream, stats
-    first, last = fs.held_block(len(train_idx), slots, held)
-    images, kept, _ = _read_prepared(
-        pset, train_idx[first:last], model_config.image_size, sign=sign, skip_bad=skip_bad
-    )
-    return (images.numpy(), kept), None
+        level = model_config.grid_level
+        stream = rs.refinement_stream(small, stats, level, batch_size=batch_size - real, seed=seed)
+    if source == "fixed" or real:
+        first, last = fs.held_block(len(train_idx), slots, held)
+        images, kept, _ = _read_prepared(
+            pset, train_idx[first:last], model_config.image_size, sign=sign, skip_bad=skip_bad
+        )
+        share = (images.numpy(), kept)
+    return stream, stats, share
+
+
+def _real_per_batch(real_fraction: float, source: str, batch_size: int) -> int:
+    """Real particles in each stream batch of ``batch_size`` (``round(F · B)``, checked)."""
+    real = int(round(float(real_fraction) * int(batch_size)))
+    if not 0 <= real_fraction < 1 or (real_fraction > 0 and not 0 < real < batch_size):
+        raise ValueError(
+            f"real_fraction must be 0 or give 1 .. {batch_size - 1} real particles in a batch of "
+            f"{batch_size}, got {real_fraction}"
+        )
+    if real and source != "stream":
+        raise ValueError("real_fraction mixes real particles into the streamed source")
+    return real
 
 
 def _fixed_stream(context, pset, train_idx, share, level, batch_size, seed, slots, held):
@@ -320,6 +295,7 @@ def train_on_refinement(
     epochs: int | None = None,
     minutes: float | None = None,
     source: str = "stream",
+    real_fraction: float = 0.0,
     batch_size: int = 32,
     validation_fraction: float = 0.1,
     max_validation: int = 500,
@@ -353,6 +329,10 @@ def train_on_refinement(
         minutes: wall-clock budget of the training; without ``epochs`` the step count is
             calibrated to it (module docstring, step 5).
         source: ``"stream"`` (default) or ``"fixed"`` (module docstring, step 3).
+        real_fraction: share ``F`` of each stream batch made of real training particles
+            (``round(F · batch_size)``, drawn as the fixed source draws them, pose-kernel
+            targets) mixed into the fresh ones; 0 (default, measured in
+            docs/training_on_a_refinement.md): none.
         batch_size: particles per stream batch (per step on one process).
         validation_fraction, max_validation: held-out share of the particles, and its cap.
         top_k: the ``k`` of the ``val_topk_hit`` score (``predict --map``'s default 100).
@@ -368,6 +348,7 @@ def train_on_refinement(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    real = _real_per_batch(real_fraction, source, int(batch_size))
     if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
         raise ValueError(f"minutes must be a positive number, got {minutes}")
     if epochs is not None and int(epochs) < 1:
@@ -403,16 +384,16 @@ def train_on_refinement(
                 images, torch.from_numpy(targets.astype(np.float32)), rotations,
                 np.zeros(len(val_idx)), images,
             )  # fmt: skip
-            stream, stats = _training_source(
+            stream, stats, share = _training_source(
                 source, pset, small, train_idx, model_config, int(batch_size), seed, int(slots),
-                held, decided.sign, skip_bad,
+                held, decided.sign, skip_bad, real,
             )  # fmt: skip
-        if source == "fixed":  # this rank's shards only (issue 23: never the whole refinement)
-            share = stream
-            stream = _fixed_stream(
-                context, pset, train_idx, share, model_config.grid_level, int(batch_size), seed,
-                int(slots), held,
+        if share is not None:  # this rank's shards only (issue 23: never the whole refinement)
+            fixed = _fixed_stream(
+                context, pset, train_idx, share, model_config.grid_level,
+                real or int(batch_size), seed, int(slots), held,
             )  # fmt: skip
+            stream = fixed if stream is None else fs.MixedStream(stream, fixed)
             fs.record_shares(context, Path(run_dir) / SHARDS_FILE, held, share[1])
         if context.writes:
             contrast_module.report(decided)
@@ -421,17 +402,17 @@ def train_on_refinement(
             io.write_json(Path(run_dir) / STATISTICS_FILE, stats.summary())
         if epochs is not None:
             per_epoch = math.ceil(len(train_idx) / (int(batch_size) * int(slots)))
-            training_config = _schedule(training_config, int(epochs) * per_epoch)
+            training_config = scheduled(training_config, int(epochs) * per_epoch)
         budget = None
         if minutes is not None:  # what the preparation left of the budget (at least 10 %)
             budget = max(0.1, 1.0 - (time.perf_counter() - started) / 60.0 / minutes) * minutes
         if epochs is None and budget is not None:
-            steps = _calibrated_steps(
+            steps = calibrated_steps(
                 stream, model_config, training_config, validation, 60 * budget, context, held[0]
             )
-            training_config = _schedule(training_config, steps)
+            training_config = scheduled(training_config, steps)
             if resume:  # a resumed run keeps its warm-up and never asks for fewer steps
-                training_config = _resumed_schedule(run_dir, training_config)
+                training_config = resumed_schedule(run_dir, training_config)
         if budget is not None:
             training_config = dataclasses.replace(training_config, time_budget_s=60.0 * budget)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
@@ -458,7 +439,7 @@ def train_on_refinement(
                 context=context,
             )
         if context.writes:
-            _write_validation(run_dir, result, source, len(train_idx), validation, top_k)
+            _write_validation(run_dir, result, source, len(train_idx), validation, top_k, real)
             if result.checkpoint is not None:
                 contrast_module.record_in_checkpoint(result.checkpoint, decided)
         return result
@@ -466,13 +447,16 @@ def train_on_refinement(
         dd.shutdown(context)
 
 
-def _write_validation(run_dir, result, source, n_train, validation, top_k) -> dict[str, Any]:
+def _write_validation(
+    run_dir, result, source, n_train, validation, top_k, real=0
+) -> dict[str, Any]:
     """``run_dir/validation.json``: the held-out real particles' scores at every evaluation
     and at the end (``val_topk_hit`` recomputed on the final model)."""
     final = rs.validation_scores(result.model, validation.images, validation.rotations, top_k)
     history = [dict(row) for row in result.history]
     record = {
         "source": source,
+        "real_per_batch": int(real),
         "n_train": int(n_train),
         "n_validation": int(validation.images.shape[0]),
         "steps": result.steps_done,

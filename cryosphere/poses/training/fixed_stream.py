@@ -1,4 +1,5 @@
-"""Batches from a fixed training split, dealt out in slots whose shards a rank reads alone.
+"""Batches from a fixed training split, dealt out in slots whose shards a rank reads by
+itself; on their own or mixed into a stream of fresh particles (:class:`MixedStream`).
 
 :class:`FixedSetStream` gives :class:`~cryosphere.poses.training.stream.Batch` objects from
 ``batch(step, slot)``, a pure function of ``(seed, slot, step)`` like the simulated streams
@@ -49,7 +50,14 @@ from cryosphere.poses.distributed import DistributedContext, all_gather, block_r
 from cryosphere.poses.training import targets as tg
 from cryosphere.poses.training.stream import Batch, stream_seed
 
-__all__ = ["FixedSetStream", "shard_bounds", "held_block", "gathered_shard_sizes", "record_shares"]
+__all__ = [
+    "FixedSetStream",
+    "MixedStream",
+    "shard_bounds",
+    "held_block",
+    "gathered_shard_sizes",
+    "record_shares",
+]
 
 TargetFunction = Callable[[np.ndarray], np.ndarray]
 
@@ -258,3 +266,38 @@ def record_shares(
     if context.writes:
         io.write_json(path, record)
     return record
+
+
+class MixedStream:
+    """Stream batches with real particles mixed in: batch ``(step, slot)`` is the ``slot``
+    batch of ``simulated`` (``B − r`` fresh particles) followed by that of ``real`` (``r``
+    particles of a :class:`FixedSetStream`, each slot from its own shard).
+
+    Args:
+        simulated: any stream with ``batch(step, slot)`` and ``description()`` (e.g. a
+            :class:`~cryosphere.poses.training.stream.SimulatedStream`).
+        real: the real particles; its ``slots`` are the stream's.
+
+    The batch's ``clean`` holds the real particles' own images (no noise-free copy exists),
+    ``noise_sigma`` NaN for them; ``raw``, ``ctf`` and ``shifts_px`` are dropped.
+    """
+
+    def __init__(self, simulated: Any, real: FixedSetStream):
+        self.simulated, self.real, self.slots = simulated, real, real.slots
+
+    def batch(self, step: int, rank: int = 0) -> Batch:
+        """Batch ``step`` of slot ``rank``: simulated then real (deterministic)."""
+        fresh, real = self.simulated.batch(step, rank), self.real.batch(step, rank)
+        n = real.images.shape[0]
+        return Batch(
+            images=torch.cat([fresh.images, real.images]),
+            targets=torch.cat([fresh.targets, real.targets]),
+            rotations=np.concatenate([fresh.rotations, real.rotations]),
+            noise_sigma=np.concatenate([fresh.noise_sigma, np.full(n, np.nan)]),
+            clean=torch.cat([fresh.clean, real.images]),
+        )
+
+    def description(self) -> dict[str, Any]:
+        """What identifies the stream (for checkpoints)."""
+        simulated, real = self.simulated.description(), self.real.description()
+        return {"kind": "mixed", "simulated": simulated, "real": real}
