@@ -16,7 +16,9 @@ seeing more fresh ones), not what it would correct on data the simulation misses
 
 Usage::
 
-    python benchmarks/bench_real_fraction.py --threads 1      # ~10 min on one thread
+    python benchmarks/bench_real_fraction.py --threads 1      # ~4 min on one thread
+    python benchmarks/bench_real_fraction.py --threads 1 --steps 1000 --snrs 0.5 \\
+        --fractions 0 0.1 0.25 0.5                            # the docs' table, ~5 min
 
 Last line: one JSON object ``{"cases": [{"snr", "real_fraction", "seed", "val_loss",
 "val_median_deg", "val_topk_hit"}], "means": [...], "settings"}``.
