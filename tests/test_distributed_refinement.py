@@ -34,7 +34,7 @@ from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.training.fixed_stream import FixedSetStream, MixedStream, shard_bounds
 from cryosphere.poses.training.streamed import StreamTrainingConfig
-from cryosphere.runs import refinement
+from cryosphere.runs import cli, refinement
 
 PIXEL = 1.8  # Å
 N_PARTICLES = 24  # 2 held out (10 %), 22 training: shards of 11 and 11 (one damaged)
@@ -216,7 +216,7 @@ def test_mixed_stream_puts_real_particles_of_the_slot_shard_after_the_fresh_ones
     assert mixed.slots == 2 and mixed.description()["real"] == real.description()
 
 
-def test_real_fraction_mixes_real_particles_into_the_stream(project, tmp_path):
+def test_real_fraction_mixes_real_particles_into_the_stream(project, tmp_path, capsys):
     run = tmp_path / "mixed"
     result = refinement.train_on_refinement(
         project / "Refine3D/job002/run_data.star",
@@ -242,4 +242,8 @@ def test_real_fraction_mixes_real_particles_into_the_stream(project, tmp_path):
                 project / "x.star", project / "x.mrc", tmp_path / "bad", batch_size=4,
                 real_fraction=fraction, source=source,
             )  # fmt: skip
+    argv = ["train", "--star", str(project / "x.star"), "--map", str(project / "x.mrc")]
+    argv += ["--run-dir", str(tmp_path / "bad"), "--real-fraction", "1.0"]
+    assert cli.main(argv) == 2  # the command refuses it in one line, before reading
+    assert "real_fraction must be 0 or give 1 .. 31" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -391,8 +391,9 @@ def train_on_refinement(
         if share is not None:  # this rank's shards only (issue 23: never the whole refinement)
             fixed = _fixed_stream(
                 context, pset, train_idx, share, model_config.grid_level,
-                real or int(batch_size), seed, int(slots), held,
+                real or int(batch_size), seed + (1 if real else 0), int(slots), held,
             )  # fmt: skip
+            # mixed: its own seed (the stream's generators are [seed, slot, step])
             stream = fixed if stream is None else fs.MixedStream(stream, fixed)
             fs.record_shares(context, Path(run_dir) / SHARDS_FILE, held, share[1])
         if context.writes:
