@@ -21,7 +21,8 @@ from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction import inference
 from cryosphere.poses.training import fixed_set, settings
-from cryosphere.poses.training.stream import Batch, FixedSetStream
+from cryosphere.poses.training.fixed_stream import FixedSetStream
+from cryosphere.poses.training.stream import Batch
 from cryosphere.poses.training.streamed import (
     NonFiniteLossError,
     StreamTrainingConfig,

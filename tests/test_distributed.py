@@ -42,7 +42,8 @@ from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.prediction import inference, sharded_prediction
 from cryosphere.poses.search import map_search
 from cryosphere.poses.training import data_parallel
-from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
+from cryosphere.poses.training.fixed_stream import FixedSetStream
+from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 from cryosphere.runs import cli
 
@@ -186,15 +187,25 @@ def test_block_range_and_rank_slots_cover_everything_once():
         data_parallel.rank_slots(3, 0, 2)
 
 
-def test_fixed_set_slots_share_each_epoch_and_one_slot_is_unchanged():
+def test_fixed_set_slots_draw_their_own_shards_and_one_slot_is_unchanged():
     n = 10
     images = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
     args = (images, np.ones((n, 3), np.float32), np.tile(np.eye(3), (n, 1, 1)), 3)
     dealt = FixedSetStream(*args, seed=1, slots=2)
     assert dealt.per_epoch == 2 and dealt.description()["slots"] == 2
-    drawn = [dealt.batch(s, k).images[:, 0, 0].int().tolist() for s in range(2) for k in range(2)]
-    assert all(len(b) == 3 for b in drawn)  # equal shares, the last step wrapped round
-    assert sorted(sum(drawn, [])[:n]) == list(range(n))  # each image once before the wrap
+    drawn = [[dealt.batch(s, k).images[:, 0, 0].int().tolist() for s in range(2)] for k in (0, 1)]
+    assert all(len(b) == 3 for slot in drawn for b in slot)  # equal shares, the last wrapped
+    for k, shard in enumerate((range(0, 5), range(5, 10))):  # each slot its contiguous shard,
+        assert sorted(sum(drawn[k], [])[:5]) == list(shard)  # each image once before the wrap
+    # a stream holding slot 1's shard only draws slot 1's batches, and refuses slot 0
+    second = FixedSetStream(
+        images[5:], args[1][5:], args[2][5:], 3, seed=1, slots=2, shard_sizes=[5, 5],
+        held_slots=range(1, 2),
+    )  # fmt: skip
+    assert [second.batch(s, 1).images[:, 0, 0].int().tolist() for s in range(2)] == drawn[1]
+    assert second.description() == dealt.description()
+    with pytest.raises(ValueError, match="read by another rank"):
+        second.batch(0, 0)
     plain = FixedSetStream(*args, seed=1)  # one slot: the order of rank 0, as before slots
     order = np.random.default_rng([1, 0, 0]).permutation(n)
     assert plain.batch(3).images[:, 0, 0].int().tolist() == order[9:].tolist()

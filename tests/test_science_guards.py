@@ -29,12 +29,8 @@ from cryosphere.imaging.projection import project_volume
 from cryosphere.poses.evaluation import equivariance
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.training import targets
-from cryosphere.poses.training.stream import (
-    FixedSetStream,
-    ParticleRealism,
-    SimulatedStream,
-    StreamConfig,
-)
+from cryosphere.poses.training.fixed_stream import FixedSetStream
+from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
 from cryosphere.reconstruction import backprojection
 
 LEVEL = 1

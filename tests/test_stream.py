@@ -13,7 +13,8 @@ from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.prediction import predictions
 from cryosphere.poses.training import targets as tg
-from cryosphere.poses.training.stream import FixedSetStream, SimulatedStream, StreamConfig
+from cryosphere.poses.training.fixed_stream import FixedSetStream
+from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     learning_rate_at_step,

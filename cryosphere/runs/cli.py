@@ -123,6 +123,13 @@ def _add_train_parser(commands: Any) -> None:
         default="stream",
         help="fresh particles from the map with the data's statistics, or the real images (docs/training_on_a_refinement.md)",
     )
+    fit.add_argument(
+        "--real-fraction",
+        type=float,
+        default=0.0,
+        help="share of each streamed batch made of real training particles with their refined "
+        "poses (default 0, docs/training_on_a_refinement.md)",
+    )
     fit.add_argument("--max-particles", type=int, default=None, help="use the first N only")
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     fit.add_argument("--seed", type=int, default=0)
@@ -211,6 +218,7 @@ def _train(args: argparse.Namespace) -> int:
             epochs=args.epochs if args.steps is None and args.minutes is None else None,
             minutes=args.minutes,
             source=args.source,
+            real_fraction=args.real_fraction,
             batch_size=args.batch_size,
             max_particles=args.max_particles,
             slots=args.slots,

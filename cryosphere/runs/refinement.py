@@ -18,9 +18,16 @@ Steps (everything checked before any work):
      training set to memorise: at realistic SNR the fixed set is memorised (issue 23:
      validation median 91-97° and rising, then 111° on new particles).
    * ``"fixed"``: the training split's real images as they are, targets a kernel around each
-     refined pose (:func:`cryosphere.poses.training.targets.pose_kernel_targets`), in a
-     :class:`~cryosphere.poses.training.stream.FixedSetStream` (no fresh noise, no in-plane turns:
-     there is no noise-free copy of a real particle).
+     refined pose (:func:`cryosphere.poses.training.targets.pose_kernel_targets`, computed
+     per batch), in a :class:`~cryosphere.poses.training.fixed_stream.FixedSetStream` (no fresh
+     noise, no in-plane turns: there is no noise-free copy of a real particle). Under
+     ``torchrun`` a rank reads and prepares only the shards of its own slots of the training
+     split (~1/W of it, one contiguous block of STAR rows, memory-mapped), and the batches are
+     those of one process with the same ``slots``; ``run_dir/shards.json`` records the STAR
+     rows each rank read.
+   * ``"stream"`` with ``real_fraction`` ``F > 0``: each stream batch is ``round(F · B)`` real
+     particles drawn as in ``"fixed"`` (the same shards) and the rest fresh
+     (:class:`~cryosphere.poses.training.fixed_stream.MixedStream`).
 
    Nothing else is computed: no MSE landscapes, soft maps or masks (the poster's labels) and
    no clean projections of the particles; only the streamed source builds a template bank,
@@ -39,14 +46,16 @@ Steps (everything checked before any work):
    bar, logged to ``run_dir/model/training_log.csv`` and summarised in
    ``run_dir/validation.json``.
 
-Under ``torchrun`` every rank builds the same stream and validation set (the stream is a pure
-function of seed, rank and step; a rank reads the validation particles and a sample for the
-statistics, never the whole refinement in the streamed mode).
+Under ``torchrun`` every rank builds the same validation set and the stream of its slots (a
+pure function of seed, slot and step); a rank reads the validation particles, a sample for
+the contrast and (streamed) for the statistics or (fixed) its own shards, never the whole
+refinement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -67,16 +76,16 @@ from cryosphere.imaging.refinement_statistics import estimate_statistics
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.search import contrast as contrast_module
+from cryosphere.poses.training import fixed_stream as fs
 from cryosphere.poses.training import refinement_stream as rs
 from cryosphere.poses.training import targets as tg
-from cryosphere.poses.training.data_parallel import train_distributed
+from cryosphere.poses.training.budget import calibrated_steps, resumed_schedule, scheduled
+from cryosphere.poses.training.data_parallel import rank_slots, train_distributed
 from cryosphere.poses.training.settings import split_indices
-from cryosphere.poses.training.stream import Batch, FixedSetStream
+from cryosphere.poses.training.stream import Batch
 from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     StreamTrainingResult,
-    build_optimised_model,
-    optimiser_step,
     train_on_stream,
 )
 from cryosphere.runs.series import stream_model_config
@@ -91,6 +100,7 @@ __all__ = [
 SOURCES = ("stream", "fixed")
 VALIDATION_FILE = "validation.json"
 STATISTICS_FILE = "refinement_statistics.json"
+SHARDS_FILE = "shards.json"
 
 
 @dataclass(frozen=True)
@@ -223,64 +233,56 @@ def _split(n: int, max_validation: int, fraction: float, seed: int):
     return train_idx, val_idx
 
 
-def _calibrated_steps(stream, model_config, config, validation, seconds, evaluations=20) -> int:
-    """Steps that fit ``seconds``: a few throwaway steps (batches outside the training range)
-    and one validation are timed; 5 % is left for checkpoints."""
-    device = config.resolved_device()
-    model, optimizer = build_optimised_model(model_config, config, validation, device)
-    times = []
-    for i in range(3):
-        started = time.perf_counter()
-        optimiser_step(model, optimizer, stream.batch(10**9 + i), config, 0, device)
-        times.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    rs.validation_scores(model, validation.images, validation.rotations)
-    evaluation = 2.0 * (time.perf_counter() - started)  # loss pass + top-k pass
-    per_step = float(np.median(times[1:]))
-    return max(1, int((0.95 * seconds - evaluations * evaluation) / per_step))
-
-
-def _resumed_schedule(run_dir, config: StreamTrainingConfig) -> StreamTrainingConfig:
-    """``config`` with the warm-up of the checkpoint in ``run_dir`` and at least its steps
-    (a calibrated step count varies from call to call); unchanged without a checkpoint."""
-    from cryosphere.poses.network import checkpoints
-
-    checkpoint = checkpoints.checkpoint_path(run_dir)
-    if not checkpoint.exists():
-        return config
-    record = checkpoints.load_checkpoint(checkpoint)
-    warmup = int(record.get("training_config", {}).get("warmup_steps", config.warmup_steps))
-    steps = max(int(config.steps), int(record["step"]))
-    return dataclasses.replace(config, steps=steps, warmup_steps=warmup)
-
-
-def _schedule(config: StreamTrainingConfig, steps: int) -> StreamTrainingConfig:
-    return dataclasses.replace(
-        config,
-        steps=int(steps),
-        warmup_steps=min(config.warmup_steps, int(steps) // 10),
-        eval_every=min(config.eval_every, max(1, int(steps) // 20)),
-    )
-
-
 def _training_source(
-    source, pset, small, train_idx, model_config, batch_size, seed, slots, sign, skip_bad
-):
-    """The training stream of ``source`` (step 3) and, for a stream, its statistics.
-    ``sign`` is the decided contrast (-1: dark particles, negated on reading as ``predict``
-    does, so the stream simulates them white)."""
-    level = model_config.grid_level
+    source, pset, small, train_idx, model_config, batch_size, seed, slots, held, sign, skip_bad,
+    real,
+):  # fmt: skip
+    """``(stream, statistics, share)`` of ``source`` (step 3): for ``"stream"`` the stream of
+    ``batch_size − real`` fresh particles and its statistics; for ``"fixed"``, or with ``real``
+    particles mixed in, this rank's ``share`` of the training split (the shards of its slots
+    ``held`` of ``slots``, :mod:`cryosphere.poses.training.fixed_stream`), read and prepared:
+    ``(images, kept STAR rows)``. ``sign`` is the decided contrast (-1: dark particles, negated
+    on reading as ``predict`` does, so the stream simulates them white)."""
+    stream = stats = share = None
     if source == "stream":
         stats = estimate_statistics(pset, small, indices=train_idx, seed=seed, skip_bad=skip_bad)
         stats = dataclasses.replace(stats, contrast=float(stats.contrast) * float(sign))
-        stream = rs.refinement_stream(small, stats, level, batch_size=batch_size, seed=seed)
-        return stream, stats
-    images, train_idx, _ = _read_prepared(
-        pset, train_idx, model_config.image_size, sign=sign, skip_bad=skip_bad
-    )
-    rotations = pset.rotations()[train_idx]
-    targets = tg.pose_kernel_targets(rotations, level).astype(np.float32)
-    return FixedSetStream(images.numpy(), targets, rotations, batch_size, seed, slots=slots), None
+        level = model_config.grid_level
+        stream = rs.refinement_stream(small, stats, level, batch_size=batch_size - real, seed=seed)
+    if source == "fixed" or real:
+        first, last = fs.held_block(len(train_idx), slots, held)
+        images, kept, _ = _read_prepared(
+            pset, train_idx[first:last], model_config.image_size, sign=sign, skip_bad=skip_bad
+        )
+        share = (images.numpy(), kept)
+    return stream, stats, share
+
+
+def _real_per_batch(real_fraction: float, source: str, batch_size: int) -> int:
+    """Real particles in each stream batch of ``batch_size`` (``round(F · B)``, checked)."""
+    real = int(round(float(real_fraction) * int(batch_size)))
+    if not 0 <= real_fraction < 1 or (real_fraction > 0 and not 0 < real < batch_size):
+        raise ValueError(
+            f"real_fraction must be 0 or give 1 .. {batch_size - 1} real particles in a batch of "
+            f"{batch_size}, got {real_fraction}"
+        )
+    if real and source != "stream":
+        raise ValueError("real_fraction mixes real particles into the streamed source")
+    return real
+
+
+def _fixed_stream(context, pset, train_idx, share, level, batch_size, seed, slots, held):
+    """The fixed stream of this rank's ``share`` (every rank calls it: the shard sizes are
+    gathered), targets a kernel around each refined pose computed per batch."""
+    images, kept = share
+    positions = np.searchsorted(train_idx, kept)
+    sizes = fs.gathered_shard_sizes(context, len(train_idx), slots, held, positions)
+    targets = functools.partial(tg.pose_kernel_targets, level=level)
+    rotations = pset.rotations()[kept]
+    return fs.FixedSetStream(
+        images, targets, rotations, batch_size, seed, slots=slots, shard_sizes=sizes,
+        held_slots=held,
+    )  # fmt: skip
 
 
 def train_on_refinement(
@@ -293,6 +295,7 @@ def train_on_refinement(
     epochs: int | None = None,
     minutes: float | None = None,
     source: str = "stream",
+    real_fraction: float = 0.0,
     batch_size: int = 32,
     validation_fraction: float = 0.1,
     max_validation: int = 500,
@@ -326,6 +329,10 @@ def train_on_refinement(
         minutes: wall-clock budget of the training; without ``epochs`` the step count is
             calibrated to it (module docstring, step 5).
         source: ``"stream"`` (default) or ``"fixed"`` (module docstring, step 3).
+        real_fraction: share ``F`` of each stream batch made of real training particles
+            (``round(F · batch_size)``, drawn as the fixed source draws them, pose-kernel
+            targets) mixed into the fresh ones; 0 (default, measured in
+            docs/training_on_a_refinement.md): none.
         batch_size: particles per stream batch (per step on one process).
         validation_fraction, max_validation: held-out share of the particles, and its cap.
         top_k: the ``k`` of the ``val_topk_hit`` score (``predict --map``'s default 100).
@@ -341,6 +348,7 @@ def train_on_refinement(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    real = _real_per_batch(real_fraction, source, int(batch_size))
     if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
         raise ValueError(f"minutes must be a positive number, got {minutes}")
     if epochs is not None and int(epochs) < 1:
@@ -363,6 +371,7 @@ def train_on_refinement(
             small = preprocess.reference_map(map_path, pset, model_config.image_size)
             n = len(pset) if max_particles is None else min(len(pset), int(max_particles))
             train_idx, val_idx = _split(n, max_validation, validation_fraction, seed)
+            held = rank_slots(int(slots), context.rank, context.world_size)
             decided = contrast_module.decide_for_particle_set(
                 pset, contrast, small, model_config.image_size, rotations=pset.rotations()
             )
@@ -375,10 +384,18 @@ def train_on_refinement(
                 images, torch.from_numpy(targets.astype(np.float32)), rotations,
                 np.zeros(len(val_idx)), images,
             )  # fmt: skip
-            stream, stats = _training_source(
+            stream, stats, share = _training_source(
                 source, pset, small, train_idx, model_config, int(batch_size), seed, int(slots),
-                decided.sign, skip_bad,
+                held, decided.sign, skip_bad, real,
             )  # fmt: skip
+        if share is not None:  # this rank's shards only (issue 23: never the whole refinement)
+            fixed = _fixed_stream(
+                context, pset, train_idx, share, model_config.grid_level,
+                real or int(batch_size), seed + (1 if real else 0), int(slots), held,
+            )  # fmt: skip
+            # mixed: its own seed (the stream's generators are [seed, slot, step])
+            stream = fixed if stream is None else fs.MixedStream(stream, fixed)
+            fs.record_shares(context, Path(run_dir) / SHARDS_FILE, held, share[1])
         if context.writes:
             contrast_module.report(decided)
         if stats is not None and context.writes:
@@ -386,17 +403,17 @@ def train_on_refinement(
             io.write_json(Path(run_dir) / STATISTICS_FILE, stats.summary())
         if epochs is not None:
             per_epoch = math.ceil(len(train_idx) / (int(batch_size) * int(slots)))
-            training_config = _schedule(training_config, int(epochs) * per_epoch)
+            training_config = scheduled(training_config, int(epochs) * per_epoch)
         budget = None
         if minutes is not None:  # what the preparation left of the budget (at least 10 %)
             budget = max(0.1, 1.0 - (time.perf_counter() - started) / 60.0 / minutes) * minutes
         if epochs is None and budget is not None:
-            steps = _calibrated_steps(
-                stream, model_config, training_config, validation, 60 * budget
+            steps = calibrated_steps(
+                stream, model_config, training_config, validation, 60 * budget, context, held[0]
             )
-            training_config = _schedule(training_config, steps)
+            training_config = scheduled(training_config, steps)
             if resume:  # a resumed run keeps its warm-up and never asks for fewer steps
-                training_config = _resumed_schedule(run_dir, training_config)
+                training_config = resumed_schedule(run_dir, training_config)
         if budget is not None:
             training_config = dataclasses.replace(training_config, time_budget_s=60.0 * budget)
         if context.world_size == 1 and int(slots) == 1 and not bf16:
@@ -423,7 +440,7 @@ def train_on_refinement(
                 context=context,
             )
         if context.writes:
-            _write_validation(run_dir, result, source, len(train_idx), validation, top_k)
+            _write_validation(run_dir, result, source, len(train_idx), validation, top_k, real)
             if result.checkpoint is not None:
                 contrast_module.record_in_checkpoint(result.checkpoint, decided)
         return result
@@ -431,13 +448,16 @@ def train_on_refinement(
         dd.shutdown(context)
 
 
-def _write_validation(run_dir, result, source, n_train, validation, top_k) -> dict[str, Any]:
+def _write_validation(
+    run_dir, result, source, n_train, validation, top_k, real=0
+) -> dict[str, Any]:
     """``run_dir/validation.json``: the held-out real particles' scores at every evaluation
     and at the end (``val_topk_hit`` recomputed on the final model)."""
     final = rs.validation_scores(result.model, validation.images, validation.rotations, top_k)
     history = [dict(row) for row in result.history]
     record = {
         "source": source,
+        "real_per_batch": int(real),
         "n_train": int(n_train),
         "n_validation": int(validation.images.shape[0]),
         "steps": result.steps_done,

@@ -14,9 +14,10 @@ is the same global batch whatever ``W`` is. Hence:
 * a checkpoint records ``slots`` (in its identity) but not ``W``: a run may resume on any
   rank count that divides ``slots`` and continues with the same batches, learning rates and
   optimiser state; only float rounding differs (the order of the gradient sums);
-* a :class:`~cryosphere.poses.training.stream.FixedSetStream` must be made with the same ``slots``
-  (it then deals each epoch's order out in slots, so the ranks share an epoch without overlap);
-  a :class:`~cryosphere.poses.training.stream.SimulatedStream` draws every slot fresh;
+* a :class:`~cryosphere.poses.training.fixed_stream.FixedSetStream` must be made with the same
+  ``slots``: slot ``k`` draws only from shard ``k`` of the split, so a rank needs (and may hold)
+  only the shards of its own slots (``held_slots``); a
+  :class:`~cryosphere.poses.training.stream.SimulatedStream` draws every slot fresh;
 * with ``slots=1`` on one process this is :func:`cryosphere.poses.training.streamed.
   train_on_stream` step for step (same batches, same checkpoint format; either resumes the
   other's checkpoints).

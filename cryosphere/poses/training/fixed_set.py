@@ -1,7 +1,7 @@
 """The poster's setting: a network trained by epochs on a fixed set of images and targets.
 
 :func:`train_model` is the streamed trainer (:func:`cryosphere.poses.training.streamed.train_on_stream`)
-reading a fixed set: the training split as a :class:`~cryosphere.poses.training.stream.FixedSetStream`
+reading a fixed set: the training split as a :class:`~cryosphere.poses.training.fixed_stream.FixedSetStream`
 (one step per batch, ``ceil(n_train / batch_size)`` steps per epoch, the last batch of an epoch
 shorter), validated on the held-out split after every epoch. It works on arrays, so it does not
 depend on how the targets were made:
@@ -45,6 +45,7 @@ import torch
 from cryosphere.imaging.datasets import ParticleDataset
 from cryosphere.poses.network.model import ModelConfig, PoseDistributionNetwork, build_model
 from cryosphere.poses.prediction.predictions import Predictions, predict_dataset
+from cryosphere.poses.training.fixed_stream import FixedSetStream
 from cryosphere.poses.training.settings import (
     TrainingConfig,
     _check_inputs,
@@ -52,7 +53,7 @@ from cryosphere.poses.training.settings import (
     _normalisation,
     split_indices,
 )
-from cryosphere.poses.training.stream import Batch, FixedSetStream
+from cryosphere.poses.training.stream import Batch
 from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 
 if TYPE_CHECKING:

@@ -20,10 +20,8 @@ and ranks of a distributed run draw disjoint, reproducible shares (``rank`` ente
   CTF at its true shift, ``p(R_g | I, s) ∝ exp(−‖shift_{−s}(I) − C ∗ T_g‖² / 2σ²)``: the
   network does not know ``s``, but cross-entropy is linear in the target, so the expected
   gradient is that of the shift-marginal posterior ``E_s[p(R_g | I, s)] = p(R_g | I)``.
-* :class:`FixedSetStream`: the images of a dataset's training split (the poster's setting),
-  in a seeded order per epoch, optionally with fresh noise on the clean images every time an
-  image is drawn (``fresh_noise``) and exact in-plane augmentation (``in_plane``: the clean
-  image turns by a random multiple of the grid's in-plane step and the target is permuted).
+* :class:`~cryosphere.poses.training.fixed_stream.FixedSetStream` (its own module): the images
+  of a fixed training split, in the same ``batch(step, rank)`` form.
 """
 
 from __future__ import annotations
@@ -55,7 +53,6 @@ __all__ = [
     "StreamConfig",
     "ParticleRealism",
     "SimulatedStream",
-    "FixedSetStream",
     "stream_seed",
 ]
 
@@ -390,109 +387,3 @@ class SimulatedStream:
             # run may resume on another machine or rank count
             "signal_variance": float(f"{self.signal_variance:.6g}"),
         } | ({} if self.realism is None else {"realism": self.realism.description()})
-
-
-class FixedSetStream:
-    """Batches from a fixed training split (the poster's setting), optionally re-noised.
-
-    Args:
-        images: ``(n, N, N)`` noisy images (used as they are when ``fresh_noise`` is False).
-        targets: ``(n, G)`` targets (masks for BCE, distributions for cross-entropy).
-        rotations: ``(n, 3, 3)`` true poses.
-        batch_size: images per batch; an epoch is ``ceil(n / batch_size)`` batches.
-        seed: order and noise seed.
-        clean: ``(n, N, N)`` noise-free images, needed for ``fresh_noise`` / ``in_plane``.
-        noise_sigma: noise σ for ``fresh_noise``.
-        fresh_noise: new noise on the clean image each time it is drawn.
-        in_plane: random in-plane turn by a multiple of the grid step, target permuted.
-        level: grid level of ``targets`` (for ``in_plane``).
-        slots: stream batches per optimiser step of a distributed run
-            (:mod:`cryosphere.poses.training.data_parallel`): step ``s`` takes the next
-            ``slots × batch_size`` images of the epoch's order and ``batch(s, k)`` is the
-            ``k``-th batch of them, so the slots (ranks) share an epoch without overlap; an
-            epoch is ``ceil(n / (slots · batch_size))`` steps, and its last step fills every
-            slot to ``batch_size`` from the start of the epoch's order (equal shares).
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        targets: np.ndarray,
-        rotations: np.ndarray,
-        batch_size: int,
-        seed: int = 0,
-        *,
-        clean: np.ndarray | None = None,
-        noise_sigma: float | None = None,
-        fresh_noise: bool = False,
-        in_plane: bool = False,
-        level: int = 2,
-        slots: int = 1,
-    ):
-        self.images = torch.as_tensor(np.asarray(images, dtype=np.float32))
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-        self.rotations = np.asarray(rotations, dtype=np.float64)
-        n = self.images.shape[0]
-        if n == 0 or self.targets.shape[0] != n or self.rotations.shape != (n, 3, 3):
-            raise ValueError("images, targets and rotations need the same non-zero length")
-        if (fresh_noise or in_plane) and clean is None:
-            raise ValueError("fresh_noise and in_plane need the clean images (clean=...)")
-        if in_plane and not fresh_noise:
-            raise ValueError(
-                "in_plane augmentation turns the clean images before noise is added; set "
-                "fresh_noise=True (turning noisy images would blur the noise and empty the corners)"
-            )
-        if fresh_noise and not (noise_sigma is not None and noise_sigma > 0):
-            raise ValueError("fresh_noise needs the dataset's noise_sigma > 0")
-        self.clean = None if clean is None else torch.as_tensor(np.asarray(clean, np.float32))
-        self.noise = float(noise_sigma or 0.0)
-        self.batch_size, self.seed = int(batch_size), int(seed)
-        self.fresh_noise, self.in_plane, self.level = bool(fresh_noise), bool(in_plane), int(level)
-        self.slots = int(slots)
-        if self.slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        self.per_epoch = math.ceil(n / (self.batch_size * self.slots))
-
-    def epoch_permutation(self, epoch: int, rank: int = 0) -> np.ndarray:
-        """The order of the images in ``epoch`` for ``rank``: seeded by ``(seed, rank, epoch)``."""
-        return stream_seed(self.seed, rank, epoch).permutation(self.images.shape[0])
-
-    def batch(self, step: int, rank: int = 0) -> Batch:
-        epoch, within = divmod(int(step), self.per_epoch)
-        if self.slots == 1:  # each rank its own order (one process: rank 0)
-            order = self.epoch_permutation(epoch, rank)
-        else:  # one order per epoch dealt out in slots; the last step wraps round to its start
-            n = self.images.shape[0]
-            order = self.epoch_permutation(epoch, 0)
-            first = (within * self.slots + int(rank)) * self.batch_size
-            order = order[np.arange(first, first + self.batch_size) % n]
-            within = 0
-        index = torch.from_numpy(order[within * self.batch_size : (within + 1) * self.batch_size])
-        rng = stream_seed(self.seed, rank + 1, int(step))
-        targets, rotations = self.targets[index], self.rotations[index.numpy()]
-        clean = self.clean[index] if self.clean is not None else self.images[index]
-        if self.in_plane:
-            n_psi = 6 * 2**self.level
-            steps = rng.integers(0, n_psi, size=len(index))
-            clean, targets = tg.rotate_in_plane(clean, targets, steps, self.level)
-            turns = geometry_rotations.rotation_about_z(steps * tg.in_plane_step_deg(self.level))
-            rotations = turns @ rotations
-        if self.fresh_noise:
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            images = clean + torch.randn(clean.shape, generator=gen) * self.noise
-        else:
-            images = self.images[index]
-        sigma = np.full(len(index), self.noise)
-        return Batch(images, targets, rotations, sigma, clean)
-
-    def description(self) -> dict[str, Any]:
-        return {
-            "kind": "fixed",
-            "n_images": int(self.images.shape[0]),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "fresh_noise": self.fresh_noise,
-            "in_plane": self.in_plane,
-            "level": self.level,
-            **({"slots": self.slots} if self.slots != 1 else {}),
-        }

@@ -240,7 +240,7 @@ def train_on_stream(
 
     Args:
         stream: a :class:`~cryosphere.poses.training.stream.SimulatedStream` or
-            :class:`~cryosphere.poses.training.stream.FixedSetStream` (anything with ``batch(step)`` and
+            :class:`~cryosphere.poses.training.fixed_stream.FixedSetStream` (anything with ``batch(step)`` and
             ``description()``); its targets live on ``model_config.grid_level``.
         model_config, config: architecture and optimisation.
         validation: fixed held-out batch (``stream.heldout(n)`` for a simulated stream).
