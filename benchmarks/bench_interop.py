@@ -195,15 +195,18 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
     checkpoint = run_dir / "model" / "checkpoint.pt"
     net_star = folder / "network.star"
     with contextlib.redirect_stderr(_io.StringIO()):
-        cli.main(["predict", str(test_star), "--checkpoint", str(checkpoint), "-o",
-                  str(net_star), "--no-progress", "--workers", "0"])  # fmt: skip
+        status = cli.main(["predict", str(test_star), "--checkpoint", str(checkpoint), "-o",
+                           str(net_star), "--no-progress", "--workers", "0", "--overwrite"])  # fmt: skip
+    if status != 0:
+        raise SystemExit(f"cryosphere predict failed with status {status}")
     shift_px = np.ceil(args.shift * args.model_box / args.box)
     map_star = folder / "map.star"
     refine = map_search.MapRefinement(map_path, max_shift_px=float(shift_px))
     with contextlib.redirect_stderr(_io.StringIO()):
         summary = inference.predict_star(
-            test_star, checkpoint, map_star, top_k=args.top_k, refine=refine, progress=False
-        )
+            test_star, checkpoint, map_star, top_k=args.top_k, refine=refine, progress=False,
+            overwrite=True,
+        )  # fmt: skip
     detected = map_star.read_text().splitlines()[0].removeprefix("# CryoSphere: ")
     sign = -1.0 if detected.startswith("contrast dark") else 1.0
     truth = _angles(test_star)
