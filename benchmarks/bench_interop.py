@@ -201,7 +201,9 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
         raise SystemExit(f"cryosphere predict failed with status {status}")
     shift_px = np.ceil(args.shift * args.model_box / args.box)
     map_star = folder / "map.star"
-    refine = map_search.MapRefinement(map_path, max_shift_px=float(shift_px))
+    refine = map_search.MapRefinement(
+        map_path, max_shift_px=float(shift_px), classical_cells=args.classical_cells
+    )
     with contextlib.redirect_stderr(_io.StringIO()):
         summary = inference.predict_star(
             test_star, checkpoint, map_star, top_k=args.top_k, refine=refine, progress=False,
@@ -241,6 +243,8 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
         "target_met": medians["map"] <= 1.1 * medians["oracle"],
         "predict_map_images_per_s": summary.images_per_s,
         "top_k": args.top_k,
+        "classical_cells": args.classical_cells,
+        "classical_cells": args.classical_cells,
         "top_k_hit": top_k_hit,
         # ASPIRE's rlnOriginX/YAngst against the shift the map search found to centre each
         # particle (RELION's sign: equal; the opposite sign: twice the shift apart)
@@ -270,6 +274,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--top-k", type=int, default=100, help="network cells the map search scores (predict)"
+    )
+    parser.add_argument(
+        "--classical-cells",
+        type=int,
+        default=0,
+        help="predict --map --classical-cells: the best N cells of a classical coarse stage "
+        "searched beside the network's (0: the network's cells only)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

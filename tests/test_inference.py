@@ -141,6 +141,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         ([str(star_in), "--map", str(tmp_path / "none.mrc")], "none.mrc"),
         ([str(star_in), "--map", str(star_in), "--max-shift", "-1"], "max_shift_px"),
         ([str(star_in), "--map", str(star_in), "--resolution", "0"], "resolution_angstrom"),
+        ([str(star_in), "--map", str(star_in), "--classical-cells", "-1"], "classical_cells"),
     ]
     for extra, message in cases:
         argv = ["predict", *extra[:1], "--checkpoint", str(checkpoint), "-o", str(bad)]
@@ -355,3 +356,41 @@ def test_the_quarter_turn_average_is_exactly_equivariant_and_one_turn_is_plain(p
         folder / "data" / "particles.star", checkpoint, out, top_k=4, progress=False, turns=4
     )
     assert np.load(inference.topk_path(out))["top_index"].shape == (12, 4)
+
+
+def test_the_classical_stage_finds_the_poses_the_network_cells_miss(particle_run):
+    """Given top cells that all miss (the 4 level-1 cells farthest from each truth), the map
+    search alone cannot find the poses; with the classical coarse stage (every level-1 cell on
+    a 4-px band, the best 32 as candidates) it finds what the exhaustive search of every cell
+    finds, as a coarse-to-fine search would."""
+    import dataclasses
+
+    from cryosphere.imaging import preprocess
+    from cryosphere.imaging.particles import read_particle_set
+    from cryosphere.poses.search import local_search, map_search
+
+    data, folder, _ = particle_run
+    pset = read_particle_set(folder / "data" / "particles.star")
+    images, pixel = preprocess.prepare_images(data.noisy_images, data.pixel_size, target_size=16)
+    level_1 = grids.healpix_so3_grid(1)
+    distance = rotations.geodesic_distance_deg(data.rotations[:, None], level_1[None])
+    missing = np.argsort(-distance, axis=1)[:, :4]
+    every = np.tile(np.arange(len(level_1)), (len(images), 1))
+    base = map_search.MapRefinement(
+        folder / "data" / "volume.mrc", level=2, max_shift_px=2, blur_sigma_px=0.5,
+        resolution_angstrom=2 * pixel, classical_resolution_px=4.0,
+    )  # fmt: skip
+    exhaustive = map_search.MapSearch(base, pset, 16, 1)(images, data.ctf, pixel, every)
+    agree = {}
+    for cells in (0, 32):
+        search = map_search.MapSearch(dataclasses.replace(base, classical_cells=cells), pset, 16, 1)
+        width = local_search.child_cells(1, 2).shape[1]
+        assert search.candidate_count(4) == (4 + cells) * width
+        found = search(images, data.ctf, pixel, missing)
+        same = found.match.best_index == exhaustive.match.best_index
+        agree[cells] = float(np.mean(same))
+    errors = predictions.pose_errors_deg(
+        grids.healpix_so3_grid(2)[exhaustive.match.best_index], data.rotations, data.symmetry_ops
+    )
+    assert np.median(errors) < grids.grid_nearest_neighbour_spacing_deg(2)
+    assert agree[0] <= 0.1 and agree[32] >= 0.75, agree

@@ -308,6 +308,14 @@ def _add_predict_parser(commands: Any) -> None:
         help="translation search of the map search, px of the network's box; writes origins",
     )
     predict.add_argument(
+        "--classical-cells",
+        type=int,
+        default=0,
+        help="with --map: also search the children of the best N cells of a classical coarse "
+        "search (every cell one level coarser, 8-px band), a safety net where the network's "
+        "top cells miss (default 0: the network's cells only)",
+    )
+    predict.add_argument(
         "--resolution",
         type=float,
         default=None,
@@ -335,6 +343,7 @@ def _predict(args: argparse.Namespace) -> int:
                 args.max_shift,
                 keep=args.keep,
                 resolution_angstrom=args.resolution,
+                classical_cells=args.classical_cells,
             )
         context = distributed.init_from_env(args.device)
         summary = sharded_prediction.predict_star_distributed(

@@ -67,6 +67,14 @@ class MapRefinement:
             (:meth:`~cryosphere.poses.search.matching.TemplateSpectra.low_passed`; fewer Fourier
             coefficients, a faster search). None: :data:`DEFAULT_SEARCH_RESOLUTION_PX` px of
             the network's box; at or below its Nyquist (2 px): every frequency.
+        classical_cells: a classical coarse stage beside the network (0: none): every cell one
+            level coarser than the network's (level 1 for a level-2 network; level 1 itself for
+            a level-1 network, whose level-0 cells are too coarse to rank) is scored on the low-pass band of ``classical_resolution_px`` px,
+            and the children of the best ``classical_cells`` at the network's level join the
+            network's top cells as candidates. The search then finds what a coarse-to-fine
+            search finds where the network's top cells miss the pose, at the cost of the
+            coarse stage (:mod:`cryosphere.poses.search.coarse_to_fine`).
+        classical_resolution_px: the coarse stage's band (px of the network's box).
         ctf_field: where the candidates' CTF acts: ``"box"`` (default: in the particle box)
             or ``"padded"`` (in a padded field, then boxed, as the microscope imaged the
             particles, :func:`~cryosphere.poses.search.local_search.candidate_scores`). Measured:
@@ -83,8 +91,15 @@ class MapRefinement:
     keep: int | None = None
     resolution_angstrom: float | None = None
     ctf_field: str = "box"
+    classical_cells: int = 0
+    classical_resolution_px: float = 8.0
 
     def __post_init__(self) -> None:
+        if int(self.classical_cells) < 0 or not self.classical_resolution_px > 2:
+            raise ValueError(
+                f"classical_cells must be >= 0 and classical_resolution_px > 2 px, got "
+                f"{self.classical_cells}, {self.classical_resolution_px}"
+            )
         if self.ctf_field not in ("padded", "box"):
             raise ValueError(f"ctf_field must be 'padded' or 'box', got {self.ctf_field!r}")
         if not self.max_shift_px >= 0 or not self.blur_sigma_px >= 0:
@@ -139,6 +154,13 @@ class MapSearch:
         if refinement.keep is not None and level > coarse_level:
             coarse = template_bank(volume, coarse_level, refinement.blur_sigma_px)
             self.coarse_spectra = template_spectra(coarse, band)
+        self.classical_spectra = None  # the coarse stage: one level coarser, not below 1
+        self.classical_level = max(int(coarse_level) - 1, min(int(coarse_level), 1))
+        if refinement.classical_cells > 0:
+            classical = template_bank(volume, self.classical_level, refinement.blur_sigma_px)
+            self.classical_spectra = template_spectra(
+                classical, band_max_frequency(refinement.classical_resolution_px)
+            )
         self.volume = volume
         self.refinement = refinement
         self.coarse_level, self.level = int(coarse_level), level
@@ -178,6 +200,8 @@ class MapSearch:
             ctf_field=self.refinement.ctf_field,
         )
         top = np.asarray(top_index, dtype=np.int64)
+        if self.classical_spectra is not None:
+            top = np.concatenate([top, self.classical_candidates(images, **search)], axis=1)
         if self.coarse_spectra is not None:
             keep = min(int(self.refinement.keep), top.shape[1])
             top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
@@ -186,15 +210,33 @@ class MapSearch:
             return search_candidates(images, candidates, self.spectra, **search)
         return search_candidates_whitened(images, candidates, self.spectra, noise, **search)
 
+    def classical_candidates(self, images: torch.Tensor, **search) -> np.ndarray:
+        """The coarse classical stage (``MapRefinement.classical_cells``): every cell of the
+        classical level scored on its low-pass band, the best ``classical_cells`` of each
+        image, as their children at the network's level ``(n, classical_cells · c)``."""
+        n, cells = images.shape[0], self.classical_spectra.spectra.shape[0]
+        every = np.tile(np.arange(cells, dtype=np.int64), (n, 1))
+        keep = min(int(self.refinement.classical_cells), cells)
+        best = best_of_top_cells(images, every, self.classical_spectra, keep, **search)
+        if self.classical_level == self.coarse_level:
+            return best
+        children = child_cells(self.classical_level, self.coarse_level)
+        return children[best].reshape(n, -1)
+
     def candidate_count(self, top_k: int) -> int:
         """Candidates per image when the network gives ``top_k`` cells (repeats included)."""
         width = child_cells(self.coarse_level, self.level).shape[1]
-        cells = (
-            int(top_k)
-            if self.coarse_spectra is None
-            else min(int(top_k), int(self.refinement.keep))
-        )
+        top_k = int(top_k) + self._classical_width()
+        cells = top_k if self.coarse_spectra is None else min(top_k, int(self.refinement.keep))
         return cells * width
+
+    def _classical_width(self) -> int:
+        if self.classical_spectra is None:
+            return 0
+        keep = min(int(self.refinement.classical_cells), self.classical_spectra.spectra.shape[0])
+        if self.classical_level == self.coarse_level:
+            return keep
+        return keep * child_cells(self.classical_level, self.coarse_level).shape[1]
 
     def parent_cells(self, fine_index: np.ndarray) -> np.ndarray:
         """``(n,)`` the network's cell (coarse level) that holds each search-grid cell."""
