@@ -244,7 +244,6 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
         "predict_map_images_per_s": summary.images_per_s,
         "top_k": args.top_k,
         "classical_cells": args.classical_cells,
-        "classical_cells": args.classical_cells,
         "top_k_hit": top_k_hit,
         # ASPIRE's rlnOriginX/YAngst against the shift the map search found to centre each
         # particle (RELION's sign: equal; the opposite sign: twice the shift apart)
