@@ -39,7 +39,7 @@ def _copy(run: Run, tmp_path) -> str:
 
 def test_profiles_flat_names_and_seed_coupling():
     tiny = RunConfig.from_profile("tiny")
-    assert tiny.simulation.n_projections == 64 and tiny.stream.steps == 12
+    assert tiny.simulation.n_projections == 64 and tiny.stream.steps == 1000
     assert RunConfig.from_flat(tiny.to_flat()) == tiny  # flat round trip
     for name, values in PROFILES.items():
         config = RunConfig.from_profile(name)
