@@ -137,6 +137,11 @@ def main() -> None:
         help="most probable finest cells scored at 8 sub-cube points per round; none: off",
     )  # fmt: skip
     parser.add_argument("--off-grid-particles", type=int, default=600)
+    parser.add_argument(
+        "--search-noise", default="estimated", choices=["estimated", "true"],
+        help="the search posterior's noise spectrum: from the backgrounds, or the true one "
+        "(a diagnostic: what the estimate costs; shifts still summed)",
+    )  # fmt: skip
     parser.add_argument("--network-steps", type=int, default=300)
     parser.add_argument("--network-lr", type=float, default=3e-3)
     parser.add_argument(
@@ -178,7 +183,9 @@ def main() -> None:
                             images,
                             volume,
                             spectra,
-                            sp.background_noise_spectrum(images),
+                            sp.background_noise_spectrum(images)
+                            if args.search_noise == "estimated"
+                            else true_noise,
                             args,
                             args.max_shift,
                         ),
