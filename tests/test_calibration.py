@@ -98,6 +98,20 @@ def test_reliability_diagram_bins_and_ece_by_hand():
     assert cal.expected_calibration_error(confidence, hit, 10) == pytest.approx(expected)
 
 
+def test_ece_sampling_floor_matches_the_binomial_spread_and_shrinks_with_n():
+    """All confidences at c: the ECE of calibrated hits is |hit rate − c|, whose mean is
+    sqrt(2 c (1 − c) / (π n)); four times the particles halve it; certainty costs nothing."""
+    for n in (200, 800):
+        expected = np.sqrt(2 * 0.25 / (np.pi * n))
+        floor = cal.ece_sampling_floor(np.full(n, 0.5), draws=2000)
+        assert abs(floor - expected) < 0.08 * expected, (n, floor, expected)
+    spread = np.linspace(0.05, 0.95, 200)  # spread over bins: each bin has fewer particles
+    assert cal.ece_sampling_floor(spread) > 1.5 * cal.ece_sampling_floor(np.full(200, 0.5))
+    assert cal.ece_sampling_floor(np.ones(50)) == 0.0
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        cal.ece_sampling_floor(np.array([1.2]))
+
+
 def test_coverage_takes_the_crossing_cell_fractionally():
     G = grids.healpix_so3_grid_size(LEVEL)
     grid = grids.healpix_so3_grid(LEVEL)

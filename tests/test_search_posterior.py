@@ -202,6 +202,68 @@ def test_refining_the_most_probable_cells_calibrates_a_sharp_off_grid_posterior(
         sp.refined_grid_posterior(images, volume, spectra, noise, 1, 2, refine=(4, 4, 4))
 
 
+def _boundary_poses(n, seed):
+    """``n`` poses halfway between a level-1 cell and its nearest neighbour: the truth sits on
+    the boundary, where the split of the mass between the two cells needs the integral."""
+    grid = grids.healpix_so3_grid(1)
+    q = rotations.matrices_to_quaternions(grid)
+    a = np.random.default_rng(seed).choice(len(grid), n, replace=False)
+    dots = np.abs(q[a] @ q.T)
+    dots[np.arange(n), a] = 0.0
+    b = dots.argmax(axis=1)
+    qb = q[b] * np.sign(np.sum(q[a] * q[b], axis=1))[:, None]
+    middle = q[a] + qb
+    return rotations.quaternions_to_matrices(middle / np.linalg.norm(middle, axis=1)[:, None])
+
+
+def test_sub_cell_quadrature_integrates_the_mass_across_a_cell_boundary(banks):
+    """Truths on level-1 boundaries, SNR 1 (the posterior, about 2° wide, is narrower than a
+    level-4 cell): scoring the 16 most probable level-4 cells at 8 sub-cube points each
+    brings the posterior towards a far finer integration (three more rounds, 32 cells each:
+    0.5° cubes). Measured: total variation 0.045 without the sub-cells, 0.014 with."""
+    volume, _, _, spectra = banks
+    R = _boundary_poses(8, 3)
+    images, sigma = _particles(volume, R, 1.0, False, 4)
+    noise = sp.white_noise_spectrum(sigma, N)
+    kw = dict(blur_sigma_px=1.0)
+    fine = sp.refined_grid_posterior(
+        images, volume, spectra, noise, 1, 2, refine=(32, 32), quadrature=(32, 32, 32), **kw
+    )
+    plain = sp.refined_grid_posterior(images, volume, spectra, noise, 1, 2, quadrature=(), **kw)
+    default = sp.refined_grid_posterior(images, volume, spectra, noise, 1, 2, **kw)
+    tv_plain = 0.5 * np.abs(plain - fine).sum(axis=1).mean()
+    tv_default = 0.5 * np.abs(default - fine).sum(axis=1).mean()
+    print(f"total variation to the fine integral: plain {tv_plain:.3f}, default {tv_default:.3f}")
+    assert tv_plain > 0.03
+    assert tv_default < 0.5 * tv_plain
+
+
+def test_sub_cells_partition_a_cube_around_the_centre():
+    """The 8 sub-cube centres of a cell sit at |v| = √3·h/4 around it, one per octant; those of
+    a sub-cube (edge h/2) average back to the sub-cube's centre."""
+    centre = rotations.random_rotations(1, 5)[0]
+    h = grids.cell_edge_rad(4)
+    assert np.isclose(h, (8 * np.pi**2 / 294_912) ** (1 / 3))
+    points = grids.subcell_rotations(centre, h)
+    assert points.shape == (8, 3, 3)
+    identity = np.broadcast_to(np.eye(3), (8, 3, 3))
+    np.testing.assert_allclose(points @ points.transpose(0, 2, 1), identity, atol=1e-12)
+    np.testing.assert_allclose(
+        rotations.geodesic_distance_deg(np.broadcast_to(centre, (8, 3, 3)), points),
+        np.rad2deg(np.sqrt(3) * h / 4),
+        rtol=1e-9,
+    )
+    relative = rotations.matrices_to_quaternions(centre.T @ points)  # (w, x, y, z) or ±
+    relative *= np.sign(relative[:, :1])
+    octants = {tuple(np.sign(v)) for v in relative[:, 1:]}
+    assert len(octants) == 8
+    grand = grids.subcell_rotations(points[3], h / 2)
+    mean_q = rotations.matrices_to_quaternions(grand)
+    mean_q *= np.sign(mean_q @ rotations.matrices_to_quaternions(points[3]))[:, None]
+    back = rotations.quaternions_to_matrices(mean_q.mean(axis=0, keepdims=True))[0]
+    assert rotations.geodesic_distance_deg(back, points[3]) < 1e-6
+
+
 def test_refinement_conserves_each_cells_volume_when_the_likelihood_is_flat():
     """A map of zeros makes every pose equally likely: splitting cells into children must then
     leave the coarse distribution as it was (each child carries its share of the parent)."""
