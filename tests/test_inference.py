@@ -142,6 +142,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         ([str(star_in), "--map", str(star_in), "--max-shift", "-1"], "max_shift_px"),
         ([str(star_in), "--map", str(star_in), "--resolution", "0"], "resolution_angstrom"),
         ([str(star_in), "--map", str(star_in), "--classical-cells", "-1"], "classical_cells"),
+        ([str(star_in), "--map", str(star_in), "--map-blur", "-1"], "blur_sigma_px"),
     ]
     for extra, message in cases:
         argv = ["predict", *extra[:1], "--checkpoint", str(checkpoint), "-o", str(bad)]

@@ -308,6 +308,15 @@ def _add_predict_parser(commands: Any) -> None:
         help="translation search of the map search, px of the network's box; writes origins",
     )
     predict.add_argument(
+        "--map-blur",
+        type=float,
+        default=0.0,
+        help="Gaussian blur (px of the network's box) of the map's templates: 0 for a "
+        "reconstruction of these particles (it carries their envelope); for a map without it "
+        "(an atomic model's, a simulation's) the envelope `cryosphere train` measured "
+        "(blur_sigma_px in the run's refinement_statistics.json)",
+    )
+    predict.add_argument(
         "--classical-cells",
         type=int,
         default=0,
@@ -341,6 +350,7 @@ def _predict(args: argparse.Namespace) -> int:
                 args.map,
                 args.search_level,
                 args.max_shift,
+                blur_sigma_px=args.map_blur,
                 keep=args.keep,
                 resolution_angstrom=args.resolution,
                 classical_cells=args.classical_cells,
