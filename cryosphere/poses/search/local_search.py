@@ -108,7 +108,8 @@ def candidate_cells(top_index: np.ndarray, coarse_level: int, fine_level: int) -
 
 def _check_inputs(images, candidates, spectra, ctf) -> tuple[torch.Tensor, torch.Tensor]:
     a = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    c = torch.as_tensor(np.asarray(candidates), dtype=torch.int64)
+    cells = np.asarray(candidates, dtype=np.int64)
+    c = torch.as_tensor(cells if cells.flags.writeable else cells.copy())  # cached: read-only
     n_pix = spectra.image_size
     if a.ndim != 3 or tuple(a.shape[1:]) != (n_pix, n_pix):
         raise ValueError(f"images must have shape (n, {n_pix}, {n_pix}), got {tuple(a.shape)}")
