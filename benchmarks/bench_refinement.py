@@ -106,16 +106,15 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
     )  # fmt: skip
     checkpoint = run / "model" / "checkpoint.pt"
     star = held / "particles.star"
-    # the map is the simulation's volume, without the particles' envelope: the search blurs
-    # its templates by the envelope `train` measured, as the docs tell a user with such a map
-    envelope = json.loads((run / "refinement_statistics.json").read_text())["blur_sigma_px"]
+    # the map is the simulation's volume, without the particles' envelope: predict --map blurs
+    # its templates by the envelope `train` measured against it (recorded in the checkpoint)
     _cryosphere(["predict", str(star), "--checkpoint", str(checkpoint), "-o",
                  str(held / "predicted.star"), "--device", "cpu", "--no-progress"],
                 args.threads)  # fmt: skip
     _cryosphere(["predict", str(star), "--checkpoint", str(checkpoint), "-o",
                  str(held / "searched.star"), "--map", str(ref / "volume.mrc"), "--max-shift",
                  str(REALISTIC["max_shift_px"]), "--top-k", "100", "--device", "cpu",
-                 "--no-progress", "--map-blur", str(envelope)], args.threads)  # fmt: skip
+                 "--no-progress"], args.threads)  # fmt: skip
     m = min(args.n_oracle, args.n_heldout)
     network_err = predictions.pose_errors_deg(
         _angles(held / "predicted.star"), dataset.rotations, ops

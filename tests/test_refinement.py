@@ -105,6 +105,21 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
         folder / "particles.star", checkpoint, folder / "pred.star", progress=False
     )
     assert summary.n_images == 16
+    # the envelope measured against this map is recorded for predict --map, for this file only
+    from cryosphere.poses.search.map_search import recorded_map_envelope
+
+    measured = io.read_json(tmp_path / "run" / "refinement_statistics.json")["blur_sigma_px"]
+    assert recorded_map_envelope(checkpoint, folder / "volume.mrc") == measured
+    other = tmp_path / "other.mrc"
+    io.write_map(other, data.volume * 1.01, data.pixel_size)
+    assert recorded_map_envelope(checkpoint, other) is None
+    assert recorded_map_envelope(tmp_path / "fixed" / "model" / "checkpoint.pt", other) is None
+    capsys.readouterr()
+    searched = tmp_path / "searched.star"
+    assert cli.main(["predict", str(folder / "particles.star"), "--checkpoint", str(checkpoint),
+                     "-o", str(searched), "--map", str(folder / "volume.mrc"),
+                     "--no-progress"]) == 0  # fmt: skip
+    assert f"blurred by {measured:g} px, the envelope training measured" in capsys.readouterr().err
 
 
 def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, capsys):

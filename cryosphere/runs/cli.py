@@ -310,11 +310,10 @@ def _add_predict_parser(commands: Any) -> None:
     predict.add_argument(
         "--map-blur",
         type=float,
-        default=0.0,
-        help="Gaussian blur (px of the network's box) of the map's templates: 0 for a "
-        "reconstruction of these particles (it carries their envelope); for a map without it "
-        "(an atomic model's, a simulation's) the envelope `cryosphere train` measured "
-        "(blur_sigma_px in the run's refinement_statistics.json)",
+        default=None,
+        help="Gaussian blur (px of the network's box) of the map's templates (default: the "
+        "envelope `cryosphere train --star --map` measured against this same map file, "
+        "recorded in the checkpoint; else 0, right for a reconstruction of these particles)",
     )
     predict.add_argument(
         "--classical-cells",
@@ -346,11 +345,22 @@ def _predict(args: argparse.Namespace) -> int:
         if args.map is not None:
             from cryosphere.poses.search.map_search import MapRefinement
 
+            blur = args.map_blur
+            if blur is None:
+                from cryosphere.poses.search.map_search import recorded_map_envelope
+
+                blur = recorded_map_envelope(args.checkpoint, args.map)
+                if blur is not None:
+                    print(
+                        f"cryosphere: map templates blurred by {blur:g} px, the envelope "
+                        "training measured against this map (--map-blur to change)",
+                        file=sys.stderr,
+                    )
             refine = MapRefinement(
                 args.map,
                 args.search_level,
                 args.max_shift,
-                blur_sigma_px=args.map_blur,
+                blur_sigma_px=blur or 0.0,
                 keep=args.keep,
                 resolution_angstrom=args.resolution,
                 classical_cells=args.classical_cells,

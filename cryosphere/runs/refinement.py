@@ -76,6 +76,7 @@ from cryosphere.imaging.refinement_statistics import estimate_statistics
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.search import contrast as contrast_module
+from cryosphere.poses.search.map_search import record_map_envelope
 from cryosphere.poses.training import fixed_stream as fs
 from cryosphere.poses.training import refinement_stream as rs
 from cryosphere.poses.training import targets as tg
@@ -443,6 +444,8 @@ def train_on_refinement(
             _write_validation(run_dir, result, source, len(train_idx), validation, top_k, real)
             if result.checkpoint is not None:
                 contrast_module.record_in_checkpoint(result.checkpoint, decided)
+                if stats is not None:  # what predict --map blurs this map's templates by
+                    record_map_envelope(result.checkpoint, map_path, stats.blur_sigma_px)
         return result
     finally:
         dd.shutdown(context)

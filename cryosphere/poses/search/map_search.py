@@ -9,12 +9,15 @@ top cells (:mod:`cryosphere.poses.search.local_search`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from cryosphere import io
 from cryosphere.imaging import preprocess
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.search.local_search import (
@@ -31,7 +34,16 @@ from cryosphere.poses.search.posterior import (
     search_candidates_whitened,
 )
 
-__all__ = ["DEFAULT_SEARCH_RESOLUTION_PX", "MapRefinement", "MapSearch", "band_max_frequency"]
+__all__ = [
+    "DEFAULT_SEARCH_RESOLUTION_PX",
+    "MapRefinement",
+    "MapSearch",
+    "band_max_frequency",
+    "record_map_envelope",
+    "recorded_map_envelope",
+]
+
+_ENVELOPE_KEY = "map_envelope"
 
 #: The map search's default band: details down to 3 px of the network's box (two thirds of its
 #: Nyquist frequency). Measured as accurate as the whole half-plane on realistic particles and
@@ -243,3 +255,46 @@ class MapSearch:
         if self.level == self.coarse_level:
             return np.asarray(fine_index, dtype=np.int64)
         return _parents(self.coarse_level, self.level)[np.asarray(fine_index)]
+
+
+def _file_digest(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_map_envelope(
+    checkpoint: str | os.PathLike[str], map_path: str | os.PathLike[str], blur_sigma_px: float
+) -> None:
+    """Write into a checkpoint (atomically) the Gaussian envelope ``blur_sigma_px`` (px of the
+    network's box) that training measured between its particles and the map at ``map_path``
+    (:mod:`cryosphere.imaging.refinement_statistics`), with the map file's SHA-256, so that
+    ``predict --map`` with the same map blurs its templates alike (:func:`recorded_map_envelope`)."""
+    import torch
+
+    path = Path(checkpoint)
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    record[_ENVELOPE_KEY] = {
+        "blur_sigma_px": float(blur_sigma_px),
+        "map_sha256": _file_digest(map_path),
+    }
+    with io.atomic_path(path) as tmp:
+        torch.save(record, tmp)
+
+
+def recorded_map_envelope(
+    checkpoint: str | os.PathLike[str], map_path: str | os.PathLike[str]
+) -> float | None:
+    """The envelope (px) a checkpoint's training measured against this very map file (same
+    SHA-256), or None: not recorded (a poster or fixed-set model), or another map."""
+    import torch
+
+    if not (Path(checkpoint).is_file() and Path(map_path).is_file()):
+        return None  # predict itself reports a missing file
+    record = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    entry = record.get(_ENVELOPE_KEY) if isinstance(record, dict) else None
+    if not isinstance(entry, dict) or entry.get("map_sha256") != _file_digest(map_path):
+        return None
+    return float(entry["blur_sigma_px"])
