@@ -158,6 +158,22 @@ def wait_for_new_screenshot(
         time.sleep(1.0)
 
 
+#: What the interface test needs of notebook 05's streamed model: a few steps, not the
+#: 1,000 that the tiny profile trains so that notebooks 03 and 06 can assert it learned (the
+#: browser runs its kernel beside pytest; a user sets ``config`` the same way).
+BROWSER_CONFIG = {"stream_steps": 12, "stream_batch_size": 8}
+
+
+def _override_parameters(notebook: Path, config: dict) -> None:
+    """Set ``config = {...}`` in the notebook's ``parameters`` cell (it must hold ``config = {}``)."""
+    document = json.loads(notebook.read_text())
+    cell = next(c for c in document["cells"] if "parameters" in c["metadata"].get("tags", []))
+    source = "".join(cell["source"])
+    assert "config = {}" in source, source
+    cell["source"] = source.replace("config = {}", f"config = {config!r}", 1).splitlines(True)
+    notebook.write_text(json.dumps(document, indent=1))
+
+
 @pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as playwright:
@@ -174,6 +190,7 @@ def notebooks_in_lab(tmp_path_factory, browser):
     folder.mkdir()
     for name in NOTEBOOKS:
         shutil.copy(ROOT / "notebooks" / name, folder / name)
+    _override_parameters(folder / "05_so3_heatmaps.ipynb", BROWSER_CONFIG)
     _lab_settings(base / "jupyter")
     if SCREENSHOTS.exists():
         shutil.rmtree(SCREENSHOTS)
