@@ -123,24 +123,21 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
     map_err = predictions.pose_errors_deg(searched, dataset.rotations, ops)
     print(f"== {name}: template matching {m} particles (the oracle) ...", flush=True)
     templates = template_bank(refinement.volume, 2, REALISTIC["blur_sigma"])
-    matched = matching.ctf_template_matching(
-        dataset.noisy_images[:m],
-        templates,
-        ctf=dataset.ctf.subset(np.arange(m)),
-        pixel_size_angstrom=dataset.pixel_size,
-        max_shift_px=REALISTIC["max_shift_px"],
-    )
     grid = grids.healpix_so3_grid(2)
-    oracle_err = predictions.pose_errors_deg(grid[matched.best_index], dataset.rotations[:m], ops)
-    padded = matching.ctf_template_matching(
-        dataset.noisy_images[:m],
-        templates,
-        ctf=dataset.ctf.subset(np.arange(m)),
-        pixel_size_angstrom=dataset.pixel_size,
-        max_shift_px=REALISTIC["max_shift_px"],
-        mode="padded_ctf",
-    )
-    padded_err = predictions.pose_errors_deg(grid[padded.best_index], dataset.rotations[:m], ops)
+
+    def oracle_errors(mode: str) -> np.ndarray:
+        found = matching.ctf_template_matching(
+            dataset.noisy_images[:m],
+            templates,
+            ctf=dataset.ctf.subset(np.arange(m)),
+            pixel_size_angstrom=dataset.pixel_size,
+            max_shift_px=REALISTIC["max_shift_px"],
+            mode=mode,
+        )
+        return predictions.pose_errors_deg(grid[found.best_index], dataset.rotations[:m], ops)
+
+    oracle_err = oracle_errors("ctf_templates")  # templates carrying the in-box CTF
+    padded_err = oracle_errors("padded_ctf")  # the padded-field model
     top = inference.load_topk(held / "searched.star").index
     true_cells = np.stack([nearest_grid_indices(dataset.rotations @ g, grid) for g in ops], 1)
     hit = (top[:, :, None] == true_cells[:, None, :]).any(axis=(1, 2))

@@ -20,7 +20,13 @@ from cryosphere._checks import as_images, as_weighted_poses
 from cryosphere.reconstruction.backprojection import reconstruct
 from cryosphere.reconstruction.fsc import FSCCurve, fourier_shell_correlation
 
-__all__ = ["HalfSetResult", "ResolutionSweep", "half_set_fsc", "resolution_vs_image_count"]
+__all__ = [
+    "HalfSetResult",
+    "ResolutionSweep",
+    "half_set_fsc",
+    "resolution_vs_image_count",
+    "seeded_halves",
+]
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,13 @@ class HalfSetResult:
     fsc: FSCCurve
     indices_a: np.ndarray
     indices_b: np.ndarray
+
+
+def seeded_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The gold-standard split of ``range(n)``: a permutation seeded by ``seed``, its first
+    ``n // 2`` and the rest, each sorted (int64)."""
+    order = np.random.default_rng(seed).permutation(int(n))
+    return np.sort(order[: int(n) // 2]), np.sort(order[int(n) // 2 :])
 
 
 def half_set_fsc(
@@ -53,8 +66,7 @@ def half_set_fsc(
     if n < 2:
         raise ValueError("half-set FSC needs at least 2 images")
     as_weighted_poses(rotations, weights, n)
-    order = np.random.default_rng(seed).permutation(n)
-    ia, ib = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+    ia, ib = seeded_halves(n, seed)
     rots = torch.as_tensor(np.asarray(rotations) if not torch.is_tensor(rotations) else rotations)
     w = None if weights is None else torch.as_tensor(np.asarray(weights))
     halves = []

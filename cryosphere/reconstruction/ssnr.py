@@ -33,6 +33,7 @@ import torch
 from cryosphere._checks import as_images
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.reconstruction.backprojection import FourierSums, accumulate, finish_map
+from cryosphere.reconstruction.experiments import seeded_halves
 from cryosphere.reconstruction.fsc import FSCCurve, fourier_shell_correlation
 
 __all__ = ["SSNRReconstruction", "ssnr_from_fsc", "ssnr_reconstruct"]
@@ -129,8 +130,7 @@ def ssnr_reconstruct(
         raise ValueError(f"half_regularisation must be >= 0, got {half_regularisation}")
     rots = torch.as_tensor(np.asarray(rotations) if not torch.is_tensor(rotations) else rotations)
     wts = None if weights is None else torch.as_tensor(np.asarray(weights))
-    order = np.random.default_rng(seed).permutation(n)
-    halves = (np.sort(order[: n // 2]), np.sort(order[n // 2 :]))
+    halves = seeded_halves(n, seed)
     options = dict(
         symmetry_ops=symmetry_ops,
         blur_sigma_px=blur_sigma_px,

@@ -230,10 +230,7 @@ class MapSearch:
         every = np.tile(np.arange(cells, dtype=np.int64), (n, 1))
         keep = min(int(self.refinement.classical_cells), cells)
         best = best_of_top_cells(images, every, self.classical_spectra, keep, **search)
-        if self.classical_level == self.coarse_level:
-            return best
-        children = child_cells(self.classical_level, self.coarse_level)
-        return children[best].reshape(n, -1)
+        return candidate_cells(best, self.classical_level, self.coarse_level)
 
     def candidate_count(self, top_k: int) -> int:
         """Candidates per image when the network gives ``top_k`` cells (repeats included)."""
@@ -246,8 +243,6 @@ class MapSearch:
         if self.classical_spectra is None:
             return 0
         keep = min(int(self.refinement.classical_cells), self.classical_spectra.spectra.shape[0])
-        if self.classical_level == self.coarse_level:
-            return keep
         return keep * child_cells(self.classical_level, self.coarse_level).shape[1]
 
     def parent_cells(self, fine_index: np.ndarray) -> np.ndarray:

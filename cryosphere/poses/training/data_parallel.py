@@ -43,12 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cryosphere._checks import as_symmetry_ops
-from cryosphere.geometry import grids
 from cryosphere.poses import distributed as dd
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig
-from cryosphere.poses.prediction import predictions
-from cryosphere.poses.training import settings
 from cryosphere.poses.training import streamed as st
 from cryosphere.poses.training.stream import Batch
 
@@ -85,26 +82,11 @@ def draw_share(stream: st.BatchSource, step: int, slots: range) -> Batch:
 def _validate(model, validation: Batch, ops, loss: str, context, chunk: int = 256) -> dict:
     """Metrics of the whole validation batch, each rank scoring its contiguous block."""
     start, stop = dd.block_range(validation.images.shape[0], context.rank, context.world_size)
-    device = context.device
-    total, best = 0.0, []
-    model.eval()
-    with torch.no_grad():
-        for first in range(start, stop, chunk):
-            last = min(stop, first + chunk)
-            logits = model(validation.images[first:last].to(device))
-            y = validation.targets[first:last].to(device)
-            total += float(settings.compute_loss(logits.float(), y, loss)) * (last - first)
-            best.append(logits.argmax(dim=1).cpu().numpy())
-    mine = np.concatenate(best) if best else np.zeros(0, np.int64)
+    total, mine = st.validation_sums(model, validation, start, stop, loss, context.device, chunk)
     parts = dd.all_gather(context, (total, mine))
     best_index = np.concatenate([p[1] for p in parts])
-    grid = grids.healpix_so3_grid(model.config.grid_level)
-    errors = predictions.pose_errors_deg(grid[best_index], validation.rotations, ops)
-    return {
-        "val_loss": sum(p[0] for p in parts) / validation.images.shape[0],
-        "val_acc15": float(np.mean(errors < 15.0)),
-        "val_median_deg": float(np.median(errors)),
-    }
+    total = sum(p[0] for p in parts)
+    return st.validation_metrics(total, best_index, validation, ops, model.config.grid_level)
 
 
 def _prepare(model_config, config, validation, context, bf16):

@@ -155,29 +155,53 @@ def learning_rate_at_step(config: StreamTrainingConfig, step: int) -> float:
     return lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * fraction)))
 
 
+def validation_sums(
+    model: PoseDistributionNetwork,
+    validation: Batch,
+    start: int,
+    stop: int,
+    loss: str,
+    device: torch.device,
+    chunk: int = 256,
+) -> tuple[float, np.ndarray]:
+    """Summed loss and the most probable cell ``(stop − start,)`` of validation images
+    ``start .. stop − 1``, scored ``chunk`` at a time (the loss on float32 logits)."""
+    model.eval()
+    total, best = 0.0, []
+    with torch.no_grad():
+        for first in range(start, stop, chunk):
+            last = min(stop, first + chunk)
+            logits = model(validation.images[first:last].to(device))
+            targets = validation.targets[first:last].to(device)
+            total += float(settings.compute_loss(logits.float(), targets, loss)) * (last - first)
+            best.append(logits.argmax(dim=1).cpu().numpy())
+    return total, (np.concatenate(best) if best else np.zeros(0, np.int64))
+
+
+def validation_metrics(
+    total_loss: float, best_index: np.ndarray, validation: Batch, ops: np.ndarray, level: int
+) -> dict[str, float]:
+    """Validation loss (mean), acc@15° and median error of the cells ``best_index``."""
+    grid = grids.healpix_so3_grid(level)
+    errors = pose_errors_deg(grid[best_index], validation.rotations, ops)
+    return {
+        "val_loss": total_loss / validation.images.shape[0],
+        "val_acc15": float(np.mean(errors < 15.0)),
+        "val_median_deg": float(np.median(errors)),
+    }
+
+
 def _validate(
     model: PoseDistributionNetwork, validation: Batch, ops: np.ndarray, loss: str
 ) -> dict[str, float]:
     """Validation loss, acc@15° and median error of the most probable cell (NaN without
-    validation images), in chunks of 256 images."""
-    if validation.images.shape[0] == 0:
+    validation images)."""
+    n = validation.images.shape[0]
+    if n == 0:
         return dict.fromkeys(("val_loss", "val_acc15", "val_median_deg"), float("nan"))
     device = model.image_mean.device
-    model.eval()
-    total, best = 0.0, []
-    with torch.no_grad():
-        for start in range(0, validation.images.shape[0], 256):
-            logits = model(validation.images[start : start + 256].to(device))
-            targets = validation.targets[start : start + 256].to(device)
-            total += float(settings.compute_loss(logits, targets, loss)) * logits.shape[0]
-            best.append(logits.argmax(dim=1).cpu())
-    grid = grids.healpix_so3_grid(model.config.grid_level)
-    errors = pose_errors_deg(grid[torch.cat(best).numpy()], validation.rotations, ops)
-    return {
-        "val_loss": total / validation.images.shape[0],
-        "val_acc15": float(np.mean(errors < 15.0)),
-        "val_median_deg": float(np.median(errors)),
-    }
+    total, best = validation_sums(model, validation, 0, n, loss, device)
+    return validation_metrics(total, best, validation, ops, model.config.grid_level)
 
 
 def _identity(model_config: ModelConfig, config: StreamTrainingConfig, stream: BatchSource) -> dict:
