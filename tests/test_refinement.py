@@ -95,7 +95,12 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     timed_record = checkpoints.load_checkpoint(tmp_path / "timed" / "model" / "checkpoint.pt")
     assert timed_record["step"] >= 1 and timed_record["train_seconds"] < 0.3 * 60 * 1.5
     # the fixed set of real images: no fresh noise, no in-plane turns, no statistics
-    assert cli.main(argv[:6] + [str(tmp_path / "fixed")] + argv[7:] + ["--source", "fixed"]) == 0
+    # (and a C2 particle's validation: every mate of a refined pose counts)
+    capsys.readouterr()
+    fixed_argv = argv[:6] + [str(tmp_path / "fixed")] + argv[7:] + ["--source", "fixed"]
+    assert cli.main(fixed_argv + ["--sym", "c2"]) == 0
+    assert "refined poses (C2): median" in capsys.readouterr().out
+    assert io.read_json(tmp_path / "fixed" / "validation.json")["symmetry"] == "C2"
     fixed = checkpoints.load_checkpoint(tmp_path / "fixed" / "model" / "checkpoint.pt")
     stream = fixed["stream_identity"]["stream"]
     assert stream["kind"] == "fixed" and stream["n_images"] == 14
@@ -141,6 +146,9 @@ def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, caps
         assert cli.main(argv + options) == 2
         assert message in capsys.readouterr().err
         assert not run.exists()
+    argv = ["train", "--star", str(folder / "particles.star"), "--map", str(folder / "volume.mrc")]
+    assert cli.main(argv + ["--run-dir", str(run), "--symmetry", "X5"] + options) == 2
+    assert "unknown point group 'X5'" in capsys.readouterr().err and not run.exists()
 
 
 def test_labels_refuse_a_ctf_dataset_and_refinement_data_gives_the_right_ones(refinement_folder):

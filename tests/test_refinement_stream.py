@@ -81,3 +81,27 @@ def test_topk_hit_counts_the_refined_pose_cell_among_the_network_top_cells():
         scores = validation_scores(model, images, rotations, top_k=k)
         assert scores["val_topk_hit"] == pytest.approx(expected) and scores["top_k"] == k
     assert validation_scores(model, images, rotations, top_k=576)["val_topk_hit"] == 1.0
+
+
+def test_topk_hit_with_a_point_group_counts_a_symmetry_mate_cell():
+    """A C2 particle whose network proposes only its mate's cell is a hit under C2, a miss
+    under C1 (``train --symmetry``)."""
+    from cryosphere.geometry import grids
+    from cryosphere.geometry import rotations as geometry_rotations
+    from cryosphere.geometry.point_groups import point_group
+    from cryosphere.poses.training.refinement_stream import topk_hit_rate
+
+    grid = grids.healpix_so3_grid(LEVEL)
+    ops = point_group("C2")
+    rotations = geometry_rotations.random_rotations(30, 5)
+    mate_cells = geometry_rotations.geodesic_distance_deg(
+        (rotations @ ops[1])[:, None], grid[None]
+    ).argmin(axis=1)
+    own_cells = geometry_rotations.geodesic_distance_deg(rotations[:, None], grid[None]).argmin(
+        axis=1
+    )
+    assert not np.any(mate_cells == own_cells)
+    top = mate_cells[:, None]
+    assert topk_hit_rate(top, rotations, grid) == 0.0
+    assert topk_hit_rate(top, rotations, grid, ops) == 1.0
+    assert topk_hit_rate(own_cells[:, None], rotations, grid, ops) == 1.0

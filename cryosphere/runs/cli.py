@@ -152,6 +152,13 @@ def _add_train_parser(commands: Any) -> None:
         "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
+    fit.add_argument(
+        "--symmetry",
+        "--sym",
+        default="C1",
+        help="the particle's point group, as RELION's --sym (C1, Cn, Dn, T, O, I; n-fold axis "
+        "along z): validation counts every symmetry mate of a refined pose as right",
+    )
     _add_particle_options(fit)
 
 
@@ -228,6 +235,7 @@ def _train(args: argparse.Namespace) -> int:
             project_dir=args.project_dir,
             pixel_size_angstrom=args.pixel_size,
             skip_bad=args.skip_bad,
+            symmetry=args.symmetry,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"cryosphere train: {error}", file=sys.stderr)
@@ -324,6 +332,14 @@ def _add_predict_parser(commands: Any) -> None:
         "top cells miss (default 0: the network's cells only)",
     )
     predict.add_argument(
+        "--map-scale",
+        choices=("fitted", "free"),
+        default="fitted",
+        help="with --map: the particles' amplitude against the map, one scale fitted on the "
+        "first batch (default, as refinement programs correct a group's scale) or a free scale "
+        "per candidate (docs/training_on_a_refinement.md)",
+    )
+    predict.add_argument(
         "--resolution",
         type=float,
         default=None,
@@ -364,6 +380,7 @@ def _predict(args: argparse.Namespace) -> int:
                 keep=args.keep,
                 resolution_angstrom=args.resolution,
                 classical_cells=args.classical_cells,
+                scale=args.map_scale,
             )
         context = distributed.init_from_env(args.device)
         summary = sharded_prediction.predict_star_distributed(

@@ -68,6 +68,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cryosphere import io
+from cryosphere.geometry.point_groups import point_group
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.loader import centred_images, drop_damaged, warn_left_out
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
@@ -272,13 +273,16 @@ def _real_per_batch(real_fraction: float, source: str, batch_size: int) -> int:
     return real
 
 
-def _fixed_stream(context, pset, train_idx, share, level, batch_size, seed, slots, held):
+def _fixed_stream(
+    context, pset, train_idx, share, level, batch_size, seed, slots, held, symmetry_ops=None
+):  # fmt: skip
     """The fixed stream of this rank's ``share`` (every rank calls it: the shard sizes are
-    gathered), targets a kernel around each refined pose computed per batch."""
+    gathered), targets a kernel around each refined pose (and its symmetry mates) computed
+    per batch."""
     images, kept = share
     positions = np.searchsorted(train_idx, kept)
     sizes = fs.gathered_shard_sizes(context, len(train_idx), slots, held, positions)
-    targets = functools.partial(tg.pose_kernel_targets, level=level)
+    targets = functools.partial(tg.pose_kernel_targets, level=level, symmetry_ops=symmetry_ops)
     rotations = pset.rotations()[kept]
     return fs.FixedSetStream(
         images, targets, rotations, batch_size, seed, slots=slots, shard_sizes=sizes,
@@ -310,6 +314,7 @@ def train_on_refinement(
     project_dir: str | os.PathLike[str] | None = None,
     pixel_size_angstrom: float | None = None,
     skip_bad: bool = False,
+    symmetry: str = "C1",
 ) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
@@ -346,7 +351,12 @@ def train_on_refinement(
             or a cryoSPARC ``.cs``'s).
         pixel_size_angstrom: the pixel size when the STAR file states none.
         skip_bad: leave out particles with NaN or infinite pixels instead of refusing them.
+        symmetry: the particle's point group (RELION's ``--sym``: ``C1``, ``Cn``, ``Dn``,
+            ``T``, ``O``, ``I``; n-fold axis along z, a 2-fold of Dn along x:
+            :func:`cryosphere.geometry.point_groups.point_group`); validation errors, hits and
+            kernel targets count every symmetry mate ``R @ g`` of a refined pose as right.
     """
+    symmetry_ops = point_group(symmetry)  # a bad name fails before any work
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     real = _real_per_batch(real_fraction, source, int(batch_size))
@@ -380,7 +390,7 @@ def train_on_refinement(
                 pset, val_idx, model_config.image_size, sign=decided.sign, skip_bad=skip_bad
             )
             rotations = pset.rotations()[val_idx]
-            targets = tg.pose_kernel_targets(rotations, model_config.grid_level)
+            targets = tg.pose_kernel_targets(rotations, model_config.grid_level, symmetry_ops)
             validation = Batch(
                 images, torch.from_numpy(targets.astype(np.float32)), rotations,
                 np.zeros(len(val_idx)), images,
@@ -393,6 +403,7 @@ def train_on_refinement(
             fixed = _fixed_stream(
                 context, pset, train_idx, share, model_config.grid_level,
                 real or int(batch_size), seed + (1 if real else 0), int(slots), held,
+                symmetry_ops,
             )  # fmt: skip
             # mixed: its own seed (the stream's generators are [seed, slot, step])
             stream = fixed if stream is None else fs.MixedStream(stream, fixed)
@@ -423,10 +434,13 @@ def train_on_refinement(
                 model_config,
                 training_config,
                 validation,
+                symmetry_ops=symmetry_ops,
                 run_dir=Path(run_dir),
                 resume=resume,
                 progress=progress and context.writes,
-                extra_validation=rs.topk_validator(validation.images, rotations, top_k),
+                extra_validation=rs.topk_validator(
+                    validation.images, rotations, top_k, symmetry_ops
+                ),
             )
         else:
             result = train_distributed(
@@ -435,13 +449,16 @@ def train_on_refinement(
                 training_config,
                 validation,
                 slots=int(slots),
+                symmetry_ops=symmetry_ops,
                 run_dir=run_dir,
                 progress=progress,
                 bf16=bf16,
                 context=context,
             )
         if context.writes:
-            _write_validation(run_dir, result, source, len(train_idx), validation, top_k, real)
+            _write_validation(
+                run_dir, result, source, len(train_idx), validation, top_k, real, symmetry
+            )
             if result.checkpoint is not None:
                 contrast_module.record_in_checkpoint(result.checkpoint, decided)
                 if stats is not None:  # what predict --map blurs this map's templates by
@@ -452,14 +469,18 @@ def train_on_refinement(
 
 
 def _write_validation(
-    run_dir, result, source, n_train, validation, top_k, real=0
+    run_dir, result, source, n_train, validation, top_k, real=0, symmetry="C1"
 ) -> dict[str, Any]:
     """``run_dir/validation.json``: the held-out real particles' scores at every evaluation
-    and at the end (``val_topk_hit`` recomputed on the final model)."""
-    final = rs.validation_scores(result.model, validation.images, validation.rotations, top_k)
+    and at the end (``val_topk_hit`` recomputed on the final model), symmetry-aware."""
+    final = rs.validation_scores(
+        result.model, validation.images, validation.rotations, top_k,
+        symmetry_ops=point_group(symmetry),
+    )  # fmt: skip
     history = [dict(row) for row in result.history]
     record = {
         "source": source,
+        "symmetry": symmetry.strip().upper(),
         "real_per_batch": int(real),
         "n_train": int(n_train),
         "n_validation": int(validation.images.shape[0]),
@@ -478,9 +499,10 @@ def print_validation(run_dir: str | os.PathLike[str]) -> None:
     """One line: the final validation scores of ``run_dir/validation.json``."""
     record = io.read_json(Path(run_dir) / VALIDATION_FILE)
     final = record["final"]
+    symmetry = record["symmetry"]
     print(
         f"validation on {record['n_validation']} held-out particles against their refined "
-        f"poses: median {final['val_median_deg']:.1f}°, acc@15° {final['val_acc15']:.2f}, "
+        f"poses ({symmetry}): median {final['val_median_deg']:.1f}°, acc@15° {final['val_acc15']:.2f}, "
         f"refined cell in the top {final['top_k']} {final['val_topk_hit']:.2f} "
         f"({Path(run_dir) / VALIDATION_FILE})"
     )

@@ -25,6 +25,7 @@ the candidates.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +47,14 @@ __all__ = [
     "best_of_top_cells",
     "candidate_scores",
     "candidate_posterior",
+    "fitted_scale",
     "SearchResult",
     "search_candidates",
 ]
 
-SCORES = ("mse", "scaled")
+SCORES = ("mse", "scaled", "fitted")
+#: Scores that leave the zero frequency out (the particles' scale against the map is unknown).
+SCALE_FREE_SCORES = ("scaled", "fitted")
 
 
 @functools.cache
@@ -161,6 +165,7 @@ def candidate_scores(
     shift_step_px: float = 1.0,
     batch_size: int | None = None,
     score: str = "mse",
+    scale: float = 1.0,
     ctf_field: str = "box",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +189,11 @@ def candidate_scores(
             Work memory ~``batch_size · c · N² · 6`` bytes.
         score: ``"mse"`` (images on the templates' scale, as simulated) or ``"scaled"`` (a
             free positive scale per image and candidate, no zero frequency; real particles,
-            which must have RELION's contrast: protein white, as the map).
+            which must have RELION's contrast: protein white, as the map) or ``"fitted"``
+            (one positive ``scale`` for every image and candidate, the data's scale against
+            the map fitted beforehand, :func:`fitted_scale`, as refinement programs correct
+            a group's intensity scale; no zero frequency).
+        scale: the images' scale ``a`` against the templates with ``score="fitted"``.
         ctf_field: ``"box"``: every candidate carries the image's CTF applied in the box;
             ``"padded"``: the CTF acts in a padded field and the template is boxed afterwards,
             as a microscope images a particle (:mod:`cryosphere.imaging.microscope`); the
@@ -208,8 +217,10 @@ def candidate_scores(
     n_rows, width = len(spectra.rows), spectra.columns
     along_x, along_y, shifts, order = _shift_axes(max_shift_px, shift_step_px, spectra)
     weights = spectra.weights()
-    if score == "scaled":
+    if score in SCALE_FREE_SCORES:
         weights[0] = 0.0  # the zero frequency comes first on every band
+    if score == "fitted" and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the fitted scale must be a positive number, got {scale}")
     block = max(1, int(batch_size) if batch_size is not None else 1024 // c)
     work = min(block, n) * c  # (image, candidate) pairs per block
     gathered = torch.empty(work, n_rows * width, dtype=torch.complex64)
@@ -245,6 +256,8 @@ def candidate_scores(
         norms = norms.transpose(1, 2).double()  # (b, c, 1)
         if score == "mse":
             scores = norms - 2.0 * cross.double()  # (b, c, S)
+        elif score == "fitted":  # ‖F − a·C T e_s‖² − ‖F‖²
+            scores = float(scale) ** 2 * norms - 2.0 * float(scale) * cross.double()
         else:  # min over a > 0 of ‖F‖² − 2a·cross + a²·norms = ‖F‖² − max(cross, 0)² / norms
             scores = -(cross.double().clamp(min=0.0) ** 2) / norms.clamp(min=1e-30)
         value, where = scores.min(dim=2)  # (b, c): the best shift of each candidate
@@ -272,6 +285,31 @@ def local_template_matching(
     """
     cand = np.asarray(candidates, dtype=np.int64)
     return _best_match(cand, *candidate_scores(images, cand, spectra, **search))
+
+
+def fitted_scale(
+    images: np.ndarray | torch.Tensor,
+    best_index: np.ndarray,
+    spectra: TemplateSpectra,
+    **search,
+) -> float:
+    """The images' one scale ``a`` against the templates: least squares over every image at
+    its best template ``best_index`` ``(n,)`` (e.g. a ``score="scaled"`` search's) and best
+    shift, ``a = Σ_i C_i / Σ_i N_i`` with ``C_i = Re⟨F_i, C_i T e_s⟩`` and ``N_i = ‖C_i T‖²`` on
+    the band without its zero frequency (keywords as :func:`candidate_scores`: ``ctf``,
+    ``pixel_size_angstrom``, ``max_shift_px``…). The ``score="fitted"`` residual
+    ``r(a) = ‖F‖² + a²N − 2aC`` is evaluated at ``a`` = 1, 2, 3 (the best shift maximises
+    ``C`` whatever ``a``), which gives ``N`` and ``C`` exactly. NaN when no image correlates."""
+    best = np.asarray(best_index, dtype=np.int64).reshape(-1, 1)
+    keywords = {k: v for k, v in search.items() if k not in ("score", "scale")}
+    r1, r2, r3 = (
+        candidate_scores(images, best, spectra, score="fitted", scale=a, **keywords)[0][:, 0]
+        for a in (1.0, 2.0, 3.0)
+    )
+    norms = (r3 - 2.0 * r2 + r1) / 2.0
+    cross = (3.0 * norms - (r2 - r1)) / 2.0
+    total = float(norms.sum())
+    return float(cross.sum()) / total if total > 0 else float("nan")
 
 
 def _best_match(candidates: np.ndarray, scores: np.ndarray, shifts: np.ndarray) -> MatchResult:
@@ -303,7 +341,7 @@ def candidate_posterior(
     """Posterior probability ``(n, c)`` float64 of each image's candidates given their scores
     (:func:`candidate_scores`, each at its best shift), as a maximum-likelihood refinement
     weighs orientations: white Gaussian noise on the band's ``W`` real Fourier degrees of
-    freedom (``W = Σ w_k``; the zero frequency left out with ``score="scaled"``), with the
+    freedom (``W = Σ w_k``; the zero frequency left out with ``"scaled"`` and ``"fitted"``), with the
     noise variance estimated from the best candidate's residual, so that
 
         log p_c = −W · (s_c − s_min) / (2 s_min) + const.
@@ -316,7 +354,7 @@ def candidate_posterior(
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     weights = spectra.weights()
-    dof = float(weights.sum()) - (float(weights[0]) if score == "scaled" else 0.0)
+    dof = float(weights.sum()) - (float(weights[0]) if score in SCALE_FREE_SCORES else 0.0)
     best = s.min(axis=1, keepdims=True)
     logits = -dof * (s - best) / (2.0 * np.maximum(best, 1e-30))
     logits[~_first_occurrences(np.asarray(candidates))] = -np.inf

@@ -10,6 +10,7 @@ top cells (:mod:`cryosphere.poses.search.local_search`).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ import numpy as np
 import torch
 
 from cryosphere import io
+from cryosphere.geometry.grids import healpix_so3_grid
+from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
+from cryosphere.imaging.projection import gaussian_blur, project_volume
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.search.local_search import (
     SearchResult,
@@ -26,10 +30,12 @@ from cryosphere.poses.search.local_search import (
     best_of_top_cells,
     candidate_cells,
     child_cells,
+    fitted_scale,
     search_candidates,
 )
 from cryosphere.poses.search.matching import template_spectra
 from cryosphere.poses.search.posterior import (
+    NoiseSpectrum,
     background_noise_spectrum,
     search_candidates_whitened,
 )
@@ -49,6 +55,11 @@ _ENVELOPE_KEY = "map_envelope"
 #: Nyquist frequency). Measured as accurate as the whole half-plane on realistic particles and
 #: 1.5x faster at 100 cells (README "Real particles").
 DEFAULT_SEARCH_RESOLUTION_PX = 3.0
+
+
+#: Particles the first batch needs for ``scale="fitted"`` to fit the scale and the noise
+#: spectrum on; fewer (a small STAR file, a small ``--batch-size``): the free scale.
+MIN_FIT_PARTICLES = 64
 
 
 def band_max_frequency(resolution_px: float) -> float | None:
@@ -94,6 +105,16 @@ class MapRefinement:
             median error of 15.6° against 32.4° (particles imaged in a padded field), but at
             32 px it does no better (15.4° against 14.3°) and the 16-px search of
             ``tests/test_inference.py`` does worse, so the default stays ``"box"``.
+        scale: the particles' amplitude against the map's templates in the final scoring:
+            ``"fitted"`` (default): one scale for every particle and candidate, fitted by
+            least squares on the first batch searched with a free scale (at least
+            :data:`MIN_FIT_PARTICLES` particles, else the free scale throughout)
+            (:func:`~cryosphere.poses.search.local_search.fitted_scale`; :attr:`MapSearch.data_scale`),
+            as refinement programs correct an image group's intensity scale; ``"free"``: the
+            best positive scale of each candidate (a normalised cross-correlation). Measured
+            (docs/training_on_a_refinement.md): on 1UBI at SNR 0.05 a free scale lets
+            low-contrast views win by chance, every-cell search 30.8° against 23.6° fitted.
+            The coarse stages (``keep``, ``classical_cells``) always use a free scale.
     """
 
     map_path: str | os.PathLike[str]
@@ -105,8 +126,11 @@ class MapRefinement:
     ctf_field: str = "box"
     classical_cells: int = 0
     classical_resolution_px: float = 8.0
+    scale: str = "fitted"
 
     def __post_init__(self) -> None:
+        if self.scale not in ("fitted", "free"):
+            raise ValueError(f"scale must be 'fitted' or 'free', got {self.scale!r}")
         if int(self.classical_cells) < 0 or not self.classical_resolution_px > 2:
             raise ValueError(
                 f"classical_cells must be >= 0 and classical_resolution_px > 2 px, got "
@@ -175,6 +199,12 @@ class MapSearch:
             )
         self.volume = volume
         self.refinement = refinement
+        #: the particles' scale against the templates (``scale="fitted"``), fitted on the
+        #: first batch searched; None until then
+        self.data_scale: float | None = None
+        #: the noise spectrum of the final scoring with ``scale="fitted"``: the first batch's
+        #: backgrounds less the modelled signal's share (:func:`background_noise_spectrum`)
+        self.noise: NoiseSpectrum | None = None
         self.coarse_level, self.level = int(coarse_level), level
         self.particles_box = (int(box), float(particles.pixel_size_angstrom))
 
@@ -198,10 +228,15 @@ class MapSearch:
         self, images: torch.Tensor, ctf, pixel_size_angstrom: float, top_index: np.ndarray
     ) -> SearchResult:
         """Every candidate scored for images ``(n, M, M)`` (the network's box, not
-        CTF-corrected) given their network top cells ``(n, k)`` (``score="scaled"``): the most
+        CTF-corrected) given their network top cells ``(n, k)`` (``MapRefinement.scale``): the most
         probable candidate and its shift (``.match``) and the posterior of all of them, with
         the noise spectrum estimated from these images' backgrounds
-        (:func:`~cryosphere.poses.search.posterior.background_noise_spectrum`)."""
+        (:func:`~cryosphere.poses.search.posterior.background_noise_spectrum`). With
+        ``scale="fitted"`` the first call searches with a free scale, fits the particles'
+        scale (:attr:`data_scale`) and the noise spectrum (the backgrounds less the signal of
+        the poses found, :attr:`noise`) and searches again with both, which every later call
+        reuses: results depend on which particles come first (``predict``: the STAR file's
+        first batch, on each rank its own)."""
         images = images.detach().cpu()
         noise = background_noise_spectrum(images)
         search = dict(
@@ -218,6 +253,36 @@ class MapSearch:
             keep = min(int(self.refinement.keep), top.shape[1])
             top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
         candidates = candidate_cells(top, self.coarse_level, self.level)
+        if self.refinement.scale == "fitted" and self.data_scale is None:
+            first = self._final(images, candidates, noise, search)  # free scale
+            if images.shape[0] < MIN_FIT_PARTICLES:
+                return first  # too few to fit a scale and a spectrum: the free scale's answer
+            scale = fitted_scale(images, first.match.best_index, self.spectra, **search)
+            if not (math.isfinite(scale) and scale > 0):
+                return first  # nothing correlates with the map: the free scale's answer
+            self.data_scale = scale
+            model = self._modelled_signal(first.match, ctf, pixel_size_angstrom)
+            self.noise = background_noise_spectrum(images, signal=model)
+        if self.refinement.scale == "fitted":
+            search = search | {"score": "fitted", "scale": self.data_scale}
+            noise = self.noise
+        return self._final(images, candidates, noise, search)
+
+    def _modelled_signal(self, match, ctf, pixel_size_angstrom: float) -> torch.Tensor:
+        """``(n, M, M)`` each image's best template (``match``), blurred, with its CTF (in the
+        box), its shift and the fitted scale: the signal part of the image."""
+        rotations = healpix_so3_grid(self.level)[match.best_index]
+        projections = project_volume(self.volume, rotations, progress=False)
+        projections = gaussian_blur(projections, self.refinement.blur_sigma_px)
+        size = projections.shape[-1]
+        if ctf is not None:
+            transfer = ctf_module.ctf_2d(ctf, size, pixel_size_angstrom)
+            projections = ctf_module.apply_ctf(projections, transfer)
+        # the found shift centres the particle: the particle sits at minus it
+        return ctf_module.shift_images(projections, -match.shift_px) * float(self.data_scale)
+
+    def _final(self, images, candidates, noise, search) -> SearchResult:
+        """The last stage: ``candidates`` ``(n, c)`` scored on the search band."""
         if noise is None:
             return search_candidates(images, candidates, self.spectra, **search)
         return search_candidates_whitened(images, candidates, self.spectra, noise, **search)

@@ -32,13 +32,20 @@ import torch
 
 from cryosphere.geometry import grids
 from cryosphere.geometry.grids import nearest_grid_indices
+from cryosphere.geometry.point_groups import symmetry_mates
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.refinement_statistics import RefinementStatistics
 from cryosphere.poses.network.model import PoseDistributionNetwork
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 
-__all__ = ["RefinementRealism", "refinement_stream", "validation_scores", "topk_validator"]
+__all__ = [
+    "RefinementRealism",
+    "refinement_stream",
+    "validation_scores",
+    "topk_hit_rate",
+    "topk_validator",
+]
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,11 @@ def validation_scores(
     rotations: np.ndarray,
     top_k: int = 100,
     batch_size: int = 256,
+    symmetry_ops: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``val_topk_hit`` of the module docstring (``k = top_k``) on prepared images
-    ``(n, M, M)`` with refined poses ``(n, 3, 3)``."""
+    ``(n, M, M)`` with refined poses ``(n, 3, 3)``; with ``symmetry_ops`` ``(K, 3, 3)`` (the
+    particle's point group) a hit is the cell of any symmetry mate ``R @ g``."""
     level = model.config.grid_level
     grid = grids.healpix_so3_grid(level)
     k = min(int(top_k), len(grid))
@@ -147,12 +156,34 @@ def validation_scores(
             logits = model(images[start : start + batch_size].to(device))
             tops.append(torch.topk(logits, k, dim=1).indices.cpu())
     top = torch.cat(tops).numpy()
-    cells = nearest_grid_indices(np.asarray(rotations), grid)
-    return {"val_topk_hit": float(np.mean((top == cells[:, None]).any(axis=1))), "top_k": k}
+    return {"val_topk_hit": topk_hit_rate(top, rotations, grid, symmetry_ops), "top_k": k}
+
+
+def topk_hit_rate(
+    top_cells: np.ndarray,
+    rotations: np.ndarray,
+    grid: np.ndarray,
+    symmetry_ops: np.ndarray | None = None,
+) -> float:
+    """Share of particles whose pose's nearest cell of ``grid`` ``(G, 3, 3)``, or the nearest
+    cell of any of its symmetry mates ``R @ g`` (``symmetry_ops`` ``(K, 3, 3)``; None: C1),
+    is among their ``top_cells`` ``(n, k)``; ``rotations`` ``(n, 3, 3)``."""
+    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops, dtype=np.float64)
+    rotations = np.asarray(rotations, dtype=np.float64)
+    mates = symmetry_mates(rotations, ops)  # (n, K, 3, 3)
+    cells = nearest_grid_indices(mates.reshape(-1, 3, 3), grid).reshape(len(rotations), -1)
+    top_cells = np.asarray(top_cells)
+    hit = (top_cells[:, :, None] == cells[:, None, :]).any(axis=(1, 2))
+    return float(np.mean(hit))
 
 
 def topk_validator(
-    images: torch.Tensor, rotations: np.ndarray, top_k: int = 100
+    images: torch.Tensor,
+    rotations: np.ndarray,
+    top_k: int = 100,
+    symmetry_ops: np.ndarray | None = None,
 ) -> Callable[[PoseDistributionNetwork], dict[str, float]]:
     """:func:`validation_scores` as a function of the model (for ``train_on_stream``)."""
-    return lambda model: validation_scores(model, images, rotations, top_k)
+    return lambda model: validation_scores(
+        model, images, rotations, top_k, symmetry_ops=symmetry_ops
+    )
