@@ -101,7 +101,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
     train_s = _cryosphere(
         ["train", "--star", str(ref / "particles.star"), "--map", str(ref / "volume.mrc"),
          "--run-dir", str(run), "--minutes", str(args.minutes), "--device", "cpu",
-         "--no-progress", "--seed", "0", "--symmetry", dataset.point_group],
+         "--no-progress", "--seed", "0"],
         args.threads,
     )  # fmt: skip
     checkpoint = run / "model" / "checkpoint.pt"
