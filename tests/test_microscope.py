@@ -62,6 +62,27 @@ def test_padded_field_matches_a_large_field_and_the_box_does_not(projections, de
     assert np.median(_shell_correlation(in_box, reference)[high]) < 0.5
 
 
+def test_each_particle_gets_its_own_field_and_the_same_image(projections):
+    """A batch of mixed defocus (0.5-2.5 µm): each particle is imaged in the field its own
+    defocus needs (a few sizes), and comes out as in one 1024-px field for all."""
+    images, pixel = projections
+    params = _ctfs(len(images), 15000.0)
+    defocus = np.linspace(5000.0, 25000.0, len(images))
+    params = ctf.CTFParameters(
+        defocus_u_angstrom=defocus + 150.0, defocus_v_angstrom=defocus - 150.0,
+        defocus_angle_deg=params.defocus_angle_deg, voltage_kv=[300.0],
+        spherical_aberration_mm=[2.7], amplitude_contrast=[0.1], b_factor=[0.0],
+    )  # fmt: skip
+    shifts = np.random.default_rng(1).uniform(-3, 3, (len(images), 2))
+    each = microscope.image_in_field(images, params, pixel, shifts_px=shifts)
+    reference = microscope.image_in_field(images, params, pixel, shifts_px=shifts, field_size=1024)
+    band = np.arange(1, int(SEARCH_BAND * 64) + 1)
+    for i in range(len(images)):  # every particle, not only the batch's most defocused
+        assert _shell_correlation(each[i : i + 1], reference[i : i + 1])[band].min() > 0.9
+    spreads = microscope._delocalisation_each_px(params, pixel, 0.5)
+    assert spreads[0] < 0.3 * spreads[-1]  # the fields differ: 128 px against 320 px
+
+
 def test_field_rule_is_needed_and_grows_with_defocus(projections):
     images, pixel = projections
     params = _ctfs(len(images), 25000.0)
