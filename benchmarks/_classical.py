@@ -3,8 +3,12 @@ kernel, and coarse to fine tuned to its best speed at <= 1.05x the exhaustive er
 
 Both read the particles as ``cryosphere predict --map`` does (the STAR file's stack,
 Fourier-cropped to the search box, background-normalised, not CTF-corrected; each template
-carries its particle's CTF; ``score="scaled"``), so the timed work is the same as the network
-path's minus the network: reading, preprocessing and the search.
+carries its particle's CTF), so the timed work is the same as the network path's minus the
+network: reading, preprocessing and the search. Like ``predict --map`` (``MapRefinement.scale``,
+default ``"fitted"``) they fit the particles' one scale against the map on a first batch
+(:data:`FIT_BATCH` particles searched with a free scale, timed with the rest), then search
+every particle with it (``score="fitted"``); ``fitted=False``: a free scale throughout
+(``score="scaled"``, a normalised cross-correlation).
 """
 
 from __future__ import annotations
@@ -94,28 +98,61 @@ class Templates:
         return self.cache[key]
 
 
+#: Particles of the first batch the classical searches fit their scale on (``predict``'s batch).
+FIT_BATCH = 256
+
+
 def _search_kwargs(particles: Particles, ctf, pixel) -> dict:
     return dict(
         ctf=ctf, pixel_size_angstrom=pixel, max_shift_px=particles.max_shift_px, score="scaled"
     )
 
 
-def exhaustive(particles: Particles, templates: Templates, level: int, resolution_px: float):
+def _fitted(search, images, final_spectra, kwargs: dict, fitted: bool) -> dict:
+    """``kwargs`` with the scale fitted on the first :data:`FIT_BATCH` images: ``search(images,
+    **kwargs)`` with a free scale there, then
+    :func:`~cryosphere.poses.search.local_search.fitted_scale` at the cells found (cells of
+    ``final_spectra``). Unchanged (a free scale) when ``fitted`` is False or nothing fits."""
+    from cryosphere.poses.search.local_search import fitted_scale
+
+    if not fitted:
+        return kwargs
+    m = min(FIT_BATCH, images.shape[0])
+    first = kwargs | {"ctf": kwargs["ctf"].subset(np.arange(m))}
+    found = search(images[:m], **first)
+    scale = fitted_scale(images[:m], found.match.best_index, final_spectra, **first)
+    if not (np.isfinite(scale) and scale > 0):
+        return kwargs
+    return kwargs | {"score": "fitted", "scale": float(scale)}
+
+
+def exhaustive(
+    particles: Particles,
+    templates: Templates,
+    level: int,
+    resolution_px: float,
+    fitted: bool = True,
+):
     """Every cell of ``level`` on the band: (best cells, images/s end to end)."""
     from cryosphere.poses.search import coarse_to_fine
 
     spectra = templates(level, resolution_px)
 
+    def search(images, **kwargs):
+        return coarse_to_fine.exhaustive_search(images, spectra, **kwargs)
+
     def run():
         images, ctf, pixel = particles.read()
-        kwargs = _search_kwargs(particles, ctf, pixel)
-        return coarse_to_fine.exhaustive_search(images, spectra, **kwargs)
+        kwargs = _fitted(search, images, spectra, _search_kwargs(particles, ctf, pixel), fitted)
+        return search(images, **kwargs)
 
     rate, found = cpu_rate(run, len(particles.rotations))
     return found.match.best_index, rate
 
 
-def coarse_to_fine_run(particles: Particles, templates: Templates, schedule, indices=None):
+def coarse_to_fine_run(
+    particles: Particles, templates: Templates, schedule, indices=None, fitted: bool = True
+):
     """The schedule on the particles: (best cells, images/s end to end)."""
     from cryosphere.poses.search import coarse_to_fine
 
@@ -124,10 +161,13 @@ def coarse_to_fine_run(particles: Particles, templates: Templates, schedule, ind
         for level, res in zip(schedule.levels, schedule.resolutions_px, strict=True)
     ]
 
+    def search(images, **kwargs):
+        return coarse_to_fine.coarse_to_fine_search(images, spectra, schedule, **kwargs)
+
     def run():
         images, ctf, pixel = particles.read(indices)
         kwargs = _search_kwargs(particles, ctf, pixel)
-        return coarse_to_fine.coarse_to_fine_search(images, spectra, schedule, **kwargs)
+        return search(images, **_fitted(search, images, spectra[-1], kwargs, fitted))
 
     n = len(particles.rotations) if indices is None else len(indices)
     rate, found = cpu_rate(run, n)
