@@ -30,7 +30,7 @@ def _ctfs(n: int, defocus: float) -> ctf.CTFParameters:
 def _shell_correlation(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Correlation per Fourier shell of two stacks (n, N, N), pooled over the images."""
     size = a.shape[-1]
-    shells = microscope._shell_index(size).reshape(-1)
+    shells = microscope.shell_index(size).reshape(-1)
     fa, fb = torch.fft.rfft2(a.double()), torch.fft.rfft2(b.double())
 
     def per_shell(values: torch.Tensor) -> torch.Tensor:

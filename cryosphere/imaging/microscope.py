@@ -58,6 +58,7 @@ __all__ = [
     "field_size_px",
     "image_in_field",
     "masked_shell_power",
+    "shell_index",
     "radial_power_spectrum",
     "pixel_mtf_power",
     "colour_noise",
@@ -202,7 +203,7 @@ def _phase_ramp(shifts_px: np.ndarray, size: int, device: torch.device) -> torch
     return torch.complex(torch.cos(phase).float(), torch.sin(phase).float()).to(device)
 
 
-def _shell_index(size: int) -> torch.Tensor:
+def shell_index(size: int) -> torch.Tensor:
     """Shell of every ``rfft2`` coefficient of an ``N``-px image: ``round(|k| · N)``, clipped
     to ``N // 2`` (corners beyond Nyquist join the last shell)."""
     ky = torch.fft.fftfreq(size, dtype=torch.float64)[:, None]
@@ -251,7 +252,7 @@ def radial_power_spectrum(
     (:func:`masked_shell_power`).
     """
     size = np.asarray(images).shape[-1]
-    shells = _shell_index(size)
+    shells = shell_index(size)
     spectrum = masked_shell_power(images, mask, shells)
     return spectrum / float(np.mean(spectrum[shells.numpy()]))
 
@@ -274,7 +275,7 @@ def colour_noise(noise: torch.Tensor, radial_power: np.ndarray) -> torch.Tensor:
             f"radial_power must hold {size // 2 + 1} finite values >= 0 (one per shell of a "
             f"{size}-px image), got shape {power.shape}"
         )
-    amplitude = torch.from_numpy(np.sqrt(power)).float()[_shell_index(size)].to(tensor.device)
+    amplitude = torch.from_numpy(np.sqrt(power)).float()[shell_index(size)].to(tensor.device)
     coloured = torch.fft.irfft2(torch.fft.rfft2(tensor) * amplitude, s=(size, size))
     before = tensor.std(dim=(1, 2), keepdim=True)
     after = coloured.std(dim=(1, 2), keepdim=True).clamp(min=1e-12)
