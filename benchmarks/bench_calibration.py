@@ -54,6 +54,7 @@ from cryosphere.poses.evaluation import calibration
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction.predictions import predict
+from cryosphere.poses.search import noise as search_noise
 from cryosphere.poses.search import posterior as sp
 from cryosphere.poses.search.matching import template_spectra
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
@@ -104,7 +105,7 @@ def _particles(volume, poses, snr, noise, rng):
     else:
         noisy = clean + coloured_noise(clean.shape, sigma, rng)
         truth = coloured_noise_spectrum(clean.shape[-1], sigma)
-    return noisy.numpy(), sp.NoiseSpectrum(truth, clean.shape[-1])
+    return noisy.numpy(), search_noise.NoiseSpectrum(truth, clean.shape[-1])
 
 
 def _posterior(images, volume, spectra, noise, args, max_shift):
@@ -183,7 +184,7 @@ def main() -> None:
                             images,
                             volume,
                             spectra,
-                            sp.background_noise_spectrum(images)
+                            search_noise.background_noise_spectrum(images)
                             if args.search_noise == "estimated"
                             else true_noise,
                             args,

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cryosphere.poses.prediction.predictions import pose_errors_deg
     from cryosphere.poses.search import local_search, map_search, matching
     from cryosphere.poses.search import posterior as sp
+    from cryosphere.poses.search.noise import background_noise_spectrum
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kept", type=Path, help="DIR/<structure> of bench_refinement --keep DIR")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = grids.healpix_so3_grid(2)
     every = np.tile(np.arange(len(grid)), (n, 1))
     kwargs = dict(ctf=ctf, pixel_size_angstrom=pixel, max_shift_px=3.0)
-    noise = sp.background_noise_spectrum(images)
+    noise = background_noise_spectrum(images)
     cells = {}
     free = local_search.search_candidates(images, every, search.spectra, score="scaled", **kwargs)
     cells["free_white"] = free.match.best_index

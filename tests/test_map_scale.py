@@ -14,7 +14,7 @@ from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.prediction import predictions
 from cryosphere.poses.search import local_search, map_search
-from cryosphere.poses.search import posterior as sp
+from cryosphere.poses.search import noise as search_noise
 from cryosphere.poses.search.matching import template_spectra
 
 
@@ -63,8 +63,8 @@ def test_background_spectrum_less_the_signal_leaked_into_it(delocalised):
     (white, σ² in every shell)."""
     data = delocalised
     variance = data.noise_sigma**2
-    raw = sp.background_noise_spectrum(data.noisy_images).power / variance
-    corrected = sp.background_noise_spectrum(data.noisy_images, signal=data.clean_images)
+    raw = search_noise.background_noise_spectrum(data.noisy_images).power / variance
+    corrected = search_noise.background_noise_spectrum(data.noisy_images, signal=data.clean_images)
     corrected = corrected.power / variance
     assert raw[1:4].mean() > 1.2  # the leak (measured 1.27)
     # what is left is the noise, up to the signal-noise cross terms of 200 particles
@@ -72,14 +72,14 @@ def test_background_spectrum_less_the_signal_leaked_into_it(delocalised):
     assert np.all(np.abs(corrected[1:12] - 1.0) < 0.2), corrected[1:12]
     assert abs(corrected[1:7].mean() - 1.0) < 0.07
     with pytest.raises(ValueError, match="shape"):
-        sp.background_noise_spectrum(data.noisy_images, signal=data.clean_images[:5])
+        search_noise.background_noise_spectrum(data.noisy_images, signal=data.clean_images[:5])
 
 
 def test_pure_white_noise_spectrum_is_unbiased_in_the_lowest_shells():
     """Removing each background's mean takes power from the lowest shells (0.90 of the
     truth); dividing by the mask's white-noise response restores it."""
     noise = torch.randn(1000, 32, 32, generator=torch.Generator().manual_seed(2)) * 1.5
-    power = sp.background_noise_spectrum(noise.double()).power / 1.5**2
+    power = search_noise.background_noise_spectrum(noise.double()).power / 1.5**2
     assert np.all(np.abs(power[:6] - 1.0) < 0.05), power[:6]
 
 

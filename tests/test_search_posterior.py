@@ -14,6 +14,7 @@ from cryosphere.imaging.projection import gaussian_blur, noise_sigma_for_snr, pr
 from cryosphere.poses.evaluation import calibration
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.search import local_search
+from cryosphere.poses.search import noise as search_noise
 from cryosphere.poses.search import posterior as sp
 from cryosphere.poses.search.matching import template_spectra
 from cryosphere.poses.training import targets
@@ -43,7 +44,7 @@ def test_background_spectrum_recovers_white_and_coloured_noise(banks):
     R = rotations.random_rotations(300, 1)
     for coloured in (False, True):
         images, sigma = _particles(volume, R, 0.1, coloured, 2)
-        estimate = sp.background_noise_spectrum(images).power
+        estimate = search_noise.background_noise_spectrum(images).power
         truth = coloured_noise_spectrum(N, sigma) if coloured else np.full(40, sigma**2)
         ratio = estimate[1 : N // 2] / truth[1 : N // 2]
         # within 12 % from shell 2 on; the steepest, lowest shell is smoothed by the mask's
@@ -52,10 +53,10 @@ def test_background_spectrum_recovers_white_and_coloured_noise(banks):
         if coloured:  # and the colour is there: ten times more power at low frequency
             assert estimate[1] > 10 * estimate[N // 2 - 1]
     with pytest.raises(ValueError, match="no background"):
-        sp.background_noise_spectrum(images, radius_px=40)
+        search_noise.background_noise_spectrum(images, radius_px=40)
     images[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        sp.background_noise_spectrum(images)
+        search_noise.background_noise_spectrum(images)
 
 
 def test_white_noise_without_shifts_is_the_exact_bayes_posterior(banks):
@@ -64,7 +65,9 @@ def test_white_noise_without_shifts_is_the_exact_bayes_posterior(banks):
     R = rotations.random_rotations(6, 3)
     images, sigma = _particles(volume, R, 0.3, False, 4)
     cand = np.broadcast_to(np.arange(len(coarse)), (6, len(coarse)))
-    ll = sp.search_log_likelihood(images, cand, spectra, sp.white_noise_spectrum(sigma, N))
+    ll = sp.search_log_likelihood(
+        images, cand, spectra, search_noise.white_noise_spectrum(sigma, N)
+    )
     ours = sp.posterior_from_log_likelihood(ll.log_likelihood, cand)
     exact = targets.bayes_posterior(images, coarse, sigma)
     np.testing.assert_allclose(ours, exact, atol=2e-4)
@@ -83,7 +86,7 @@ def test_shifts_are_summed_as_the_real_space_formula_says(banks):
     images = images.float().numpy()
     cand = np.array([[3, 4, 100], [200, 201, 7], [401, 402, 50]])
     got = sp.search_log_likelihood(
-        images, cand, spectra, sp.white_noise_spectrum(sigma, N), max_shift_px=1.0
+        images, cand, spectra, search_noise.white_noise_spectrum(sigma, N), max_shift_px=1.0
     )
     shifts = np.array([[sx, sy] for sx in (-1.0, 0.0, 1.0) for sy in (-1.0, 0.0, 1.0)])
     for i in range(3):
@@ -95,7 +98,7 @@ def test_shifts_are_summed_as_the_real_space_formula_says(banks):
     # the sum differs from the maximum: several shifts carry weight at this SNR
     assert np.any(got.log_likelihood + np.log(9) + 0.5 * got.best_chi2 > 0.1)
     shared = sp.search_log_likelihood(
-        images, np.broadcast_to(cand[0], (3, 3)), spectra, sp.white_noise_spectrum(sigma, N),
+        images, np.broadcast_to(cand[0], (3, 3)), spectra, search_noise.white_noise_spectrum(sigma, N),
         max_shift_px=1.0,
     )  # fmt: skip
     np.testing.assert_allclose(shared.log_likelihood[0], got.log_likelihood[0], rtol=1e-5)
@@ -110,7 +113,7 @@ def test_off_grid_truth_in_coloured_noise_is_calibrated_where_the_old_posterior_
     R = rotations.random_rotations(120, 6)
     images, _ = _particles(volume, R, 0.1, True, 7)
     cand = np.broadcast_to(np.arange(len(fine)), (len(R), len(fine)))
-    noise = sp.background_noise_spectrum(images)
+    noise = search_noise.background_noise_spectrum(images)
     ll = sp.search_log_likelihood(images, cand, spectra, noise, max_shift_px=1.0)
     new = sp.integrate_over_parents(
         sp.posterior_from_log_likelihood(ll.log_likelihood, cand), cand, 1, 2
@@ -135,7 +138,7 @@ def test_search_candidates_with_noise_writes_the_most_probable_candidate(banks):
     images, sigma = _particles(volume, R, 1.0, False, 8)
     cand = np.array([[10, 11, 12, 12], [19, 20, 21, 21]])  # a repeated (padding) candidate
     result = sp.search_candidates_whitened(
-        images, cand, spectra, sp.white_noise_spectrum(sigma, N), max_shift_px=1.0
+        images, cand, spectra, search_noise.white_noise_spectrum(sigma, N), max_shift_px=1.0
     )
     np.testing.assert_array_equal(result.match.best_index, [10, 20])
     np.testing.assert_array_equal(result.match.shift_px, 0.0)  # centred particles
@@ -162,19 +165,19 @@ def test_bad_input_is_refused(banks):
     _, coarse, _, _ = banks
     spectra = template_spectra(coarse)
     images = np.zeros((2, N, N), np.float32)
-    noise = sp.white_noise_spectrum(1.0, N)
+    noise = search_noise.white_noise_spectrum(1.0, N)
     with pytest.raises(ValueError, match="index"):
         sp.search_log_likelihood(images, np.array([[0, 9999], [0, 1]]), spectra, noise)
     with pytest.raises(ValueError, match="16 px"):
         sp.search_log_likelihood(
-            images, np.zeros((2, 1), int), spectra, sp.white_noise_spectrum(1, 16)
+            images, np.zeros((2, 1), int), spectra, search_noise.white_noise_spectrum(1, 16)
         )
     with pytest.raises(ValueError, match="score"):
         sp.search_log_likelihood(images, np.zeros((2, 1), int), spectra, noise, score="l1")
     with pytest.raises(ValueError, match="templates, not"):
         sp.grid_posterior(images, spectra, noise, level=2)
     with pytest.raises(ValueError, match="positive"):
-        sp.NoiseSpectrum(np.array([1.0, 0.0]), N)
+        search_noise.NoiseSpectrum(np.array([1.0, 0.0]), N)
     with pytest.raises(ValueError, match="NaN"):
         sp.posterior_from_log_likelihood(np.array([[np.nan, 0.0]]), np.array([[0, 1]]))
 
@@ -186,7 +189,7 @@ def test_refining_the_most_probable_cells_calibrates_a_sharp_off_grid_posterior(
     volume, _, fine, spectra = banks
     R = rotations.random_rotations(120, 12)
     images, _ = _particles(volume, R, 1.0, False, 13)
-    noise = sp.background_noise_spectrum(images)
+    noise = search_noise.background_noise_spectrum(images)
     plain = sp.grid_posterior(images, spectra, noise, 1, 2, max_shift_px=1.0)
     refined = sp.refined_grid_posterior(
         images, volume, spectra, noise, 1, 2, blur_sigma_px=1.0, max_shift_px=1.0
@@ -224,7 +227,7 @@ def test_sub_cell_quadrature_integrates_the_mass_across_a_cell_boundary(banks):
     volume, _, _, spectra = banks
     R = _boundary_poses(8, 3)
     images, sigma = _particles(volume, R, 1.0, False, 4)
-    noise = sp.white_noise_spectrum(sigma, N)
+    noise = search_noise.white_noise_spectrum(sigma, N)
     kw = dict(blur_sigma_px=1.0)
     fine = sp.refined_grid_posterior(
         images, volume, spectra, noise, 1, 2, refine=(32, 32), quadrature=(32, 32, 32), **kw
@@ -270,7 +273,7 @@ def test_refinement_conserves_each_cells_volume_when_the_likelihood_is_flat():
     volume = np.zeros((N, N, N), np.float32)
     spectra = template_spectra(np.zeros((grids.healpix_so3_grid_size(2), N, N), np.float32))
     images = np.zeros((2, N, N), np.float32)
-    noise = sp.white_noise_spectrum(1.0, N)
+    noise = search_noise.white_noise_spectrum(1.0, N)
     plain = sp.grid_posterior(images, spectra, noise, 1, 2)
     refined = sp.refined_grid_posterior(images, volume, spectra, noise, 1, 2, refine=(64, 64))
     np.testing.assert_allclose(refined, plain, atol=0.1 * plain.max())

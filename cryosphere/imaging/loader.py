@@ -17,6 +17,8 @@ infinite pixels; :func:`damaged_images_error` names them (row of the STAR file a
 a one-line message; :func:`checked_and_centred` refuses them (or, asked to skip them, zeroes and
 marks them) and shifts every image by ``+origin / pixel_size``, RELION's sign
 (:func:`cryosphere.imaging.ctf.centring_shift_px`), so the particle sits at the box centre.
+:func:`read_prepared` reads chosen rows as ``cryosphere predict`` feeds them to the network
+(recentred, Fourier-cropped, phase-flipped, background-normalised).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from cryosphere.imaging import ctf as ctf_module
+from cryosphere.imaging import preprocess
 from cryosphere.imaging.particles import ParticleSet, StackReader
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "checked_and_centred",
     "drop_damaged",
     "warn_left_out",
+    "read_prepared",
 ]
 
 
@@ -181,3 +186,40 @@ def centred_images(particle_set, indices: np.ndarray, images: np.ndarray) -> tor
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     shifts = ctf_module.centring_shift_px(origins, particle_set.pixel_size_angstrom)
     return ctf_module.shift_images(images, shifts)
+
+
+def read_prepared(
+    pset: ParticleSet,
+    indices: np.ndarray,
+    image_size: int,
+    sign: float = 1.0,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, float]:
+    """Particles ``indices`` as ``cryosphere predict`` feeds them to the network: recentred by
+    their origins, Fourier-cropped to ``image_size``, CTF phase-flipped, background-normalised,
+    multiplied by the contrast ``sign``. Returns ``(images (k, M, M), kept indices (k,), pixel
+    size of the model box in Å)``. Damaged images (NaN or infinite pixels) raise a ValueError
+    naming them, or with ``skip_bad`` are left out (a warning lists them)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out, kept, dropped, pixel = [], [], [], pset.pixel_size_angstrom
+    with StackReader(pset) as reader:
+        starts = range(0, len(indices), 256)
+        for start in tqdm(starts, desc="particles", unit="batch", disable=not progress):
+            index = indices[start : start + 256]
+            raw = reader.read(index) * np.float32(sign)
+            index, raw = drop_damaged(pset, index, raw, skip_bad, dropped)
+            if len(index) == 0:
+                continue
+            prepared, pixel = preprocess.prepare_images(
+                centred_images(pset, index, raw),
+                pset.pixel_size_angstrom,
+                target_size=image_size,
+                ctf=None if pset.ctf is None else pset.ctf.subset(index),
+            )
+            out.append(prepared)
+            kept.append(index)
+    warn_left_out(pset, dropped)
+    if not out:
+        raise ValueError(f"{pset.star_path}: no particle images left to read")
+    return torch.cat(out), np.concatenate(kept), float(pixel)

@@ -328,7 +328,7 @@ def coloured_noise_spectrum(
 ) -> np.ndarray:
     """The power per pixel of :func:`coloured_noise` per shell ``j = round(|k| N)``
     ``(n_shells,)`` float64 (the ``power`` of a
-    :class:`cryosphere.poses.search.posterior.NoiseSpectrum`, for the exact posterior)."""
+    :class:`cryosphere.poses.search.noise.NoiseSpectrum`, for the exact posterior)."""
     n = int(image_size)
     k0 = float(corner_frequency)
     shells = np.arange(int(np.ceil(n / np.sqrt(2))) + 2) / n

@@ -65,13 +65,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cryosphere import io
 from cryosphere.geometry.point_groups import point_group
 from cryosphere.imaging import preprocess
-from cryosphere.imaging.loader import centred_images, drop_damaged, warn_left_out
-from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
+from cryosphere.imaging.loader import read_prepared
+from cryosphere.imaging.particles import read_particle_set
 from cryosphere.imaging.projection import project_volume
 from cryosphere.imaging.refinement_statistics import estimate_statistics
 from cryosphere.poses import distributed as dd
@@ -171,7 +170,7 @@ def refinement_data(
     decided = contrast_module.decide_for_particle_set(
         pset, contrast, small, image_size, rotations=pset.rotations()[:n]
     )
-    images, kept, pixel = _read_prepared(
+    images, kept, pixel = read_prepared(
         pset, np.arange(n), image_size, decided.sign, skip_bad, progress=progress
     )
     rotations = pset.rotations()[kept]
@@ -187,43 +186,6 @@ def refinement_data(
     )
 
 
-def _read_prepared(
-    pset: ParticleSet,
-    indices: np.ndarray,
-    image_size: int,
-    sign: float = 1.0,
-    skip_bad: bool = False,
-    progress: bool = False,
-) -> tuple[torch.Tensor, np.ndarray, float]:
-    """Particles ``indices`` as ``predict`` feeds them to the network (step 4): recentred by
-    their origins, Fourier-cropped to ``image_size``, CTF phase-flipped, background-normalised,
-    multiplied by the contrast ``sign``. Returns ``(images (k, M, M), kept indices (k,), pixel
-    size of the model box in Å)``. Damaged images (NaN or infinite pixels) raise a ValueError
-    naming them, or with ``skip_bad`` are left out (a warning lists them)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    out, kept, dropped, pixel = [], [], [], pset.pixel_size_angstrom
-    with StackReader(pset) as reader:
-        starts = range(0, len(indices), 256)
-        for start in tqdm(starts, desc="particles", unit="batch", disable=not progress):
-            index = indices[start : start + 256]
-            raw = reader.read(index) * np.float32(sign)
-            index, raw = drop_damaged(pset, index, raw, skip_bad, dropped)
-            if len(index) == 0:
-                continue
-            prepared, pixel = preprocess.prepare_images(
-                centred_images(pset, index, raw),
-                pset.pixel_size_angstrom,
-                target_size=image_size,
-                ctf=None if pset.ctf is None else pset.ctf.subset(index),
-            )
-            out.append(prepared)
-            kept.append(index)
-    warn_left_out(pset, dropped)
-    if not out:
-        raise ValueError(f"{pset.star_path}: no particle images left to read")
-    return torch.cat(out), np.concatenate(kept), float(pixel)
-
-
 def _split(n: int, max_validation: int, fraction: float, seed: int):
     """Seeded (train, validation) indices; the validation share capped at ``max_validation``."""
     train_idx, val_idx = split_indices(n, fraction, seed)
@@ -237,7 +199,7 @@ def _split(n: int, max_validation: int, fraction: float, seed: int):
 
 def _training_source(
     source, pset, small, train_idx, model_config, batch_size, seed, slots, held, sign, skip_bad,
-    real,
+    real, snr_spread=2.0,
 ):  # fmt: skip
     """``(stream, statistics, share)`` of ``source`` (step 3): for ``"stream"`` the stream of
     ``batch_size − real`` fresh particles and its statistics; for ``"fixed"``, or with ``real``
@@ -250,10 +212,12 @@ def _training_source(
         stats = estimate_statistics(pset, small, indices=train_idx, seed=seed, skip_bad=skip_bad)
         stats = dataclasses.replace(stats, contrast=float(stats.contrast) * float(sign))
         level = model_config.grid_level
-        stream = rs.refinement_stream(small, stats, level, batch_size=batch_size - real, seed=seed)
+        stream = rs.refinement_stream(
+            small, stats, level, batch_size=batch_size - real, seed=seed, snr_spread=snr_spread
+        )
     if source == "fixed" or real:
         first, last = fs.held_block(len(train_idx), slots, held)
-        images, kept, _ = _read_prepared(
+        images, kept, _ = read_prepared(
             pset, train_idx[first:last], model_config.image_size, sign=sign, skip_bad=skip_bad
         )
         share = (images.numpy(), kept)
@@ -315,6 +279,7 @@ def train_on_refinement(
     pixel_size_angstrom: float | None = None,
     skip_bad: bool = False,
     symmetry: str = "C1",
+    snr_spread: float = 2.0,
 ) -> StreamTrainingResult:
     """Train on a refinement (module docstring); the checkpoint goes to ``run_dir/model/``.
 
@@ -355,6 +320,9 @@ def train_on_refinement(
             ``T``, ``O``, ``I``; n-fold axis along z, a 2-fold of Dn along x:
             :func:`cryosphere.geometry.point_groups.point_group`); validation errors, hits and
             kernel targets count every symmetry mate ``R @ g`` of a refined pose as right.
+        snr_spread: the streamed particles' SNR is log-uniform in ``[snr / snr_spread, snr ·
+            snr_spread]`` around the data's measured SNR
+            (:func:`~cryosphere.poses.training.refinement_stream.refinement_stream`).
     """
     symmetry_ops = point_group(symmetry)  # a bad name fails before any work
     if source not in SOURCES:
@@ -386,7 +354,7 @@ def train_on_refinement(
             decided = contrast_module.decide_for_particle_set(
                 pset, contrast, small, model_config.image_size, rotations=pset.rotations()
             )
-            images, val_idx, _ = _read_prepared(
+            images, val_idx, _ = read_prepared(
                 pset, val_idx, model_config.image_size, sign=decided.sign, skip_bad=skip_bad
             )
             rotations = pset.rotations()[val_idx]
@@ -397,7 +365,7 @@ def train_on_refinement(
             )  # fmt: skip
             stream, stats, share = _training_source(
                 source, pset, small, train_idx, model_config, int(batch_size), seed, int(slots),
-                held, decided.sign, skip_bad, real,
+                held, decided.sign, skip_bad, real, snr_spread,
             )  # fmt: skip
         if share is not None:  # this rank's shards only (issue 23: never the whole refinement)
             fixed = _fixed_stream(

@@ -34,11 +34,8 @@ from cryosphere.poses.search.local_search import (
     search_candidates,
 )
 from cryosphere.poses.search.matching import template_spectra
-from cryosphere.poses.search.posterior import (
-    NoiseSpectrum,
-    background_noise_spectrum,
-    search_candidates_whitened,
-)
+from cryosphere.poses.search.noise import NoiseSpectrum, background_noise_spectrum
+from cryosphere.poses.search.posterior import search_candidates_whitened
 
 __all__ = [
     "DEFAULT_SEARCH_RESOLUTION_PX",
@@ -231,7 +228,7 @@ class MapSearch:
         CTF-corrected) given their network top cells ``(n, k)`` (``MapRefinement.scale``): the most
         probable candidate and its shift (``.match``) and the posterior of all of them, with
         the noise spectrum estimated from these images' backgrounds
-        (:func:`~cryosphere.poses.search.posterior.background_noise_spectrum`). With
+        (:func:`~cryosphere.poses.search.noise.background_noise_spectrum`). With
         ``scale="fitted"`` the first call searches with a free scale, fits the particles'
         scale (:attr:`data_scale`) and the noise spectrum (the backgrounds less the signal of
         the poses found, :attr:`noise`) and searches again with both, which every later call
