@@ -77,7 +77,7 @@ def test_background_spectrum_less_the_signal_leaked_into_it(delocalised):
 
 def test_pure_white_noise_spectrum_is_unbiased_in_the_lowest_shells():
     """Removing each background's mean takes power from the lowest shells (0.90 of the
-    truth); dividing by the mask's white-noise response restores it."""
+    truth); solving for the mask's shell response restores it."""
     noise = torch.randn(1000, 32, 32, generator=torch.Generator().manual_seed(2)) * 1.5
     power = search_noise.background_noise_spectrum(noise.double()).power / 1.5**2
     assert np.all(np.abs(power[:6] - 1.0) < 0.05), power[:6]
