@@ -110,7 +110,7 @@ class MapRefinement:
             as refinement programs correct an image group's intensity scale; ``"free"``: the
             best positive scale of each candidate (a normalised cross-correlation). Measured
             (docs/training_on_a_refinement.md): on 1UBI at SNR 0.05 a free scale lets
-            low-contrast views win by chance: every-cell search 30.8°, 20.8° fitted (with the noise
+            low-contrast views win by chance: every-cell search 30.8°, 19.5° fitted (with the noise
             below).
             The coarse stages (``keep``, ``classical_cells``) always use a free scale.
     """
