@@ -169,3 +169,23 @@ def test_matching_with_the_padded_model_finds_padded_particles_at_high_defocus()
         medians[mode] = float(np.median(errors))
     # measured: 106° with in-box CTF templates, 73° with the padded model (level 1: 30° cells)
     assert medians["ctf_templates"] > medians["padded_ctf"] + 20.0, medians
+
+
+def test_noise_power_less_signal_recovers_the_noise_of_a_background_holding_signal():
+    """Background = noise + a leaked smooth signal: taking the signal's own masked power out
+    leaves the noise's (within sampling), and never less than the floor's share."""
+    rng = np.random.default_rng(5)
+    size = 32
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    mask = (np.hypot(yy, xx) > 0.375 * size).astype(np.float64)
+    shells = microscope.shell_index(size)
+    blob = np.exp(-(yy**2 + xx**2) / (2 * 9.0**2))  # reaches well outside the disc
+    signal = np.stack([blob * a for a in rng.uniform(2.0, 4.0, 400)])
+    noise = rng.standard_normal((400, size, size))
+    measured = microscope.masked_shell_power(signal + noise, mask, shells)
+    noise_only = microscope.masked_shell_power(noise, mask, shells)
+    assert measured[1] > 3 * noise_only[1]  # the low shells are mostly signal
+    corrected = microscope.noise_power_less_signal(measured, signal, mask, shells)
+    np.testing.assert_allclose(corrected[1:6], noise_only[1:6], rtol=0.25)
+    floor = microscope.noise_power_less_signal(measured, 10 * signal, mask, shells)
+    np.testing.assert_allclose(floor[1:3], microscope.LEAKED_SIGNAL_FLOOR * measured[1:3])

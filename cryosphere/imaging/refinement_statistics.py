@@ -51,8 +51,6 @@ from cryosphere.imaging.projection import gaussian_blur, project_volume
 __all__ = ["RefinementStatistics", "estimate_statistics"]
 
 _BLUR_GRID_PX = np.round(np.arange(0.0, 4.01, 0.1), 2)
-#: The noise left after the leaked signal is taken out is kept above this share of the measured.
-_NOISE_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -215,11 +213,9 @@ def estimate_statistics(
     # the fitted signal's own share out of the noise's variance and spectrum
     leaked_var = float(signal[:, mask].var(dim=1, unbiased=False).mean())
     variance = bg_var / max(n_bg, 1)
-    sigma = float(np.sqrt(max(variance - leaked_var, _NOISE_FLOOR * variance)))
+    sigma = float(np.sqrt(max(variance - leaked_var, microscope.LEAKED_SIGNAL_FLOOR * variance)))
     measured = bg_power / max(n_bg, 1)
-    noise = np.maximum(
-        measured - microscope.masked_shell_power(signal, mask, shells), _NOISE_FLOOR * measured
-    )
+    noise = microscope.noise_power_less_signal(measured, signal, mask, shells)
     noise_power = noise / float(np.mean(noise[shells.numpy()]))
     if not sigma > 0:
         raise ValueError("the particle backgrounds are constant; are these real particle images?")
