@@ -15,12 +15,14 @@ SNR. Three distributions over the level-``L`` cells are scored with
   :func:`~cryosphere.poses.search.posterior.refined_grid_posterior`);
 * ``bayes``: the same with the *true* noise spectrum and the known (zero) shift: the exact
   posterior up to the integration over each cell on the ``L'`` grid;
-* ``network``: a small network trained briefly (``--network-steps``) on a stream of fresh
-  white-noise particles, SNR log-uniform in [0.05, 1], with the ``"pose"`` target of width
-  2° (``--network-target``): in effect the truth's own cell, whose expectation given the
-  image is the posterior *integrated* over each cell; the ``"bayes"`` target is the
-  posterior at the cell centres, overconfident where the posterior is narrower than a cell
-  (and its MSE against every template makes a step twice as slow).
+* ``network``: a resnet (``--network-channels``, ``--network-lmax``) trained on a stream
+  of fresh white-noise particles (``--network-steps``, cosine learning rate), one per SNR at
+  that SNR within a factor ``--network-snr-spread`` (2, as ``cryosphere train --star --map``
+  trains on the data's own SNR; 0: one network on [0.05, 1] for all), with the ``"pose"``
+  target of width 2° (``--network-target``): in effect the truth's own cell, whose
+  expectation given the image is the posterior *integrated* over each cell; the ``"bayes"``
+  target is the posterior at the cell centres, overconfident where the posterior is narrower
+  than a cell (and its MSE against every template makes a step twice as slow).
 
 Off-grid cases (the calibration test) use ``--off-grid-particles`` (600), on-grid ones
 ``--n-particles`` (200): with the spread of confidences at SNR 1 a perfectly calibrated
@@ -63,11 +65,18 @@ from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_st
 BLUR_PX = 1.0
 
 
-def _network(volume, level, ops, args):
-    """A small resnet network trained on fresh white-noise particles (``--network-target``)."""
+def _network(volume, level, ops, args, snr):
+    """A resnet trained on fresh white-noise particles (``--network-target``) at ``snr``.
+
+    As ``cryosphere train --star --map`` trains on the data's own SNR (log-uniform within a
+    factor ``--network-snr-spread`` of it), each SNR gets its own network; a spread of 0
+    trains one network on the whole range [0.05, 1] instead.
+    """
     steps = args.network_steps
+    spread = float(args.network_snr_spread)
+    snr_range = (0.05, 1.0) if spread == 0 else (snr / spread, snr * spread)
     target = StreamConfig(
-        snr=(0.05, 1.0),
+        snr=snr_range,
         target=args.network_target,
         batch_size=32,
         seed=args.seed,
@@ -76,11 +85,11 @@ def _network(volume, level, ops, args):
     stream = SimulatedStream(volume, BLUR_PX, level, target, symmetry_ops=ops)
     config = ModelConfig(
         image_size=volume.shape[0],
-        lmax=3,
+        lmax=args.network_lmax,
         encoder="resnet",
-        encoder_channels=(8, 16),
-        sphere_channels=8,
-        so3_channels=8,
+        encoder_channels=tuple(args.network_channels),
+        sphere_channels=args.network_sphere_channels,
+        so3_channels=args.network_sphere_channels,
         grid_level=level,
         per_image_normalisation=True,
     )
@@ -89,6 +98,7 @@ def _network(volume, level, ops, args):
         learning_rate=args.network_lr,
         warmup_steps=max(1, steps // 10),
         eval_every=steps,
+        lr_schedule=args.network_lr_schedule,
     )
     result = train_on_stream(
         stream, config, training, stream.heldout(64), symmetry_ops=ops, progress=False
@@ -151,6 +161,17 @@ def main() -> None:
         "posterior integrated over each cell; bayes: the posterior at the cell centres",
     )  # fmt: skip
     parser.add_argument("--network-width-deg", type=float, default=2.0)
+    parser.add_argument(
+        "--network-snr-spread", type=float, default=2.0,
+        help="one network per SNR, trained log-uniform in [snr/spread, snr*spread] (as train "
+        "--star --map); 0: one network on [0.05, 1] for every SNR",
+    )  # fmt: skip
+    parser.add_argument("--network-channels", nargs="+", type=int, default=[16, 32])
+    parser.add_argument("--network-lmax", type=int, default=4)
+    parser.add_argument("--network-sphere-channels", type=int, default=16)
+    parser.add_argument(
+        "--network-lr-schedule", default="cosine", choices=["constant", "cosine"]
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -164,14 +185,19 @@ def main() -> None:
         group, frame = resolve_point_group(atoms, "auto")
         ops = point_groups.point_group(group, frame)
         spectra = template_spectra(template_bank(volume, args.search_level, BLUR_PX))
-        network = None
-        if args.network_steps > 0:
-            t = time.perf_counter()
-            network = _network(volume, args.level, ops, args)
-            print(f"{name}: network trained in {time.perf_counter() - t:.0f} s", flush=True)
+        networks: dict[float, torch.nn.Module] = {}
         grid = grids.healpix_so3_grid(args.level)
         rng = np.random.default_rng([args.seed, len(name)])
         for snr in args.snrs:
+            network = None
+            if args.network_steps > 0:
+                key = snr if args.network_snr_spread else 0.0
+                if key not in networks:
+                    t = time.perf_counter()
+                    networks[key] = _network(volume, args.level, ops, args, snr)
+                    print(f"{name}: network for SNR {snr:g} trained in "
+                          f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+                network = networks[key]
             for truth in ("on_grid", "off_grid"):
                 if truth == "on_grid":
                     poses = grid[rng.integers(0, len(grid), args.n_particles)]

@@ -49,6 +49,9 @@ class NoiseSpectrum:
 
 
 def _shell_index(n_pix: int) -> np.ndarray:
+    """Shell ``round(|k| · N)`` of every ``rfft2`` coefficient, *not* clipped at Nyquist (unlike
+    :func:`cryosphere.imaging.microscope.shell_index`): the corners beyond ``N // 2`` keep shells
+    of their own, so a spectrum that still falls there is not flattened into the last one."""
     ky = np.fft.fftfreq(n_pix)[:, None]
     kx = np.fft.rfftfreq(n_pix)[None, :]
     return np.rint(np.sqrt(kx**2 + ky**2) * n_pix).astype(np.int64)
