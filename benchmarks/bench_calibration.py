@@ -166,9 +166,9 @@ def main() -> None:
         help="one network per SNR, trained log-uniform in [snr/spread, snr*spread] (as train "
         "--star --map); 0: one network on [0.05, 1] for every SNR",
     )  # fmt: skip
-    parser.add_argument("--network-channels", nargs="+", type=int, default=[16, 32])
+    parser.add_argument("--network-channels", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--network-lmax", type=int, default=4)
-    parser.add_argument("--network-sphere-channels", type=int, default=16)
+    parser.add_argument("--network-sphere-channels", type=int, default=32)
     parser.add_argument(
         "--network-lr-schedule", default="cosine", choices=["constant", "cosine"]
     )
