@@ -109,6 +109,9 @@ def _add_train_parser(commands: Any) -> None:
         default=[16, 32, 64],
         help="channels of the residual encoder's stages (each halves the box)",
     )
+    fit.add_argument(
+        "--lmax", type=int, default=4, help="the network's highest harmonic degree (1-8)"
+    )
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument(
         "--minutes",
@@ -219,7 +222,10 @@ def _train(args: argparse.Namespace) -> int:
             args.map,
             args.run_dir,
             model_config=series.stream_model_config(
-                args.box, grid_level=args.level, channels=tuple(args.encoder_channels)
+                args.box,
+                lmax=args.lmax,
+                grid_level=args.level,
+                channels=tuple(args.encoder_channels),
             ),
             training_config=_training_config(args),
             epochs=args.epochs if args.steps is None and args.minutes is None else None,
