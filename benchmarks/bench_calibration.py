@@ -169,9 +169,7 @@ def main() -> None:
     parser.add_argument("--network-channels", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--network-lmax", type=int, default=4)
     parser.add_argument("--network-sphere-channels", type=int, default=32)
-    parser.add_argument(
-        "--network-lr-schedule", default="cosine", choices=["constant", "cosine"]
-    )
+    parser.add_argument("--network-lr-schedule", default="cosine", choices=["constant", "cosine"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
