@@ -1,0 +1,113 @@
+"""The network's calibration against its training: one network trained on fresh white-noise
+particles, scored on Haar-random (off-grid) particles at each test SNR (docs/calibration.md).
+
+The knobs are the training SNR range (``--snr-lo``, ``--snr-hi``: log-uniform per image),
+the encoder (``--channels``), the harmonic degree (``--lmax``), the sphere and SO(3) channels
+(``--sphere-channels``), the steps and the learning-rate schedule; the network, the particles
+(32 px, blur 1 px, level-1 cells) and the ``"pose"`` target of width 2° are those of
+``bench_calibration.py``. Compare the log-likelihood with that benchmark's ``bayes`` rows.
+Prints one JSON line per test SNR: ``{"args", "train_s", "snr", "ece", "cov90", "LL",
+"conf", "hit"}``.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_network_calibration.py --structure 1hvr \\
+        --snr-lo 0.05 --snr-hi 0.2 --test-snrs 0.1 --channels 32,64 --sphere-channels 32 \\
+        --steps 15000 --schedule cosine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from bench_calibration import BLUR_PX, _particles
+
+from cryosphere.geometry import point_groups, rotations
+from cryosphere.imaging import atoms as imaging_atoms
+from cryosphere.imaging import structure
+from cryosphere.imaging.chain_symmetry import resolve_point_group
+from cryosphere.imaging.simulate import auto_pixel_size
+from cryosphere.poses.evaluation import calibration
+from cryosphere.poses.network.model import ModelConfig
+from cryosphere.poses.prediction.predictions import predict
+from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
+from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
+
+IMAGE_SIZE = 32
+LEVEL = 1
+TEST_PARTICLES = 600
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--structure", default="1hvr")
+    parser.add_argument("--snr-lo", type=float, default=0.05)
+    parser.add_argument("--snr-hi", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--channels", default="8,16", help="resnet stage channels, a,b")
+    parser.add_argument("--lmax", type=int, default=3)
+    parser.add_argument("--sphere-channels", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument("--test-snrs", default="1,0.1", help="comma-separated")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    atoms = imaging_atoms.load_structure(args.structure)
+    volume = structure.coulomb_potential_map(atoms, IMAGE_SIZE, auto_pixel_size(atoms, IMAGE_SIZE))
+    group, frame = resolve_point_group(atoms, "auto")
+    ops = point_groups.point_group(group, frame)
+    stream_config = StreamConfig(
+        snr=(args.snr_lo, args.snr_hi),
+        target="pose",
+        batch_size=args.batch,
+        seed=0,
+        pose_width_deg=2.0,
+    )
+    stream = SimulatedStream(volume, BLUR_PX, LEVEL, stream_config, symmetry_ops=ops)
+    config = ModelConfig(
+        image_size=IMAGE_SIZE,
+        lmax=args.lmax,
+        encoder="resnet",
+        encoder_channels=tuple(int(c) for c in args.channels.split(",")),
+        sphere_channels=args.sphere_channels,
+        so3_channels=args.sphere_channels,
+        grid_level=LEVEL,
+        per_image_normalisation=True,
+    )
+    training = StreamTrainingConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        eval_every=args.steps,
+        lr_schedule=args.schedule,
+    )
+    started = time.perf_counter()
+    network = train_on_stream(
+        stream, config, training, stream.heldout(64), symmetry_ops=ops, progress=False
+    ).model
+    train_s = time.perf_counter() - started
+    rng = np.random.default_rng(123)
+    for snr in (float(s) for s in args.test_snrs.split(",")):
+        poses = rotations.random_rotations(TEST_PARTICLES, rng)
+        images, _ = _particles(volume, poses, snr, "white", rng)
+        summary = calibration.calibration_summary(
+            predict(network, images).probabilities, poses, LEVEL, ops
+        ).to_dict()
+        record = {
+            "args": vars(args),
+            "train_s": round(train_s),
+            "snr": snr,
+            "ece": summary["ece"],
+            "cov90": summary["coverage90"],
+            "LL": summary["log_likelihood"],
+            "conf": summary["mean_confidence"],
+            "hit": summary["hit_rate"],
+        }
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
