@@ -6,8 +6,9 @@ the encoder (``--channels``), the harmonic degree (``--lmax``), the sphere and S
 (``--sphere-channels``), the steps and the learning-rate schedule; the network, the particles
 (32 px, blur 1 px, level-1 cells) and the ``"pose"`` target of width 2° are those of
 ``bench_calibration.py``. Compare the log-likelihood with that benchmark's ``bayes`` rows.
-Prints one JSON line per test SNR: ``{"args", "train_s", "snr", "ece", "cov90", "LL",
-"conf", "hit"}``.
+Prints one JSON line per test SNR (and ``--turns``): ``{"args", "train_s", "snr", "turns",
+"ece", "cov90", "LL", "conf", "hit"}``; ``--turns 4`` also scores the network's distribution
+averaged over quarter turns of each image (``predict --turns``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_network_calibration.py --structure 1hvr \\
         --snr-lo 0.05 --snr-hi 0.2 --test-snrs 0.1 --channels 32,64 --sphere-channels 32 \\
@@ -31,7 +32,7 @@ from cryosphere.imaging.chain_symmetry import resolve_point_group
 from cryosphere.imaging.simulate import auto_pixel_size
 from cryosphere.poses.evaluation import calibration
 from cryosphere.poses.network.model import ModelConfig
-from cryosphere.poses.prediction.predictions import predict
+from cryosphere.poses.prediction.predictions import predict, turn_averaged_log_probabilities
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 
@@ -53,6 +54,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     parser.add_argument("--test-snrs", default="1,0.1", help="comma-separated")
+    parser.add_argument(
+        "--turns", type=int, default=1, help="also score the average over 2 or 4 quarter turns"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     atoms = imaging_atoms.load_structure(args.structure)
@@ -93,20 +97,27 @@ def main() -> None:
     for snr in (float(s) for s in args.test_snrs.split(",")):
         poses = rotations.random_rotations(TEST_PARTICLES, rng)
         images, _ = _particles(volume, poses, snr, "white", rng)
-        summary = calibration.calibration_summary(
-            predict(network, images).probabilities, poses, LEVEL, ops
-        ).to_dict()
-        record = {
-            "args": vars(args),
-            "train_s": round(train_s),
-            "snr": snr,
-            "ece": summary["ece"],
-            "cov90": summary["coverage90"],
-            "LL": summary["log_likelihood"],
-            "conf": summary["mean_confidence"],
-            "hit": summary["hit_rate"],
-        }
-        print(json.dumps(record), flush=True)
+        outputs = {1: predict(network, images).probabilities}
+        if args.turns > 1:
+            with torch.no_grad():
+                log_p = turn_averaged_log_probabilities(
+                    network.eval(), torch.from_numpy(images).float(), args.turns
+                )
+            outputs[args.turns] = log_p.exp().numpy()
+        for turns, probabilities in outputs.items():
+            summary = calibration.calibration_summary(probabilities, poses, LEVEL, ops)
+            record = {
+                "args": vars(args),
+                "train_s": round(train_s),
+                "snr": snr,
+                "turns": turns,
+                "ece": summary.ece,
+                "cov90": summary.coverage90,
+                "LL": summary.log_likelihood,
+                "conf": summary.mean_confidence,
+                "hit": summary.hit_rate,
+            }
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
