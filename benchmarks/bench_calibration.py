@@ -65,45 +65,66 @@ from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_st
 BLUR_PX = 1.0
 
 
-def _network(volume, level, ops, args, snr):
-    """A resnet trained on fresh white-noise particles (``--network-target``) at ``snr``.
-
-    As ``cryosphere train --star --map`` trains on the data's own SNR (log-uniform within a
-    factor ``--network-snr-spread`` of it), each SNR gets its own network; a spread of 0
-    trains one network on the whole range [0.05, 1] instead.
-    """
-    steps = args.network_steps
-    spread = float(args.network_snr_spread)
-    snr_range = (0.05, 1.0) if spread == 0 else (snr / spread, snr * spread)
-    target = StreamConfig(
-        snr=snr_range,
-        target=args.network_target,
-        batch_size=32,
-        seed=args.seed,
-        pose_width_deg=args.network_width_deg,
+def train_network(
+    volume, level, ops, snr_range, *, channels, lmax, sphere_channels, steps, learning_rate,
+    schedule, target="pose", width_deg=2.0, seed=0, batch_size=32,
+):  # fmt: skip
+    """A resnet (``channels`` per stage, degree ``lmax``, ``sphere_channels`` sphere and SO(3)
+    channels) trained ``steps`` steps on fresh white-noise particles of ``volume``, SNR
+    log-uniform in ``snr_range``, on the level-``level`` ``target`` (``"pose"``: kernel
+    ``width_deg``); warm-up of a tenth of the steps, then the ``schedule``."""
+    stream_config = StreamConfig(
+        snr=tuple(snr_range),
+        target=target,
+        batch_size=batch_size,
+        seed=seed,
+        pose_width_deg=width_deg,
     )
-    stream = SimulatedStream(volume, BLUR_PX, level, target, symmetry_ops=ops)
+    stream = SimulatedStream(volume, BLUR_PX, level, stream_config, symmetry_ops=ops)
     config = ModelConfig(
         image_size=volume.shape[0],
-        lmax=args.network_lmax,
+        lmax=lmax,
         encoder="resnet",
-        encoder_channels=tuple(args.network_channels),
-        sphere_channels=args.network_sphere_channels,
-        so3_channels=args.network_sphere_channels,
+        encoder_channels=tuple(channels),
+        sphere_channels=sphere_channels,
+        so3_channels=sphere_channels,
         grid_level=level,
         per_image_normalisation=True,
     )
     training = StreamTrainingConfig(
         steps=steps,
-        learning_rate=args.network_lr,
+        learning_rate=learning_rate,
         warmup_steps=max(1, steps // 10),
         eval_every=steps,
-        lr_schedule=args.network_lr_schedule,
+        lr_schedule=schedule,
     )
     result = train_on_stream(
         stream, config, training, stream.heldout(64), symmetry_ops=ops, progress=False
     )
     return result.model
+
+
+def _network(volume, level, ops, args, snr):
+    """The ``network`` source at ``snr``: as ``cryosphere train --star --map`` trains on the
+    data's own SNR (log-uniform within a factor ``--network-snr-spread`` of it), each SNR gets
+    its own network; a spread of 0 trains one network on the whole range [0.05, 1] instead.
+    """
+    spread = float(args.network_snr_spread)
+    return train_network(
+        volume,
+        level,
+        ops,
+        (0.05, 1.0) if spread == 0 else (snr / spread, snr * spread),
+        channels=args.network_channels,
+        lmax=args.network_lmax,
+        sphere_channels=args.network_sphere_channels,
+        steps=args.network_steps,
+        learning_rate=args.network_lr,
+        schedule=args.network_lr_schedule,
+        target=args.network_target,
+        width_deg=args.network_width_deg,
+        seed=args.seed,
+    )
 
 
 def _particles(volume, poses, snr, noise, rng):

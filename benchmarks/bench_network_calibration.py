@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from bench_calibration import BLUR_PX, _particles
+from bench_calibration import _particles, train_network
 
 from cryosphere.geometry import point_groups, rotations
 from cryosphere.imaging import atoms as imaging_atoms
@@ -31,10 +31,7 @@ from cryosphere.imaging import structure
 from cryosphere.imaging.chain_symmetry import resolve_point_group
 from cryosphere.imaging.simulate import auto_pixel_size
 from cryosphere.poses.evaluation import calibration
-from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction.predictions import predict, turn_averaged_log_probabilities
-from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
-from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
 
 IMAGE_SIZE = 32
 LEVEL = 1
@@ -63,35 +60,20 @@ def main() -> None:
     volume = structure.coulomb_potential_map(atoms, IMAGE_SIZE, auto_pixel_size(atoms, IMAGE_SIZE))
     group, frame = resolve_point_group(atoms, "auto")
     ops = point_groups.point_group(group, frame)
-    stream_config = StreamConfig(
-        snr=(args.snr_lo, args.snr_hi),
-        target="pose",
-        batch_size=args.batch,
-        seed=0,
-        pose_width_deg=2.0,
-    )
-    stream = SimulatedStream(volume, BLUR_PX, LEVEL, stream_config, symmetry_ops=ops)
-    config = ModelConfig(
-        image_size=IMAGE_SIZE,
+    started = time.perf_counter()
+    network = train_network(
+        volume,
+        LEVEL,
+        ops,
+        (args.snr_lo, args.snr_hi),
+        channels=[int(c) for c in args.channels.split(",")],
         lmax=args.lmax,
-        encoder="resnet",
-        encoder_channels=tuple(int(c) for c in args.channels.split(",")),
         sphere_channels=args.sphere_channels,
-        so3_channels=args.sphere_channels,
-        grid_level=LEVEL,
-        per_image_normalisation=True,
-    )
-    training = StreamTrainingConfig(
         steps=args.steps,
         learning_rate=args.lr,
-        warmup_steps=max(1, args.steps // 10),
-        eval_every=args.steps,
-        lr_schedule=args.schedule,
+        schedule=args.schedule,
+        batch_size=args.batch,
     )
-    started = time.perf_counter()
-    network = train_on_stream(
-        stream, config, training, stream.heldout(64), symmetry_ops=ops, progress=False
-    ).model
     train_s = time.perf_counter() - started
     rng = np.random.default_rng(123)
     for snr in (float(s) for s in args.test_snrs.split(",")):

@@ -89,8 +89,9 @@ def background_noise_spectrum(
     own disc (delocalisation, ~λ·Δf·k: 26 px at 2.5 µm and 1/20 Å⁻¹), so the background holds
     signal in the low shells (1.5× the noise in the first ones for 1UBI at 64 px, SNR 0.05);
     the model's own background power is subtracted
-    (:func:`~cryosphere.imaging.microscope.noise_power_less_signal`). Measured: whitening by the corrected spectrum finds 1UBI's poses at 19.5°
-    median error against 24.8° uncorrected (docs/training_on_a_refinement.md).
+    (:func:`~cryosphere.imaging.microscope.noise_power_less_signal`). Measured: whitening by
+    the corrected spectrum finds 1UBI's poses at 19.5° median error against 24.8° uncorrected
+    (docs/training_on_a_refinement.md).
 
     Raises ValueError when the mask leaves no background or an image holds NaN.
     """
