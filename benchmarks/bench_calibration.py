@@ -67,12 +67,13 @@ BLUR_PX = 1.0
 
 def train_network(
     volume, level, ops, snr_range, *, channels, lmax, sphere_channels, steps, learning_rate,
-    schedule, target="pose", width_deg=2.0, seed=0, batch_size=32,
+    schedule, target="pose", width_deg=2.0, seed=0, batch_size=32, noise="white",
 ):  # fmt: skip
     """A resnet (``channels`` per stage, degree ``lmax``, ``sphere_channels`` sphere and SO(3)
-    channels) trained ``steps`` steps on fresh white-noise particles of ``volume``, SNR
-    log-uniform in ``snr_range``, on the level-``level`` ``target`` (``"pose"``: kernel
-    ``width_deg``); warm-up of a tenth of the steps, then the ``schedule``."""
+    channels) trained ``steps`` steps on fresh particles of ``volume`` in ``noise`` (``"white"``
+    or this benchmark's ``"coloured"`` spectrum), SNR log-uniform in ``snr_range``, on the
+    level-``level`` ``target`` (``"pose"``: kernel ``width_deg``); warm-up of a tenth of the
+    steps, then the ``schedule``."""
     stream_config = StreamConfig(
         snr=tuple(snr_range),
         target=target,
@@ -80,7 +81,11 @@ def train_network(
         seed=seed,
         pose_width_deg=width_deg,
     )
-    stream = SimulatedStream(volume, BLUR_PX, level, stream_config, symmetry_ops=ops)
+    size = volume.shape[0]
+    stream = SimulatedStream(
+        volume, BLUR_PX, level, stream_config, symmetry_ops=ops,
+        noise_power=None if noise == "white" else coloured_noise_spectrum(size, 1.0)[: size // 2 + 1],
+    )  # fmt: skip
     config = ModelConfig(
         image_size=volume.shape[0],
         lmax=lmax,
@@ -104,10 +109,11 @@ def train_network(
     return result.model
 
 
-def _network(volume, level, ops, args, snr):
-    """The ``network`` source at ``snr``: as ``cryosphere train --star --map`` trains on the
-    data's own SNR (log-uniform within a factor ``--network-snr-spread`` of it), each SNR gets
-    its own network; a spread of 0 trains one network on the whole range [0.05, 1] instead.
+def _network(volume, level, ops, args, snr, noise):
+    """The ``network`` source at ``snr`` in ``noise``: as ``cryosphere train --star --map``
+    trains on the data's own SNR (log-uniform within a factor ``--network-snr-spread`` of it)
+    and noise spectrum, each SNR (and with ``--network-noise matched`` each noise) gets its own
+    network; a spread of 0 trains one network on the whole range [0.05, 1] instead.
     """
     spread = float(args.network_snr_spread)
     return train_network(
@@ -124,6 +130,7 @@ def _network(volume, level, ops, args, snr):
         target=args.network_target,
         width_deg=args.network_width_deg,
         seed=args.seed,
+        noise=noise,
     )
 
 
@@ -187,6 +194,14 @@ def main() -> None:
         help="one network per SNR, trained log-uniform in [snr/spread, snr*spread] (as train "
         "--star --map); 0: one network on [0.05, 1] for every SNR",
     )  # fmt: skip
+    parser.add_argument(
+        "--network-noise", default="white", choices=["white", "matched"],
+        help="white: every network trains on white noise; matched: the coloured rows get a "
+        "network trained on the coloured spectrum (as train --star --map trains on the data's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--noises", nargs="+", default=["white", "coloured"], choices=["white", "coloured"]
+    )
     parser.add_argument("--network-channels", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--network-lmax", type=int, default=4)
     parser.add_argument("--network-sphere-channels", type=int, default=32)
@@ -204,25 +219,26 @@ def main() -> None:
         group, frame = resolve_point_group(atoms, "auto")
         ops = point_groups.point_group(group, frame)
         spectra = template_spectra(template_bank(volume, args.search_level, BLUR_PX))
-        networks: dict[float, torch.nn.Module] = {}
+        networks: dict[tuple[float, str], torch.nn.Module] = {}
         grid = grids.healpix_so3_grid(args.level)
         rng = np.random.default_rng([args.seed, len(name)])
         for snr in args.snrs:
-            network = None
-            if args.network_steps > 0:
-                key = snr if args.network_snr_spread else 0.0
-                if key not in networks:
-                    t = time.perf_counter()
-                    networks[key] = _network(volume, args.level, ops, args, snr)
-                    print(f"{name}: network for SNR {snr:g} trained in "
-                          f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
-                network = networks[key]
             for truth in ("on_grid", "off_grid"):
                 if truth == "on_grid":
                     poses = grid[rng.integers(0, len(grid), args.n_particles)]
                 else:
                     poses = rotations.random_rotations(args.off_grid_particles, rng)
-                for noise in ("white", "coloured"):
+                for noise in args.noises:
+                    network = None
+                    if args.network_steps > 0:
+                        trained_on = "white" if args.network_noise == "white" else noise
+                        key = (snr if args.network_snr_spread else 0.0, trained_on)
+                        if key not in networks:
+                            t = time.perf_counter()
+                            networks[key] = _network(volume, args.level, ops, args, snr, trained_on)
+                            print(f"{name}: network for SNR {snr:g}, {trained_on} noise, trained "
+                                  f"in {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+                        network = networks[key]
                     images, true_noise = _particles(volume, poses, snr, noise, rng)
                     sources = {
                         "search": _posterior(

@@ -1,5 +1,6 @@
-"""The network's calibration against its training: one network trained on fresh white-noise
-particles, scored on Haar-random (off-grid) particles at each test SNR (docs/calibration.md).
+"""The network's calibration against its training: one network trained on fresh particles in
+white or coloured noise (``--noise``, the same for training and test), scored on Haar-random
+(off-grid) particles at each test SNR (docs/calibration.md).
 
 The knobs are the training SNR range (``--snr-lo``, ``--snr-hi``: log-uniform per image),
 the encoder (``--channels``), the harmonic degree (``--lmax``), the sphere and SO(3) channels
@@ -52,6 +53,10 @@ def main() -> None:
     parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     parser.add_argument("--test-snrs", default="1,0.1", help="comma-separated")
     parser.add_argument(
+        "--noise", default="white", choices=["white", "coloured"],
+        help="bench_calibration's white or coloured (low-frequency heavy) noise",
+    )  # fmt: skip
+    parser.add_argument(
         "--turns", type=int, default=1, help="also score the average over 2 or 4 quarter turns"
     )
     args = parser.parse_args()
@@ -73,12 +78,13 @@ def main() -> None:
         learning_rate=args.lr,
         schedule=args.schedule,
         batch_size=args.batch,
+        noise=args.noise,
     )
     train_s = time.perf_counter() - started
     rng = np.random.default_rng(123)
     for snr in (float(s) for s in args.test_snrs.split(",")):
         poses = rotations.random_rotations(TEST_PARTICLES, rng)
-        images, _ = _particles(volume, poses, snr, "white", rng)
+        images, _ = _particles(volume, poses, snr, args.noise, rng)
         outputs = {1: predict(network, images).probabilities}
         if args.turns > 1:
             with torch.no_grad():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cryosphere.geometry import grids, point_groups, rotations
+from cryosphere.imaging import microscope
 from cryosphere.imaging.projection import gaussian_blur, project_volume, rotate_images
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.network import checkpoints
@@ -136,6 +137,33 @@ def test_simulated_stream_is_seeded_reproducible_and_fresh(small_volume):
     big = fixed.heldout(512)
     measured = float(big.clean.double().var()) / float(big.noise_sigma[0]) ** 2
     assert 0.4 < measured < 0.6
+
+
+def test_simulated_stream_colours_its_noise_by_the_stated_spectrum(small_volume):
+    size = small_volume.shape[0]
+    stated = microscope.coloured_noise_spectrum(size, 1.0)[: size // 2 + 1]  # low-frequency heavy
+    config = StreamConfig(snr=0.5, target="pose", batch_size=8, seed=2)
+    coloured = SimulatedStream(small_volume, 1.0, LEVEL, config, noise_power=stated)
+    white = SimulatedStream(small_volume, 1.0, LEVEL, config)
+    batch = coloured.heldout(256)
+    noise = batch.images - batch.clean
+    measured = microscope.radial_power_spectrum(noise)
+    shells = slice(1, size // 2)  # the DC and Nyquist shells hold few coefficients
+    np.testing.assert_allclose(
+        measured[shells] / measured[shells].mean(),
+        stated[shells] / stated[shells].mean(),
+        rtol=0.1,
+    )
+    plain = white.heldout(256)
+    flat = microscope.radial_power_spectrum(plain.images - plain.clean)
+    assert flat[1] / flat[size // 2 - 1] < 1.2 < measured[1] / measured[size // 2 - 1]
+    # the SNR still means var(clean) / σ² per pixel
+    assert float(noise.double().var()) == pytest.approx(float(batch.noise_sigma[0]) ** 2, rel=0.05)
+    assert "noise_power" in coloured.description() and "noise_power" not in white.description()
+    with pytest.raises(ValueError, match="noise_power must hold"):
+        SimulatedStream(small_volume, 1.0, LEVEL, config, noise_power=stated[:-1])
+    with pytest.raises(ValueError, match="zero in every shell"):
+        SimulatedStream(small_volume, 1.0, LEVEL, config, noise_power=0 * stated)
 
 
 def test_simulated_stream_bad_input(small_volume):

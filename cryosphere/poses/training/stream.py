@@ -6,8 +6,9 @@ and ranks of a distributed run draw disjoint, reproducible shares (``rank`` ente
 
 * :class:`SimulatedStream`: every batch draws new Haar-random poses, projects them from the map
   (Fourier slice, :func:`cryosphere.imaging.projection.project_volume`), blurs them like the
-  dataset, adds fresh white noise and computes the targets
-  (:mod:`cryosphere.poses.training.targets`). There is no training set to memorise.
+  dataset, adds fresh noise (white, or coloured by a stated ``noise_power`` per Fourier shell)
+  and computes the targets (:mod:`cryosphere.poses.training.targets`). There is no training set
+  to memorise.
   The noise level follows the SNR definition of the simulation, ``σ² = var(clean stack) / SNR``,
   with the variance of a fixed reference stack of ``reference_images`` Haar-random clean
   projections (seeded, so ``σ`` is a property of the map, not of a batch). ``snr`` is one value
@@ -200,6 +201,10 @@ class SimulatedStream:
         templates: ``(G, N, N)`` template bank of ``volume`` on ``level`` blurred by
             ``blur_sigma`` (made when a ``"bayes"`` or ``"soft"`` target needs it and None).
         realism: per-particle CTF and shifts (:class:`ParticleRealism`); None: neither.
+        noise_power: ``(N // 2 + 1,)`` relative noise power per Fourier shell
+            (:func:`cryosphere.imaging.microscope.colour_noise`; the variance per pixel stays
+            ``σ²``); None: white noise, or the realism's own ``noise_power`` where it has one
+            (a refinement's measured spectrum).
     """
 
     def __init__(
@@ -211,8 +216,18 @@ class SimulatedStream:
         symmetry_ops: np.ndarray | None = None,
         templates: np.ndarray | None = None,
         realism: ParticleRealism | None = None,
+        noise_power: np.ndarray | None = None,
     ):
         self.realism = realism
+        measured = getattr(realism, "noise_power", None)
+        if noise_power is not None and measured is not None:
+            raise ValueError(
+                "noise_power given twice (argument and realism); drop the argument to use the "
+                "refinement's measured spectrum"
+            )
+        self.noise_power = _checked_noise_power(
+            noise_power if noise_power is not None else measured, int(np.shape(volume)[0])
+        )
         self.volume = np.asarray(volume, dtype=np.float32)
         if self.volume.ndim != 3 or len(set(self.volume.shape)) != 1:
             raise ValueError(f"volume must be cubic (N, N, N), got {self.volume.shape}")
@@ -303,9 +318,7 @@ class SimulatedStream:
         projections = self._clean(rotations)
         clean = self._observed(projections, ctf, shifts)
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        noise = torch.randn(clean.shape, generator=noise_gen)
-        if getattr(self.realism, "noise_power", None) is not None:  # a refinement's spectrum
-            noise = microscope.colour_noise(noise, self.realism.noise_power)
+        noise = self._unit_noise(clean.shape, noise_gen)
         raw = clean + noise * torch.from_numpy(sigma).float()[:, None, None]
         G = grids.healpix_so3_grid_size(self.level)
         targets = (
@@ -321,6 +334,13 @@ class SimulatedStream:
             ctf_correction=self.realism.ctf_correction,
         )
         return Batch(images, targets, rotations, sigma, clean, raw, ctf, shifts)
+
+    def _unit_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """Noise of unit variance per pixel: white, or coloured by ``noise_power``."""
+        noise = torch.randn(shape, generator=generator)
+        if self.noise_power is None:
+            return noise
+        return microscope.colour_noise(noise, self.noise_power)
 
     def _snrs(self, rng: np.random.Generator, n: int, snr: float | None) -> np.ndarray:
         value = self.config.snr if snr is None else snr
@@ -354,11 +374,8 @@ class SimulatedStream:
         sigma = self.noise_sigma(self._snrs(rng, n, snr))
         clean = self._clean(rotations)
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        noise = (
-            torch.randn(clean.shape, generator=noise_gen)
-            * torch.from_numpy(sigma).float()[:, None, None]
-        )
-        images = clean + noise
+        noise = self._unit_noise(clean.shape, noise_gen)
+        images = clean + noise * torch.from_numpy(sigma).float()[:, None, None]
         G = grids.healpix_so3_grid_size(self.level)
         targets = (
             self.targets_for(images, clean, rotations, sigma) if with_targets else torch.zeros(n, G)
@@ -376,7 +393,7 @@ class SimulatedStream:
 
     def description(self) -> dict[str, Any]:
         """What identifies the stream (for checkpoints)."""
-        return {
+        description = {
             "kind": "simulated",
             "config": self.config.to_dict(),
             "level": self.level,
@@ -386,4 +403,26 @@ class SimulatedStream:
             # 6 significant digits: the last bits depend on the thread count (FFT sums), and a
             # run may resume on another machine or rank count
             "signal_variance": float(f"{self.signal_variance:.6g}"),
-        } | ({} if self.realism is None else {"realism": self.realism.description()})
+        }
+        if self.realism is not None:
+            description["realism"] = self.realism.description()
+        if self.noise_power is not None and getattr(self.realism, "noise_power", None) is None:
+            # a refinement's realism describes its own measured spectrum
+            description["noise_power"] = [float(f"{v:.6g}") for v in self.noise_power]
+        return description
+
+
+def _checked_noise_power(power: np.ndarray | None, image_size: int) -> np.ndarray | None:
+    """``power`` as float64 ``(N // 2 + 1,)``, or a one-line error naming the fix."""
+    if power is None:
+        return None
+    power = np.asarray(power, dtype=np.float64)
+    shells = image_size // 2 + 1
+    if power.shape != (shells,) or not np.all(np.isfinite(power)) or np.any(power < 0):
+        raise ValueError(
+            f"noise_power must hold {shells} finite values >= 0 (one per Fourier shell of the "
+            f"{image_size}-px map), got shape {power.shape}; see microscope.radial_power_spectrum"
+        )
+    if not power.sum() > 0:
+        raise ValueError("noise_power is zero in every shell; give the noise's relative power")
+    return power
