@@ -9,7 +9,10 @@ the encoder (``--channels``), the harmonic degree (``--lmax``), the sphere and S
 ``bench_calibration.py``. Compare the log-likelihood with that benchmark's ``bayes`` rows.
 Prints one JSON line per test SNR (and ``--turns``): ``{"args", "train_s", "snr", "turns",
 "ece", "cov90", "LL", "conf", "hit"}``; ``--turns 4`` also scores the network's distribution
-averaged over quarter turns of each image (``predict --turns``).
+averaged over quarter turns of each image (``predict --turns``). ``--temperature-particles n``
+also fits a temperature (``calibration.fit_temperature``) on ``n`` further fresh particles at each
+test SNR, never the scored ones, and prints the tempered scores too (``"temperature"`` in the
+record; 1 for the plain ones).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_network_calibration.py --structure 1hvr \\
         --snr-lo 0.05 --snr-hi 0.2 --test-snrs 0.1 --channels 32,64 --sphere-channels 32 \\
@@ -59,6 +62,10 @@ def main() -> None:
     parser.add_argument(
         "--turns", type=int, default=1, help="also score the average over 2 or 4 quarter turns"
     )
+    parser.add_argument(
+        "--temperature-particles", type=int, default=0,
+        help="fit a temperature on this many further particles per test SNR (0: none)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     atoms = imaging_atoms.load_structure(args.structure)
@@ -92,13 +99,22 @@ def main() -> None:
                     network.eval(), torch.from_numpy(images).float(), args.turns
                 )
             outputs[args.turns] = log_p.exp().numpy()
-        for turns, probabilities in outputs.items():
+        scored = [(turns, 1.0, probabilities) for turns, probabilities in outputs.items()]
+        if args.temperature_particles > 0:
+            fit_rng = np.random.default_rng(456)
+            fit_poses = rotations.random_rotations(args.temperature_particles, fit_rng)
+            fit_images, _ = _particles(volume, fit_poses, snr, args.noise, fit_rng)
+            fit_probabilities = predict(network, fit_images).probabilities
+            tau = calibration.fit_temperature(fit_probabilities, fit_poses, LEVEL, ops)
+            scored.append((1, tau, calibration.tempered(outputs[1], tau)))
+        for turns, tau, probabilities in scored:
             summary = calibration.calibration_summary(probabilities, poses, LEVEL, ops)
             record = {
                 "args": vars(args),
                 "train_s": round(train_s),
                 "snr": snr,
                 "turns": turns,
+                "temperature": round(tau, 3),
                 "ece": summary.ece,
                 "cov90": summary.coverage90,
                 "LL": summary.log_likelihood,

@@ -158,3 +158,30 @@ def test_reliability_figure_draws_one_line_per_source():
     assert "ECE" in lines[1].get_label() and len(fig.axes) == 2
     with pytest.raises(ValueError, match="empty"):
         plot_reliability({})
+
+
+def test_a_fitted_temperature_undoes_sharpening_and_flattening_on_held_out_particles():
+    fit_p, fit_true = _sampler(2000, 5)
+    test_p, test_true = _sampler(2000, 6)
+    for power, expected_tau in [(2.0, 2.0), (0.5, 0.5)]:
+        tau = cal.fit_temperature(_sharpen(fit_p, power), fit_true, LEVEL)
+        assert tau == pytest.approx(expected_tau, rel=0.1), (power, tau)
+        miscalibrated = cal.calibration_summary(_sharpen(test_p, power), test_true, LEVEL)
+        mended = cal.calibration_summary(
+            cal.tempered(_sharpen(test_p, power), tau), test_true, LEVEL
+        )
+        assert mended.ece < 0.03 < miscalibrated.ece
+        assert mended.log_likelihood > miscalibrated.log_likelihood
+    # a calibrated distribution keeps (about) its temperature; tempering is exact on p^(1/τ)
+    assert cal.fit_temperature(fit_p, fit_true, LEVEL) == pytest.approx(1.0, rel=0.1)
+    np.testing.assert_allclose(cal.tempered(_sharpen(fit_p, 2.0), 2.0), fit_p, atol=1e-9)
+
+
+def test_temperature_refuses_bad_input():
+    p, true = _sampler(10, 7)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        cal.tempered(p, 0.0)
+    with pytest.raises(ValueError, match="bounds"):
+        cal.fit_temperature(p, true, LEVEL, bounds=(2.0, 1.0))
+    with pytest.raises(ValueError, match="NaN"):
+        cal.fit_temperature(np.full_like(p, np.nan), true, LEVEL)

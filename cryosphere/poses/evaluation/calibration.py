@@ -30,6 +30,10 @@ measures, each computed against the true poses ``T`` ``(n, 3, 3)``:
   rewards calibration and sharpness together.
 
 :func:`calibration_summary` gives all of them for one set of particles.
+
+A *temperature* ``τ`` rescales a distribution's log-probabilities, ``p_τ ∝ p^(1/τ)``
+(:func:`tempered`; ``τ > 1`` flattens, ``τ < 1`` sharpens); :func:`fit_temperature` chooses
+``τ`` by the mean log-likelihood of the true poses on particles held out from the ones scored.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ __all__ = [
     "ece_sampling_floor",
     "credible_set_coverage",
     "calibration_summary",
+    "tempered",
+    "fit_temperature",
 ]
 
 
@@ -309,3 +315,56 @@ def calibration_summary(
         n=len(confidence),
         diagram=diagram,
     )
+
+
+def tempered(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """``p^(1/τ)`` renormalised per row: ``(n, G)`` float64. ``τ`` must be finite and > 0;
+    zero probabilities stay zero."""
+    tau = float(temperature)
+    if not np.isfinite(tau) or tau <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.ndim != 2 or not np.all(np.isfinite(probs)) or np.any(probs < 0):
+        raise ValueError("probabilities must be a finite, non-negative (n, G) array")
+    with np.errstate(divide="ignore"):
+        log_p = np.log(probs) / tau
+    log_p -= log_p.max(axis=1, keepdims=True)
+    out = np.exp(log_p)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(
+    probabilities: np.ndarray,
+    true: np.ndarray,
+    level: int,
+    symmetry_ops: np.ndarray | None = None,
+    bounds: tuple[float, float] = (0.2, 5.0),
+) -> float:
+    """The temperature ``τ`` in ``bounds`` that maximises the mean log-likelihood of the true
+    poses (symmetry-aware, :func:`~cryosphere.poses.evaluation.metrics.true_pose_log_likelihood`)
+    under :func:`tempered` ``(probabilities, τ)``: a one-parameter fit (bounded search on
+    ``log τ``). Fit it on particles *other* than the ones it is then scored on.
+
+    Args:
+        probabilities: ``(n, G)`` distributions on the level-``level`` grid (rows sum to 1).
+        true: ``(n, 3, 3)`` their true poses.
+        level: grid level.
+        symmetry_ops: ``(K, 3, 3)`` point group (None: C1).
+        bounds: ``(τ_min, τ_max)``, both > 0.
+    """
+    from scipy.optimize import minimize_scalar
+
+    T = as_pose_stack(true, "true")
+    probs = _check_probabilities(probabilities, len(T), level)
+    lo, hi = (float(b) for b in bounds)
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < min < max, got {bounds!r}")
+
+    def loss(log_tau: float) -> float:
+        ll = true_pose_log_likelihood(tempered(probs, np.exp(log_tau)), T, level, symmetry_ops)
+        return -float(np.mean(ll))
+
+    result = minimize_scalar(
+        loss, bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-3}
+    )
+    return float(np.exp(result.x))
