@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -207,11 +208,16 @@ def main() -> None:
     parser.add_argument("--network-sphere-channels", type=int, default=32)
     parser.add_argument("--network-lr-schedule", default="cosine", choices=["constant", "cosine"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--save", default=None,
+        help="write every case's distributions and poses to this .npz (to score them again)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cases = []
+    saved: dict[str, np.ndarray] = {}
     for name in args.structures:
         atoms = imaging_atoms.load_structure(name)
         pixel = auto_pixel_size(atoms, args.image_size)
@@ -272,6 +278,10 @@ def main() -> None:
                             "ece_floor": round(calibration.ece_sampling_floor(confidence), 4),
                         }
                         cases.append(case)
+                        if args.save:
+                            saved[f"{name}_{snr:g}_{truth}_{noise}_{source}"] = probabilities
+                            saved[f"{name}_{snr:g}_{truth}_poses"] = poses
+                            saved[f"{name}_symmetry_ops"] = ops
                         print(
                             f"{name} snr={snr:<5g} {truth:8s} {noise:8s} {source:7s} "
                             f"ECE {case['ece']:.3f} (floor {case['ece_floor']:.3f})  cov50 {case['coverage50']:.2f}  "
@@ -279,6 +289,10 @@ def main() -> None:
                             f"conf {case['mean_confidence']:.2f} hit {case['hit_rate']:.2f}",
                             flush=True,
                         )
+    if args.save:  # temporary file, then rename: never a half-written archive
+        partial = f"{args.save}.partial.npz"
+        np.savez_compressed(partial, **{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        os.replace(partial, args.save)
     settings = vars(args) | {"seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps({"cases": cases, "settings": settings}))
 

@@ -66,6 +66,11 @@ def main() -> None:
         "--temperature-particles", type=int, default=0,
         help="fit a temperature on this many further particles per test SNR (0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--save", default=None,
+        help="write the scored particles' poses and distributions (and the temperature "
+        "particles') to this .npz, to score them again",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     atoms = imaging_atoms.load_structure(args.structure)
@@ -89,6 +94,7 @@ def main() -> None:
     )
     train_s = time.perf_counter() - started
     rng = np.random.default_rng(123)
+    saved: dict[str, np.ndarray] = {}
     for snr in (float(s) for s in args.test_snrs.split(",")):
         poses = rotations.random_rotations(TEST_PARTICLES, rng)
         images, _ = _particles(volume, poses, snr, args.noise, rng)
@@ -107,6 +113,10 @@ def main() -> None:
             fit_probabilities = predict(network, fit_images).probabilities
             tau = calibration.fit_temperature(fit_probabilities, fit_poses, LEVEL, ops)
             scored.append((1, tau, calibration.tempered(outputs[1], tau)))
+            saved[f"fit_poses_{snr:g}"] = fit_poses
+            saved[f"fit_probabilities_{snr:g}"] = fit_probabilities.astype(np.float32)
+        saved[f"poses_{snr:g}"] = poses
+        saved[f"probabilities_{snr:g}"] = outputs[1].astype(np.float32)
         for turns, tau, probabilities in scored:
             summary = calibration.calibration_summary(probabilities, poses, LEVEL, ops)
             record = {
@@ -122,6 +132,8 @@ def main() -> None:
                 "hit": summary.hit_rate,
             }
             print(json.dumps(record), flush=True)
+    if args.save:
+        np.savez_compressed(args.save, symmetry_ops=ops, **saved)
 
 
 if __name__ == "__main__":

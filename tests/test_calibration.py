@@ -88,6 +88,34 @@ def test_symmetric_distributions_are_folded_onto_orbits():
     assert hit_mate.all()
 
 
+def test_a_mate_peaked_distribution_is_a_hit_when_the_grid_is_not_closed_under_the_group():
+    # C2 about an oblique axis (as 1HVR's): the cell nearest T g is mostly *not* the cell
+    # nearest R_{cell(T)} g, so the hit must compare the top cell's orbit with the truth's mates
+    from cryosphere.geometry import rotations
+
+    rng = np.random.default_rng(8)
+    frame = rotations.random_rotations(1, rng)[0]
+    ops = point_groups.point_group("C2", frame)
+    true = rotations.random_rotations(1000, rng)  # off-grid
+    mates = cal.true_cells(true, LEVEL, ops)
+    orbits = cal.orbit_cells(LEVEL, ops)
+    closure = np.mean(np.any(orbits[mates[:, 0]] == mates[:, 1:2], axis=1))
+    assert closure < 0.7  # the grid is far from closed under this group
+    G = grids.healpix_so3_grid_size(LEVEL)
+    for column in (0, 1):  # all mass on the cell nearest T, then on the cell nearest T g
+        p = np.zeros((len(true), G))
+        p[np.arange(len(true)), mates[:, column]] = 1.0
+        confidence, hit = cal.top_cell_confidence(p, true, LEVEL, ops)
+        assert hit.all() and np.all(confidence == 1.0)
+        summary = cal.calibration_summary(p, true, LEVEL, ops)
+        assert summary.ece == pytest.approx(0.0) and summary.coverage90 == pytest.approx(0.9)
+    # a cell that is neither (the next cell along psi) stays a miss
+    p = np.zeros((len(true), G))
+    p[np.arange(len(true)), (mates[:, 0] + 1) % G] = 1.0
+    _, hit = cal.top_cell_confidence(p, true, LEVEL, ops)
+    assert hit.mean() < 0.1
+
+
 def test_reliability_diagram_bins_and_ece_by_hand():
     confidence = np.array([0.05, 0.15, 0.15, 0.95, 1.0])
     hit = np.array([False, True, False, True, True])

@@ -9,9 +9,12 @@ measures, each computed against the true poses ``T`` ``(n, 3, 3)``:
 * **Top-cell confidence and hit** (:func:`top_cell_confidence`). With a point group of ``K``
   operators ``g`` (volume frame, identity first), poses ``R`` and ``R g`` give the same image, so
   the distribution is first folded onto orbits: ``p̄(c) = Σ_g p(cell nearest R_c g)``. The
-  confidence is ``max_c p̄(c)``; the particle is a *hit* when the truth's own cell (the cell
-  nearest ``T``) lies in the orbit of the top cell. For C1 this is the top cell's mass and
-  "the top cell is the cell nearest the truth".
+  confidence is ``max_c p̄(c)``; the particle is a *hit* when the top cell's orbit
+  ``{cell nearest R_top g}`` and the truth's mate cells ``{cell nearest T g}`` share a cell.
+  (Both sides are mapped through the group: unless the grid is closed under the group, e.g.
+  an axis off the grid's z, the cell nearest ``T g`` is often not the cell nearest
+  ``R_{cell(T)} g``; for 1HVR's C2 at level 1, only 39 % of the time.) For C1 this is the top
+  cell's mass and "the top cell is the cell nearest the truth".
 * **Reliability diagram and expected calibration error** (:func:`reliability_diagram`,
   :func:`expected_calibration_error`): confidences binned on ``[0, 1]`` (``B`` equal bins);
   per bin the mean confidence ``conf_b`` and hit rate ``acc_b``;
@@ -131,8 +134,8 @@ def top_cell_confidence(
     folded = probs if orbits.shape[1] == 1 else probs[:, orbits].sum(axis=-1)
     top = folded.argmax(axis=1)
     confidence = np.clip(folded[np.arange(len(T)), top], 0.0, 1.0)
-    own = true_cells(T, level)[:, 0]
-    hit = np.any(orbits[top] == own[:, None], axis=1)
+    mates = true_cells(T, level, symmetry_ops)  # (n, K): the cells nearest T g
+    hit = np.any(orbits[top][:, :, None] == mates[:, None, :], axis=(1, 2))
     return confidence, hit
 
 
