@@ -24,6 +24,11 @@ SNR. Three distributions over the level-``L`` cells are scored with
   target is the posterior at the cell centres, overconfident where the posterior is narrower
   than a cell (and its MSE against every template makes a step twice as slow).
 
+A symmetric structure (1HVR: C2) is simulated in its symmetry frame by default (``--frame
+symmetry``, :func:`cryosphere.imaging.chain_symmetry.in_symmetry_frame`: the 2-fold along z, where
+the grid is closed under the group and folding each cell's mass onto its orbit is exact);
+``--frame deposited`` keeps the deposited, oblique frame of the runs before it.
+
 Off-grid cases (the calibration test) use ``--off-grid-particles`` (600), on-grid ones
 ``--n-particles`` (200): with the spread of confidences at SNR 1 a perfectly calibrated
 posterior scores ECE ≈ 0.07 by chance on 200 particles, 0.04 on 600; each case reports this
@@ -49,7 +54,7 @@ import torch
 from cryosphere.geometry import grids, point_groups, rotations
 from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
-from cryosphere.imaging.chain_symmetry import resolve_point_group
+from cryosphere.imaging.chain_symmetry import in_symmetry_frame, resolve_point_group
 from cryosphere.imaging.microscope import coloured_noise, coloured_noise_spectrum
 from cryosphere.imaging.projection import gaussian_blur, noise_sigma_for_snr, project_volume
 from cryosphere.imaging.simulate import auto_pixel_size
@@ -108,6 +113,19 @@ def train_network(
         stream, config, training, stream.heldout(64), symmetry_ops=ops, progress=False
     )
     return result.model
+
+
+def structure_and_group(name: str, frame: str):
+    """The structure and its point group's operators ``(K, 3, 3)``: in its symmetry frame
+    (``frame="symmetry"``: n-fold along z, where the level-L grid is closed under C2, C4, D2,
+    D4 and orbit folding is exact) or as deposited (``"deposited"``: the group's axes oblique
+    to the grid; a top cell's mate cell is then often not the cell nearest the mate pose)."""
+    atoms = imaging_atoms.load_structure(name)
+    if frame == "symmetry":
+        atoms, group = in_symmetry_frame(atoms, "auto")
+        return atoms, point_groups.point_group(group)
+    group, axes = resolve_point_group(atoms, "auto")
+    return atoms, point_groups.point_group(group, axes)
 
 
 def _network(volume, level, ops, args, snr, noise):
@@ -212,6 +230,11 @@ def main() -> None:
         "--save", default=None,
         help="write every case's distributions and poses to this .npz (to score them again)",
     )  # fmt: skip
+    parser.add_argument(
+        "--frame", default="symmetry", choices=["symmetry", "deposited"],
+        help="simulate a symmetric structure in its symmetry frame (n-fold along z; exact "
+        "orbit folding on the grid) or as deposited (the runs before the symmetry frame)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -219,11 +242,9 @@ def main() -> None:
     cases = []
     saved: dict[str, np.ndarray] = {}
     for name in args.structures:
-        atoms = imaging_atoms.load_structure(name)
+        atoms, ops = structure_and_group(name, args.frame)
         pixel = auto_pixel_size(atoms, args.image_size)
         volume = structure.coulomb_potential_map(atoms, args.image_size, pixel)
-        group, frame = resolve_point_group(atoms, "auto")
-        ops = point_groups.point_group(group, frame)
         spectra = template_spectra(template_bank(volume, args.search_level, BLUR_PX))
         networks: dict[tuple[float, str], torch.nn.Module] = {}
         grid = grids.healpix_so3_grid(args.level)

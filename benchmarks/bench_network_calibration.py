@@ -27,12 +27,10 @@ import time
 
 import numpy as np
 import torch
-from bench_calibration import _particles, train_network
+from bench_calibration import _particles, structure_and_group, train_network
 
-from cryosphere.geometry import point_groups, rotations
-from cryosphere.imaging import atoms as imaging_atoms
+from cryosphere.geometry import rotations
 from cryosphere.imaging import structure
-from cryosphere.imaging.chain_symmetry import resolve_point_group
 from cryosphere.imaging.simulate import auto_pixel_size
 from cryosphere.poses.evaluation import calibration
 from cryosphere.poses.prediction.predictions import predict, turn_averaged_log_probabilities
@@ -71,12 +69,14 @@ def main() -> None:
         help="write the scored particles' poses and distributions (and the temperature "
         "particles') to this .npz, to score them again",
     )  # fmt: skip
+    parser.add_argument(
+        "--frame", default="symmetry", choices=["symmetry", "deposited"],
+        help="as bench_calibration.py --frame",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    atoms = imaging_atoms.load_structure(args.structure)
+    atoms, ops = structure_and_group(args.structure, args.frame)
     volume = structure.coulomb_potential_map(atoms, IMAGE_SIZE, auto_pixel_size(atoms, IMAGE_SIZE))
-    group, frame = resolve_point_group(atoms, "auto")
-    ops = point_groups.point_group(group, frame)
     started = time.perf_counter()
     network = train_network(
         volume,

@@ -20,6 +20,7 @@ from cryosphere.imaging.atoms import (
 from cryosphere.imaging.chain_symmetry import (
     chain_ca_positions,
     detect_point_group,
+    in_symmetry_frame,
     resolve_point_group,
     symmetry_rotation_between_chains,
 )
@@ -281,6 +282,28 @@ def test_1hvr_map_is_c2_invariant(hvr, hvr_map):
         map_coordinates(hvr_map, wrong[::-1], order=1, mode="constant"), hvr_map.reshape(-1)
     )[0, 1]
     assert corr_wrong < corr - 0.1
+
+
+def test_in_symmetry_frame_puts_the_2_fold_along_z_of_the_map(hvr, hvr_map):
+    aligned, name = in_symmetry_frame(hvr)
+    assert name == "C2"
+    np.testing.assert_allclose(detect_point_group(aligned)[1], np.eye(3), atol=1e-3)
+    np.testing.assert_allclose(centre_of_mass(aligned), centre_of_mass(hvr), atol=1e-3)
+    assert len(list(aligned[0].all())) == len(list(hvr[0].all()))
+    n = 48
+
+    def half_turn_about_z_correlation(volume):  # (x, y) -> (-x, -y) about voxel n // 2
+        turned = np.roll(volume[:, ::-1, ::-1], 1, axis=(1, 2))  # indexed [z, y, x]
+        return np.corrcoef(turned.ravel(), volume.ravel())[0, 1]
+
+    assert (
+        half_turn_about_z_correlation(coulomb_potential_map(aligned, n, 1.5, extra_b_factor=50.0))
+        > 0.95
+    )
+    assert half_turn_about_z_correlation(hvr_map) < 0.5  # the deposited frame is oblique
+    # a monomer is returned unchanged (a copy)
+    copy, name = in_symmetry_frame(load_structure("1ubi"))
+    assert name == "C1"
 
 
 def _synthetic_oligomer(rotations: list[np.ndarray], offset: np.ndarray):

@@ -29,6 +29,7 @@ __all__ = [
     "symmetry_rotation_between_chains",
     "detect_point_group",
     "resolve_point_group",
+    "in_symmetry_frame",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -369,3 +370,29 @@ def resolve_point_group(
         stacklevel=2,
     )
     return name, np.eye(3)
+
+
+def in_symmetry_frame(
+    structure: gemmi.Structure, symmetry: str | None = "auto"
+) -> tuple[gemmi.Structure, str]:
+    """A copy of ``structure`` rotated about its centre of mass into its symmetry frame
+    (:func:`resolve_point_group`), and the group's name.
+
+    In that frame the group's axes are the coordinate axes (n-fold along z; for ``Dn`` a
+    2-fold along x), as RELION expects a symmetric map, so ``point_groups.point_group(name)``
+    in its standard frame describes the copy's map. The level-``L`` HEALPix SO(3) grid is then
+    closed under C2, C4, D2 and D4 (``R_c g`` is another cell's centre), which symmetry-aware
+    cell measures (orbit folding, :mod:`cryosphere.poses.evaluation.calibration`) need to be
+    exact. Atom positions are rotated (ADPs with them); nothing else changes.
+    """
+    name, frame = resolve_point_group(structure, symmetry)
+    rotated = structure.clone()
+    if name == "C1":
+        return rotated, name
+    com = centre_of_mass(structure)
+    inverse = np.asarray(frame, dtype=np.float64).T  # volume → symmetry frame coordinates
+    translation = com - inverse @ com  # about the centre of mass: it stays where it was
+    transform = gemmi.Transform(gemmi.Mat33(inverse.tolist()), gemmi.Vec3(*translation.tolist()))
+    for model in rotated:
+        model.transform_pos_and_adp(transform)
+    return rotated, name
