@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,7 @@ def test_off_grid_truth_within_its_cell_scores_as_its_cell():
 
 def test_symmetric_distributions_are_folded_onto_orbits():
     ops = point_groups.point_group("C2")
+    warnings.simplefilter("error")  # closed under the standard C2: no warning
     p, true = _sampler(3000, 4, symmetric_ops=ops)
     folded = cal.calibration_summary(p, true, LEVEL, ops)
     assert folded.ece < 0.03 and folded.coverage90 == pytest.approx(0.9, abs=0.02)
@@ -101,18 +104,23 @@ def test_a_mate_peaked_distribution_is_a_hit_when_the_grid_is_not_closed_under_t
     orbits = cal.orbit_cells(LEVEL, ops)
     closure = np.mean(np.any(orbits[mates[:, 0]] == mates[:, 1:2], axis=1))
     assert closure < 0.7  # the grid is far from closed under this group
+    assert cal.orbit_closure(LEVEL, ops) < 0.95
+    assert cal.orbit_closure(LEVEL, point_groups.point_group("C2")) == 1.0
     G = grids.healpix_so3_grid_size(LEVEL)
     for column in (0, 1):  # all mass on the cell nearest T, then on the cell nearest T g
         p = np.zeros((len(true), G))
         p[np.arange(len(true)), mates[:, column]] = 1.0
-        confidence, hit = cal.top_cell_confidence(p, true, LEVEL, ops)
+        with pytest.warns(UserWarning, match="not closed under this point group"):
+            confidence, hit = cal.top_cell_confidence(p, true, LEVEL, ops)
         assert hit.all() and np.all(confidence == 1.0)
-        summary = cal.calibration_summary(p, true, LEVEL, ops)
+        with pytest.warns(UserWarning, match="in_symmetry_frame"):
+            summary = cal.calibration_summary(p, true, LEVEL, ops)
         assert summary.ece == pytest.approx(0.0) and summary.coverage90 == pytest.approx(0.9)
     # a cell that is neither (the next cell along psi) stays a miss
     p = np.zeros((len(true), G))
     p[np.arange(len(true)), (mates[:, 0] + 1) % G] = 1.0
-    _, hit = cal.top_cell_confidence(p, true, LEVEL, ops)
+    with pytest.warns(UserWarning):
+        _, hit = cal.top_cell_confidence(p, true, LEVEL, ops)
     assert hit.mean() < 0.1
 
 

@@ -42,6 +42,7 @@ A *temperature* ``τ`` rescales a distribution's log-probabilities, ``p_τ ∝ p
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "ReliabilityDiagram",
     "CalibrationSummary",
     "orbit_cells",
+    "orbit_closure",
     "true_cells",
     "top_cell_confidence",
     "reliability_diagram",
@@ -81,6 +83,17 @@ def orbit_cells(level: int, symmetry_ops: np.ndarray | None = None) -> np.ndarra
     ``g`` of the point group (column 0 is ``c`` itself). Cached per level and group."""
     ops = np.ascontiguousarray(as_symmetry_ops(symmetry_ops), dtype=np.float64)
     return _orbit_cells(int(level), ops.tobytes())
+
+
+def orbit_closure(level: int, symmetry_ops: np.ndarray | None = None) -> float:
+    """Fraction of the level-``level`` cells whose orbit (:func:`orbit_cells`) is closed: every
+    cell of it has the same orbit. 1 when the grid is closed under the group (e.g. C2, C4,
+    D2, D4 in their standard frame, n-fold along z); below 1 for axes oblique to the grid,
+    where folding a distribution onto orbits is only approximate."""
+    orbits = orbit_cells(level, symmetry_ops)
+    canonical = np.sort(orbits, axis=1)
+    closed = np.all(canonical[orbits] == canonical[:, None, :], axis=(1, 2))
+    return float(closed.mean())
 
 
 def true_cells(true: np.ndarray, level: int, symmetry_ops: np.ndarray | None = None) -> np.ndarray:
@@ -131,6 +144,14 @@ def top_cell_confidence(
     T = as_pose_stack(true, "true")
     probs = _check_probabilities(probabilities, len(T), level)
     orbits = orbit_cells(level, symmetry_ops)  # (G, K)
+    if orbits.shape[1] > 1 and (closure := orbit_closure(level, symmetry_ops)) < 1.0:
+        warnings.warn(
+            f"the level-{level} grid is not closed under this point group (only "
+            f"{100 * closure:.0f} % of cells fold onto a closed orbit): top-cell confidences "
+            "are approximate; express poses and maps in the symmetry frame "
+            "(cryosphere.imaging.chain_symmetry.in_symmetry_frame)",
+            stacklevel=2,
+        )
     folded = probs if orbits.shape[1] == 1 else probs[:, orbits].sum(axis=-1)
     top = folded.argmax(axis=1)
     confidence = np.clip(folded[np.arange(len(T)), top], 0.0, 1.0)
