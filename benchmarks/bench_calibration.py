@@ -61,7 +61,7 @@ from cryosphere.imaging.simulate import auto_pixel_size
 from cryosphere.poses.evaluation import calibration
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.network.model import ModelConfig
-from cryosphere.poses.prediction.predictions import predict
+from cryosphere.poses.prediction.predictions import predict, turn_averaged_log_probabilities
 from cryosphere.poses.search import noise as search_noise
 from cryosphere.poses.search import posterior as sp
 from cryosphere.poses.search.matching import template_spectra
@@ -221,6 +221,11 @@ def main() -> None:
     parser.add_argument(
         "--noises", nargs="+", default=["white", "coloured"], choices=["white", "coloured"]
     )
+    parser.add_argument(
+        "--network-turns", type=int, default=1, choices=[1, 2, 4],
+        help="also score the network averaged over 2 or 4 quarter turns of each image "
+        "(source network_turnsN, as predict --turns)",
+    )  # fmt: skip
     parser.add_argument("--network-channels", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--network-lmax", type=int, default=4)
     parser.add_argument("--network-sphere-channels", type=int, default=32)
@@ -282,6 +287,14 @@ def main() -> None:
                     }
                     if network is not None:
                         sources["network"] = predict(network, images).probabilities
+                        if args.network_turns > 1:  # predict --turns: the quarter-turn average
+                            with torch.no_grad():
+                                log_p = turn_averaged_log_probabilities(
+                                    network.eval(),
+                                    torch.from_numpy(images).float(),
+                                    args.network_turns,
+                                )
+                            sources[f"network_turns{args.network_turns}"] = log_p.exp().numpy()
                     for source, probabilities in sources.items():
                         summary = calibration.calibration_summary(
                             probabilities, poses, args.level, ops
