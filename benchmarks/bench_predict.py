@@ -69,7 +69,7 @@ def write_particle_set(folder: Path, structure: str, n: int, seed: int, snr: flo
 def write_untrained_checkpoint(run_dir: Path, image_size: int) -> Path:
     """A checkpoint of the default streamed network before any step (``run_dir/model/``)."""
     from cryosphere.geometry import grids, rotations
-    from cryosphere.poses.training.stream import FixedSetStream
+    from cryosphere.poses.training.fixed_stream import FixedSetStream
     from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
 
