@@ -14,7 +14,8 @@ is lost), ±3 px of the particles' box, each template carrying its particle's CT
   best speed at <= 1.05x the exhaustive median error there (:mod:`_classical`);
 * ``network``: ``cryosphere predict`` (the most probable level-2 cell, end to end);
 * ``network+map``: ``cryosphere predict --map`` (``--top-k`` cells of the network searched at
-  the level; level 3: their children, coarse to fine from the ``--map-keep`` best);
+  the level, or one row per count in ``--map-top-k``; level 3: their children, coarse to fine
+  from the ``--map-keep`` best);
 * ``network+c2f`` (the fused idea): the network's ``--top-k`` cells scored on the tuned
   coarse band first, only the best ``--map-keep`` searched on the default band;
 * ``cryopares``, ``cryopares+refine``: with ``--cryopares`` (``benchmarks/peers/cryopares``:
@@ -79,10 +80,11 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
 
     star, n, level = particles.star, len(particles.rotations), case["level"]
     out = star.with_name("predicted.star")
+    widest = max([args.top_k, *(args.map_top_k or [])])  # the side file holds every k's cells
     rows = []
     rate, _ = cpu_rate(
         lambda: inference.predict_star(
-            star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k, overwrite=True
+            star, checkpoint, out, device="cpu", progress=False, top_k=widest, overwrite=True
         ),
         n,
         warm_up=True,
@@ -96,19 +98,20 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
         star.with_name("volume.mrc"), level=level, max_shift_px=particles.max_shift_px,
         blur_sigma_px=blur_px, keep=keep,
     )  # fmt: skip
-    search = map_search.MapSearch(refinement, read_particle_set(star), particles.box, 2)
     searched = star.with_name("searched.star")
-    rate, _ = cpu_rate(
-        lambda: inference.predict_star(
-            star, checkpoint, searched, device="cpu", progress=False, top_k=args.top_k,
-            refine=search, overwrite=True,
-        ),
-        n,
-    )  # fmt: skip
-    with np.load(inference.topk_path(searched)) as side_file:
-        errors = particles.errors(side_file["refined_index"], level)
-    rows.append({**case, "method": "network+map", "median_deg": float(np.median(errors)),
-                 "images_per_s": rate, "top_k": args.top_k, "map_keep": keep})  # fmt: skip
+    for top_k in sorted(set(args.map_top_k or [args.top_k]), reverse=True):
+        search = map_search.MapSearch(refinement, read_particle_set(star), particles.box, 2)
+        rate, _ = cpu_rate(
+            lambda k=top_k, refine=search: inference.predict_star(
+                star, checkpoint, searched, device="cpu", progress=False, top_k=k,
+                refine=refine, overwrite=True,
+            ),
+            n,
+        )  # fmt: skip
+        with np.load(inference.topk_path(searched)) as side_file:
+            errors = particles.errors(side_file["refined_index"], level)
+        rows.append({**case, "method": "network+map", "median_deg": float(np.median(errors)),
+                     "images_per_s": rate, "top_k": top_k, "map_keep": keep})  # fmt: skip
     # the fused idea: network top cells, a coarse low-pass pre-screen, then the fine band
     coarse = templates(2, tuned.coarse_resolution_px)
     fine = templates(level, tuned.fine_resolution_px)
@@ -191,6 +194,11 @@ def run_case(structure, box, snr, levels, args, folder, checkpoints, tuning_log)
             case, particles, checkpoints[structure], args, templates, tuned, blur_px
         )
         hit = float(np.mean((side.index[:, :10] == cells[:, None]).any(1))) if level == 2 else None
+        for row in network_rows:
+            if level == 2 and row["method"] == "network+map":  # exhaustive's cell among the k
+                row["top_k_hit"] = float(
+                    np.mean((side.index[:, : row["top_k"]] == cells[:, None]).any(1))
+                )
         rows.extend({**row, "top10_hit": hit} for row in network_rows)
         if args.cryopares and level == 2:
             from peers.cryopares import run_cryopares
@@ -218,6 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--checkpoint", default=None, help="use this trained network instead")
     parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument(
+        "--map-top-k", type=int, nargs="+", default=None,
+        help="one network+map row per count of the network's cells searched (default: --top-k)",
+    )  # fmt: skip
     parser.add_argument("--map-keep", type=int, default=10)
     parser.add_argument("--resolution-px", type=float, default=3.0, help="the fine band (px of 64)")
     parser.add_argument("--coarse-resolutions", type=float, nargs="+", default=[6.0, 8.0, 12.0])
