@@ -52,9 +52,13 @@ REALISTIC = dict(
 )
 
 
-def write_particle_set(folder: Path, structure: str, n: int, seed: int, snr: float = 0.05):
+def write_particle_set(
+    folder: Path, structure: str, n: int, seed: int, snr: float = 0.05, picked: bool = True
+):
     """Simulate ``n`` realistic particles (:data:`REALISTIC` at ``snr``) into ``folder``;
-    returns the dataset."""
+    returns the dataset. ``picked``: written as new particles are, with zero origins (their
+    ±3 px shifts are for the search to find, as for the classical searches beside it); False:
+    the true shifts written as origins, as a refinement states them."""
     from cryosphere.imaging.datasets import SimulationParameters
     from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 
@@ -62,7 +66,7 @@ def write_particle_set(folder: Path, structure: str, n: int, seed: int, snr: flo
         structure=structure, n_projections=n, seed=seed, snr=snr, **REALISTIC
     )
     dataset = simulate_dataset(params, progress=False)
-    save_dataset(dataset, folder, overwrite=True)
+    save_dataset(dataset, folder, overwrite=True, write_origins=not picked)
     return dataset
 
 

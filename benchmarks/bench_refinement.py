@@ -6,8 +6,10 @@ For each structure (default 1UBI and 1HVR; any ``--structure`` name or PDB/mmCIF
    microscope images them (:mod:`cryosphere.imaging.microscope`: CTF and shift in a padded
    field, then boxed; 64 px, blur 1 px, CTF 0.5-2.5 µm with astigmatism up to 500 Å, shifts
    ±3 px, SNR 0.05), each written as RELION 3.1 files (``particles.star`` with ``data_optics``,
-   defocus and origins, an ``.mrcs`` stack, ``volume.mrc``); the refinement's poses are the
-   true ones (a perfect consensus refinement);
+   defocus and origins, an ``.mrcs`` stack, ``volume.mrc``); the refinement's poses and
+   origins are the true ones (a perfect consensus refinement); the held-out particles are
+   written as picked, with zero origins (their shifts are for the search to find, as for the
+   oracle);
 2. the user's path, as subprocesses: ``cryosphere train --star refinement/particles.star --map
    refinement/volume.mrc --minutes M`` (streamed from the map with the refinement's own
    statistics, the default), then ``cryosphere predict heldout/particles.star`` (network alone)
@@ -55,7 +57,7 @@ from bench_realistic import reconstruction_fsc05, searched_side_shift
 SNR = 0.05
 
 
-def _simulate(folder: Path, structure: str, n: int, seed: int, snr: float):
+def _simulate(folder: Path, structure: str, n: int, seed: int, snr: float, picked: bool):
     from cryosphere.imaging.datasets import SimulationParameters
     from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 
@@ -63,7 +65,7 @@ def _simulate(folder: Path, structure: str, n: int, seed: int, snr: float):
         structure=structure, n_projections=n, seed=seed, snr=snr, **REALISTIC
     )
     dataset = simulate_dataset(params, progress=False)
-    save_dataset(dataset, folder, overwrite=True)
+    save_dataset(dataset, folder, overwrite=True, write_origins=not picked)
     return dataset
 
 
@@ -96,8 +98,8 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
 
     ref, held, run = folder / "refinement", folder / "heldout", folder / "run"
     print(f"== {name}: simulating {args.n_particles} + {args.n_heldout} particles ...", flush=True)
-    refinement = _simulate(ref, name, args.n_particles, seed=11, snr=args.snr)
-    dataset = _simulate(held, name, args.n_heldout, seed=1011, snr=args.snr)
+    refinement = _simulate(ref, name, args.n_particles, seed=11, snr=args.snr, picked=False)
+    dataset = _simulate(held, name, args.n_heldout, seed=1011, snr=args.snr, picked=True)
     ops = dataset.symmetry_ops
     train_s = _cryosphere(
         ["train", "--star", str(ref / "particles.star"), "--map", str(ref / "volume.mrc"),

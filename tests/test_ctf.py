@@ -238,6 +238,23 @@ def test_simulation_with_ctf_and_shifts_writes_relion_star(tmp_path):
     back = load_dataset(tmp_path)
     np.testing.assert_array_equal(back.shifts_px, data.shifts_px)
     np.testing.assert_array_equal(back.ctf.defocus_u_angstrom, data.ctf.defocus_u_angstrom)
+
+    # as picked: zero origins in the STAR file, so predict sees the particles uncentred
+    from cryosphere.imaging.loader import centred_images
+    from cryosphere.imaging.particles import StackReader, read_particle_set
+
+    picked = tmp_path / "picked"
+    save_dataset(data, picked, write_origins=False)
+    table = io.read_particles_star(picked / "particles.star")["particles"]
+    assert not np.any(table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy())
+    assert "rlnDefocusU" in table.columns
+    pset = read_particle_set(picked / "particles.star")
+    assert not np.any(pset.origins_angstrom)
+    rows = np.arange(len(pset))
+    with StackReader(pset) as reader:
+        raw = reader.read(rows)
+    np.testing.assert_array_equal(centred_images(pset, rows, raw).numpy(), raw)
+    np.testing.assert_array_equal(load_dataset(picked).shifts_px, data.shifts_px)  # for scoring
     np.testing.assert_array_equal(back.contrast, data.contrast)
     # overwriting with a plain dataset removes the stale CTF file
     plain = simulate_dataset(SimulationParameters(n_projections=8, image_size=32), progress=False)

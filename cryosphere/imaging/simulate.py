@@ -193,10 +193,12 @@ def _add_realism(
     return clean, drawn
 
 
-def realism_star_columns(dataset: ParticleDataset) -> dict[str, np.ndarray]:
+def realism_star_columns(
+    dataset: ParticleDataset, write_origins: bool = True
+) -> dict[str, np.ndarray]:
     """Per-particle STAR columns of a dataset's CTF and shifts (empty when both are off):
-    rlnDefocusU/V (Å), rlnDefocusAngle (deg), rlnCtfBfactor (Å², when non-zero) and
-    rlnOriginXAngst/YAngst (Å, RELION's sign: ``−shift · pixel_size``)."""
+    rlnDefocusU/V (Å), rlnDefocusAngle (deg), rlnCtfBfactor (Å², when non-zero) and, with
+    ``write_origins``, rlnOriginXAngst/YAngst (Å, RELION's sign: ``−shift · pixel_size``)."""
     columns: dict[str, np.ndarray] = {}
     if dataset.ctf is not None:
         columns["rlnDefocusU"] = dataset.ctf.defocus_u_angstrom
@@ -204,7 +206,7 @@ def realism_star_columns(dataset: ParticleDataset) -> dict[str, np.ndarray]:
         columns["rlnDefocusAngle"] = dataset.ctf.defocus_angle_deg
         if np.any(dataset.ctf.b_factor != 0):
             columns["rlnCtfBfactor"] = dataset.ctf.b_factor
-    if dataset.shifts_px is not None:
+    if dataset.shifts_px is not None and write_origins:
         origins = ctf_module.origin_angstrom_from_shift_px(dataset.shifts_px, dataset.pixel_size)
         columns["rlnOriginXAngst"] = origins[:, 0]
         columns["rlnOriginYAngst"] = origins[:, 1]
@@ -219,9 +221,18 @@ def _stored_parameters(run_dir: Path) -> SimulationParameters | None:
 
 
 def save_dataset(
-    dataset: ParticleDataset, run_dir: str | os.PathLike[str], overwrite: bool = False
+    dataset: ParticleDataset,
+    run_dir: str | os.PathLike[str],
+    overwrite: bool = False,
+    *,
+    write_origins: bool = True,
 ) -> dict[str, Path]:
     """Write ``dataset`` into ``run_dir`` (see :data:`SIMULATION_FILES`); return the paths.
+
+    ``write_origins``: the STAR file states each particle's true shift as its origin, as a
+    refinement would (default). False writes the particles as picked, with zero origins:
+    new particles whose shifts a search must find (the shifts stay in the realism file, for
+    scoring only). Anything that reads the STAR file then sees them uncentred.
 
     A run folder that already holds a dataset made with other parameters is an error
     (``FileExistsError``, nothing written) unless ``overwrite`` is true. Each file is written
@@ -257,7 +268,7 @@ def save_dataset(
         stack_name=SIMULATION_FILES["noisy"],
         pixel_size=dataset.pixel_size,
         image_size=dataset.image_size,
-        extra_columns=realism_star_columns(dataset) if realism else None,
+        extra_columns=realism_star_columns(dataset, write_origins) if realism else None,
         voltage_kv=optics.voltage_kv,
         spherical_aberration_mm=optics.spherical_aberration_mm,
         amplitude_contrast=optics.amplitude_contrast,
