@@ -2,7 +2,8 @@
 
 For each structure, box, SNR and search level, on the same held-out realistic particles (CTF
 with defocus 0.5-2.5 µm, shifts ±3 px of the box, blur 1 px; written as a RELION STAR file +
-MRC stack + map, :func:`bench_predict.write_particle_set`), every method reads the STAR file
+MRC stack + map, as picked: zero origins, the shifts left for every method to find), every
+method reads the STAR file
 and searches at the network's box (64 px: a 128-px set is Fourier-cropped, as ``predict``
 does; the map search's band, 3 px of that box, lies inside it, so nothing the search compares
 is lost), ±3 px of the particles' box, each template carrying its particle's CTF:
@@ -16,15 +17,17 @@ is lost), ±3 px of the particles' box, each template carrying its particle's CT
 * ``network+map``: ``cryosphere predict --map`` (``--top-k`` cells of the network searched at
   the level, or one row per count in ``--map-top-k``; level 3: their children, coarse to fine
   from the ``--map-keep`` best);
-* ``network+c2f`` (the fused idea): the network's ``--top-k`` cells scored on the tuned
-  coarse band first, only the best ``--map-keep`` searched on the default band;
+  with ``--prescreen-keep P``: ``predict --map --top-k K --prescreen P``, the network's
+  ``--top-k`` cells scored on the tuned coarse band first, only the best ``P`` searched on the
+  default band (``prescreen_keep`` in the row);
 * ``cryopares``, ``cryopares+refine``: with ``--cryopares`` (``benchmarks/peers/cryopares``:
   its own venv, trained on a simulated refinement of ``--cryopares-train`` particles for
   ``--budget-min`` minutes, the same budget as the network).
 
 ``images_per_s`` is per CPU-second (process time: the machine is shared) and end to end for every row (reading, preprocessing, search; the network's
 and cryoPARES' include their model), one thread by default; the template projection
-(``setup_s``, once per map and level) is not in it. ``median_deg`` is the symmetry-aware
+(``setup_s``, once per map and level) is not in it, and every method is given the particles'
+contrast (``predict --contrast white``: deciding it costs ~0.4 s per run, not per image). ``median_deg`` is the symmetry-aware
 geodesic error to the true pose, ``ratio_to_exhaustive`` its ratio to ``exhaustive``'s.
 
 Usage::
@@ -72,11 +75,12 @@ def _network(structure: str, args, folder: Path, data) -> tuple[Path, dict]:
     }  # fmt: skip
 
 
-def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
-    """``network``, ``network+map`` and ``network+c2f`` rows of one case."""
+def _network_rows(case, particles, checkpoint, args, tuned, blur_px):
+    """``network`` and ``network+map`` rows of one case (one per ``--map-top-k`` and per
+    ``--prescreen-keep``)."""
     from cryosphere.imaging.particles import read_particle_set
     from cryosphere.poses.prediction import inference
-    from cryosphere.poses.search import local_search, map_search
+    from cryosphere.poses.search import map_search
 
     star, n, level = particles.star, len(particles.rotations), case["level"]
     out = star.with_name("predicted.star")
@@ -114,27 +118,28 @@ def _network_rows(case, particles, checkpoint, args, templates, tuned, blur_px):
             errors = particles.errors(side_file["refined_index"], level)
         rows.append({**case, "method": "network+map", "median_deg": float(np.median(errors)),
                      "images_per_s": rate, "top_k": top_k, "map_keep": keep})  # fmt: skip
-    # the fused idea: network top cells, a coarse low-pass pre-screen, then the fine band
-    coarse = templates(2, tuned.coarse_resolution_px)
-    fine = templates(level, tuned.fine_resolution_px)
-
-    def fused():
-        inference.predict_star(
-            star, checkpoint, out, device="cpu", progress=False, top_k=args.top_k, overwrite=True
-        )
-        top = inference.load_topk(out).index
-        images, ctf, pixel = particles.read()
-        kwargs = dict(ctf=ctf, pixel_size_angstrom=pixel, max_shift_px=particles.max_shift_px,
-                      score="scaled")  # fmt: skip
-        kept = local_search.best_of_top_cells(images, top, coarse, args.map_keep, **kwargs)
-        candidates = local_search.candidate_cells(kept, 2, level)
-        return local_search.local_template_matching(images, candidates, fine, **kwargs)
-
-    rate, match = cpu_rate(fused, n)
-    errors = particles.errors(match.best_index, level)
-    rows.append({**case, "method": "network+c2f", "median_deg": float(np.median(errors)),
-                 "images_per_s": rate, "top_k": args.top_k, "map_keep": args.map_keep,
-                 "coarse_resolution_px": tuned.coarse_resolution_px})  # fmt: skip
+    # the network's top cells pre-screened on the classical search's coarse band, the best few
+    # searched on the fine band (``predict --map --top-k K --prescreen P``)
+    for prescreen in args.prescreen_keep:
+        screened = map_search.MapRefinement(
+            star.with_name("volume.mrc"), level=level, max_shift_px=particles.max_shift_px,
+            blur_sigma_px=blur_px, keep=keep, prescreen_keep=prescreen,
+            prescreen_resolution_px=tuned.coarse_resolution_px,
+        )  # fmt: skip
+        search = map_search.MapSearch(screened, read_particle_set(star), particles.box, 2)
+        rate, _ = cpu_rate(
+            lambda refine=search: inference.predict_star(
+                star, checkpoint, searched, device="cpu", progress=False, top_k=args.top_k,
+                refine=refine, overwrite=True, contrast="white",
+            ),
+            n,
+        )  # fmt: skip
+        with np.load(inference.topk_path(searched)) as side_file:
+            errors = particles.errors(side_file["refined_index"], level)
+        rows.append({**case, "method": "network+map", "median_deg": float(np.median(errors)),
+                     "images_per_s": rate, "top_k": args.top_k, "map_keep": keep,
+                     "prescreen_keep": prescreen,
+                     "prescreen_resolution_px": tuned.coarse_resolution_px})  # fmt: skip
     return rows, side
 
 
@@ -193,7 +198,7 @@ def run_case(structure, box, snr, levels, args, folder, checkpoints, tuning_log)
                      "images_per_s": rate, "agree_with_exhaustive": float(np.mean(found == cells)),
                      **{f"tuned_{k}": v for k, v in _classical.describe(tuned).items()}})  # fmt: skip
         network_rows, side = _network_rows(
-            case, particles, checkpoints[structure], args, templates, tuned, blur_px
+            case, particles, checkpoints[structure], args, tuned, blur_px
         )
         hit = float(np.mean((side.index[:, :10] == cells[:, None]).any(1))) if level == 2 else None
         for row in network_rows:
@@ -214,6 +219,15 @@ def run_case(structure, box, snr, levels, args, folder, checkpoints, tuning_log)
     return rows
 
 
+def _setting(row: dict) -> str:
+    """The network+map row's cells: `` k=100`` or `` k=100 -> 10`` (pre-screened)."""
+    if "top_k" not in row:
+        return ""
+    screened = f" -> {row['prescreen_keep']}" if row.get("prescreen_keep") else ""
+    hit = f" (hit {row['top_k_hit']:.2f})" if row.get("top_k_hit") is not None else ""
+    return f"  k={row['top_k']}{screened}{hit}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=["1ubi", "1hvr"])
@@ -232,7 +246,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--map-top-k", type=int, nargs="+", default=None,
         help="one network+map row per count of the network's cells searched (default: --top-k)",
     )  # fmt: skip
-    parser.add_argument("--map-keep", type=int, default=10)
+    parser.add_argument("--map-keep", type=int, default=10, help="level 3: coarse-to-fine keep")
+    parser.add_argument(
+        "--prescreen-keep", type=int, nargs="*", default=[10, 5],
+        help="network+map rows with the --top-k cells pre-screened on the tuned coarse band, "
+        "the best N searched (predict --map --prescreen N)",
+    )  # fmt: skip
     parser.add_argument("--resolution-px", type=float, default=3.0, help="the fine band (px of 64)")
     parser.add_argument("--coarse-resolutions", type=float, nargs="+", default=[6.0, 8.0, 12.0])
     parser.add_argument("--cryopares", action="store_true", help="add cryoPARES' rows")
@@ -251,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in cases:
         print(f"{row['structure']} {row['box']} px SNR {row['snr']} L{row['level']} "
               f"{row['method']:16s} {row['median_deg']:7.2f}° {row['ratio_to_exhaustive']:5.2f}x "
-              f"{row['images_per_s']:9.1f} img/s")  # fmt: skip
+              f"{row['images_per_s']:9.1f} img/s{_setting(row)}")  # fmt: skip
     summary = {"cases": cases, "tuning": tuning, "training": checkpoints.get("trainings", []),
                "settings": {**vars(args), "torch_threads": torch.get_num_threads()}}  # fmt: skip
     print(json.dumps(summary))

@@ -124,7 +124,8 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         [
             "predict", str(star_in), "--checkpoint", str(checkpoint), "-o", str(searched),
             "--no-progress", "--map", str(folder / "data" / "volume.mrc"), "--search-level",
-            "2", "--max-shift", "1", "--keep", "4", "--resolution", "4",
+            "2", "--max-shift", "1", "--keep", "4", "--resolution", "4", "--prescreen", "20",
+            "--prescreen-resolution", "6",
         ]
     )  # fmt: skip
     assert code == 0
@@ -142,6 +143,7 @@ def test_predict_command_line_and_bad_input_write_nothing(particle_run, tmp_path
         ([str(star_in), "--map", str(star_in), "--max-shift", "-1"], "max_shift_px"),
         ([str(star_in), "--map", str(star_in), "--resolution", "0"], "resolution_angstrom"),
         ([str(star_in), "--map", str(star_in), "--classical-cells", "-1"], "classical_cells"),
+        ([str(star_in), "--map", str(star_in), "--prescreen", "0"], "prescreen_keep"),
         ([str(star_in), "--map", str(star_in), "--map-blur", "-1"], "blur_sigma_px"),
     ]
     for extra, message in cases:
@@ -395,3 +397,47 @@ def test_the_classical_stage_finds_the_poses_the_network_cells_miss(particle_run
     )
     assert np.median(errors) < grids.grid_nearest_neighbour_spacing_deg(2)
     assert agree[0] <= 0.1 and agree[32] >= 0.75, agree
+
+
+def test_the_prescreen_keeps_the_cells_the_search_needs(particle_run):
+    """The network's 12 top cells put the 4 level-1 cells nearest each truth last, after the 8
+    farthest: searching the first 4 misses the poses; the low-pass pre-screen (4-px band,
+    keep 4) of all 12 keeps the near ones, and the search then finds what searching every cell
+    finds (where that lies among them)."""
+    import dataclasses
+
+    from cryosphere.imaging import preprocess
+    from cryosphere.imaging.particles import read_particle_set
+    from cryosphere.poses.search import local_search, map_search
+
+    data, folder, _ = particle_run
+    pset = read_particle_set(folder / "data" / "particles.star")
+    images, pixel = preprocess.prepare_images(data.noisy_images, data.pixel_size, target_size=16)
+    level_1 = grids.healpix_so3_grid(1)
+    distance = rotations.geodesic_distance_deg(data.rotations[:, None], level_1[None])
+    order = np.argsort(distance, axis=1)
+    top = np.concatenate([order[:, ::-1][:, :8], order[:, :4][:, ::-1]], axis=1)  # near last
+    every = np.tile(np.arange(len(level_1)), (len(images), 1))
+    base = map_search.MapRefinement(
+        folder / "data" / "volume.mrc", level=2, max_shift_px=2, blur_sigma_px=0.5,
+        resolution_angstrom=2 * pixel,
+    )  # fmt: skip
+    exhaustive = map_search.MapSearch(base, pset, 16, 1)(images, data.ctf, pixel, every)
+    width = local_search.child_cells(1, 2).shape[1]
+    plain = map_search.MapSearch(base, pset, 16, 1)(images, data.ctf, pixel, top[:, :4])
+    screened = dataclasses.replace(base, prescreen_keep=4, prescreen_resolution_px=4.0)
+    search = map_search.MapSearch(screened, pset, 16, 1)
+    assert search.candidate_count(12) == 4 * width
+    found = search(images, data.ctf, pixel, top)
+    # scored where every cell's search lands among the near cells' children (8 of 12 here)
+    reachable = local_search._parents(1, 2)[exhaustive.match.best_index][:, None] == top[:, 8:]
+    reachable = reachable.any(axis=1)
+    assert reachable.sum() >= 6
+    best = exhaustive.match.best_index[reachable]
+    agree_plain = np.mean(plain.match.best_index[reachable] == best)
+    agree_screened = np.mean(found.match.best_index[reachable] == best)
+    assert agree_plain <= 0.1 and agree_screened >= 0.75, (agree_plain, agree_screened)
+    with pytest.raises(ValueError, match="prescreen_keep"):
+        dataclasses.replace(base, prescreen_keep=0)
+    with pytest.raises(ValueError, match="prescreen_resolution_px"):
+        dataclasses.replace(base, prescreen_keep=4, prescreen_resolution_px=2.0)

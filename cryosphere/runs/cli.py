@@ -338,6 +338,22 @@ def _add_predict_parser(commands: Any) -> None:
         "top cells miss (default 0: the network's cells only)",
     )
     predict.add_argument(
+        "--prescreen",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --map: score the network's top cells on a low-pass band first (12 px, "
+        "--prescreen-resolution) and search only the best N on the full band: the accuracy "
+        "of --top-k cells at the cost of N (e.g. --top-k 100 --prescreen 10)",
+    )
+    predict.add_argument(
+        "--prescreen-resolution",
+        type=float,
+        default=12.0,
+        metavar="PX",
+        help="the pre-screen's band, px of the network's box (default 12)",
+    )
+    predict.add_argument(
         "--map-scale",
         choices=("fitted", "free"),
         default="fitted",
@@ -387,6 +403,8 @@ def _predict(args: argparse.Namespace) -> int:
                 resolution_angstrom=args.resolution,
                 classical_cells=args.classical_cells,
                 scale=args.map_scale,
+                prescreen_keep=args.prescreen,
+                prescreen_resolution_px=args.prescreen_resolution,
             )
         context = distributed.init_from_env(args.device)
         summary = sharded_prediction.predict_star_distributed(

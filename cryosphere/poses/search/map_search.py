@@ -95,6 +95,13 @@ class MapRefinement:
             search finds where the network's top cells miss the pose, at the cost of the
             coarse stage (:mod:`cryosphere.poses.search.coarse_to_fine`).
         classical_resolution_px: the coarse stage's band (px of the network's box).
+        prescreen_keep: a low-pass pre-screen of the network's top cells (None: none): every
+            top cell (and classical candidate) is scored at the network's level on the band of
+            ``prescreen_resolution_px`` px, a few Fourier coefficients each, and only the best
+            ``prescreen_keep`` go on to the search band: the accuracy of searching many of the
+            network's cells at the cost of searching few (``predict --map --top-k 100
+            --prescreen 10``; docs/benchmarks_search.md).
+        prescreen_resolution_px: the pre-screen's band (px of the network's box).
         ctf_field: where the candidates' CTF acts: ``"box"`` (default: in the particle box)
             or ``"padded"`` (in a padded field, then boxed, as the microscope imaged the
             particles, :func:`~cryosphere.poses.search.local_search.candidate_scores`). Measured:
@@ -125,6 +132,8 @@ class MapRefinement:
     classical_cells: int = 0
     classical_resolution_px: float = 8.0
     scale: str = "fitted"
+    prescreen_keep: int | None = None
+    prescreen_resolution_px: float = 12.0
 
     def __post_init__(self) -> None:
         if self.scale not in ("fitted", "free"):
@@ -133,6 +142,13 @@ class MapRefinement:
             raise ValueError(
                 f"classical_cells must be >= 0 and classical_resolution_px > 2 px, got "
                 f"{self.classical_cells}, {self.classical_resolution_px}"
+            )
+        if self.prescreen_keep is not None and int(self.prescreen_keep) < 1:
+            raise ValueError(f"prescreen_keep must be >= 1 top cells, got {self.prescreen_keep}")
+        if not self.prescreen_resolution_px > 2:
+            raise ValueError(
+                f"prescreen_resolution_px must be > 2 px (a low-pass band), got "
+                f"{self.prescreen_resolution_px}"
             )
         if self.ctf_field not in ("padded", "box"):
             raise ValueError(f"ctf_field must be 'padded' or 'box', got {self.ctf_field!r}")
@@ -185,9 +201,17 @@ class MapSearch:
         bank = template_bank(volume, level, refinement.blur_sigma_px, progress=progress)
         self.spectra = template_spectra(bank, band)
         self.coarse_spectra = None
+        coarse = bank if level == coarse_level else None
         if refinement.keep is not None and level > coarse_level:
             coarse = template_bank(volume, coarse_level, refinement.blur_sigma_px)
             self.coarse_spectra = template_spectra(coarse, band)
+        self.prescreen_spectra = None  # the network's level on the pre-screen's band
+        if refinement.prescreen_keep is not None:
+            if coarse is None:
+                coarse = template_bank(volume, coarse_level, refinement.blur_sigma_px)
+            self.prescreen_spectra = template_spectra(
+                coarse, band_max_frequency(refinement.prescreen_resolution_px)
+            )
         self.classical_spectra = None  # the coarse stage: one level coarser, not below 1
         self.classical_level = max(int(coarse_level) - 1, min(int(coarse_level), 1))
         if refinement.classical_cells > 0:
@@ -247,6 +271,9 @@ class MapSearch:
         top = np.asarray(top_index, dtype=np.int64)
         if self.classical_spectra is not None:
             top = np.concatenate([top, self.classical_candidates(images, **search)], axis=1)
+        if self.prescreen_spectra is not None:
+            keep = min(int(self.refinement.prescreen_keep), top.shape[1])
+            top = best_of_top_cells(images, top, self.prescreen_spectra, keep, **search)
         if self.coarse_spectra is not None:
             keep = min(int(self.refinement.keep), top.shape[1])
             top = best_of_top_cells(images, top, self.coarse_spectra, keep, **search)
@@ -299,6 +326,8 @@ class MapSearch:
         """Candidates per image when the network gives ``top_k`` cells (repeats included)."""
         width = child_cells(self.coarse_level, self.level).shape[1]
         top_k = int(top_k) + self._classical_width()
+        if self.prescreen_spectra is not None:
+            top_k = min(top_k, int(self.refinement.prescreen_keep))
         cells = top_k if self.coarse_spectra is None else min(top_k, int(self.refinement.keep))
         return cells * width
 
