@@ -441,3 +441,23 @@ def test_the_prescreen_keeps_the_cells_the_search_needs(particle_run):
         dataclasses.replace(base, prescreen_keep=0)
     with pytest.raises(ValueError, match="prescreen_resolution_px"):
         dataclasses.replace(base, prescreen_keep=4, prescreen_resolution_px=2.0)
+
+
+@pytest.mark.parametrize("turns", [1, 4])
+def test_the_network_in_chunks_gives_the_one_pass_answer(particle_run, monkeypatch, turns):
+    """On the CPU ``predict`` runs the network on ``CPU_NETWORK_CHUNK`` images at a time (a
+    cache-sized pass); the top cells and their probabilities are those of one pass over the
+    batch, the last chunk short."""
+    _, _, checkpoint = particle_run
+    model = checkpoints.load_model(checkpoint)
+    images = torch.as_tensor(
+        np.random.default_rng(5).standard_normal((11, 16, 16)), dtype=torch.float32
+    )
+    with torch.inference_mode():
+        monkeypatch.setattr(inference, "CPU_NETWORK_CHUNK", 1000)
+        whole = inference._top_cells(model, images, 6, turns=turns)
+        monkeypatch.setattr(inference, "CPU_NETWORK_CHUNK", 4)
+        chunked = inference._top_cells(model, images, 6, turns=turns)
+    assert chunked[1].shape == (11, 6)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-5, atol=1e-7)

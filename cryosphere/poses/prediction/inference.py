@@ -87,6 +87,12 @@ SEARCHED_KEPT = 10
 #: How numbers are written to STAR files: enough significant digits for a float32 round trip.
 STAR_FLOAT_FORMAT = "%.9g"
 
+#: Images per network pass on the CPU: the encoder's activations of 64 images (16 channels at
+#: 32 px: 4 MB) stay in the cache where 256 do not. Measured on one thread, default streamed
+#: network, 64 px: 0.30 ms per image in passes of 64 against 0.45 in passes of 256. Other
+#: devices take the whole batch in one pass.
+CPU_NETWORK_CHUNK = 64
+
 
 @dataclass(frozen=True)
 class PredictionSummary:
@@ -217,15 +223,20 @@ def _top_cells(
     ``torch.inference_mode``). ``bf16``: the network runs under bfloat16 autocast; the
     softmax and the top ``k`` are taken in float32. ``turns`` > 1: the distribution averaged
     over quarter turns of each image (:func:`cryosphere.poses.prediction.predictions.
-    turn_averaged_log_probabilities`).
+    turn_averaged_log_probabilities`). On the CPU the network sees :data:`CPU_NETWORK_CHUNK`
+    images at a time.
     """
     model.eval()
+    chunk = CPU_NETWORK_CHUNK if images.device.type == "cpu" else max(1, images.shape[0])
+    parts = []
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-        if turns > 1:  # normalised log-probabilities: their logsumexp below is 0
-            logits = turn_averaged_log_probabilities(model, images, turns)
-        else:
-            logits = model.logits_from_coefficients(model.coefficients(images))
-    logits = logits.float()
+        for start in range(0, images.shape[0], chunk):
+            part = images[start : start + chunk]
+            if turns > 1:  # normalised log-probabilities: their logsumexp below is 0
+                parts.append(turn_averaged_log_probabilities(model, part, turns))
+            else:
+                parts.append(model.logits_from_coefficients(model.coefficients(part)))
+    logits = torch.cat(parts).float()
     top = torch.topk(logits, k, dim=1)
     probability = torch.exp(top.values - torch.logsumexp(logits, dim=1, keepdim=True))
     return probability.cpu().numpy(), top.indices.cpu().numpy()
