@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
                 star, args.checkpoint, out, device="cpu", progress=False, top_k=max(args.top_k)
             )
             row = {"network_median_deg": median(inference.load_topk(out).index[:, 0])}
-            for k in args.top_k:
-                refinement = map_search.MapRefinement(
-                    star.with_name("volume.mrc"), level=2, max_shift_px=REALISTIC["max_shift_px"],
-                    blur_sigma_px=REALISTIC["blur_sigma"],
-                )  # fmt: skip
+            refinement = map_search.MapRefinement(
+                star.with_name("volume.mrc"), level=2, max_shift_px=REALISTIC["max_shift_px"],
+                blur_sigma_px=REALISTIC["blur_sigma"],
+            )  # fmt: skip
+            for k in args.top_k:  # a fresh search each: its scale fitted anew
                 search = map_search.MapSearch(refinement, read_particle_set(star), 64, 2)
                 searched = folder / f"searched_{k}.star"
                 inference.predict_star(

@@ -43,6 +43,7 @@ Last line: ``{"cases": [{"structure", "snr", "box", "level", "method", "median_d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -103,43 +104,35 @@ def _network_rows(case, particles, checkpoint, args, tuned, blur_px):
         blur_sigma_px=blur_px, keep=keep,
     )  # fmt: skip
     searched = star.with_name("searched.star")
-    # contrast given, as the classical searches are given it: ``auto`` would add a fixed
-    # ~0.4 s per run (a search of 48 particles), not a cost per image
-    for top_k in sorted(set(args.map_top_k or [args.top_k]), reverse=True):
+
+    def map_row(refinement, top_k: int, **fields) -> dict:
+        """``predict --map`` timed with a freshly prepared search (its scale fitted anew)."""
         search = map_search.MapSearch(refinement, read_particle_set(star), particles.box, 2)
+        # contrast given, as the classical searches are given it: ``auto`` would add a fixed
+        # ~0.4 s per run (a search of 48 particles), not a cost per image
         rate, _ = cpu_rate(
-            lambda k=top_k, refine=search: inference.predict_star(
-                star, checkpoint, searched, device="cpu", progress=False, top_k=k,
-                refine=refine, overwrite=True, contrast="white",
+            lambda: inference.predict_star(
+                star, checkpoint, searched, device="cpu", progress=False, top_k=top_k,
+                refine=search, overwrite=True, contrast="white",
             ),
             n,
         )  # fmt: skip
         with np.load(inference.topk_path(searched)) as side_file:
             errors = particles.errors(side_file["refined_index"], level)
-        rows.append({**case, "method": "network+map", "median_deg": float(np.median(errors)),
-                     "images_per_s": rate, "top_k": top_k, "map_keep": keep})  # fmt: skip
+        return {**case, "method": "network+map", "median_deg": float(np.median(errors)),
+                "images_per_s": rate, "top_k": top_k, "map_keep": keep, **fields}  # fmt: skip
+
+    for top_k in sorted(set(args.map_top_k or [args.top_k]), reverse=True):
+        rows.append(map_row(refinement, top_k))
     # the network's top cells pre-screened on the classical search's coarse band, the best few
     # searched on the fine band (``predict --map --top-k K --prescreen P``)
     for prescreen in args.prescreen_keep:
-        screened = map_search.MapRefinement(
-            star.with_name("volume.mrc"), level=level, max_shift_px=particles.max_shift_px,
-            blur_sigma_px=blur_px, keep=keep, prescreen_keep=prescreen,
+        screened = dataclasses.replace(
+            refinement, prescreen_keep=prescreen,
             prescreen_resolution_px=tuned.coarse_resolution_px,
         )  # fmt: skip
-        search = map_search.MapSearch(screened, read_particle_set(star), particles.box, 2)
-        rate, _ = cpu_rate(
-            lambda refine=search: inference.predict_star(
-                star, checkpoint, searched, device="cpu", progress=False, top_k=args.top_k,
-                refine=refine, overwrite=True, contrast="white",
-            ),
-            n,
-        )  # fmt: skip
-        with np.load(inference.topk_path(searched)) as side_file:
-            errors = particles.errors(side_file["refined_index"], level)
-        rows.append({**case, "method": "network+map", "median_deg": float(np.median(errors)),
-                     "images_per_s": rate, "top_k": args.top_k, "map_keep": keep,
-                     "prescreen_keep": prescreen,
-                     "prescreen_resolution_px": tuned.coarse_resolution_px})  # fmt: skip
+        rows.append(map_row(screened, args.top_k, prescreen_keep=prescreen,
+                            prescreen_resolution_px=tuned.coarse_resolution_px))  # fmt: skip
     return rows, side
 
 

@@ -238,6 +238,7 @@ def test_simulation_with_ctf_and_shifts_writes_relion_star(tmp_path):
     back = load_dataset(tmp_path)
     np.testing.assert_array_equal(back.shifts_px, data.shifts_px)
     np.testing.assert_array_equal(back.ctf.defocus_u_angstrom, data.ctf.defocus_u_angstrom)
+    np.testing.assert_array_equal(back.contrast, data.contrast)
 
     # as picked: zero origins in the STAR file, so predict sees the particles uncentred
     from cryosphere.imaging.loader import centred_images
@@ -255,7 +256,6 @@ def test_simulation_with_ctf_and_shifts_writes_relion_star(tmp_path):
         raw = reader.read(rows)
     np.testing.assert_array_equal(centred_images(pset, rows, raw).numpy(), raw)
     np.testing.assert_array_equal(load_dataset(picked).shifts_px, data.shifts_px)  # for scoring
-    np.testing.assert_array_equal(back.contrast, data.contrast)
     # overwriting with a plain dataset removes the stale CTF file
     plain = simulate_dataset(SimulationParameters(n_projections=8, image_size=32), progress=False)
     save_dataset(plain, tmp_path, overwrite=True)
