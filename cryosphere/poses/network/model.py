@@ -57,6 +57,7 @@ from torch import nn
 
 from cryosphere._checks import known_fields
 from cryosphere.geometry import grids
+from cryosphere.imaging import preprocess
 from cryosphere.poses.network.encoders import ENCODERS, ResidualEncoder, resnet_feature_size
 from cryosphere.poses.network.harmonics import _grid_wigner
 from cryosphere.poses.network.layers import (
@@ -302,8 +303,8 @@ class PoseDistributionNetwork(nn.Module):
         device = self.image_mean.device
         x = images.to(device=device, dtype=torch.float32)
         if self.config.per_image_normalisation:
-            mean = x.mean(dim=(-2, -1), keepdim=True)
-            x = (x - mean) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+            mean, std = preprocess.mean_and_std(x, dim=(-2, -1), keepdim=True, unbiased=True)
+            x = (x - mean) / std.clamp_min(1e-12)
         else:
             x = (x - self.image_mean) / self.image_std
         x = x[:, None]
