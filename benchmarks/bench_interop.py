@@ -218,9 +218,8 @@ def run_case(name: str, args, folder: Path, python: Path) -> dict:
     network_cells = side.index
     test_set = read_particle_set(test_star)
     stated = test_set.origins_angstrom / (test_set.pixel_size_angstrom * args.box / args.model_box)
-    # predict recentres each particle by its stated origin, then searches the rest: the
-    # centring shift it found in all is the stated origin plus the residual (model px)
-    found = stated + np.load(inference.topk_path(map_star))["shift_px"]
+    # the side file's shifts are whole origins (stated + the shift searched), model px
+    found = np.load(inference.topk_path(map_star))["shift_px"]
     top_k_hit = float(np.mean(np.any(network_cells == oracle_cells[:, None], axis=1)))
     errors = {
         key: geometry_rotations.geodesic_distance_deg(rotations, truth)

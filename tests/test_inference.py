@@ -266,6 +266,10 @@ def test_predict_with_the_map_searches_the_top_cells_and_writes_pose_and_origin(
     assert side["searched_index"].shape == (12, inference.SEARCHED_KEPT)
     np.testing.assert_array_equal(side["searched_index"][:, 0], side["refined_index"])
     np.testing.assert_array_equal(side["searched_shift_px"][:, 0], side["shift_px"])
+    # the side file's shifts are whole origins (the input's stated ones included), px of the
+    # network's box: the STAR file's origins divided by its pixel size
+    assert np.abs(truth).max() > 1.0  # Å: the input states origins
+    np.testing.assert_allclose(side["shift_px"] * model_pixel, origins, atol=1e-4)
     assert np.all(np.diff(kept, axis=1) <= 0) and np.all(kept <= 1) and np.all(kept[:, 0] > 0)
     topk = inference.load_topk(out)
     np.testing.assert_allclose(topk.searched_weights().sum(axis=1), 1.0)

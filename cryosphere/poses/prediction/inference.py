@@ -31,7 +31,8 @@ for RELION 3.0 files, ``rlnOriginXAngst/YAngst`` in Å for 3.1+). The side file 
 :data:`SEARCHED_KEPT` most probable candidates by their posterior
 (:func:`~cryosphere.poses.search.local_search.candidate_posterior`): ``searched_index`` ``(n, r)``
 (cells of the search level), ``searched_probability`` ``(n, r)`` and ``searched_shift_px``
-``(n, r, 2)``, for a probability-weighted reconstruction (:meth:`TopK.searched_weights`).
+``(n, r, 2)``, for a probability-weighted reconstruction (:meth:`TopK.searched_weights`);
+both shifts are whole origins (the STAR file's in px of the network's box: ``+shift`` centres).
 
 Every particle is first recentred by its input origin (shifted by ``+origin / pixel_size``,
 RELION's sign, as ``cryosphere train`` does), so the network sees centred particles and the
@@ -216,13 +217,11 @@ def _top_cells(
     """The ``k`` most probable grid cells of each image ``(n, N, N)`` (model box): their
     probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first.
 
-    The same softmax as :func:`cryosphere.poses.prediction.predictions.predict`, without forming it:
-    ``p = exp(logit − logsumexp(logits))`` on the top ``k`` logits only (call under
-    ``torch.inference_mode``). ``bf16``: the network runs under bfloat16 autocast; the
-    softmax and the top ``k`` are taken in float32. ``turns`` > 1: the distribution averaged
-    over quarter turns of each image (:func:`cryosphere.poses.prediction.predictions.
-    turn_averaged_log_probabilities`). On the CPU the network sees :data:`CPU_NETWORK_CHUNK`
-    images at a time.
+    The softmax of :func:`~cryosphere.poses.prediction.predictions.predict` on the top ``k``
+    logits only (call under ``torch.inference_mode``). ``bf16``: the network under bfloat16
+    autocast, the softmax and top ``k`` in float32. ``turns`` > 1: averaged over quarter turns
+    (:func:`~cryosphere.poses.prediction.predictions.turn_averaged_log_probabilities`). On the
+    CPU the network sees :data:`CPU_NETWORK_CHUNK` images at a time.
     """
     model.eval()
     chunk = CPU_NETWORK_CHUNK if images.device.type == "cpu" else max(1, images.shape[0])
@@ -243,16 +242,19 @@ def _top_cells(
 def _refined_outputs(
     arrays: dict, search: map_search.MapSearch, pixel: float, input_origins: np.ndarray
 ) -> None:
-    """Best pose, its search and network probabilities and origins (input origin + the shift
-    found, Å) from the map search's rows."""
+    """Best pose, its search and network probabilities and origins (input origin + shift
+    found: the side file's in px of ``pixel`` Å, the STAR file's in Å) from the search's rows."""
     arrays["best_rotation"] = grids.healpix_so3_grid(search.level)[arrays["refined_index"]]
     parent = search.parent_cells(arrays["refined_index"])
     hit = arrays["top_index"] == parent[:, None]
     arrays["network_probability"] = np.where(hit, arrays["top_probability"], 0.0).max(axis=1)
     arrays["best_probability"] = arrays["searched_probability"][:, 0].astype(np.float64)
     arrays["refine_level"] = search.level
+    stated = np.asarray(input_origins, dtype=np.float64) / pixel
+    arrays["shift_px"] = arrays["shift_px"] + stated
+    arrays["searched_shift_px"] = arrays["searched_shift_px"] + stated[:, None]
     shifted = search.refinement.max_shift_px > 0
-    arrays["origin_angstrom"] = input_origins + arrays["shift_px"] * pixel if shifted else None
+    arrays["origin_angstrom"] = arrays["shift_px"] * pixel if shifted else None
 
 
 def _contrast(pset, requested, checkpoint, search, image_size, crop_size):
@@ -425,8 +427,8 @@ class TopK:
         level: grid level of the cells.
         searched_index, searched_probability, searched_shift_px, searched_level: with a map
             search (``predict --map``), its most probable candidates ``(n, r)`` (cells of
-            ``searched_level``), their posterior ``(n, r)`` and centring shifts ``(n, r, 2)``
-            px of the network's box; None otherwise.
+            ``searched_level``), their posterior ``(n, r)`` and origins ``(n, r, 2)``, px of
+            the network's box (input origin + shift found; ``+origin`` centres); None otherwise.
     """
 
     index: np.ndarray
@@ -453,9 +455,7 @@ class TopK:
 
     def _need_search(self) -> None:
         if self.searched_index is None:
-            raise ValueError(
-                "this side file holds no map search; run cryosphere predict with --map"
-            )
+            raise ValueError("this side file holds no map search; run cryosphere predict --map")
 
     def rotations(self) -> np.ndarray:
         """``(n, k, 3, 3)`` poses of the cells."""
