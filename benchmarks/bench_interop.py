@@ -61,7 +61,7 @@ import numpy as np
 import starfile
 import torch
 
-from cryosphere import io
+from cryosphere import cli, io
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging import atoms as imaging_atoms
@@ -70,7 +70,6 @@ from cryosphere.imaging.particles import StackReader, read_particle_set
 from cryosphere.imaging.simulate import auto_pixel_size
 from cryosphere.poses.prediction import inference
 from cryosphere.poses.search import coarse_to_fine, contrast, map_search
-from cryosphere.runs import cli
 
 ASPIRE_REQUIREMENT = "aspire==0.14.3"
 DEFAULT_VENV = Path.home() / ".cache" / "cryosphere-bench" / "aspire-venv"

@@ -3,7 +3,7 @@
 
 import sys
 
-from cryosphere.runs.cli import main
+from cryosphere.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import starfile
 
+from cryosphere import cli
 from cryosphere.geometry import grids, rotations
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.datasets import SimulationParameters
@@ -18,7 +19,7 @@ from cryosphere.poses.network import checkpoints
 from cryosphere.poses.prediction import inference
 from cryosphere.poses.search import contrast, map_search
 from cryosphere.poses.training import fixed_set, settings
-from cryosphere.runs import cli, refinement
+from cryosphere.runs import refinement
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import starfile
 import torch
 
+from cryosphere import cli
 from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.particles import read_particle_set
@@ -28,7 +29,6 @@ from cryosphere.poses.training.streamed import (
     StreamTrainingConfig,
     train_on_stream,
 )
-from cryosphere.runs import cli
 
 TINY = ModelConfig(
     image_size=16, lmax=2, conv_channels=(4, 4), sphere_channels=4, so3_channels=4, grid_level=1

@@ -31,6 +31,7 @@ import pytest
 import starfile
 import torch
 
+from cryosphere import cli
 from cryosphere.geometry import rotations as geometry_rotations
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.projection import gaussian_blur, project_volume
@@ -45,7 +46,6 @@ from cryosphere.poses.training import data_parallel
 from cryosphere.poses.training.fixed_stream import FixedSetStream
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
-from cryosphere.runs import cli
 
 MODEL = ModelConfig(
     image_size=32,

@@ -26,7 +26,7 @@ import pytest
 import relion_layouts as rl
 import torch
 
-from cryosphere import io
+from cryosphere import cli, io
 from cryosphere.imaging import structure
 from cryosphere.imaging.atoms import load_structure
 from cryosphere.poses import distributed as dd
@@ -34,7 +34,7 @@ from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.training.fixed_stream import FixedSetStream, MixedStream, shard_bounds
 from cryosphere.poses.training.streamed import StreamTrainingConfig
-from cryosphere.runs import cli, refinement
+from cryosphere.runs import refinement
 
 PIXEL = 1.8  # Å
 N_PARTICLES = 24  # 2 held out (10 %), 22 training: shards of 11 and 11 (one damaged)

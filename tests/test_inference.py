@@ -10,6 +10,7 @@ import pytest
 import starfile
 import torch
 
+from cryosphere import cli
 from cryosphere.geometry import grids, rotations
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.simulate import save_dataset, simulate_dataset
@@ -17,7 +18,6 @@ from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction import inference, predictions
 from cryosphere.poses.training import fixed_set, settings
-from cryosphere.runs import cli
 
 TINY = ModelConfig(
     image_size=16, lmax=2, conv_channels=(4, 4), sphere_channels=4, so3_channels=4, grid_level=1

@@ -28,7 +28,7 @@ def test_environment_yml_lists_every_pyproject_dependency():
 def test_distribution_name_console_script_and_torch_pin():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == "cryosphere-pose"
-    assert project["scripts"]["cryosphere"] == "cryosphere.runs.cli:main"
+    assert project["scripts"]["cryosphere"] == "cryosphere.cli:main"
     assert "torch>=2.3" in project["dependencies"]
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
     assert "make test" in (ROOT / ".ci" / "run").read_text()

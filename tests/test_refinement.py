@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import starfile
 
-from cryosphere import io
+from cryosphere import cli, io
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.simulate import save_dataset, simulate_dataset
 from cryosphere.poses.prediction import inference
-from cryosphere.runs import cli, refinement
+from cryosphere.runs import refinement
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,22 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
                      "-o", str(searched), "--map", str(folder / "volume.mrc"),
                      "--no-progress"]) == 0  # fmt: skip
     assert f"blurred by {measured:g} px, the envelope training measured" in capsys.readouterr().err
+    # the 16-px network proposes, the map decides at the particles' 32 px: the envelope's
+    # width in Å is kept (twice the px), the origins are written in Å as before
+    assert recorded_map_envelope(checkpoint, folder / "volume.mrc", 32) == 2 * measured
+    full_box = tmp_path / "searched32.star"
+    assert cli.main(["predict", str(folder / "particles.star"), "--checkpoint", str(checkpoint),
+                     "-o", str(full_box), "--map", str(folder / "volume.mrc"), "--search-box",
+                     "32", "--max-shift", "2", "--no-progress"]) == 0  # fmt: skip
+    assert f"blurred by {2 * measured:g} px" in capsys.readouterr().err
+    side = np.load(inference.topk_path(full_box))
+    table = starfile.read(full_box, always_dict=True)["particles"]
+    origins = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+    np.testing.assert_allclose(side["shift_px"] * data.pixel_size, origins, atol=1e-4)
+    assert cli.main(["predict", str(folder / "particles.star"), "--checkpoint", str(checkpoint),
+                     "-o", str(tmp_path / "no.star"), "--map", str(folder / "volume.mrc"),
+                     "--search-box", "64", "--no-progress"]) == 2  # fmt: skip
+    assert "cannot upsample" in capsys.readouterr().err and not (tmp_path / "no.star").exists()
 
 
 def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, capsys):

@@ -17,7 +17,7 @@ import relion_layouts as rl
 import starfile
 import torch
 
-from cryosphere import io
+from cryosphere import cli, io
 from cryosphere.geometry.grids import healpix_so3_grid, healpix_so3_grid_size
 from cryosphere.geometry.rotations import geodesic_distance_deg, matrices_from_relion_euler
 from cryosphere.imaging import ctf as ctf_module
@@ -29,7 +29,6 @@ from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction import inference
 from cryosphere.poses.search.map_search import MapRefinement
 from cryosphere.poses.training import fixed_set, settings
-from cryosphere.runs import cli
 
 TINY = ModelConfig(
     image_size=16, lmax=2, conv_channels=(4, 4), sphere_channels=4, so3_channels=4, grid_level=1

@@ -11,10 +11,10 @@ import re
 import numpy as np
 import pytest
 
-from cryosphere import io
+from cryosphere import cli, io
 from cryosphere.poses.labels import dataset_labels as pose_labels
 from cryosphere.poses.labels.soft_maps import soft_labels
-from cryosphere.runs import cli, execution, report
+from cryosphere.runs import execution, report
 from cryosphere.runs.reproducibility import reproducibility_record
 
 LEVEL = 1

@@ -158,7 +158,7 @@ def test_killed_run_resumes_to_the_summary_of_an_uninterrupted_run(tmp_path, wri
     argv = ["run", "--runs-root", str(root), "--notebooks", str(notebooks), "--no-progress"]
     argv += ["--threads", "1"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "cryosphere.runs.cli", *argv, "--name", "killed"],
+        [sys.executable, "-m", "cryosphere.cli", *argv, "--name", "killed"],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -7,7 +7,8 @@ import json
 import nbformat
 import pytest
 
-from cryosphere.runs import cli, execution, run_config
+from cryosphere import cli
+from cryosphere.runs import execution, run_config
 
 
 @pytest.fixture

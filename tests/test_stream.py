@@ -382,3 +382,35 @@ def test_realistic_stream_feeds_the_network_what_predict_does(small_volume):
     assert torch.equal(again.images, batch.images)
     assert np.array_equal(again.ctf.defocus_u_angstrom, batch.ctf.defocus_u_angstrom)
     assert not np.allclose(stream.heldout(8).rotations, batch.rotations)
+
+
+def test_stream_crops_the_network_input_to_its_box_as_predict_does(small_volume):
+    """``model_box``: the particles are simulated (and their targets computed) at the map's
+    32 px, and the network sees them Fourier-cropped to 16 px as ``predict`` crops a 32-px
+    stack for a 16-px network; the same draws as the uncropped stream."""
+    import dataclasses
+
+    from cryosphere.imaging import preprocess
+    from cryosphere.imaging.datasets import SimulationParameters
+    from cryosphere.poses.training.stream import ParticleRealism
+
+    realism = ParticleRealism(2.0, SimulationParameters(ctf=True, max_shift_px=2.0))
+    config = StreamConfig(snr=0.5, target="bayes", batch_size=6, seed=2)
+    full = SimulatedStream(small_volume, 1.0, LEVEL, config, realism=realism)
+    cropped = SimulatedStream(small_volume, 1.0, LEVEL, config, realism=realism, model_box=16)
+    a, b = full.batch(3), cropped.batch(3)
+    assert a.images.shape == (6, 32, 32) and b.images.shape == (6, 16, 16)
+    assert torch.equal(a.raw, b.raw) and torch.equal(a.targets, b.targets)
+    prepared, pixel = preprocess.prepare_images(b.raw, 2.0, target_size=16, ctf=b.ctf)
+    assert pixel == pytest.approx(4.0)
+    assert torch.allclose(b.images, prepared, atol=1e-5 * float(prepared.abs().max()))
+    assert cropped.description()["model_box"] == 16 and "model_box" not in full.description()
+    # without realism the raw images are cropped alone
+    pose_target = dataclasses.replace(config, target="pose")
+    plain = SimulatedStream(small_volume, 1.0, LEVEL, pose_target, model_box=16)
+    batch = plain.batch(0)
+    assert batch.images.shape == (6, 16, 16) and batch.raw.shape == (6, 32, 32)
+    expected, _ = preprocess.fourier_crop(batch.raw, 16, 1.0)
+    assert torch.allclose(batch.images, expected)
+    with pytest.raises(ValueError, match="even"):
+        SimulatedStream(small_volume, 1.0, LEVEL, config, model_box=15)

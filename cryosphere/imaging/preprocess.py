@@ -67,14 +67,15 @@ def fourier_crop(
     """Downsample to ``(n, size, size)`` by keeping the lowest frequencies; returns the images
     and the new pixel size ``pixel_size_angstrom · N / size`` (Å). ``size`` even, ``<= N``."""
     tensor = _as_stack(images)
-    n_pix, m = tensor.shape[-1], _check_crop_size(tensor.shape[-1], size)
+    n_pix, m = tensor.shape[-1], check_crop_size(tensor.shape[-1], size)
     if m == n_pix:
         return tensor.clone(), float(pixel_size_angstrom)
     out = torch.fft.irfft2(_cropped_spectrum(tensor, m), s=(m, m))
     return out, float(pixel_size_angstrom) * n_pix / m
 
 
-def _check_crop_size(n_pix: int, size: int) -> int:
+def check_crop_size(n_pix: int, size: int) -> int:
+    """``size`` as an int; ValueError unless it is ``n_pix`` or an even size in 2..``n_pix``."""
     m = int(size)
     if m != n_pix and (m > n_pix or m < 2 or m % 2):
         raise ValueError(f"Fourier crop size must be even and in 2..{n_pix} px, got {size}")
@@ -175,7 +176,7 @@ def prepare_images(
     else:  # one FFT pair: crop the spectrum, correct it, transform back
         if len(ctf) != tensor.shape[0]:
             raise ValueError(f"{len(ctf)} CTFs given for {tensor.shape[0]} images")
-        m = _check_crop_size(tensor.shape[-1], target_size)
+        m = check_crop_size(tensor.shape[-1], target_size)
         pixel = float(pixel_size_angstrom) * tensor.shape[-1] / m
         transfer = ctf_module.ctf_2d(ctf, m, pixel, device=tensor.device)
         if ctf_correction == "phase_flip":

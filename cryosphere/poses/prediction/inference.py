@@ -31,8 +31,8 @@ for RELION 3.0 files, ``rlnOriginXAngst/YAngst`` in Å for 3.1+). The side file 
 :data:`SEARCHED_KEPT` most probable candidates by their posterior
 (:func:`~cryosphere.poses.search.local_search.candidate_posterior`): ``searched_index`` ``(n, r)``
 (cells of the search level), ``searched_probability`` ``(n, r)`` and ``searched_shift_px``
-``(n, r, 2)``, for a probability-weighted reconstruction (:meth:`TopK.searched_weights`);
-both shifts are whole origins (the STAR file's in px of the network's box: ``+shift`` centres).
+``(n, r, 2)`` for a weighted reconstruction (:meth:`TopK.searched_weights`); both shifts are
+whole origins, the STAR file's in px of the search's box (``+shift`` centres the particle).
 
 Every particle is first recentred by its input origin (shifted by ``+origin / pixel_size``,
 RELION's sign, as ``cryosphere train`` does), so the network sees centred particles and the
@@ -344,21 +344,22 @@ def predict_star(
         "bad": np.zeros(n, bool),
     }
     search = None
+    if refine is not None:  # the search's box: the refinement's, else the network's
+        plan = getattr(refine, "refinement", refine)  # a MapSearch's, or the MapRefinement
+        search_box = plan.search_box(model.config.image_size, crop_size or pset.image_size)
     if isinstance(refine, map_search.MapSearch):
         search = refine
-        search.check_fits(pset, model.config.image_size, level, crop_size)
+        search.check_fits(pset, search_box, level, crop_size)
     elif refine is not None:
-        search = map_search.MapSearch(
-            refine, pset, model.config.image_size, level, progress, crop_size
-        )
+        search = map_search.MapSearch(refine, pset, search_box, level, progress, crop_size)
     if search is not None:
-        arrays["refined_index"] = np.zeros(n, np.int64)
-        arrays["shift_px"] = np.zeros((n, 2), np.float64)
+        arrays["refined_index"], arrays["shift_px"] = np.zeros(n, np.int64), np.zeros((n, 2))
         kept = min(SEARCHED_KEPT, search.candidate_count(k))
         arrays["searched_index"] = np.zeros((n, kept), np.int64)
         arrays["searched_probability"] = np.zeros((n, kept), np.float32)
         arrays["searched_shift_px"] = np.zeros((n, kept, 2), np.float64)
-    decided = _contrast(pset, contrast, checkpoint, search, model.config.image_size, crop_size)
+    box = search_box if search is not None else model.config.image_size
+    decided = _contrast(pset, contrast, checkpoint, search, box, crop_size)
     total = n if shard is None else shard.count
     bar = tqdm(total=total, desc="predicting", disable=not progress, unit="img")
     with StackReader(pset) as reader, torch.inference_mode():
@@ -377,15 +378,15 @@ def predict_star(
                 normalise=normalise,
             )
             top_p, top_i = _top_cells(model, prepared, k, bf16, turns)
-            if search is not None:  # the raw images at the network's box, not CTF-corrected
-                raw, model_pixel = preprocess.prepare_images(
+            if search is not None:  # the raw images at the search's box, not CTF-corrected
+                raw, search_pixel = preprocess.prepare_images(
                     images,
                     pset.pixel_size_angstrom,
-                    target_size=model.config.image_size,
+                    target_size=search_box,
                     crop_size=crop_size,
                     normalise=normalise,
                 )
-                found = search(raw, ctf, model_pixel, top_i)
+                found = search(raw, ctf, search_pixel, top_i)
                 arrays["refined_index"][indices] = found.match.best_index
                 arrays["shift_px"][indices] = found.match.shift_px
                 best = found.most_probable(arrays["searched_index"].shape[1])
@@ -401,9 +402,8 @@ def predict_star(
     arrays["best_rotation"] = grid[arrays["top_index"][:, 0]]
     arrays["best_probability"] = arrays["top_probability"][:, 0].copy()
     if search is not None:
-        box = crop_size or pset.image_size
-        model_pixel = pset.pixel_size_angstrom * box / model.config.image_size
-        _refined_outputs(arrays, search, model_pixel, pset.origins_angstrom)
+        search_pixel = pset.pixel_size_angstrom * (crop_size or pset.image_size) / search_box
+        _refined_outputs(arrays, search, search_pixel, pset.origins_angstrom)
     arrays["spread_deg"] = angular_spread_deg(grid, arrays["top_index"], arrays["top_probability"])
     _write_outputs(pset, output, arrays, level)
     contrast_module.annotate_star(output, decided)
@@ -428,7 +428,7 @@ class TopK:
         searched_index, searched_probability, searched_shift_px, searched_level: with a map
             search (``predict --map``), its most probable candidates ``(n, r)`` (cells of
             ``searched_level``), their posterior ``(n, r)`` and origins ``(n, r, 2)``, px of
-            the network's box (input origin + shift found; ``+origin`` centres); None otherwise.
+            the search's box (input origin + shift found; ``+origin`` centres); else None.
     """
 
     index: np.ndarray

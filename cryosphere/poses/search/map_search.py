@@ -102,6 +102,11 @@ class MapRefinement:
             network's cells at the cost of searching few (``predict --map --top-k 100
             --prescreen 10``; docs/benchmarks_search.md).
         prescreen_resolution_px: the pre-screen's band (px of the network's box).
+        box: the search's box (px; None: the network's): the particles are Fourier-cropped to
+            it for the search alone, so a network at a small box (e.g. 32 px for 64-px
+            particles: a quarter of the encoder's cost) proposes cells that the map decides at
+            this one. Every "px of the network's box" above is then px of this box. Even, and
+            at most the particles' (cropped) box.
         ctf_field: where the candidates' CTF acts: ``"box"`` (default: in the particle box)
             or ``"padded"`` (in a padded field, then boxed, as the microscope imaged the
             particles, :func:`~cryosphere.poses.search.local_search.candidate_scores`). Measured:
@@ -134,6 +139,7 @@ class MapRefinement:
     scale: str = "fitted"
     prescreen_keep: int | None = None
     prescreen_resolution_px: float = 12.0
+    box: int | None = None
 
     def __post_init__(self) -> None:
         if self.scale not in ("fitted", "free"):
@@ -159,10 +165,23 @@ class MapRefinement:
             )
         if self.keep is not None and int(self.keep) < 1:
             raise ValueError(f"keep must be >= 1 top cells, got {self.keep}")
+        if self.box is not None and (int(self.box) < 2 or int(self.box) % 2):
+            raise ValueError(f"the search box must be an even number of px, got {self.box}")
         if self.resolution_angstrom is not None and not self.resolution_angstrom > 0:
             raise ValueError(
                 f"resolution_angstrom must be > 0 Å (or None: no limit), got {self.resolution_angstrom}"
             )
+
+    def search_box(self, network_box: int, particles_box: int) -> int:
+        """The box (px) the search runs at (:attr:`box`, else ``network_box``) for particles
+        of ``particles_box`` px (after any real-space crop); ValueError when it is larger."""
+        box = int(network_box) if self.box is None else int(self.box)
+        if box > int(particles_box):
+            raise ValueError(
+                f"the map search's box ({box} px) is larger than the particles' "
+                f"({particles_box} px): it cannot upsample; pass a smaller --search-box"
+            )
+        return box
 
     def max_frequency(self, pixel_size_angstrom: float) -> float | None:
         """The search band's radius in cycles/px of a box with this pixel size (Å)
@@ -174,7 +193,7 @@ class MapRefinement:
 
 class MapSearch:
     """A :class:`MapRefinement` prepared for one particle set and network: the map at the
-    network's box (``volume``, ``(M, M, M)``) and the spectra of its templates on the search
+    search's box (``image_size``: :meth:`MapRefinement.search_box`; ``volume``, ``(M, M, M)``) and the spectra of its templates on the search
     grid (level 2: ~120 MB, level 3: ~1 GB of float32). With ``crop_size`` (``predict --crop``) the map is cropped
     as the images are (:func:`cryosphere.imaging.preprocess.reference_map`), so its templates
     have the images' pixel size."""
@@ -372,10 +391,14 @@ def record_map_envelope(
 
 
 def recorded_map_envelope(
-    checkpoint: str | os.PathLike[str], map_path: str | os.PathLike[str]
+    checkpoint: str | os.PathLike[str],
+    map_path: str | os.PathLike[str],
+    search_box: int | None = None,
 ) -> float | None:
-    """The envelope (px) a checkpoint's training measured against this very map file (same
-    SHA-256), or None: not recorded (a poster or fixed-set model), or another map."""
+    """The envelope a checkpoint's training measured against this very map file (same
+    SHA-256), in px of the network's box, or of ``search_box`` (px) when given
+    (:attr:`MapRefinement.box`: the same width in Å); None: not recorded (a poster or
+    fixed-set model), or another map."""
     import torch
 
     if not (Path(checkpoint).is_file() and Path(map_path).is_file()):
@@ -384,4 +407,7 @@ def recorded_map_envelope(
     entry = record.get(_ENVELOPE_KEY) if isinstance(record, dict) else None
     if not isinstance(entry, dict) or entry.get("map_sha256") != _file_digest(map_path):
         return None
-    return float(entry["blur_sigma_px"])
+    if search_box is None:
+        return float(entry["blur_sigma_px"])
+    network_box = int(record["model_config"]["image_size"])
+    return float(entry["blur_sigma_px"]) * int(search_box) / network_box

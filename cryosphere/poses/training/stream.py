@@ -70,13 +70,14 @@ class Batch:
     """One batch of training or validation data.
 
     Attributes:
-        images: ``(n, N, N)`` float32 noisy images.
+        images: ``(n, M, M)`` float32 noisy images as the network sees them (``M``: the
+            stream's ``model_box``, ``N`` unless set).
         targets: ``(n, G)`` float32 target distributions (rows sum to 1).
         rotations: ``(n, 3, 3)`` float64 true poses.
         noise_sigma: ``(n,)`` float64 noise standard deviation per image (units of ``raw``).
         clean: ``(n, N, N)`` float32 noise-free images (with CTF and shift when on).
-        raw: ``(n, N, N)`` float32 noisy images before the network's preprocessing (only
-            with :class:`ParticleRealism`; otherwise ``images`` are the raw images).
+        raw: ``(n, N, N)`` float32 noisy images before the network's preprocessing (with
+            :class:`ParticleRealism` or a ``model_box`` crop; otherwise ``images`` are raw).
         ctf: the particles' CTF parameters (with a CTF on), else None.
         shifts_px: ``(n, 2)`` shifts ``(sx, sy)`` px of the particles (with realism), else None.
     """
@@ -205,6 +206,9 @@ class SimulatedStream:
             (:func:`cryosphere.imaging.microscope.colour_noise`; the variance per pixel stays
             ``σ²``); None: white noise, or the realism's own ``noise_power`` where it has one
             (a refinement's measured spectrum).
+        model_box: the network's box ``M`` (even, ``<= N``): its input is Fourier-cropped
+            from the simulated ``N`` px, as ``cryosphere predict`` crops particles to the
+            network's box (the physics, SNR and targets stay those of ``N`` px); None: ``N``.
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class SimulatedStream:
         templates: np.ndarray | None = None,
         realism: ParticleRealism | None = None,
         noise_power: np.ndarray | None = None,
+        model_box: int | None = None,
     ):
         self.realism = realism
         measured = getattr(realism, "noise_power", None)
@@ -233,6 +238,9 @@ class SimulatedStream:
             raise ValueError(f"volume must be cubic (N, N, N), got {self.volume.shape}")
         if not np.all(np.isfinite(self.volume)):
             raise ValueError("volume holds NaN or infinite values")
+        self.model_box = self.image_size if model_box is None else int(model_box)
+        if self.model_box != self.image_size:
+            preprocess.check_crop_size(self.image_size, self.model_box)
         self.blur_sigma = float(blur_sigma)
         self.level = int(level)
         self.config = config
@@ -329,7 +337,7 @@ class SimulatedStream:
         images, _ = preprocess.prepare_images(
             raw,
             self.realism.pixel_size_angstrom,
-            target_size=self.image_size,
+            target_size=self.model_box,
             ctf=ctf,
             ctf_correction=self.realism.ctf_correction,
         )
@@ -380,6 +388,9 @@ class SimulatedStream:
         targets = (
             self.targets_for(images, clean, rotations, sigma) if with_targets else torch.zeros(n, G)
         )
+        if self.model_box != self.image_size:  # the network's input; raw keeps the N px
+            cropped = preprocess.fourier_crop(images, self.model_box, 1.0)[0]
+            return Batch(cropped, targets, rotations, sigma, clean, raw=images)
         return Batch(images, targets, rotations, sigma, clean)
 
     def batch(self, step: int, rank: int = 0) -> Batch:
@@ -406,6 +417,8 @@ class SimulatedStream:
         }
         if self.realism is not None:
             description["realism"] = self.realism.description()
+        if self.model_box != self.image_size:
+            description["model_box"] = self.model_box
         if self.noise_power is not None and getattr(self.realism, "noise_power", None) is None:
             # a refinement's realism describes its own measured spectrum
             description["noise_power"] = [float(f"{v:.6g}") for v in self.noise_power]
