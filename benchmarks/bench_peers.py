@@ -63,16 +63,16 @@ def _network(structure: str, args, folder: Path, data) -> tuple[Path, dict]:
     if args.checkpoint:
         return Path(args.checkpoint), {"checkpoint": str(args.checkpoint)}
     if args.budget_min <= 0:
-        return write_untrained_checkpoint(folder / "untrained", 64), {"steps": 0}
+        return write_untrained_checkpoint(folder / "untrained", args.network_box), {"steps": 0}
     train_args = argparse.Namespace(
         train_snr=(0.03, 0.5), batch_size=64, steps=args.steps, learning_rate=2e-3,
         budget_min=args.budget_min, progress=False,
     )  # fmt: skip
     print(f"== {structure}: training the network for {args.budget_min} min ...", flush=True)
-    result = _train(data, train_args, folder / "run", resume=False)[1]
+    result = _train(data, train_args, folder / "run", resume=False, model_box=args.network_box)[1]
     return result.checkpoint, {
         "structure": structure, "steps": result.steps_done, "images_seen": result.images_seen,
-        "train_s": result.train_seconds,
+        "train_s": result.train_seconds, "network_box": args.network_box,
     }  # fmt: skip
 
 
@@ -101,7 +101,7 @@ def _network_rows(case, particles, checkpoint, args, tuned, blur_px):
     keep = None if level == 2 else args.map_keep
     refinement = map_search.MapRefinement(
         star.with_name("volume.mrc"), level=level, max_shift_px=particles.max_shift_px,
-        blur_sigma_px=blur_px, keep=keep,
+        blur_sigma_px=blur_px, keep=keep, box=particles.box,  # the classical searches' box
     )  # fmt: skip
     searched = star.with_name("searched.star")
 
@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--checkpoint", default=None, help="use this trained network instead")
+    parser.add_argument(
+        "--network-box", type=int, default=64,
+        help="the trained network's box (px): 32 proposes from Fourier-cropped particles, the "
+        "map search and the classical searches stay at 64 (predict --map --search-box 64)",
+    )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument(
         "--map-top-k", type=int, nargs="+", default=None,

@@ -75,7 +75,10 @@ from bench_predict import REALISTIC
 SNR_TEST = 0.05
 
 
-def _train(dataset, args, run_dir: Path, resume: bool):
+def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = None):
+    """The network trained on the realistic stream of ``dataset`` (its map, optics and
+    symmetry), at ``model_box`` px (None: the particles' box; the network's input is then
+    Fourier-cropped from the simulated particles, as ``predict`` crops them)."""
     from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
     from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
@@ -85,8 +88,9 @@ def _train(dataset, args, run_dir: Path, resume: bool):
         snr=tuple(args.train_snr), target="bayes", batch_size=args.batch_size, seed=0
     )
     stream = SimulatedStream(
-        dataset.volume, REALISTIC["blur_sigma"], 2, config, dataset.symmetry_ops, realism=realism
-    )
+        dataset.volume, REALISTIC["blur_sigma"], 2, config, dataset.symmetry_ops,
+        realism=realism, model_box=model_box,
+    )  # fmt: skip
     training = StreamTrainingConfig(
         steps=args.steps,
         learning_rate=args.learning_rate,
@@ -95,7 +99,7 @@ def _train(dataset, args, run_dir: Path, resume: bool):
         time_budget_s=args.budget_min * 60.0,
         device="cpu",
     )
-    model_config = stream_model_config(REALISTIC["image_size"])
+    model_config = stream_model_config(model_box or REALISTIC["image_size"])
     validation = stream.heldout(200, snr=SNR_TEST)
     result = train_on_stream(
         stream,
