@@ -69,10 +69,12 @@ def _network(structure: str, args, folder: Path, data) -> tuple[Path, dict]:
         budget_min=args.budget_min, progress=False,
     )  # fmt: skip
     print(f"== {structure}: training the network for {args.budget_min} min ...", flush=True)
-    result = _train(data, train_args, folder / "run", resume=False, model_box=args.network_box)[1]
+    result = _train(data, train_args, folder / "run", resume=False, model_box=args.network_box,
+                    channels=args.network_channels)[1]  # fmt: skip
     return result.checkpoint, {
         "structure": structure, "steps": result.steps_done, "images_seen": result.images_seen,
         "train_s": result.train_seconds, "network_box": args.network_box,
+        "network_channels": args.network_channels,
     }  # fmt: skip
 
 
@@ -238,6 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--network-box", type=int, default=64,
         help="the trained network's box (px): 32 proposes from Fourier-cropped particles, the "
         "map search and the classical searches stay at 64 (predict --map --search-box 64)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--network-channels", type=int, nargs="+", default=None,
+        help="the trained network's encoder channels per stage (default 16 32 64; at 32 px "
+        "16 32 keeps its last feature map at 8 px, as the default's at 64 px)",
     )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument(

@@ -75,10 +75,11 @@ from bench_predict import REALISTIC
 SNR_TEST = 0.05
 
 
-def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = None):
+def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = None, channels=None):
     """The network trained on the realistic stream of ``dataset`` (its map, optics and
     symmetry), at ``model_box`` px (None: the particles' box; the network's input is then
-    Fourier-cropped from the simulated particles, as ``predict`` crops them)."""
+    Fourier-cropped from the simulated particles, as ``predict`` crops them), with encoder
+    ``channels`` per stage (None: the default (16, 32, 64))."""
     from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
     from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
@@ -99,7 +100,9 @@ def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = N
         time_budget_s=args.budget_min * 60.0,
         device="cpu",
     )
-    model_config = stream_model_config(model_box or REALISTIC["image_size"])
+    model_config = stream_model_config(
+        model_box or REALISTIC["image_size"], channels=tuple(channels or (16, 32, 64))
+    )
     validation = stream.heldout(200, snr=SNR_TEST)
     result = train_on_stream(
         stream,

@@ -23,7 +23,7 @@ import pytest
 import starfile
 from conftest import train_tiny_run
 
-from cryosphere import io
+from cryosphere import cli, io
 from cryosphere.imaging import atoms as imaging_atoms
 from cryosphere.imaging import structure
 from cryosphere.imaging.datasets import SimulationParameters
@@ -32,7 +32,7 @@ from cryosphere.poses.labels import dataset_labels, soft_maps, templates
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.training import settings
-from cryosphere.runs import checks, cli, execution
+from cryosphere.runs import checks, execution
 
 ONE_ATOM = "ATOM      1  CA  ALA A   1      11.104   6.134  -6.504  1.00  0.00           C\n"
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 from jupyter_client.manager import KernelManager
 
+from cryosphere import cli
 from cryosphere.poses.labels import landscape
 from cryosphere.poses.labels import templates as labels_templates
 from cryosphere.poses.network.model import ModelConfig, PoseDistributionNetwork
-from cryosphere.runs import checks, cli, execution, reproducibility
+from cryosphere.runs import checks, execution, reproducibility
 
 THREAD_PROBE = (
     "import os, torch\n"
