@@ -106,8 +106,9 @@ def _add_train_parser(commands: Any) -> None:
         "--encoder-channels",
         type=int,
         nargs="+",
-        default=[16, 32, 64],
-        help="channels of the residual encoder's stages (each halves the box)",
+        default=None,
+        help="channels of the residual encoder's stages (each halves the box; default: "
+        "16 32 64 at a 64-px --box, as many stages as leave a 4-px feature map)",
     )
     fit.add_argument(
         "--lmax", type=int, default=4, help="the network's highest harmonic degree (1-8)"
@@ -194,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
                 args.box,
                 lmax=args.lmax,
                 grid_level=args.level,
-                channels=tuple(args.encoder_channels),
+                channels=args.encoder_channels and tuple(args.encoder_channels),
             ),
             training_config=_training_config(args),
             epochs=args.epochs if args.steps is None and args.minutes is None else None,

@@ -414,3 +414,29 @@ def test_stream_crops_the_network_input_to_its_box_as_predict_does(small_volume)
     assert torch.allclose(batch.images, expected)
     with pytest.raises(ValueError, match="even"):
         SimulatedStream(small_volume, 1.0, LEVEL, config, model_box=15)
+
+
+def test_default_encoder_leaves_a_4_px_feature_map_at_every_box():
+    """``train --box 32`` without ``--encoder-channels``: two stages (a 4-px map, as the
+    default three stages give at 64 px), not three (a 2-px map)."""
+    from cryosphere.poses.network.encoders import default_encoder_channels, resnet_feature_size
+    from cryosphere.runs.series import stream_model_config
+
+    assert default_encoder_channels(64) == (16, 32, 64)
+    assert default_encoder_channels(32) == (16, 32)
+    assert default_encoder_channels(128) == (16, 32, 64, 128)
+    for box in (16, 32, 48, 64, 128, 256):
+        channels = default_encoder_channels(box)
+        assert (
+            resnet_feature_size(box, len(channels))
+            <= 4
+            < resnet_feature_size(box, len(channels) - 1)
+            or len(channels) == 1
+        )
+    assert stream_model_config(32).encoder_channels == (16, 32)
+    assert stream_model_config(32, channels=(8, 8, 8)).encoder_channels == (8, 8, 8)
+    from cryosphere import cli
+
+    args = cli._build_parser().parse_args(["train", "--star", "p.star", "--map", "m.mrc",
+                                           "--run-dir", "r", "--box", "32"])  # fmt: skip
+    assert args.encoder_channels is None  # resolved by the box in stream_model_config

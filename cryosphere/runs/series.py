@@ -19,6 +19,7 @@ from pathlib import Path
 from cryosphere.imaging.datasets import ParticleDataset
 from cryosphere.poses.labels import dataset_labels
 from cryosphere.poses.labels import templates as labels_templates
+from cryosphere.poses.network.encoders import default_encoder_channels
 from cryosphere.poses.network.model import ModelConfig
 from cryosphere.poses.prediction.predictions import Predictions, predict_dataset
 from cryosphere.poses.training import fixed_set, settings
@@ -80,16 +81,20 @@ class StreamedRun:
 
 
 def stream_model_config(
-    image_size: int, lmax: int = 4, grid_level: int = 2, channels: tuple[int, ...] = (16, 32, 64)
+    image_size: int,
+    lmax: int = 4,
+    grid_level: int = 2,
+    channels: tuple[int, ...] | None = None,
 ) -> ModelConfig:
-    """The default network of streamed training: a residual encoder (``channels`` per stage),
-    per-image normalisation, otherwise the poster's spherical layers."""
+    """The default network of streamed training: a residual encoder (``channels`` per stage;
+    None: :func:`~cryosphere.poses.network.encoders.default_encoder_channels` of the box, (16,
+    32, 64) at 64 px), per-image normalisation, otherwise the poster's spherical layers."""
     return ModelConfig(
         image_size=image_size,
         lmax=lmax,
         grid_level=grid_level,
         encoder="resnet",
-        encoder_channels=tuple(channels),
+        encoder_channels=tuple(channels or default_encoder_channels(image_size)),
         per_image_normalisation=True,
     )
 

@@ -83,6 +83,17 @@ def resnet_feature_size(image_size: int, n_stages: int) -> int:
     return size
 
 
+def default_encoder_channels(image_size: int) -> tuple[int, ...]:
+    """Channels ``16, 32, 64, …`` of as many stages as bring an ``image_size``-px input down to
+    a feature map of at most 4 px (:func:`resnet_feature_size`): (16, 32, 64) at 64 px, (16,
+    32) at 32 px, (16, 32, 64, 128) at 128 px. At 32 px three stages leave a 2-px map, and
+    the network learns far more slowly (docs/benchmarks_search.md, "A network at 32 px")."""
+    stages = 1
+    while resnet_feature_size(image_size, stages) > 4:
+        stages += 1
+    return tuple(16 * 2**i for i in range(stages))
+
+
 class ResidualEncoder(nn.Module):
     """Stem (5×5, stride 2, ``channels[0]``) + one residual stage per entry of ``channels``.
 
