@@ -173,29 +173,33 @@ def search_log_likelihood(
     log_l = np.empty((n, c))
     best_chi2 = np.empty((n, c))
     best_shift = np.empty((n, c), np.int64)
+    # the products over the band in single precision, as the cross term's matrix product; the
+    # terms are combined in double precision (each is ~K, their differences matter)
+    whitened_single, ramps = whitened.float(), ramps.to(torch.complex64)
     if shared:
         shared_t = spectra.spectra[cand[0]]  # (c, K) complex64
-        shared_power = spectra.power[cand[0]].double()  # (c, K)
+        shared_power = spectra.power[cand[0]]  # (c, K)
     for start in tqdm(range(0, n, block), desc="search posterior", disable=not progress):
         stop = min(start + block, n)
-        f = spectra.restrict(torch.fft.rfft2(a[start:stop])).to(torch.complex128)
+        f = spectra.restrict(torch.fft.rfft2(a[start:stop]))  # (b, K) complex64
         if ctf is not None:
             part = ctf.subset(np.arange(start, stop))
-            model = spectra.restrict(ctf_module.ctf_2d(part, n_pix, pixel_size_angstrom)).double()
+            model = spectra.restrict(ctf_module.ctf_2d(part, n_pix, pixel_size_angstrom))
         else:
-            model = torch.ones(stop - start, f.shape[1], dtype=torch.float64)
-        h = (whitened * model * f).conj()  # (b, K)
+            model = torch.ones(stop - start, f.shape[1])
+        h = (whitened_single * model * f).conj()  # (b, K)
+        model_power = whitened_single * model**2  # (b, K)
         if shared:  # cross[b, c, s] = Re Σ_k h_bk e_s(k) T_ck
-            shifted = (h[:, :, None] * ramps[None]).to(torch.complex64)  # (b, K, S)
+            shifted = h[:, :, None] * ramps[None]  # (b, K, S)
             cross = torch.einsum("bks,ck->bcs", shifted, shared_t).real.double()
-            norms = ((whitened * model**2) @ shared_power.T)[:, :, None]  # (b, c, 1)
+            norms = (model_power @ shared_power.T).double()[:, :, None]  # (b, c, 1)
         else:
             templates = spectra.spectra[cand[start:stop]]  # (b, c, K) complex64
-            cross = (h.to(torch.complex64)[:, None] * templates) @ ramps.to(torch.complex64)
-            cross = cross.real.double()  # (b, c, S)
-            power = spectra.power[cand[start:stop]].double()  # (b, c, K)
-            norms = (power * (whitened * model**2)[:, None]).sum(-1, keepdim=True)
-        image_power = (whitened * f.abs() ** 2).sum(-1)[:, None, None]  # (b, 1, 1)
+            cross = ((h[:, None] * templates) @ ramps).real.double()  # (b, c, S)
+            power = spectra.power[cand[start:stop]]  # (b, c, K)
+            norms = (power * model_power[:, None]).sum(-1, keepdim=True).double()
+        spectrum_power = (f.real**2 + f.imag**2).double()
+        image_power = (whitened * spectrum_power).sum(-1)[:, None, None]  # (b, 1, 1)
         if score == "mse":
             chi2 = image_power + norms - 2.0 * cross
         elif score == "fitted":
