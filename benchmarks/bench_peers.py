@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument(
         "--network-channels", type=int, nargs="+", default=None,
-        help="the trained network's encoder channels per stage (default 16 32 64; at 32 px "
-        "16 32 keeps its last feature map at 8 px, as the default's at 64 px)",
+        help="the trained network's encoder channels per stage (default by box: 16 32 64 at "
+        "64 px, 16 32 at 32 px: a 4-px last feature map)",
     )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument(

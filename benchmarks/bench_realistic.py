@@ -79,7 +79,7 @@ def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = N
     """The network trained on the realistic stream of ``dataset`` (its map, optics and
     symmetry), at ``model_box`` px (None: the particles' box; the network's input is then
     Fourier-cropped from the simulated particles, as ``predict`` crops them), with encoder
-    ``channels`` per stage (None: the default (16, 32, 64))."""
+    ``channels`` per stage (None: the box's default, ``encoders.default_encoder_channels``)."""
     from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
     from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
@@ -101,7 +101,7 @@ def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = N
         device="cpu",
     )
     model_config = stream_model_config(
-        model_box or REALISTIC["image_size"], channels=tuple(channels or (16, 32, 64))
+        model_box or REALISTIC["image_size"], channels=channels and tuple(channels)
     )
     validation = stream.heldout(200, snr=SNR_TEST)
     result = train_on_stream(
