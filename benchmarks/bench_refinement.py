@@ -31,6 +31,11 @@ Usage::
     python benchmarks/bench_refinement.py                                   # 2 × ~35 min
     python benchmarks/bench_refinement.py --n-particles 1000 --n-heldout 200 --minutes 3 \\
         --structures 1ubi --threads 1                                       # smoke run
+    python benchmarks/bench_refinement.py --structures 1ubi --train-args "--box 32"  # 32-px net
+    python benchmarks/bench_refinement.py --structures 1ubi --checkpoint keep/1ubi/run/model/checkpoint.pt
+
+``predict --map`` searches at the particles' 64 px whatever the network's box
+(``--search-box 64``).
 
 Last line: one JSON object ``{"cases": [{"structure", "train_s", "network_median_deg",
 "map_median_deg", "oracle_median_deg", "top100_hit", "fsc05_searched_A", "fsc05_true_A",
@@ -101,13 +106,17 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
     refinement = _simulate(ref, name, args.n_particles, seed=11, snr=args.snr, picked=False)
     dataset = _simulate(held, name, args.n_heldout, seed=1011, snr=args.snr, picked=True)
     ops = dataset.symmetry_ops
-    train_s = _cryosphere(
-        ["train", "--star", str(ref / "particles.star"), "--map", str(ref / "volume.mrc"),
-         "--run-dir", str(run), "--minutes", str(args.minutes), "--device", "cpu",
-         "--no-progress", "--seed", "0", *args.train_args.split()],
-        args.threads,
-    )  # fmt: skip
-    checkpoint = run / "model" / "checkpoint.pt"
+    if args.checkpoint:  # a network trained before on this refinement (e.g. a --keep run's)
+        checkpoint, train_s = Path(args.checkpoint), 0.0
+        run = checkpoint.parent.parent
+    else:
+        train_s = _cryosphere(
+            ["train", "--star", str(ref / "particles.star"), "--map", str(ref / "volume.mrc"),
+             "--run-dir", str(run), "--minutes", str(args.minutes), "--device", "cpu",
+             "--no-progress", "--seed", "0", *args.train_args.split()],
+            args.threads,
+        )  # fmt: skip
+        checkpoint = run / "model" / "checkpoint.pt"
     star = held / "particles.star"
     # the map is the simulation's volume, without the particles' envelope: predict --map blurs
     # its templates by the envelope `train` measured against it (recorded in the checkpoint)
@@ -120,6 +129,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
     _cryosphere(["predict", str(star), "--checkpoint", str(checkpoint), "-o",
                  str(held / "searched.star"), "--map", str(ref / "volume.mrc"), "--max-shift",
                  str(REALISTIC["max_shift_px"]), "--top-k", "100", "--device", "cpu",
+                 "--search-box", str(REALISTIC["image_size"]),  # whatever the network's box
                  "--no-progress"], args.threads)  # fmt: skip
     m = min(args.n_oracle, args.n_heldout)
     network_err = predictions.pose_errors_deg(
@@ -196,8 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", default=None, help="keep the files in this folder")
     parser.add_argument(
-        "--train-args", default="", help="more options for cryosphere train, e.g. '--lmax 6'"
+        "--train-args", default="", help="more options for cryosphere train, e.g. '--box 32'"
     )
+    parser.add_argument(
+        "--checkpoint", default=None,
+        help="score this network (trained on the same refinement, e.g. a --keep run's "
+        "RUN/model/checkpoint.pt) instead of training one; one structure",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     structures = (args.structure if args.structure else []) or args.structures
