@@ -119,6 +119,18 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     other = tmp_path / "other.mrc"
     io.write_map(other, data.volume * 1.01, data.pixel_size)
     assert recorded_map_envelope(checkpoint, other) is None
+    # the same map saved again, by another program (another header label): still this map
+    import mrcfile
+
+    resaved = tmp_path / "resaved.mrc"
+    io.write_map(resaved, io.read_map(folder / "volume.mrc")[0], data.pixel_size)
+    with mrcfile.open(resaved, mode="r+") as handle:
+        handle.header.label[0] = b"saved by another program"
+    assert resaved.read_bytes() != (folder / "volume.mrc").read_bytes()
+    assert recorded_map_envelope(checkpoint, resaved) == measured
+    rescaled = tmp_path / "rescaled.mrc"  # the same voxels at another voxel size: another map
+    io.write_map(rescaled, io.read_map(folder / "volume.mrc")[0], data.pixel_size * 1.01)
+    assert recorded_map_envelope(checkpoint, rescaled) is None
     assert recorded_map_envelope(tmp_path / "fixed" / "model" / "checkpoint.pt", other) is None
     capsys.readouterr()
     searched = tmp_path / "searched.star"

@@ -363,11 +363,12 @@ class MapSearch:
         return _parents(self.coarse_level, self.level)[np.asarray(fine_index)]
 
 
-def _file_digest(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+def _map_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a map's voxels (float32, ``[z, y, x]``), shape and voxel size: the same map
+    re-written (mrcfile stamps the time into the header's label) keeps its digest."""
+    volume, voxel = io.read_map(path)
+    digest = hashlib.sha256(np.ascontiguousarray(volume, dtype=np.float32).tobytes())
+    digest.update(f"{volume.shape}|{float(voxel):.6g}".encode())
     return digest.hexdigest()
 
 
@@ -376,7 +377,7 @@ def record_map_envelope(
 ) -> None:
     """Write into a checkpoint (atomically) the Gaussian envelope ``blur_sigma_px`` (px of the
     network's box) that training measured between its particles and the map at ``map_path``
-    (:mod:`cryosphere.imaging.refinement_statistics`), with the map file's SHA-256, so that
+    (:mod:`cryosphere.imaging.refinement_statistics`), with the map's digest (its voxels and voxel size), so that
     ``predict --map`` with the same map blurs its templates alike (:func:`recorded_map_envelope`)."""
     import torch
 
@@ -384,7 +385,7 @@ def record_map_envelope(
     record = torch.load(path, map_location="cpu", weights_only=True)
     record[_ENVELOPE_KEY] = {
         "blur_sigma_px": float(blur_sigma_px),
-        "map_sha256": _file_digest(map_path),
+        "map_data_sha256": _map_digest(map_path),
     }
     with io.atomic_path(path) as tmp:
         torch.save(record, tmp)
@@ -395,8 +396,8 @@ def recorded_map_envelope(
     map_path: str | os.PathLike[str],
     search_box: int | None = None,
 ) -> float | None:
-    """The envelope a checkpoint's training measured against this very map file (same
-    SHA-256), in px of the network's box, or of ``search_box`` (px) when given
+    """The envelope a checkpoint's training measured against this very map (same voxels and
+    voxel size, whatever the file's header says), in px of the network's box, or of ``search_box`` (px) when given
     (:attr:`MapRefinement.box`: the same width in Å); None: not recorded (a poster or
     fixed-set model), or another map."""
     import torch
@@ -405,7 +406,7 @@ def recorded_map_envelope(
         return None  # predict itself reports a missing file
     record = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
     entry = record.get(_ENVELOPE_KEY) if isinstance(record, dict) else None
-    if not isinstance(entry, dict) or entry.get("map_sha256") != _file_digest(map_path):
+    if not isinstance(entry, dict) or entry.get("map_data_sha256") != _map_digest(map_path):
         return None
     if search_box is None:
         return float(entry["blur_sigma_px"])
