@@ -86,6 +86,10 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     assert validation["n_validation"] == 2 and validation["source"] == "stream"
     assert 0 <= validation["final"]["val_topk_hit"] <= 1 and validation["final"]["top_k"] == 100
     assert len(validation["history"]) == 2  # one row per evaluation, also in training_log.csv
+    # the refinement states origins: its held-out particles are also scored as picked
+    picked = validation["picked"]
+    assert 0 <= picked["val_topk_hit"] <= 1 and 0 <= picked["val_median_deg"] <= 180
+    assert "the same particles as picked (origins ignored): median" in out
     assert (tmp_path / "run" / "refinement_statistics.json").is_file()
     # --minutes: a budget for the whole command; a second call resumes the same run
     timed = [str(tmp_path / "timed") if a == str(tmp_path / "run") else a for a in argv]
@@ -154,6 +158,32 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
                      "-o", str(tmp_path / "no.star"), "--map", str(folder / "volume.mrc"),
                      "--search-box", "64", "--no-progress"]) == 2  # fmt: skip
     assert "cannot upsample" in capsys.readouterr().err and not (tmp_path / "no.star").exists()
+
+
+def test_validation_reads_particles_as_picked_when_asked(refinement_folder):
+    """``read_prepared(centre=False)``: the stack as boxed, its origins ignored (what
+    ``validation.json``'s ``"picked"`` scores); by default each particle is recentred."""
+    from cryosphere.imaging.ctf import shift_images
+    from cryosphere.imaging.loader import read_prepared
+    from cryosphere.imaging.particles import StackReader, read_particle_set
+
+    data, folder = refinement_folder
+    pset = read_particle_set(folder / "particles.star", require_angles=True)
+    rows = np.arange(6)
+    assert np.abs(pset.origins_angstrom[rows]).max() > 0.5 * data.pixel_size
+    picked, kept, pixel = read_prepared(pset, rows, 16, centre=False)
+    centred, _, _ = read_prepared(pset, rows, 16)
+    with StackReader(pset) as reader:
+        raw = reader.read(rows)
+    ctf = pset.ctf.subset(rows)
+    as_boxed, _ = preprocess.prepare_images(raw, data.pixel_size, target_size=16, ctf=ctf)
+    np.testing.assert_allclose(picked.numpy(), as_boxed.numpy(), atol=1e-5)
+    shift = pset.origins_angstrom[rows] / data.pixel_size
+    moved = shift_images(raw, shift)
+    recentred, _ = preprocess.prepare_images(moved, data.pixel_size, target_size=16, ctf=ctf)
+    np.testing.assert_allclose(centred.numpy(), recentred.numpy(), atol=1e-4)
+    assert np.abs(picked.numpy() - centred.numpy()).max() > 0.1
+    assert kept.tolist() == rows.tolist() and pixel == pytest.approx(2 * data.pixel_size)
 
 
 def test_refinement_input_errors_write_nothing(refinement_folder, tmp_path, capsys):

@@ -195,10 +195,12 @@ def read_prepared(
     sign: float = 1.0,
     skip_bad: bool = False,
     progress: bool = False,
+    centre: bool = True,
 ) -> tuple[torch.Tensor, np.ndarray, float]:
     """Particles ``indices`` as ``cryosphere predict`` feeds them to the network: recentred by
-    their origins, Fourier-cropped to ``image_size``, CTF phase-flipped, background-normalised,
-    multiplied by the contrast ``sign``. Returns ``(images (k, M, M), kept indices (k,), pixel
+    their origins (``centre=False``: as picked, the origins ignored), Fourier-cropped to
+    ``image_size``, CTF phase-flipped, background-normalised, multiplied by the contrast
+    ``sign``. Returns ``(images (k, M, M), kept indices (k,), pixel
     size of the model box in Å)``. Damaged images (NaN or infinite pixels) raise a ValueError
     naming them, or with ``skip_bad`` are left out (a warning lists them)."""
     indices = np.asarray(indices, dtype=np.int64)
@@ -212,7 +214,7 @@ def read_prepared(
             if len(index) == 0:
                 continue
             prepared, pixel = preprocess.prepare_images(
-                centred_images(pset, index, raw),
+                centred_images(pset, index, raw) if centre else raw,
                 pset.pixel_size_angstrom,
                 target_size=image_size,
                 ctf=None if pset.ctf is None else pset.ctf.subset(index),

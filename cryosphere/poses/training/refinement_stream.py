@@ -37,6 +37,7 @@ from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.refinement_statistics import RefinementStatistics
 from cryosphere.poses.network.model import PoseDistributionNetwork
+from cryosphere.poses.prediction.predictions import pose_errors_deg
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
 
 __all__ = [
@@ -141,10 +142,12 @@ def validation_scores(
     top_k: int = 100,
     batch_size: int = 256,
     symmetry_ops: np.ndarray | None = None,
+    with_errors: bool = False,
 ) -> dict[str, float]:
     """``val_topk_hit`` of the module docstring (``k = top_k``) on prepared images
     ``(n, M, M)`` with refined poses ``(n, 3, 3)``; with ``symmetry_ops`` ``(K, 3, 3)`` (the
-    particle's point group) a hit is the cell of any symmetry mate ``R @ g``."""
+    particle's point group) a hit is the cell of any symmetry mate ``R @ g``. With
+    ``with_errors`` also ``val_median_deg`` and ``val_acc15`` of the most probable cell."""
     level = model.config.grid_level
     grid = grids.healpix_so3_grid(level)
     k = min(int(top_k), len(grid))
@@ -156,7 +159,15 @@ def validation_scores(
             logits = model(images[start : start + batch_size].to(device))
             tops.append(torch.topk(logits, k, dim=1).indices.cpu())
     top = torch.cat(tops).numpy()
-    return {"val_topk_hit": topk_hit_rate(top, rotations, grid, symmetry_ops), "top_k": k}
+    scores = {"val_topk_hit": topk_hit_rate(top, rotations, grid, symmetry_ops), "top_k": k}
+    if with_errors:
+        ops = np.eye(3)[None] if symmetry_ops is None else symmetry_ops
+        errors = pose_errors_deg(grid[top[:, 0]], rotations, ops)
+        scores |= {
+            "val_median_deg": float(np.median(errors)),
+            "val_acc15": float(np.mean(errors < 15)),
+        }
+    return scores
 
 
 def topk_hit_rate(
