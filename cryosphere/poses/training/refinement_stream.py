@@ -37,8 +37,8 @@ from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging.datasets import SimulationParameters
 from cryosphere.imaging.refinement_statistics import RefinementStatistics
 from cryosphere.poses.network.model import PoseDistributionNetwork
-from cryosphere.poses.prediction.predictions import pose_errors_deg
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
+from cryosphere.poses.training.streamed import pose_error_scores
 
 __all__ = [
     "RefinementRealism",
@@ -162,11 +162,7 @@ def validation_scores(
     scores = {"val_topk_hit": topk_hit_rate(top, rotations, grid, symmetry_ops), "top_k": k}
     if with_errors:
         ops = np.eye(3)[None] if symmetry_ops is None else symmetry_ops
-        errors = pose_errors_deg(grid[top[:, 0]], rotations, ops)
-        scores |= {
-            "val_median_deg": float(np.median(errors)),
-            "val_acc15": float(np.mean(errors < 15)),
-        }
+        scores |= pose_error_scores(top[:, 0], rotations, ops, level)
     return scores
 
 

@@ -182,13 +182,18 @@ def validation_metrics(
     total_loss: float, best_index: np.ndarray, validation: Batch, ops: np.ndarray, level: int
 ) -> dict[str, float]:
     """Validation loss (mean), acc@15° and median error of the cells ``best_index``."""
-    grid = grids.healpix_so3_grid(level)
-    errors = pose_errors_deg(grid[best_index], validation.rotations, ops)
-    return {
-        "val_loss": total_loss / validation.images.shape[0],
-        "val_acc15": float(np.mean(errors < 15.0)),
-        "val_median_deg": float(np.median(errors)),
-    }
+    return {"val_loss": total_loss / validation.images.shape[0]} | pose_error_scores(
+        best_index, validation.rotations, ops, level
+    )
+
+
+def pose_error_scores(
+    best_index: np.ndarray, rotations: np.ndarray, ops: np.ndarray, level: int
+) -> dict[str, float]:
+    """``val_acc15`` and ``val_median_deg`` (°) of the level-``level`` cells ``best_index``
+    ``(n,)`` against the poses ``rotations`` ``(n, 3, 3)``, symmetry-aware (``ops``)."""
+    errors = pose_errors_deg(grids.healpix_so3_grid(level)[best_index], rotations, ops)
+    return {"val_acc15": float(np.mean(errors < 15.0)), "val_median_deg": float(np.median(errors))}
 
 
 def _validate(
