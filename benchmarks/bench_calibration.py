@@ -74,12 +74,14 @@ BLUR_PX = 1.0
 def train_network(
     volume, level, ops, snr_range, *, channels, lmax, sphere_channels, steps, learning_rate,
     schedule, target="pose", width_deg=2.0, seed=0, batch_size=32, noise="white",
+    activation_level=None,
 ):  # fmt: skip
     """A resnet (``channels`` per stage, degree ``lmax``, ``sphere_channels`` sphere and SO(3)
     channels) trained ``steps`` steps on fresh particles of ``volume`` in ``noise`` (``"white"``
     or this benchmark's ``"coloured"`` spectrum), SNR log-uniform in ``snr_range``, on the
     level-``level`` ``target`` (``"pose"``: kernel ``width_deg``); warm-up of a tenth of the
-    steps, then the ``schedule``."""
+    steps, then the ``schedule``. ``activation_level``: the SO(3) activation grid's level
+    (None: the model's default for ``lmax``)."""
     stream_config = StreamConfig(
         snr=tuple(snr_range),
         target=target,
@@ -100,6 +102,7 @@ def train_network(
         sphere_channels=sphere_channels,
         so3_channels=sphere_channels,
         grid_level=level,
+        activation_grid_level=activation_level,
         per_image_normalisation=True,
     )
     training = StreamTrainingConfig(

@@ -48,6 +48,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--channels", default="8,16", help="resnet stage channels, a,b")
     parser.add_argument("--lmax", type=int, default=3)
+    parser.add_argument(
+        "--activation-level", type=int, default=None,
+        help="HEALPix level of the SO(3) activation grid (default: 1 up to lmax 4, else 2)",
+    )  # fmt: skip
     parser.add_argument("--sphere-channels", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=32)
@@ -91,6 +95,7 @@ def main() -> None:
         schedule=args.schedule,
         batch_size=args.batch,
         noise=args.noise,
+        activation_level=args.activation_level,
     )
     train_s = time.perf_counter() - started
     rng = np.random.default_rng(123)

@@ -145,6 +145,30 @@ def test_search_candidates_with_noise_writes_the_most_probable_candidate(banks):
     assert np.all(result.probability[:, 3] == 0) and np.allclose(result.probability.sum(1), 1)
     best = result.most_probable(1)
     np.testing.assert_array_equal(best[0][:, 0], result.match.best_index)
+    # the best candidate's MSE is that of the plain local search at the same cell
+    plain, _ = local_search.candidate_scores(
+        images, result.match.best_index[:, None], spectra, max_shift_px=1.0
+    )
+    np.testing.assert_allclose(result.match.best_mse, plain[:, 0], rtol=1e-6)
+
+
+def test_skipping_the_best_mse_changes_nothing_else(banks):
+    """``score_best_mse=False`` (``predict --map``) leaves ``best_mse`` None and the
+    cells, shifts and posterior as they are with it scored."""
+    volume, coarse, _, _ = banks
+    spectra = template_spectra(coarse)
+    R = grids.healpix_so3_grid(1)[[3, 40, 77]]
+    images, sigma = _particles(volume, R, 0.3, True, 9)
+    cand = np.array([[2, 3, 4, 40], [39, 40, 41, 77], [76, 77, 78, 3]])
+    noise = search_noise.white_noise_spectrum(sigma, N)
+    scored = sp.search_candidates_whitened(images, cand, spectra, noise, max_shift_px=1.0)
+    skipped = sp.search_candidates_whitened(
+        images, cand, spectra, noise, max_shift_px=1.0, score_best_mse=False
+    )
+    assert skipped.match.best_mse is None and scored.match.best_mse.shape == (3,)
+    np.testing.assert_array_equal(skipped.match.best_index, scored.match.best_index)
+    np.testing.assert_array_equal(skipped.match.shift_px, scored.match.shift_px)
+    np.testing.assert_array_equal(skipped.probability, scored.probability)
 
 
 def test_integrate_over_parents_sums_children_into_their_cells():

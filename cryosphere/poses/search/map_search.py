@@ -326,10 +326,13 @@ class MapSearch:
         return ctf_module.shift_images(projections, -match.shift_px) * float(self.data_scale)
 
     def _final(self, images, candidates, noise, search) -> SearchResult:
-        """The last stage: ``candidates`` ``(n, c)`` scored on the search band."""
+        """The last stage: ``candidates`` ``(n, c)`` scored on the search band (with a noise
+        spectrum, the best candidate's ``best_mse`` is not scored: nothing reads it)."""
         if noise is None:
             return search_candidates(images, candidates, self.spectra, **search)
-        return search_candidates_whitened(images, candidates, self.spectra, noise, **search)
+        return search_candidates_whitened(
+            images, candidates, self.spectra, noise, score_best_mse=False, **search
+        )
 
     def classical_candidates(self, images: torch.Tensor, **search) -> np.ndarray:
         """The coarse classical stage (``MapRefinement.classical_cells``): every cell of the

@@ -64,12 +64,14 @@ class MatchResult:
     Attributes:
         best_index: ``(n,)`` int64 grid index of the best template.
         shift_px: ``(n, 2)`` float64 ``(sx, sy)`` shift that centres each image (px).
-        best_mse: ``(n,)`` float64 mean squared error per pixel at the best (g, s).
+        best_mse: ``(n,)`` float64 mean squared error per pixel at the best (g, s); None
+            where the search did not score it (the map search of ``predict --map``, which
+            ranks candidates by their posterior probability).
     """
 
     best_index: np.ndarray
     shift_px: np.ndarray
-    best_mse: np.ndarray
+    best_mse: np.ndarray | None
 
     def origins_angstrom(self, pixel_size_angstrom: float) -> np.ndarray:
         """RELION origins ``(n, 2)`` Å of the particles: ``shift_px · pixel_size``."""
