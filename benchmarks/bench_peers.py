@@ -19,7 +19,8 @@ is lost), ±3 px of the particles' box, each template carrying its particle's CT
   from the ``--map-keep`` best);
   with ``--prescreen-keep P``: ``predict --map --top-k K --prescreen P``, the network's
   ``--top-k`` cells scored on the tuned coarse band first, only the best ``P`` searched on the
-  default band (``prescreen_keep`` in the row);
+  default band (``prescreen_keep`` in the row); with ``--bf16`` each of those again with the
+  network under bfloat16 autocast (``predict --bf16``; ``"bf16": true`` in the row);
 * ``cryopares``, ``cryopares+refine``: with ``--cryopares`` (``benchmarks/peers/cryopares``:
   its own venv, trained on a simulated refinement of ``--cryopares-train`` particles for
   ``--budget-min`` minutes, the same budget as the network).
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -107,33 +109,35 @@ def _network_rows(case, particles, checkpoint, args, tuned, blur_px):
     )  # fmt: skip
     searched = star.with_name("searched.star")
 
-    def map_row(refinement, top_k: int, **fields) -> dict:
-        """``predict --map`` timed with a freshly prepared search (its scale fitted anew)."""
+    def map_row(refinement, top_k: int, bf16: bool = False, **fields) -> dict:
+        """``predict --map`` timed with a freshly prepared search (its scale fitted anew);
+        ``bf16``: the network under bfloat16 autocast (``predict --bf16``), the search not."""
         search = map_search.MapSearch(refinement, read_particle_set(star), particles.box, 2)
         # contrast given, as the classical searches are given it: ``auto`` would add a fixed
         # ~0.4 s per run (a search of 48 particles), not a cost per image
         rate, _ = cpu_rate(
             lambda: inference.predict_star(
                 star, checkpoint, searched, device="cpu", progress=False, top_k=top_k,
-                refine=search, overwrite=True, contrast="white",
+                refine=search, overwrite=True, contrast="white", bf16=bf16,
             ),
             n,
         )  # fmt: skip
         with np.load(inference.topk_path(searched)) as side_file:
             errors = particles.errors(side_file["refined_index"], level)
         return {**case, "method": "network+map", "median_deg": float(np.median(errors)),
-                "images_per_s": rate, "top_k": top_k, "map_keep": keep, **fields}  # fmt: skip
+                "images_per_s": rate, "top_k": top_k, "map_keep": keep, "bf16": bf16,
+                **fields}  # fmt: skip
 
     for top_k in sorted(set(args.map_top_k or [args.top_k]), reverse=True):
         rows.append(map_row(refinement, top_k))
     # the network's top cells pre-screened on the classical search's coarse band, the best few
     # searched on the fine band (``predict --map --top-k K --prescreen P``)
-    for prescreen in args.prescreen_keep:
+    for prescreen, bf16 in itertools.product(args.prescreen_keep, (False, True)[: 1 + args.bf16]):
         screened = dataclasses.replace(
             refinement, prescreen_keep=prescreen,
             prescreen_resolution_px=tuned.coarse_resolution_px,
         )  # fmt: skip
-        rows.append(map_row(screened, args.top_k, prescreen_keep=prescreen,
+        rows.append(map_row(screened, args.top_k, bf16, prescreen_keep=prescreen,
                             prescreen_resolution_px=tuned.coarse_resolution_px))  # fmt: skip
     return rows, side
 
@@ -220,7 +224,7 @@ def _setting(row: dict) -> str:
         return ""
     screened = f" -> {row['prescreen_keep']}" if row.get("prescreen_keep") else ""
     hit = f" (hit {row['top_k_hit']:.2f})" if row.get("top_k_hit") is not None else ""
-    return f"  k={row['top_k']}{screened}{hit}"
+    return f"  k={row['top_k']}{screened}{hit}{' bf16' if row.get('bf16') else ''}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -256,6 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--prescreen-keep", type=int, nargs="*", default=[10, 5],
         help="network+map rows with the --top-k cells pre-screened on the tuned coarse band, "
         "the best N searched (predict --map --prescreen N)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bf16", action="store_true",
+        help="also time each pre-screened network+map row with the network under bfloat16 "
+        "autocast (predict --bf16: the search stays float32; fast on CPUs with AVX-512 BF16)",
     )  # fmt: skip
     parser.add_argument("--resolution-px", type=float, default=3.0, help="the fine band (px of 64)")
     parser.add_argument("--coarse-resolutions", type=float, nargs="+", default=[6.0, 8.0, 12.0])
