@@ -153,6 +153,7 @@ def _network(volume, level, ops, args, snr, noise):
         width_deg=args.network_width_deg,
         seed=args.seed,
         noise=noise,
+        activation_level=args.network_activation_level,
     )
 
 
@@ -232,6 +233,11 @@ def main() -> None:
     parser.add_argument("--network-channels", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--network-lmax", type=int, default=4)
     parser.add_argument("--network-sphere-channels", type=int, default=32)
+    parser.add_argument(
+        "--network-activation-level", type=int, default=None,
+        help="HEALPix level of the network's SO(3) activation grid (default: 1 up to lmax 4, "
+        "else 2; level 1's 576 points fit lmax 6's 455 coefficients)",
+    )  # fmt: skip
     parser.add_argument("--network-lr-schedule", default="cosine", choices=["constant", "cosine"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
