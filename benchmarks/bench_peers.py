@@ -72,11 +72,13 @@ def _network(structure: str, args, folder: Path, data) -> tuple[Path, dict]:
     )  # fmt: skip
     print(f"== {structure}: training the network for {args.budget_min} min ...", flush=True)
     result = _train(data, train_args, folder / "run", resume=False, model_box=args.network_box,
-                    channels=args.network_channels)[1]  # fmt: skip
+                    channels=args.network_channels,
+                    so3_channels=args.network_so3_channels)[1]  # fmt: skip
     return result.checkpoint, {
         "structure": structure, "steps": result.steps_done, "images_seen": result.images_seen,
         "train_s": result.train_seconds, "network_box": args.network_box,
         "network_channels": args.network_channels,
+        "network_so3_channels": args.network_so3_channels,
     }  # fmt: skip
 
 
@@ -249,6 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--network-channels", type=int, nargs="+", default=None,
         help="the trained network's encoder channels per stage (default by box: 16 32 64 at "
         "64 px, 16 32 at 32 px: a 4-px last feature map)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--network-so3-channels", type=int, default=None,
+        help="the trained network's SO(3) channels (default 16; 8 halves the SO(3) activation, "
+        "the largest part of a 32-px network's forward pass)",
     )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument(

@@ -75,11 +75,17 @@ from bench_predict import REALISTIC
 SNR_TEST = 0.05
 
 
-def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = None, channels=None):
+def _train(
+    dataset, args, run_dir: Path, resume: bool, model_box: int | None = None, channels=None,
+    so3_channels: int | None = None,
+):  # fmt: skip
     """The network trained on the realistic stream of ``dataset`` (its map, optics and
     symmetry), at ``model_box`` px (None: the particles' box; the network's input is then
     Fourier-cropped from the simulated particles, as ``predict`` crops them), with encoder
-    ``channels`` per stage (None: the box's default, ``encoders.default_encoder_channels``)."""
+    ``channels`` per stage (None: the box's default, ``encoders.default_encoder_channels``)
+    and ``so3_channels`` channels in the SO(3) layers (None: the default, 16)."""
+    import dataclasses
+
     from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
     from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
@@ -103,6 +109,8 @@ def _train(dataset, args, run_dir: Path, resume: bool, model_box: int | None = N
     model_config = stream_model_config(
         model_box or REALISTIC["image_size"], channels=channels and tuple(channels)
     )
+    if so3_channels is not None:
+        model_config = dataclasses.replace(model_config, so3_channels=int(so3_channels))
     validation = stream.heldout(200, snr=SNR_TEST)
     result = train_on_stream(
         stream,
