@@ -70,7 +70,12 @@ def add_parser(commands: Any) -> None:
     predict.add_argument(
         "--workers", type=int, default=1, help="reader processes per rank (0: read in-process)"
     )
-    predict.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    predict.add_argument(
+        "--bf16",
+        action="store_true",
+        help="the network under bfloat16 autocast (GPUs; CPUs with AVX-512 BF16); the "
+        "search stays float32",
+    )
     predict.add_argument(
         "--turns",
         type=int,
