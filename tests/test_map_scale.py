@@ -121,3 +121,33 @@ def test_map_search_fits_the_scale_and_noise_then_keeps_them(delocalised, tmp_pa
     small = map_search.MapSearch(refinement, pset, 32, 1)
     small(images[:20], data.ctf.subset(np.arange(20)), data.pixel_size, every[:20])
     assert small.data_scale is None and small.noise is None
+    # the templates kept for the fit are released once it is done, not before
+    assert search._fit_templates is None and small._fit_templates is not None  # noqa: SLF001
+
+
+def test_modelled_signal_from_the_kept_templates_is_the_map_projected_anew(delocalised, tmp_path):
+    """The first batch's fit models each particle's signal from the search level's templates
+    kept from the search's set-up: the same as projecting the map at the cells and blurring
+    alike, with each particle's CTF, shift and the scale."""
+    from cryosphere.imaging.particles import read_particle_set
+    from cryosphere.poses.search.matching import MatchResult
+
+    data = delocalised
+    save_dataset(data, tmp_path)
+    pset = read_particle_set(tmp_path / "particles.star")
+    refinement = map_search.MapRefinement(
+        tmp_path / "volume.mrc", level=2, max_shift_px=2.0, blur_sigma_px=1.0
+    )
+    search = map_search.MapSearch(refinement, pset, 32, 1)
+    search.data_scale = 0.8
+    match = MatchResult(
+        best_index=np.array([5, 100, 4000]),
+        shift_px=np.array([[0.0, 0.0], [1.0, -2.0], [-1.5, 0.5]]),
+        best_mse=None,
+    )
+    ctf = data.ctf.subset(np.arange(3))
+    kept = search._modelled_signal(match, ctf, data.pixel_size)  # noqa: SLF001
+    search._fit_templates = None  # noqa: SLF001
+    projected = search._modelled_signal(match, ctf, data.pixel_size)  # noqa: SLF001
+    assert float(projected.abs().max()) > 0
+    np.testing.assert_allclose(kept, projected, atol=1e-5 * float(projected.abs().max()))
