@@ -161,8 +161,7 @@ def validation_scores(
     top = torch.cat(tops).numpy()
     scores = {"val_topk_hit": topk_hit_rate(top, rotations, grid, symmetry_ops), "top_k": k}
     if with_errors:
-        ops = np.eye(3)[None] if symmetry_ops is None else symmetry_ops
-        scores |= pose_error_scores(top[:, 0], rotations, ops, level)
+        scores |= pose_error_scores(top[:, 0], rotations, symmetry_ops, level)
     return scores
 
 

@@ -188,10 +188,11 @@ def validation_metrics(
 
 
 def pose_error_scores(
-    best_index: np.ndarray, rotations: np.ndarray, ops: np.ndarray, level: int
+    best_index: np.ndarray, rotations: np.ndarray, ops: np.ndarray | None, level: int
 ) -> dict[str, float]:
     """``val_acc15`` and ``val_median_deg`` (°) of the level-``level`` cells ``best_index``
-    ``(n,)`` against the poses ``rotations`` ``(n, 3, 3)``, symmetry-aware (``ops``)."""
+    ``(n,)`` against the poses ``rotations`` ``(n, 3, 3)``, symmetry-aware (``ops``; None:
+    no symmetry, as :func:`~cryosphere.poses.prediction.predictions.pose_errors_deg`)."""
     errors = pose_errors_deg(grids.healpix_so3_grid(level)[best_index], rotations, ops)
     return {"val_acc15": float(np.mean(errors < 15.0)), "val_median_deg": float(np.median(errors))}
 
