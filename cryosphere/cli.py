@@ -153,7 +153,7 @@ def _add_train_parser(commands: Any) -> None:
         "must divide it",
     )
     fit.add_argument(
-        "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-3)"
+        "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-2, measured in docs/training_on_a_refinement.md)"
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
     fit.add_argument(
@@ -170,8 +170,10 @@ def _training_config(args: argparse.Namespace) -> Any:
     """``--steps`` (warm-up 10 %, 20 validations) or the default schedule (steps from
     ``--epochs``); ``--learning-rate`` over the default when given."""
     from cryosphere.poses.training.streamed import StreamTrainingConfig
+    from cryosphere.runs.refinement import LEARNING_RATE
 
-    extra = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
+    rate = LEARNING_RATE if args.learning_rate is None else args.learning_rate
+    extra: dict[str, Any] = {"learning_rate": rate}
     if args.minutes is not None and not args.minutes > 0:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
     if args.steps is not None:

@@ -82,6 +82,8 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     stats = stream["realism"]["statistics"]
     assert stats["n_particles"] == 14 and stats["contrast_sign"] == 1
     assert record["step"] == 2 and record["model_config"]["encoder"] == "resnet"
+    # the refinement's own peak learning rate unless --learning-rate says otherwise (below)
+    assert record["training_config"]["learning_rate"] == refinement.LEARNING_RATE == 1e-2
     validation = io.read_json(tmp_path / "run" / "validation.json")
     assert validation["n_validation"] == 2 and validation["source"] == "stream"
     assert 0 <= validation["final"]["val_topk_hit"] <= 1 and validation["final"]["top_k"] == 100
@@ -102,13 +104,14 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     # (and a C2 particle's validation: every mate of a refined pose counts)
     capsys.readouterr()
     fixed_argv = argv[:6] + [str(tmp_path / "fixed")] + argv[7:] + ["--source", "fixed"]
-    assert cli.main(fixed_argv + ["--sym", "c2", "--lmax", "2"]) == 0
+    assert cli.main(fixed_argv + ["--sym", "c2", "--lmax", "2", "--learning-rate", "3e-3"]) == 0
     assert "refined poses (C2): median" in capsys.readouterr().out
     assert io.read_json(tmp_path / "fixed" / "validation.json")["symmetry"] == "C2"
     fixed = checkpoints.load_checkpoint(tmp_path / "fixed" / "model" / "checkpoint.pt")
     stream = fixed["stream_identity"]["stream"]
     assert stream["kind"] == "fixed" and stream["n_images"] == 14
     assert fixed["model_config"]["lmax"] == 2 and record["model_config"]["lmax"] == 4
+    assert fixed["training_config"]["learning_rate"] == 3e-3
     assert not stream["fresh_noise"] and not stream["in_plane"]
     assert not (tmp_path / "fixed" / "refinement_statistics.json").exists()
     summary = inference.predict_star(
