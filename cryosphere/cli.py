@@ -153,7 +153,10 @@ def _add_train_parser(commands: Any) -> None:
         "must divide it",
     )
     fit.add_argument(
-        "--learning-rate", type=float, default=None, help="peak AdamW rate (default 1e-2, measured in docs/training_on_a_refinement.md)"
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="peak AdamW rate (default 1e-2, measured in docs/training_on_a_refinement.md)",
     )
     fit.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU; DDP trainer)")
     fit.add_argument(
