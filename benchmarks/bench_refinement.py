@@ -12,10 +12,11 @@ For each structure (default 1UBI and 1HVR; any ``--structure`` name or PDB/mmCIF
    oracle);
 2. the user's path, as subprocesses: ``cryosphere train --star refinement/particles.star --map
    refinement/volume.mrc --minutes M`` (streamed from the map with the refinement's own
-   statistics, the default), then ``cryosphere predict heldout/particles.star`` (network alone)
-   and ``cryosphere predict ... --map refinement/volume.mrc --max-shift 3`` (top 100 cells
-   searched against the map with each particle's CTF); ``network_turns4_median_deg``: the
-   network alone with ``predict --turns 4`` (its distribution averaged over quarter turns);
+   statistics, the default), then ``cryosphere predict heldout/particles.star`` (network alone,
+   its distribution averaged over four quarter turns, the default without a map) and
+   ``cryosphere predict ... --map refinement/volume.mrc --max-shift 3`` (top 100 cells
+   searched against the map with each particle's CTF); ``network_turns1_median_deg``: the
+   network alone in one pass (``predict --turns 1``);
 3. scores on the held-out particles (first ``--n-oracle`` of them): median geodesic error of
    the network alone, of the map search, and of the oracle, CTF-aware template matching over
    the whole level-2 grid with a ±3 px translation search
@@ -124,7 +125,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
                  str(held / "predicted.star"), "--device", "cpu", "--no-progress"],
                 args.threads)  # fmt: skip
     _cryosphere(["predict", str(star), "--checkpoint", str(checkpoint), "-o",
-                 str(held / "predicted_turns4.star"), "--turns", "4", "--device", "cpu",
+                 str(held / "predicted_turns1.star"), "--turns", "1", "--device", "cpu",
                  "--no-progress"], args.threads)  # fmt: skip
     _cryosphere(["predict", str(star), "--checkpoint", str(checkpoint), "-o",
                  str(held / "searched.star"), "--map", str(ref / "volume.mrc"), "--max-shift",
@@ -136,7 +137,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
         _angles(held / "predicted.star"), dataset.rotations, ops
     )
     turns_err = predictions.pose_errors_deg(
-        _angles(held / "predicted_turns4.star"), dataset.rotations, ops
+        _angles(held / "predicted_turns1.star"), dataset.rotations, ops
     )
     searched = _angles(held / "searched.star")
     map_err = predictions.pose_errors_deg(searched, dataset.rotations, ops)
@@ -174,7 +175,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
             dataset, searched, None, regularisation, searched_side_shift(held / "searched.star")
         ),
         "fsc05_true_A": reconstruction_fsc05(dataset, dataset.rotations, None, regularisation),
-        "network_turns4_median_deg": float(np.median(turns_err[:m])),
+        "network_turns1_median_deg": float(np.median(turns_err[:m])),
         "network_acc15": float(np.mean(network_err < 15.0)),
         "map_acc15": float(np.mean(map_err < 15.0)),
         "oracle_acc15": float(np.mean(oracle_err < 15.0)),
@@ -187,7 +188,7 @@ def run_structure(name: str, args: argparse.Namespace, folder: Path) -> dict:
         "pixel_size_A": dataset.pixel_size,
     }
     case["network_ratio"] = case["network_median_deg"] / case["oracle_median_deg"]
-    case["network_turns4_ratio"] = case["network_turns4_median_deg"] / case["oracle_median_deg"]
+    case["network_turns1_ratio"] = case["network_turns1_median_deg"] / case["oracle_median_deg"]
     case["map_ratio"] = case["map_median_deg"] / case["oracle_median_deg"]
     case["fsc_ratio"] = case["fsc05_searched_A"] / case["fsc05_true_A"]
     print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in case.items()})

@@ -79,9 +79,10 @@ def add_parser(commands: Any) -> None:
     predict.add_argument(
         "--turns",
         type=int,
-        default=1,
+        default=None,
         choices=[1, 2, 4],
-        help="average the network's distribution over this many quarter turns of each image",
+        help="average the network's distribution over this many quarter turns of each image "
+        "(default 4 without --map, measured sharper; 1 with --map, where the map decides)",
     )
     predict.add_argument(
         "--map",

@@ -365,6 +365,32 @@ def test_the_quarter_turn_average_is_exactly_equivariant_and_one_turn_is_plain(p
     assert np.load(inference.topk_path(out))["top_index"].shape == (12, 4)
 
 
+def test_predict_averages_quarter_turns_by_default_only_without_a_map(particle_run, monkeypatch):
+    """The network's own pose comes from its distribution averaged over
+    NETWORK_ALONE_TURNS quarter turns unless ``turns`` says otherwise; with a map search the
+    default is one pass (the map decides)."""
+    from cryosphere.poses.search import map_search
+
+    data, folder, checkpoint = particle_run
+    seen, real = [], inference._top_cells
+
+    def recording(model, images, k, bf16=False, turns=1):
+        seen.append(turns)
+        return real(model, images, k, bf16, turns)
+
+    monkeypatch.setattr(inference, "_top_cells", recording)
+    star_in, out = folder / "data" / "particles.star", folder / "data" / "default_turns.star"
+    for turns, refine in [(None, None), (2, None), (None, folder / "data" / "volume.mrc")]:
+        seen.clear()
+        inference.predict_star(
+            star_in, checkpoint, out, top_k=4, progress=False, turns=turns, overwrite=True,
+            refine=refine and map_search.MapRefinement(refine, level=1, max_shift_px=0),
+        )  # fmt: skip
+        expected = turns or (1 if refine else inference.NETWORK_ALONE_TURNS)
+        assert seen and set(seen) == {expected}
+    assert inference.NETWORK_ALONE_TURNS == 4
+
+
 def test_the_classical_stage_finds_the_poses_the_network_cells_miss(particle_run):
     """Given top cells that all miss (the 4 level-1 cells farthest from each truth), the map
     search alone cannot find the poses; with the classical coarse stage (every level-1 cell on

@@ -105,7 +105,7 @@ def predict_star_distributed(
     num_workers: int = 0,
     bf16: bool = False,
     refine=None,
-    turns: int = 1,
+    turns: int | None = None,
     context: dd.DistributedContext | None = None,
     contrast: str = "auto",
     project_dir: str | os.PathLike[str] | None = None,
