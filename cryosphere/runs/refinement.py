@@ -99,9 +99,7 @@ __all__ = [
 ]
 
 SOURCES = ("stream", "fixed")
-# Peak learning rate of training on a refinement (docs/training_on_a_refinement.md, "The
-# learning rate"): on a 1UBI refinement at SNR 0.05 (32-px network, 4,000 steps of 32) rates of
-# 6e-3 to 2.4e-2 gave the same held-out scores, well ahead of 1e-3 and 3e-3.
+#: Peak learning rate (measured: docs/training_on_a_refinement.md, "The learning rate").
 LEARNING_RATE = 1e-2
 VALIDATION_FILE = "validation.json"
 STATISTICS_FILE = "refinement_statistics.json"

@@ -4,16 +4,14 @@
 STAR file and its stacks in batches (:mod:`cryosphere.imaging.particles`), brings every batch
 to the network's box (:func:`cryosphere.imaging.preprocess.prepare_images`: optional crop,
 Fourier crop, CTF phase flip when the set has defocus values, background normalisation), runs
-the network (the softmax of :func:`cryosphere.poses.prediction.predictions.predict`, read on its top ``k``
-cells only; without a map search averaged over :data:`NETWORK_ALONE_TURNS` quarter turns of
-each image by default, ``turns``), and writes
+the network (softmax on its top ``k`` cells; without a map averaged over
+:data:`NETWORK_ALONE_TURNS` quarter turns by default), and writes
 
 * ``OUTPUT.star``: every input table and column unchanged (image names included: relative
-  stack paths resolve as RELION's, from the project folder, so keep the output inside it), with
-  ``rlnAngleRot/Tilt/Psi`` set to the most probable grid pose (RELION ZYZ, degrees),
-  ``rlnMaxValueProbDistribution`` its probability, and ``rlnCryoSphereAngularSpread`` the
-  uncertainty: the probability-weighted RMS geodesic angle (deg) between the best cell and the
-  ``top_k`` most probable cells, ``sqrt(Σ_j p_j d_j² / Σ_j p_j)`` (not symmetry-aware);
+  stack paths resolve as RELION's, from the project folder), with ``rlnAngleRot/Tilt/Psi``
+  the most probable grid pose (RELION ZYZ, degrees), ``rlnMaxValueProbDistribution`` its
+  probability, and ``rlnCryoSphereAngularSpread`` the probability-weighted RMS geodesic angle
+  (deg, not symmetry-aware) from the best cell to the ``top_k`` cells, ``√(Σp_j d_j² / Σp_j)``;
 * ``OUTPUT_topk.npz``: ``top_index`` ``(n, k)`` grid cells, ``top_probability`` ``(n, k)``,
   ``top_angles_deg`` ``(n, k, 3)`` RELION angles, ``image_name`` ``(n,)``, ``grid_level``.
 
@@ -35,16 +33,14 @@ for RELION 3.0 files, ``rlnOriginXAngst/YAngst`` in Å for 3.1+). The side file 
 ``(n, r, 2)`` for a weighted reconstruction (:meth:`TopK.searched_weights`); both shifts are
 whole origins, the STAR file's in px of the search's box (``+shift`` centres the particle).
 
-Every particle is first recentred by its input origin (shifted by ``+origin / pixel_size``,
-RELION's sign, as ``cryosphere train`` does), so the network sees centred particles and the
-translation search looks around the refined origin. Numbers are written with 9 significant
-digits (a float32 round trip).
+Every particle is first recentred by its input origin (``+origin / pixel_size``, RELION's
+sign, as ``cryosphere train`` does): the network sees centred particles and the translation
+search looks around the refined origin. Numbers have 9 significant digits (float32 round trip).
 
 Everything is checked before the first batch (STAR, stacks, checkpoint, box sizes, an existing
-output unless ``overwrite``), and both files are written atomically at the end: a failure writes
-nothing. An image with NaN or infinite pixels stops the run with a message naming it, before
-anything is written; with ``skip_bad`` such particles are left out of the output and listed in
-:attr:`PredictionSummary.skipped`.
+output unless ``overwrite``); both files are written atomically at the end: a failure writes
+nothing. An image with NaN or infinite pixels stops the run naming it, before anything is
+written; ``skip_bad`` leaves such particles out (:attr:`PredictionSummary.skipped`).
 """
 
 from __future__ import annotations
@@ -88,10 +84,8 @@ NETWORK_PROBABILITY_COLUMN = "rlnCryoSphereNetworkProbability"
 SEARCHED_KEPT = 10
 #: How numbers are written to STAR files: enough significant digits for a float32 round trip.
 STAR_FLOAT_FORMAT = "%.9g"
-
-#: Quarter turns the network's distribution is averaged over when its own pose is written (no
-#: map search, and a grid of level >= 1): sharper than one pass on every measured set
-#: (docs/training_on_a_refinement.md; 1UBI at SNR 0.05: median 65° -> 55°).
+#: Quarter turns averaged when the network's own pose is written (no map search, grid level
+#: >= 1): sharper than one pass on every set measured (docs/training_on_a_refinement.md).
 NETWORK_ALONE_TURNS = 4
 
 #: Images per network pass on the CPU (other devices: the whole batch): 64 images' activations
@@ -221,14 +215,11 @@ def _top_cells(
     model, images: torch.Tensor, k: int, bf16: bool = False, turns: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most probable grid cells of each image ``(n, N, N)`` (model box): their
-    probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first.
-
-    The softmax of :func:`~cryosphere.poses.prediction.predictions.predict` on the top ``k``
-    logits only (call under ``torch.inference_mode``). ``bf16``: the network under bfloat16
-    autocast, the softmax and top ``k`` in float32. ``turns`` > 1: averaged over quarter turns
-    (:func:`~cryosphere.poses.prediction.predictions.turn_averaged_log_probabilities`). On the
-    CPU the network sees :data:`CPU_NETWORK_CHUNK` images at a time.
-    """
+    probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first; the
+    softmax on the top ``k`` logits only (call under ``torch.inference_mode``). ``bf16``: the
+    network under bfloat16 autocast, softmax and top ``k`` in float32. ``turns`` > 1: averaged
+    over quarter turns (:func:`~cryosphere.poses.prediction.predictions.turn_averaged_log_probabilities`).
+    On the CPU the network sees :data:`CPU_NETWORK_CHUNK` images at a time."""
     model.eval()
     chunk = CPU_NETWORK_CHUNK if images.device.type == "cpu" else max(1, images.shape[0])
     parts = []
@@ -312,9 +303,8 @@ def predict_star(
         normalise: background normalisation of each image (mean 0, std 1 outside a circle).
         bf16: run the network under bfloat16 autocast (GPU; the softmax stays float32).
         turns: average the network's distribution over 1, 2 or 4 quarter turns of each image
-            (costs ``turns`` passes; sharper top cells at low SNR); None:
-            :data:`NETWORK_ALONE_TURNS` when the network's own pose is written (no ``refine``,
-            grid level >= 1), else 1 (the map search decides; one pass is faster).
+            (``turns`` passes; sharper at low SNR); None: :data:`NETWORK_ALONE_TURNS` without
+            ``refine`` (grid level >= 1), else 1 (the map decides; one pass is faster).
         refine: search the top cells against a consensus map (module docstring); a
             :class:`~cryosphere.poses.search.map_search.MapSearch` already prepared for these
             particles is used as it is (the map projected once for many calls); None: the
