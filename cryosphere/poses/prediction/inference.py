@@ -8,9 +8,9 @@ the network (softmax on its top ``k`` cells; without a map averaged over
 :data:`NETWORK_ALONE_TURNS` quarter turns by default), and writes
 
 * ``OUTPUT.star``: every input table and column unchanged (image names included: relative
-  stack paths resolve as RELION's, from the project folder), with ``rlnAngleRot/Tilt/Psi``
-  the most probable grid pose (RELION ZYZ, degrees), ``rlnMaxValueProbDistribution`` its
-  probability, and ``rlnCryoSphereAngularSpread`` the probability-weighted RMS geodesic angle
+  stack paths resolve from the project folder, as RELION's: keep the output inside it), with
+  ``rlnAngleRot/Tilt/Psi`` the most probable grid pose (RELION ZYZ, degrees), its probability
+  ``rlnMaxValueProbDistribution``, and ``rlnCryoSphereAngularSpread`` the weighted RMS angle
   (deg, not symmetry-aware) from the best cell to the ``top_k`` cells, ``√(Σp_j d_j² / Σp_j)``;
 * ``OUTPUT_topk.npz``: ``top_index`` ``(n, k)`` grid cells, ``top_probability`` ``(n, k)``,
   ``top_angles_deg`` ``(n, k, 3)`` RELION angles, ``image_name`` ``(n,)``, ``grid_level``.
