@@ -13,7 +13,8 @@ is lost), ±3 px of the particles' box, each template carrying its particle's CT
 * ``coarse_to_fine``: :func:`~cryosphere.poses.search.coarse_to_fine.coarse_to_fine_search`, its
   knobs (coarse level, coarse band, kept cells) tuned on ``--n-tune`` other particles to its
   best speed at <= 1.05x the exhaustive median error there (:mod:`_classical`);
-* ``network``: ``cryosphere predict`` (the most probable level-2 cell, end to end);
+* ``network``: ``cryosphere predict`` (the most probable level-2 cell of the distribution
+  averaged over four quarter turns, its default without a map, end to end);
 * ``network+map``: ``cryosphere predict --map`` (``--top-k`` cells of the network searched at
   the level, or one row per count in ``--map-top-k``; level 3: their children, coarse to fine
   from the ``--map-keep`` best);
