@@ -84,8 +84,6 @@ def _train(
     Fourier-cropped from the simulated particles, as ``predict`` crops them), with encoder
     ``channels`` per stage (None: the box's default, ``encoders.default_encoder_channels``)
     and ``so3_channels`` channels in the SO(3) layers (None: the default, 16)."""
-    import dataclasses
-
     from cryosphere.poses.training.stream import ParticleRealism, SimulatedStream, StreamConfig
     from cryosphere.poses.training.streamed import StreamTrainingConfig, train_on_stream
     from cryosphere.runs.series import stream_model_config
@@ -107,10 +105,10 @@ def _train(
         device="cpu",
     )
     model_config = stream_model_config(
-        model_box or REALISTIC["image_size"], channels=channels and tuple(channels)
+        model_box or REALISTIC["image_size"],
+        channels=channels and tuple(channels),
+        so3_channels=so3_channels,
     )
-    if so3_channels is not None:
-        model_config = dataclasses.replace(model_config, so3_channels=int(so3_channels))
     validation = stream.heldout(200, snr=SNR_TEST)
     result = train_on_stream(
         stream,

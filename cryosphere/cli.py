@@ -113,6 +113,13 @@ def _add_train_parser(commands: Any) -> None:
     fit.add_argument(
         "--lmax", type=int, default=4, help="the network's highest harmonic degree (1-8)"
     )
+    fit.add_argument(
+        "--so3-channels",
+        type=int,
+        default=None,
+        help="channels of the network's SO(3) signal (default 16; 8 makes a faster proposer "
+        "for predict --map, docs/benchmarks_search.md)",
+    )
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument(
         "--minutes",
@@ -201,6 +208,7 @@ def _train(args: argparse.Namespace) -> int:
                 lmax=args.lmax,
                 grid_level=args.level,
                 channels=args.encoder_channels and tuple(args.encoder_channels),
+                so3_channels=args.so3_channels,
             ),
             training_config=_training_config(args),
             epochs=args.epochs if args.steps is None and args.minutes is None else None,

@@ -104,7 +104,8 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     # (and a C2 particle's validation: every mate of a refined pose counts)
     capsys.readouterr()
     fixed_argv = argv[:6] + [str(tmp_path / "fixed")] + argv[7:] + ["--source", "fixed"]
-    assert cli.main(fixed_argv + ["--sym", "c2", "--lmax", "2", "--learning-rate", "3e-3"]) == 0
+    options = ["--sym", "c2", "--lmax", "2", "--learning-rate", "3e-3", "--so3-channels", "4"]
+    assert cli.main(fixed_argv + options) == 0
     assert "refined poses (C2): median" in capsys.readouterr().out
     assert io.read_json(tmp_path / "fixed" / "validation.json")["symmetry"] == "C2"
     fixed = checkpoints.load_checkpoint(tmp_path / "fixed" / "model" / "checkpoint.pt")
@@ -112,6 +113,9 @@ def test_train_command_then_predict(refinement_folder, tmp_path, capsys):
     assert stream["kind"] == "fixed" and stream["n_images"] == 14
     assert fixed["model_config"]["lmax"] == 2 and record["model_config"]["lmax"] == 4
     assert fixed["training_config"]["learning_rate"] == 3e-3
+    assert (
+        fixed["model_config"]["so3_channels"] == 4 and record["model_config"]["so3_channels"] == 16
+    )
     assert not stream["fresh_noise"] and not stream["in_plane"]
     assert not (tmp_path / "fixed" / "refinement_statistics.json").exists()
     summary = inference.predict_star(

@@ -435,6 +435,8 @@ def test_default_encoder_leaves_a_4_px_feature_map_at_every_box():
         )
     assert stream_model_config(32).encoder_channels == (16, 32)
     assert stream_model_config(32, channels=(8, 8, 8)).encoder_channels == (8, 8, 8)
+    assert stream_model_config(32).so3_channels == 16  # ModelConfig's default
+    assert stream_model_config(32, so3_channels=8).so3_channels == 8
     from cryosphere import cli
 
     args = cli._build_parser().parse_args(["train", "--star", "p.star", "--map", "m.mrc",

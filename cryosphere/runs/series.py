@@ -85,10 +85,13 @@ def stream_model_config(
     lmax: int = 4,
     grid_level: int = 2,
     channels: tuple[int, ...] | None = None,
+    so3_channels: int | None = None,
 ) -> ModelConfig:
     """The default network of streamed training: a residual encoder (``channels`` per stage;
     None: :func:`~cryosphere.poses.network.encoders.default_encoder_channels` of the box, (16,
-    32, 64) at 64 px), per-image normalisation, otherwise the poster's spherical layers."""
+    32, 64) at 64 px), per-image normalisation, otherwise the poster's spherical layers
+    (``so3_channels``: the SO(3) signal's channels; None: ``ModelConfig``'s 16)."""
+    extra = {} if so3_channels is None else {"so3_channels": int(so3_channels)}
     return ModelConfig(
         image_size=image_size,
         lmax=lmax,
@@ -96,6 +99,7 @@ def stream_model_config(
         encoder="resnet",
         encoder_channels=tuple(channels or default_encoder_channels(image_size)),
         per_image_normalisation=True,
+        **extra,
     )
 
 
