@@ -65,18 +65,26 @@ def load_particles(star: Path, box: int, rotations, symmetry_ops) -> Particles:
     return Particles(Path(star), box, shift, rotations, symmetry_ops, volume)
 
 
-def cpu_rate(function, items: int, warm_up: bool = False, repeats: int = 1) -> tuple[float, object]:
+def cpu_rate(
+    function, items: int, warm_up: bool = False, repeats: int = 1, prepare=None
+) -> tuple[float, object]:
     """``(items per CPU-second, result)``: the fastest of ``repeats`` calls of ``function``
-    (after one untimed call with ``warm_up``), the last call's result. CPU time, not wall
-    time: this benchmark runs on a shared machine, and with one torch thread the process's
-    CPU time is the work done; the fastest of several calls is the least disturbed by what
-    runs beside it."""
+    (after one untimed call with ``warm_up``), the last call's result. With ``prepare``, each
+    call is ``function(prepare())`` and ``prepare`` is not timed (e.g. a search built afresh
+    for every run). CPU time, not wall time: this benchmark runs on a shared machine, and
+    with one torch thread the process's CPU time is the work done; the fastest of several
+    calls is the least disturbed by what runs beside it."""
+
+    def arguments() -> tuple:
+        return () if prepare is None else (prepare(),)
+
     if warm_up:
-        function()
+        function(*arguments())
     best = 0.0
     for _ in range(max(1, int(repeats))):
+        given = arguments()
         start = time.process_time()
-        result = function()
+        result = function(*given)
         best = max(best, items / max(time.process_time() - start, 1e-9))
     return best, result
 

@@ -119,19 +119,19 @@ def _network_rows(case, particles, checkpoint, args, tuned, blur_px):
         """``predict --map`` timed with a freshly prepared search (its scale fitted anew), the
         fastest of ``--repeats`` runs, each with its own; ``bf16``: the network under bfloat16
         autocast (``predict --bf16``), the search not."""
-        rate = 0.0
-        for _ in range(max(1, args.repeats)):
-            search = map_search.MapSearch(refinement, read_particle_set(star), particles.box, 2)
-            # contrast given, as the classical searches are given it: ``auto`` would add a
-            # fixed ~0.4 s per run (a search of 48 particles), not a cost per image
-            run_rate, _ = cpu_rate(
-                lambda search=search: inference.predict_star(
-                    star, checkpoint, searched, device="cpu", progress=False, top_k=top_k,
-                    refine=search, overwrite=True, contrast="white", bf16=bf16,
-                ),
-                n,
-            )  # fmt: skip
-            rate = max(rate, run_rate)
+        # contrast given, as the classical searches are given it: ``auto`` would add a fixed
+        # ~0.4 s per run (a search of 48 particles), not a cost per image
+        rate, _ = cpu_rate(
+            lambda search: inference.predict_star(
+                star, checkpoint, searched, device="cpu", progress=False, top_k=top_k,
+                refine=search, overwrite=True, contrast="white", bf16=bf16,
+            ),
+            n,
+            repeats=args.repeats,
+            prepare=lambda: map_search.MapSearch(
+                refinement, read_particle_set(star), particles.box, 2
+            ),
+        )  # fmt: skip
         with np.load(inference.topk_path(searched)) as side_file:
             errors = particles.errors(side_file["refined_index"], level)
         return {**case, "method": "network+map", "median_deg": float(np.median(errors)),
