@@ -4,9 +4,11 @@ white or coloured noise (``--noise``, the same for training and test), scored on
 
 The knobs are the training SNR range (``--snr-lo``, ``--snr-hi``: log-uniform per image),
 the encoder (``--channels``), the harmonic degree (``--lmax``), the sphere and SO(3) channels
-(``--sphere-channels``), the steps and the learning-rate schedule; the network, the particles
-(32 px, blur 1 px, level-1 cells) and the ``"pose"`` target of width 2° are those of
-``bench_calibration.py``. Compare the log-likelihood with that benchmark's ``bayes`` rows.
+(``--sphere-channels``), the steps, the learning-rate schedule and the target (``--target``:
+``"pose"`` of width 2°, or ``"bayes"``, the white-noise posterior integrated over each cell's
+level-``--bayes-level`` templates, default 2); the network, the particles (32 px, blur 1 px,
+level-1 cells) and the default target are those of ``bench_calibration.py``. Compare the
+log-likelihood with that benchmark's ``bayes`` rows.
 Prints one JSON line per test SNR (and ``--turns``): ``{"args", "train_s", "snr", "turns",
 "ece", "cov90", "LL", "conf", "hit"}``; ``--turns 4`` also scores the network's distribution
 averaged over quarter turns of each image (``predict --turns``). ``--temperature-particles n``
@@ -53,6 +55,11 @@ def main() -> None:
         help="HEALPix level of the SO(3) activation grid (default: 1 up to lmax 4, else 2)",
     )  # fmt: skip
     parser.add_argument("--sphere-channels", type=int, default=8)
+    parser.add_argument("--target", default="pose", choices=["pose", "bayes"])
+    parser.add_argument(
+        "--bayes-level", type=int, default=LEVEL + 1,
+        help="the bayes target's template level (1: the posterior at the cell centres)",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
@@ -81,6 +88,7 @@ def main() -> None:
     torch.set_num_threads(1)
     atoms, ops = structure_and_group(args.structure, args.frame)
     volume = structure.coulomb_potential_map(atoms, IMAGE_SIZE, auto_pixel_size(atoms, IMAGE_SIZE))
+    bayes_level = args.bayes_level if args.target == "bayes" and args.bayes_level > LEVEL else None
     started = time.perf_counter()
     network = train_network(
         volume,
@@ -96,6 +104,8 @@ def main() -> None:
         batch_size=args.batch,
         noise=args.noise,
         activation_level=args.activation_level,
+        target=args.target,
+        bayes_level=bayes_level,
     )
     train_s = time.perf_counter() - started
     rng = np.random.default_rng(123)
