@@ -97,6 +97,9 @@ def test_template_cells_partition_the_finer_grid_and_sums_keep_each_row():
     assert np.array_equal(tg.template_cells(1, 1), np.arange(len(coarse)))
     with pytest.raises(ValueError, match="finer"):
         tg.template_cells(2, 1)
+    with pytest.raises(ValueError, match="coarser"):
+        grids.parent_cells(2, 1)
+    assert tg.template_cells(1, 2) is grids.parent_cells(1, 2)  # one partition, cached
     with pytest.raises(ValueError, match="one cell per template"):
         tg.sum_over_cells(p[:, :-1], cells)
 

@@ -29,6 +29,7 @@ __all__ = [
     "healpix_so3_grid",
     "healpix_so3_grid_angles",
     "nearest_grid_indices",
+    "parent_cells",
     "grid_nearest_neighbour_spacing_deg",
     "cell_edge_rad",
     "subcell_rotations",
@@ -188,6 +189,26 @@ def grid_nearest_neighbour_spacing_deg(level: int) -> float:
     Computed exactly with a k-d tree over ``[q; -q]`` (fast even for level 4); cached.
     """
     return _grid_spacing(_check_level(level))
+
+
+@functools.cache
+def _parent_cells(level: int, fine_level: int) -> np.ndarray:
+    parents = nearest_grid_indices(healpix_so3_grid(fine_level), healpix_so3_grid(level))
+    parents.flags.writeable = False
+    return parents
+
+
+def parent_cells(level: int, fine_level: int) -> np.ndarray:
+    """``(G_fine,)`` int64 (read-only, cached): the nearest (geodesic) level-``level`` cell of
+    every cell of the finer level-``fine_level`` grid, the one partition by which a finer grid
+    is summed into a coarser one (one level finer: 8 cells each on average, 4 to 12 between
+    levels 1 and 2)."""
+    level, fine_level = _check_level(level), _check_level(fine_level)
+    if fine_level < level:
+        raise ValueError(
+            f"level {fine_level} is coarser than level {level}; give the finer level second"
+        )
+    return _parent_cells(level, fine_level)
 
 
 def in_plane_permutation(level: int, steps: int) -> np.ndarray:

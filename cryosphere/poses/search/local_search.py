@@ -57,14 +57,11 @@ SCORES = ("mse", "scaled", "fitted")
 SCALE_FREE_SCORES = ("scaled", "fitted")
 
 
-@functools.cache
 def _parents(coarse_level: int, fine_level: int) -> np.ndarray:
-    """``(G_fine,)`` the nearest level-``coarse_level`` cell of every level-``fine_level`` cell:
-    the one partition that :func:`child_cells` and :meth:`MapSearch.parent_cells` both read."""
-    fine = grids.healpix_so3_grid(fine_level)
-    parent = grids.nearest_grid_indices(fine, grids.healpix_so3_grid(coarse_level))
-    parent.flags.writeable = False
-    return parent
+    """``(G_fine,)`` the nearest level-``coarse_level`` cell of every level-``fine_level`` cell
+    (:func:`cryosphere.geometry.grids.parent_cells`): the one partition that
+    :func:`child_cells` and :meth:`MapSearch.parent_cells` both read."""
+    return grids.parent_cells(coarse_level, fine_level)
 
 
 @functools.cache

@@ -28,7 +28,6 @@ exact permutation of the grid cells: ``t'[p, j] = t[p, (j + k) mod n_ψ]``
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -119,26 +118,18 @@ def bayes_posterior(
     return posterior if cells is None else sum_over_cells(posterior, cells)
 
 
-@functools.cache
-def _template_cells(level: int, template_level: int) -> np.ndarray:
-    fine = grids.healpix_so3_grid(template_level)
-    cells = grids.nearest_grid_indices(fine, grids.healpix_so3_grid(level))
-    cells.flags.writeable = False
-    return cells
-
-
 def template_cells(level: int, template_level: int) -> np.ndarray:
     """``(G_t,)`` int64 (read-only): the level-``level`` cell nearest (geodesic) to each cell of
-    the level-``template_level`` grid (``template_level >= level``), the partition by which
+    the level-``template_level`` grid (``template_level >= level``;
+    :func:`cryosphere.geometry.grids.parent_cells`), the partition by which
     :func:`bayes_posterior` integrates a finer posterior over each target cell (one level
     finer: 8 templates per cell on average, 4 to 12 between levels 1 and 2)."""
-    level, template_level = int(level), int(template_level)
-    if template_level < level:
+    if int(template_level) < int(level):
         raise ValueError(
             f"templates on level {template_level} cannot be summed into the finer level-{level} "
             f"cells; use templates on level {level} or finer"
         )
-    return _template_cells(level, template_level)
+    return grids.parent_cells(level, template_level)
 
 
 def sum_over_cells(probability: np.ndarray, cells: np.ndarray) -> np.ndarray:
