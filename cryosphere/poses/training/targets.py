@@ -142,9 +142,9 @@ def sum_over_cells(probability: np.ndarray, cells: np.ndarray) -> np.ndarray:
             f"cells must give one cell per template column: {cells.shape} cells for a "
             f"{probability.shape} probability array"
         )
-    summed = np.zeros((probability.shape[0], int(cells.max()) + 1))
-    np.add.at(summed.T, cells, probability.T)
-    return summed.astype(np.float32)
+    summed = torch.zeros(probability.shape[0], int(cells.max()) + 1, dtype=torch.float64)
+    summed.index_add_(1, torch.from_numpy(cells.copy()), torch.from_numpy(probability))
+    return summed.numpy().astype(np.float32)
 
 
 def posterior_from_mse(
