@@ -147,6 +147,9 @@ def test_stream_bayes_level_integrates_its_targets_over_each_cell(small_volume):
     )
     assert not np.allclose(at_centres.batch(0).targets.numpy(), expected, atol=1e-3)
     assert StreamConfig.from_dict(config.to_dict()) == config
+    # a stream without it records the identity it had before the option existed
+    assert "bayes_level" not in StreamConfig(target="bayes").to_dict()
+    assert StreamConfig.from_dict(StreamConfig().to_dict()) == StreamConfig()
     with pytest.raises(ValueError, match="bayes_level sets"):
         StreamConfig(target="pose", bayes_level=2)
     with pytest.raises(ValueError, match="finer"):

@@ -144,9 +144,13 @@ class StreamConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as recorded in a checkpoint's stream identity; ``bayes_level`` only when
+        set, so streams without it keep the identity they were trained under."""
         out = dataclasses.asdict(self)
         if isinstance(self.snr, tuple):
             out["snr"] = list(self.snr)
+        if self.bayes_level is None:
+            del out["bayes_level"]
         return out
 
     @classmethod
