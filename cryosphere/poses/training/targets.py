@@ -16,7 +16,8 @@ Three targets, each a distribution ``(n, G)`` over the ``G`` cells of the level-
   Evaluated at the cell centres it is overconfident where the posterior is narrower than a
   cell; with templates on a finer grid (``cells``: :func:`template_cells`) each cell sums its
   templates' mass, the posterior *integrated* over the cell, which is the ``"pose"`` target's
-  expectation given the image (the truth's own cell) with far less variance.
+  expectation given the image (the truth's own cell) with far less variance, as far as the
+  templates resolve the posterior (they must be finer than it is wide).
 * ``"soft"``: the poster's soft map ``exp(−λ·MSE)²`` of the clean image
   (:func:`cryosphere.poses.labels.soft_maps.soft_labels`).
 
