@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere.geometry import grids, rotations
+from cryosphere.geometry import distributions, grids, rotations
 from cryosphere.imaging import ctf
 from cryosphere.imaging.microscope import coloured_noise, coloured_noise_spectrum
 from cryosphere.imaging.projection import gaussian_blur, noise_sigma_for_snr, project_volume
@@ -115,11 +115,11 @@ def test_off_grid_truth_in_coloured_noise_is_calibrated_where_the_old_posterior_
     cand = np.broadcast_to(np.arange(len(fine)), (len(R), len(fine)))
     noise = search_noise.background_noise_spectrum(images)
     ll = sp.search_log_likelihood(images, cand, spectra, noise, max_shift_px=1.0)
-    new = sp.integrate_over_parents(
+    new = distributions.integrate_over_parents(
         sp.posterior_from_log_likelihood(ll.log_likelihood, cand), cand, 1, 2
     )
     scores, _ = local_search.candidate_scores(images, cand, spectra, max_shift_px=1.0)
-    old = sp.integrate_over_parents(
+    old = distributions.integrate_over_parents(
         local_search.candidate_posterior(scores, cand, spectra), cand, 1, 2
     )
     np.testing.assert_allclose(new.sum(1), 1.0, atol=1e-9)
@@ -177,7 +177,7 @@ def test_integrate_over_parents_sums_children_into_their_cells():
     p = np.random.default_rng(0).random(cand.shape)
     p[0, local_search._first_occurrences(cand)[0] == 0] = 0  # noqa: SLF001 (padding as the posterior has it)
     p /= p.sum()
-    mass = sp.integrate_over_parents(p, cand, 1, 2)
+    mass = distributions.integrate_over_parents(p, cand, 1, 2)
     half = children.shape[1]
     assert mass[0, 5] == pytest.approx(p[0, :half].sum()) and mass[0, 9] == pytest.approx(
         p[0, half:].sum()

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cryosphere.geometry import grids, point_groups, rotations
+from cryosphere.geometry import distributions, grids, point_groups, rotations
 from cryosphere.imaging import microscope
 from cryosphere.imaging.projection import gaussian_blur, project_volume, rotate_images
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.network import checkpoints
 from cryosphere.poses.network.model import ModelConfig, build_model
 from cryosphere.poses.prediction import predictions
+from cryosphere.poses.search import local_search
 from cryosphere.poses.training import targets as tg
 from cryosphere.poses.training.fixed_stream import FixedSetStream
 from cryosphere.poses.training.stream import SimulatedStream, StreamConfig
@@ -79,8 +80,8 @@ def test_bayes_posterior_argmax_is_template_matching_and_noise_free_images_hit_t
         tg.bayes_posterior(clean, templates, noise_sigma=0.0)
 
 
-def test_template_cells_partition_the_finer_grid_and_sums_keep_each_row():
-    cells = tg.template_cells(1, 2)
+def test_parent_cells_partition_the_finer_grid_and_sums_keep_each_row():
+    cells = grids.parent_cells(1, 2)
     assert cells.shape == (grids.healpix_so3_grid_size(2),)
     counts = np.bincount(cells, minlength=grids.healpix_so3_grid_size(1))
     assert counts.min() >= 1 and counts.mean() == 8  # every cell holds some of its children
@@ -90,18 +91,16 @@ def test_template_cells_partition_the_finer_grid_and_sums_keep_each_row():
     d_all = rotations.geodesic_distance_deg(fine[:, None], coarse[None, ::7])
     assert np.all(d_own <= d_all.min(axis=1) + 1e-9)
     p = np.random.default_rng(0).dirichlet(np.ones(len(cells)), size=3)
-    summed = tg.sum_over_cells(p, cells)
+    summed = distributions.integrate_over_parents(p, np.arange(len(cells)), 1, 2)
     assert summed.shape == (3, len(coarse))
     np.testing.assert_allclose(summed.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(summed[:, cells[0]], p[:, cells == cells[0]].sum(1), rtol=1e-5)
-    assert np.array_equal(tg.template_cells(1, 1), np.arange(len(coarse)))
-    with pytest.raises(ValueError, match="finer"):
-        tg.template_cells(2, 1)
+    assert np.array_equal(grids.parent_cells(1, 1), np.arange(len(coarse)))
     with pytest.raises(ValueError, match="coarser"):
         grids.parent_cells(2, 1)
-    assert tg.template_cells(1, 2) is grids.parent_cells(1, 2)  # one partition, cached
-    with pytest.raises(ValueError, match="one cell per template"):
-        tg.sum_over_cells(p[:, :-1], cells)
+    assert local_search._parents(1, 2) is grids.parent_cells(1, 2)  # noqa: SLF001 (one partition)
+    with pytest.raises(ValueError, match="one cell per column"):
+        distributions.integrate_over_parents(p[:, :-1], np.arange(len(cells)), 1, 2)
 
 
 def test_cell_integrated_bayes_target_is_calibrated_where_the_cell_centres_are_not(small_volume):
@@ -112,7 +111,7 @@ def test_cell_integrated_bayes_target_is_calibrated_where_the_cell_centres_are_n
     templates assigned to the wrong cells it would put almost nothing on the truth's cell."""
     coarse = template_bank(small_volume, LEVEL, 1.0)
     fine = template_bank(small_volume, LEVEL + 1, 1.0)
-    cells = tg.template_cells(LEVEL, LEVEL + 1)
+    every = np.arange(len(fine))
     rng = np.random.default_rng(1)
     R = rotations.random_rotations(300, rng)
     clean = gaussian_blur(project_volume(small_volume, R, progress=False), 1.0).numpy()
@@ -122,7 +121,12 @@ def test_cell_integrated_bayes_target_is_calibrated_where_the_cell_centres_are_n
     ratios = {}
     for name, p in (
         ("centres", tg.bayes_posterior(images, coarse, sigma)),
-        ("integrated", tg.bayes_posterior(images, fine, sigma, cells)),
+        (
+            "integrated",
+            distributions.integrate_over_parents(
+                tg.bayes_posterior(images, fine, sigma), every, LEVEL, LEVEL + 1
+            ),
+        ),
     ):
         assert p.shape == (300, grids.healpix_so3_grid_size(LEVEL))
         np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
@@ -138,8 +142,11 @@ def test_stream_bayes_level_integrates_its_targets_over_each_cell(small_volume):
     batch = stream.batch(0)
     assert batch.targets.shape == (6, grids.healpix_so3_grid_size(LEVEL))
     fine = template_bank(small_volume, LEVEL + 1, 1.0)
-    expected = tg.bayes_posterior(
-        batch.images, fine, batch.noise_sigma, tg.template_cells(LEVEL, LEVEL + 1)
+    expected = distributions.integrate_over_parents(
+        tg.bayes_posterior(batch.images, fine, batch.noise_sigma),
+        np.arange(len(fine)),
+        LEVEL,
+        LEVEL + 1,
     )
     np.testing.assert_allclose(batch.targets.numpy(), expected, atol=1e-5)
     at_centres = SimulatedStream(

@@ -29,6 +29,7 @@ __all__ = [
     "cells_within_deg",
     "mass_within_deg",
     "nearest_cell_recall",
+    "integrate_over_parents",
 ]
 
 
@@ -204,3 +205,29 @@ def nearest_cell_recall(
     nearest = grids.nearest_grid_indices(mates.reshape(-1, 3, 3), grid).reshape(n, k)
     hits = np.take_along_axis(mask, nearest, axis=1)
     return hits.mean(axis=0)
+
+
+def integrate_over_parents(
+    probability: np.ndarray, candidates: np.ndarray, coarse_level: int, fine_level: int
+) -> np.ndarray:
+    """The mass of every level-``coarse_level`` cell ``(n, G_coarse)`` float64: the sum of its
+    children's probability (``probability`` ``(n, c)`` over the level-``fine_level`` cells
+    ``candidates``: ``(n, c)``, one row per image, or ``(c,)`` for every row), a child going to
+    its nearest coarse cell (:func:`~cryosphere.geometry.grids.parent_cells`); cells with no
+    child among the candidates get 0. E.g. a search posterior or a ``"bayes"`` training target
+    on finer templates, integrated over each cell."""
+    p = np.asarray(probability, dtype=np.float64)
+    cand = np.asarray(candidates, dtype=np.int64)
+    if p.ndim != 2 or cand.shape not in (p.shape, p.shape[1:]):
+        raise ValueError(
+            f"candidates must give one cell per column of probability: {cand.shape} cells for "
+            f"a {p.shape} probability array"
+        )
+    if int(fine_level) == int(coarse_level):
+        cells = cand
+    else:
+        cells = grids.parent_cells(int(coarse_level), int(fine_level))[cand]
+    n_cells = grids.healpix_so3_grid_size(coarse_level)
+    flat = np.broadcast_to(cells, p.shape) + n_cells * np.arange(p.shape[0])[:, None]
+    summed = np.bincount(flat.reshape(-1), weights=p.reshape(-1), minlength=p.shape[0] * n_cells)
+    return summed.reshape(p.shape[0], n_cells)

@@ -28,7 +28,8 @@ Cells, not points
 A grid cell stands for every pose nearer its centre than any other; scoring it at its centre
 alone makes the posterior overconfident when the truth lies between centres. Searching the
 cell's children on a finer grid and summing their masses
-(:func:`integrate_over_parents`) integrates the likelihood over the cell.
+(:func:`~cryosphere.geometry.distributions.integrate_over_parents`) integrates the likelihood
+over the cell.
 
 :func:`refined_grid_posterior` goes further where it matters: the most probable cells are
 split again into their children on the next grids (projected on the fly), each child weighing
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cryosphere.geometry.distributions import integrate_over_parents
 from cryosphere.geometry.grids import (
     cell_edge_rad,
     healpix_so3_grid,
@@ -78,7 +80,6 @@ __all__ = [
     "SearchLikelihood",
     "search_log_likelihood",
     "posterior_from_log_likelihood",
-    "integrate_over_parents",
     "grid_posterior",
     "refined_grid_posterior",
     "search_candidates_whitened",
@@ -224,21 +225,6 @@ def posterior_from_log_likelihood(log_likelihood: np.ndarray, candidates: np.nda
     return p / p.sum(axis=1, keepdims=True)
 
 
-def integrate_over_parents(
-    probability: np.ndarray, candidates: np.ndarray, coarse_level: int, fine_level: int
-) -> np.ndarray:
-    """The mass of every level-``coarse_level`` cell ``(n, G_coarse)``: the sum of its
-    children's posterior (``probability`` ``(n, c)`` over level-``fine_level`` ``candidates``);
-    cells with no searched child get 0."""
-    parent = _parents(int(coarse_level), int(fine_level)) if fine_level != coarse_level else None
-    cand = np.asarray(candidates, dtype=np.int64)
-    cells = cand if parent is None else parent[cand]
-    out = np.zeros((cand.shape[0], healpix_so3_grid_size(coarse_level)))
-    rows = np.repeat(np.arange(cand.shape[0])[:, None], cand.shape[1], axis=1)
-    np.add.at(out, (rows, cells), np.asarray(probability, dtype=np.float64))
-    return out
-
-
 def grid_posterior(
     images: np.ndarray | torch.Tensor,
     spectra: TemplateSpectra,
@@ -250,7 +236,8 @@ def grid_posterior(
     """Exhaustive search posterior ``(n, G)`` over every level-``level`` cell: every template
     of ``spectra`` (the level-``search_level`` grid, default ``level``) scored with
     :func:`search_log_likelihood` (keywords ``ctf``, ``max_shift_px``... as there), each
-    cell's mass summed over its children (:func:`integrate_over_parents`). Rows sum to 1."""
+    cell's mass summed over its children
+    (:func:`~cryosphere.geometry.distributions.integrate_over_parents`). Rows sum to 1."""
     search_level = int(level) if search_level is None else int(search_level)
     n, g = len(images), spectra.spectra.shape[0]
     if g != healpix_so3_grid_size(search_level):

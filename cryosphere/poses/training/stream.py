@@ -38,6 +38,7 @@ import torch
 from cryosphere._checks import as_symmetry_ops, known_fields
 from cryosphere.geometry import grids
 from cryosphere.geometry import rotations as geometry_rotations
+from cryosphere.geometry.distributions import integrate_over_parents
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import microscope, preprocess
 from cryosphere.imaging.datasets import SimulationParameters
@@ -106,8 +107,9 @@ class StreamConfig:
         reference_images: size of the reference stack that fixes the signal variance.
         bayes_level: the ``"bayes"`` target's template grid, at or finer than the targets'
             level: each cell gets the posterior summed over its templates, the posterior
-            integrated over the cell (:func:`~cryosphere.poses.training.targets.template_cells`;
-            one level finer: 8 templates per cell on average). None: the targets' own level, the
+            integrated over the cell
+            (:func:`~cryosphere.geometry.distributions.integrate_over_parents`; one level
+            finer: 8 templates per cell on average). None: the targets' own level, the
             posterior at the cell centres (overconfident where it is narrower than a cell).
             Measured on 1UBI at SNR 0.1 (docs/calibration.md): one level finer took the
             network's log-likelihood of the true pose from 0.34 to 0.25 nats below the exact
@@ -266,10 +268,12 @@ class SimulatedStream:
         self.symmetry_ops = as_symmetry_ops(symmetry_ops)
         self._spectrum = volume_spectrum(self.volume)
         template_level = self.level if config.bayes_level is None else int(config.bayes_level)
-        # the target grid's cell of each template (None: the templates are the cells)
-        self._template_cells = None
-        if template_level != self.level:
-            self._template_cells = tg.template_cells(self.level, template_level)
+        if template_level < self.level:
+            raise ValueError(
+                f"templates on level {template_level} cannot be summed into the finer "
+                f"level-{self.level} cells; use bayes_level {self.level} or finer"
+            )
+        self._template_level = template_level
         self.templates = templates
         if config.target in ("bayes", "soft") and templates is None:
             self.templates = template_bank(self.volume, template_level, self.blur_sigma)
@@ -347,9 +351,15 @@ class SimulatedStream:
         else:
             mse = matching.ctf_mse_landscape(centred, self._transfer(ctf), self._spectra)
         t = tg.posterior_from_mse(mse, self.image_size**2, sigma)
-        if self._template_cells is not None:
-            t = tg.sum_over_cells(t, self._template_cells)
-        return torch.from_numpy(np.ascontiguousarray(t))
+        return torch.from_numpy(self._on_target_cells(t))
+
+    def _on_target_cells(self, posterior: np.ndarray) -> np.ndarray:
+        """``(n, G)`` float32: a ``"bayes"`` posterior over the templates, each target cell
+        summing its templates' mass when they lie on a finer grid (``bayes_level``)."""
+        if self._template_level != self.level:
+            every = np.arange(posterior.shape[1])
+            posterior = integrate_over_parents(posterior, every, self.level, self._template_level)
+        return np.ascontiguousarray(posterior, dtype=np.float32)
 
     def _make_realistic(
         self, rng: np.random.Generator, n: int, snr: float | None, with_targets: bool
@@ -401,7 +411,7 @@ class SimulatedStream:
                 rotations, self.level, self.symmetry_ops, self.config.pose_width_deg
             )
         elif kind == "bayes":
-            t = tg.bayes_posterior(images, self.templates, sigma, self._template_cells)
+            t = self._on_target_cells(tg.bayes_posterior(images, self.templates, sigma))
         else:
             t = soft_labels(mse_landscape(clean, self.templates), self.soft_lambda)
         return torch.from_numpy(np.ascontiguousarray(t))

@@ -14,8 +14,9 @@ Three targets, each a distribution ``(n, G)`` over the ``G`` cells of the level-
   it has the same expected gradient as the ``"pose"`` target's one-hot limit with less variance.
   Also the reference for calibration (its mean log-likelihood of the true pose is the ceiling).
   Evaluated at the cell centres it is overconfident where the posterior is narrower than a
-  cell; with templates on a finer grid (``cells``: :func:`template_cells`) each cell sums its
-  templates' mass, the posterior *integrated* over the cell, which is the ``"pose"`` target's
+  cell; on templates a grid finer, each cell summing its templates' mass
+  (:func:`cryosphere.geometry.distributions.integrate_over_parents`; ``StreamConfig.bayes_level``),
+  it is the posterior *integrated* over the cell, which is the ``"pose"`` target's
   expectation given the image (the truth's own cell) with far less variance, as far as the
   templates resolve the posterior (they must be finer than it is wide).
 * ``"soft"``: the poster's soft map ``exp(−λ·MSE)²`` of the clean image
@@ -46,8 +47,6 @@ __all__ = [
     "pose_kernel_targets",
     "bayes_posterior",
     "posterior_from_mse",
-    "template_cells",
-    "sum_over_cells",
     "in_plane_step_deg",
     "rotate_in_plane",
 ]
@@ -97,55 +96,20 @@ def bayes_posterior(
     noisy_images: np.ndarray | torch.Tensor,
     templates: np.ndarray | torch.Tensor,
     noise_sigma: float | np.ndarray,
-    cells: np.ndarray | None = None,
 ) -> np.ndarray:
     """Posterior ``p(R_g | I) ∝ exp(−‖I − T_g‖² / 2σ²)`` of white Gaussian noise, uniform prior.
 
     Args:
         noisy_images: ``(n, N, N)`` images.
-        templates: ``(G_t, N, N)`` noise-free templates (same blur as the images).
+        templates: ``(G, N, N)`` noise-free templates on the grid (same blur as the images).
         noise_sigma: noise standard deviation (image units), a scalar or one per image ``(n,)``.
-        cells: ``(G_t,)`` the target grid's cell of each template (:func:`template_cells`,
-            templates on a finer grid): each cell then gets the sum of its templates'
-            posterior, the posterior integrated over the cell (:func:`sum_over_cells`).
-            None: template ``g`` is cell ``g`` (the posterior at the cell centres).
 
     Returns:
         ``(n, G)`` float32 rows summing to 1 (computed from the row minimum, so it never
-        underflows); ``G = G_t`` without ``cells``.
+        underflows).
     """
     mse = mse_landscape(noisy_images, templates)
-    posterior = posterior_from_mse(mse, int(np.prod(np.asarray(templates.shape[1:]))), noise_sigma)
-    return posterior if cells is None else sum_over_cells(posterior, cells)
-
-
-def template_cells(level: int, template_level: int) -> np.ndarray:
-    """``(G_t,)`` int64 (read-only): the level-``level`` cell nearest (geodesic) to each cell of
-    the level-``template_level`` grid (``template_level >= level``;
-    :func:`cryosphere.geometry.grids.parent_cells`), the partition by which
-    :func:`bayes_posterior` integrates a finer posterior over each target cell (one level
-    finer: 8 templates per cell on average, 4 to 12 between levels 1 and 2)."""
-    if int(template_level) < int(level):
-        raise ValueError(
-            f"templates on level {template_level} cannot be summed into the finer level-{level} "
-            f"cells; use templates on level {level} or finer"
-        )
-    return grids.parent_cells(level, template_level)
-
-
-def sum_over_cells(probability: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    """``(n, G)`` float32: each cell's total of ``probability`` ``(n, G_t)`` over the templates
-    that ``cells`` ``(G_t,)`` assigns it (``G = max(cells) + 1``; rows keep their sums)."""
-    cells = np.asarray(cells, dtype=np.int64)
-    probability = np.asarray(probability, dtype=np.float64)
-    if cells.ndim != 1 or probability.ndim != 2 or probability.shape[1] != cells.size:
-        raise ValueError(
-            f"cells must give one cell per template column: {cells.shape} cells for a "
-            f"{probability.shape} probability array"
-        )
-    summed = torch.zeros(probability.shape[0], int(cells.max()) + 1, dtype=torch.float64)
-    summed.index_add_(1, torch.from_numpy(cells.copy()), torch.from_numpy(probability))
-    return summed.numpy().astype(np.float32)
+    return posterior_from_mse(mse, int(np.prod(np.asarray(templates.shape[1:]))), noise_sigma)
 
 
 def posterior_from_mse(
