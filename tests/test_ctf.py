@@ -118,6 +118,33 @@ def test_own_ctf_formula_matches_torch_ctf_and_float64(size, pixel):
     np.testing.assert_array_equal(ctf.ctf_2d(params, size, pixel).numpy(), got)
 
 
+@pytest.mark.parametrize("resolution_px", [None, 12.0, 3.0])
+def test_ctf_on_a_search_band_is_the_whole_grid_there(resolution_px):
+    """The search's band CTF (rows and columns of the band only) against the RELION closed form
+    on the whole grid, cut to the band: astigmatic, so rows and columns must not be swapped."""
+    from cryosphere.poses.search.matching import TemplateSpectra
+
+    size, pixel = 64, 1.4
+    max_frequency = None if resolution_px is None else 1.0 / resolution_px
+    spectra = TemplateSpectra(torch.zeros(0, 1, dtype=torch.complex64), torch.zeros(0, 1), size,
+                              max_frequency)  # fmt: skip
+    two = ctf.CTFParameters(
+        defocus_u_angstrom=[21000.0, 9000.0], defocus_v_angstrom=[15000.0, 8000.0],
+        defocus_angle_deg=[30.0, 115.0], voltage_kv=[300.0] * 2,
+        spherical_aberration_mm=[2.7] * 2, amplitude_contrast=[0.1] * 2, b_factor=[0.0, 40.0],
+    )  # fmt: skip
+    band = spectra.band_ctf(two, pixel)
+    expected = np.stack([
+        _closed_form(21000.0, 15000.0, 30.0, size, pixel),
+        _closed_form(9000.0, 8000.0, 115.0, size, pixel, b=40.0),
+    ])  # fmt: skip
+    cut = spectra.restrict(torch.from_numpy(expected)).numpy()
+    assert band.shape == cut.shape == (2, spectra.weights().shape[0])
+    np.testing.assert_allclose(band.numpy(), cut, atol=2e-4)
+    whole = ctf.ctf_2d(two, size, pixel)
+    assert torch.equal(band, spectra.restrict(whole))  # the same float32 pass, on fewer points
+
+
 def test_phase_flip_and_wiener_restore_contrast(ubi_map_32):
     from cryosphere.geometry import rotations as geometry_rotations
     from cryosphere.imaging.projection import project_volume

@@ -186,6 +186,7 @@ def ctf_2d(
     image_size: int,
     pixel_size_angstrom: float,
     device: torch.device | str | None = None,
+    band: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """The CTF of every particle on the ``rfft2`` grid: ``(n, N, N // 2 + 1)`` float32.
 
@@ -193,11 +194,20 @@ def ctf_2d(
     The closed form of the module docstring, vectorised: per-particle coefficients in float64,
     frequency grids cached per box (:func:`_polar_grids`), one float32 pass over the grid
     (``tests/test_ctf.py`` checks it against ``torch_ctf.calculate_ctf_2d``).
+
+    ``band``: ``(rows, columns)``, only the ``rfft2`` rows ``rows`` (int64, ``fftfreq`` order)
+    of the first ``columns`` columns are evaluated: ``(n, len(rows), columns)``, the same values
+    as the whole grid's there (a search's low-pass band,
+    :meth:`cryosphere.poses.search.matching.TemplateSpectra.band_ctf`: a 12-px band of a 64-px
+    box is 3 % of the grid).
     """
     if pixel_size_angstrom <= 0:
         raise ValueError(f"pixel size must be positive (Å), got {pixel_size_angstrom}")
     device = torch.device(device or "cpu")
     k2, k4, cos2, sin2 = _polar_grids(int(image_size), str(device))
+    if band is not None:
+        rows, columns = torch.as_tensor(band[0], device=device), int(band[1])
+        k2, k4, cos2, sin2 = (g.index_select(0, rows)[:, :columns] for g in (k2, k4, cos2, sin2))
     p2 = float(pixel_size_angstrom) ** 2
     lam = electron_wavelength_angstrom(parameters.voltage_kv)
     u, v = parameters.defocus_u_angstrom, parameters.defocus_v_angstrom

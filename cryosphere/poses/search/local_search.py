@@ -232,8 +232,7 @@ def candidate_scores(
         image_power = (weights * (f.real**2 + f.imag**2)).sum(1, dtype=torch.float64)
         if ctf is not None:
             part = ctf.subset(np.arange(start, stop))
-            model = ctf_module.ctf_2d(part, n_pix, pixel_size_angstrom)
-            model = spectra.restrict(model).to(torch.float32)
+            model = spectra.band_ctf(part, pixel_size_angstrom)
             if ctf_field == "padded":  # B C P I: the image imaged in the padded field
                 imaged = microscope.image_in_field(a[start:stop], part, pixel_size_angstrom)
                 filtered = spectra.restrict(torch.fft.rfft2(imaged))

@@ -153,6 +153,15 @@ class TemplateSpectra:
         band = spectrum.index_select(-2, self.rows)[..., : self.columns]
         return band.reshape(*spectrum.shape[:-2], -1)
 
+    def band_ctf(self, parameters: ctf_module.CTFParameters, pixel_size_angstrom: float):
+        """``(n, K)`` float32 the particles' CTFs on the band, in :attr:`spectra`'s order:
+        ``restrict(ctf_2d(...))`` evaluated on the band alone
+        (:func:`~cryosphere.imaging.ctf.ctf_2d` with ``band``)."""
+        transfer = ctf_module.ctf_2d(
+            parameters, self.image_size, pixel_size_angstrom, band=(self.rows, self.columns)
+        )
+        return transfer.reshape(transfer.shape[0], -1)
+
     def weights(self) -> torch.Tensor:
         """``(K,)`` float32 Parseval weights of the band (2 for columns counted twice, 1
         otherwise, 0 outside the disk)."""
@@ -265,7 +274,7 @@ def padded_ctf_mse_landscape(
     imaged = spectra.restrict(
         torch.fft.rfft2(microscope.image_in_field(a, ctf, pixel_size_angstrom))
     )
-    c = spectra.restrict(ctf_module.ctf_2d(ctf, n_pix, pixel_size_angstrom)).to(torch.float32)
+    c = spectra.band_ctf(ctf, pixel_size_angstrom)
     cross = _real_pair(weights * imaged) @ spectra.pairs.T
     norms = (weights * c**2) @ spectra.power.T
     image_power = (weights * (f.real**2 + f.imag**2)).sum(1, dtype=torch.float64)

@@ -95,7 +95,8 @@ def background_noise_spectrum(
 
     Raises ValueError when the mask leaves no background or an image holds NaN.
     """
-    a = torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    a = torch.as_tensor(np.asarray(images))
+    a = a if a.is_floating_point() else a.to(torch.float32)
     if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape[0] < 1:
         raise ValueError(f"images must have shape (n, N, N), got {tuple(a.shape)}")
     if not bool(torch.isfinite(a).all()):
@@ -112,7 +113,7 @@ def background_noise_spectrum(
     shells = _shell_index(n_pix)
     measured = masked_shell_power(a, mask, shells)
     if signal is not None:
-        model = torch.as_tensor(np.asarray(signal), dtype=torch.float64)
+        model = torch.as_tensor(np.asarray(signal), dtype=torch.float32)
         if tuple(model.shape) != tuple(a.shape):
             raise ValueError(f"signal must have the images' shape {tuple(a.shape)}")
         measured = noise_power_less_signal(measured, model, mask, shells)

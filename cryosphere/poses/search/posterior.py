@@ -185,7 +185,7 @@ def search_log_likelihood(
         f = spectra.restrict(torch.fft.rfft2(a[start:stop]))  # (b, K) complex64
         if ctf is not None:
             part = ctf.subset(np.arange(start, stop))
-            model = spectra.restrict(ctf_module.ctf_2d(part, n_pix, pixel_size_angstrom))
+            model = spectra.band_ctf(part, pixel_size_angstrom)
         else:
             model = torch.ones(stop - start, f.shape[1])
         h = (whitened_single * model * f).conj()  # (b, K)
