@@ -491,3 +491,24 @@ def test_the_network_in_chunks_gives_the_one_pass_answer(particle_run, monkeypat
     assert chunked[1].shape == (11, 6)
     np.testing.assert_array_equal(chunked[1], whole[1])
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("size", "k"), [(4608, 20), (4608, 100), (576, 20), (72, 10), (100, 7)])
+def test_top_k_by_groups_is_torch_topk(size, k):
+    """The grouped top k equals torch.topk: on random rows, on rows whose k largest values
+    all sit in one group (columns j, j + G/8, ...) or in k different ones, and where the
+    grouping does not apply (k · 8 >= G, G not a multiple of 8)."""
+    generator = torch.Generator().manual_seed(size + k)
+    rows = torch.randn(6, size, generator=generator)
+    width = size // predictions.TOP_K_GROUPS
+    if size % predictions.TOP_K_GROUPS == 0:
+        one_group = 5 + width * torch.arange(min(k, predictions.TOP_K_GROUPS))
+        rows[0, one_group] += 10.0  # a whole group on top
+        rows[1, torch.arange(k) * 3 % size] += 10.0  # the top spread over many groups
+        rows[2, :] = rows[2, 0]  # every value tied
+    values, indices = predictions.top_k_by_groups(rows, k)
+    expected = torch.topk(rows, k, dim=1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(torch.gather(rows, 1, indices), values)  # the indices hold the values
+    untied = [0, 1, 3, 4, 5]
+    assert torch.equal(indices[untied], expected.indices[untied])

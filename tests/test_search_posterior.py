@@ -104,6 +104,23 @@ def test_shifts_are_summed_as_the_real_space_formula_says(banks):
     np.testing.assert_allclose(shared.log_likelihood[0], got.log_likelihood[0], rtol=1e-5)
 
 
+def test_the_most_likely_shift_centres_the_particle_on_both_axes(banks):
+    """Clean particles moved by (2, 0), (0, −1) and (1, −2) px: the most likely shift of the
+    true template is minus that (``+shift`` centres), each axis its own, as the exhaustive
+    kernel's (:func:`local_search.candidate_scores`) on the same band."""
+    volume, coarse, _, _ = banks
+    spectra = template_spectra(coarse).low_passed(1 / 3)
+    moved = np.array([[2.0, 0.0], [0.0, -1.0], [1.0, -2.0]])
+    clean = gaussian_blur(project_volume(volume, grids.healpix_so3_grid(1)[[3, 200, 401]]), 1.0)
+    images = ctf.shift_images(clean, moved).numpy()
+    cand = np.array([[3, 4], [200, 7], [401, 50]])
+    noise = search_noise.white_noise_spectrum(0.05 * float(clean.std()), N)
+    got = sp.search_log_likelihood(images, cand, spectra, noise, max_shift_px=2.0)
+    np.testing.assert_array_equal(got.best_shift_px[:, 0], -moved)
+    _, kernel = local_search.candidate_scores(images, cand, spectra, max_shift_px=2.0)
+    np.testing.assert_array_equal(kernel[:, 0], -moved)
+
+
 def test_off_grid_truth_in_coloured_noise_is_calibrated_where_the_old_posterior_is_not(banks):
     """Off-grid poses, coloured (low-frequency heavy) noise, SNR 0.1, every level-1 cell
     searched through its level-2 children: the whitened, shift-summed, integrated posterior

@@ -64,7 +64,7 @@ from cryosphere.imaging.loader import checked_and_centred
 from cryosphere.imaging.particles import ParticleSet, StackReader, read_particle_set
 from cryosphere.imaging.projection import resolve_device
 from cryosphere.poses.network import checkpoints
-from cryosphere.poses.prediction.predictions import check_turns, turn_averaged_log_probabilities
+from cryosphere.poses.prediction import predictions as pose_predictions
 from cryosphere.poses.search import contrast as contrast_module
 from cryosphere.poses.search import map_search
 
@@ -215,11 +215,10 @@ def _top_cells(
     model, images: torch.Tensor, k: int, bf16: bool = False, turns: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most probable grid cells of each image ``(n, N, N)`` (model box): their
-    probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first; the
-    softmax on the top ``k`` logits only (call under ``torch.inference_mode``). ``bf16``: the
-    network under bfloat16 autocast, softmax and top ``k`` in float32. ``turns`` > 1: averaged
-    over quarter turns (:func:`~cryosphere.poses.prediction.predictions.turn_averaged_log_probabilities`).
-    On the CPU the network sees :data:`CPU_NETWORK_CHUNK` images at a time."""
+    probabilities ``(n, k)`` float32 and indices ``(n, k)`` int64, most probable first (call
+    under ``torch.inference_mode``). ``bf16``: the network under bfloat16 autocast, softmax and
+    top ``k`` in float32. ``turns`` > 1: averaged over quarter turns (``predictions``). On the
+    CPU the network sees :data:`CPU_NETWORK_CHUNK` images at a time."""
     model.eval()
     chunk = CPU_NETWORK_CHUNK if images.device.type == "cpu" else max(1, images.shape[0])
     parts = []
@@ -227,13 +226,13 @@ def _top_cells(
         for start in range(0, images.shape[0], chunk):
             part = images[start : start + chunk]
             if turns > 1:  # normalised log-probabilities: their logsumexp below is 0
-                parts.append(turn_averaged_log_probabilities(model, part, turns))
+                parts.append(pose_predictions.turn_averaged_log_probabilities(model, part, turns))
             else:
                 parts.append(model.logits_from_coefficients(model.coefficients(part)))
     logits = torch.cat(parts).float()
-    top = torch.topk(logits, k, dim=1)
-    probability = torch.exp(top.values - torch.logsumexp(logits, dim=1, keepdim=True))
-    return probability.cpu().numpy(), top.indices.cpu().numpy()
+    values, indices = pose_predictions.top_k_by_groups(logits, k)
+    probability = torch.exp(values - torch.logsumexp(logits, dim=1, keepdim=True))
+    return probability.cpu().numpy(), indices.cpu().numpy()
 
 
 def _refined_outputs(
@@ -334,7 +333,7 @@ def predict_star(
     level = int(model.config.grid_level)
     if turns is None:
         turns = NETWORK_ALONE_TURNS if refine is None and level >= 1 else 1
-    turns = check_turns(turns)  # before the first batch
+    turns = pose_predictions.check_turns(turns)  # before the first batch
     grid = grids.healpix_so3_grid(level)
     k = max(1, min(int(top_k), grid.shape[0]))
     n = len(pset)

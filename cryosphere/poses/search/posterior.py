@@ -43,6 +43,7 @@ No temperature: measured with ``benchmarks/bench_calibration.py`` (docs/calibrat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,15 +105,22 @@ class SearchLikelihood:
     best_chi2: np.ndarray
 
 
-def _phase_ramps(shifts: np.ndarray, spectra: TemplateSpectra) -> torch.Tensor:
-    """``(K, S)`` complex128 ``e^{+2πi k·s}`` on the band."""
-    n_pix = spectra.image_size
-    ky = torch.fft.fftfreq(n_pix, dtype=torch.float64)[:, None]
-    kx = torch.fft.rfftfreq(n_pix, dtype=torch.float64)[None, :]
-    s = torch.as_tensor(shifts, dtype=torch.float64)
-    phase = 2 * np.pi * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky)  # (S, N, N/2+1)
-    ramps = spectra.restrict(torch.polar(torch.ones_like(phase), phase))  # (S, K)
-    return ramps.T.contiguous()
+@functools.lru_cache(maxsize=8)
+def _phase_ramps(
+    image_size: int, max_frequency: float | None, max_shift_px: float, shift_step_px: float
+) -> torch.Tensor:
+    """``(K, S)`` complex64 ``e^{+2πi k·s}`` on the band of ``max_frequency`` (the
+    :class:`TemplateSpectra` of ``image_size`` px) for the shifts of
+    :func:`shift_grid_px`, evaluated on the band's rows and columns only. Cached: every
+    batch of a search reuses them (read-only: never modify)."""
+    band = TemplateSpectra(torch.zeros(0, 1, dtype=torch.complex64), torch.zeros(0, 1),
+                           int(image_size), max_frequency)  # fmt: skip
+    ky = torch.fft.fftfreq(int(image_size), dtype=torch.float64)[band.rows][:, None]
+    kx = torch.fft.rfftfreq(int(image_size), dtype=torch.float64)[: band.columns][None, :]
+    s = torch.as_tensor(shift_grid_px(max_shift_px, shift_step_px), dtype=torch.float64)
+    phase = 2 * np.pi * (s[:, 0, None, None] * kx + s[:, 1, None, None] * ky)  # (S, R, C)
+    ramps = torch.polar(torch.ones_like(phase), phase).reshape(len(s), -1)  # (S, K)
+    return ramps.T.contiguous().to(torch.complex64)
 
 
 def search_log_likelihood(
@@ -162,7 +170,7 @@ def search_log_likelihood(
     if ctf is not None and (len(ctf) != a.shape[0] or pixel_size_angstrom is None):
         raise ValueError("ctf needs one entry per image and pixel_size_angstrom")
     shifts = shift_grid_px(max_shift_px, shift_step_px)
-    ramps = _phase_ramps(shifts, spectra)  # (K, S)
+    ramps = _phase_ramps(n_pix, spectra.max_frequency, float(max_shift_px), float(shift_step_px))
     whitened = spectra.weights().double() / (
         float(n_pix) ** 2 * spectra.restrict(noise.half_plane())
     )
@@ -176,7 +184,7 @@ def search_log_likelihood(
     best_shift = np.empty((n, c), np.int64)
     # the products over the band in single precision, as the cross term's matrix product; the
     # terms are combined in double precision (each is ~K, their differences matter)
-    whitened_single, ramps = whitened.float(), ramps.to(torch.complex64)
+    whitened_single = whitened.float()
     if shared:
         shared_t = spectra.spectra[cand[0]]  # (c, K) complex64
         shared_power = spectra.power[cand[0]]  # (c, K)
