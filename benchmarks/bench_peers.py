@@ -28,8 +28,8 @@ is lost), ±3 px of the particles' box, each template carrying its particle's CT
 
 ``images_per_s`` is per CPU-second (process time: the machine is shared) and end to end for
 every row (reading, preprocessing, search; the network's and cryoPARES' include their
-model), one thread by default, the fastest of ``--repeats`` timed runs (3; ``exhaustive``
-once: each run takes ~50 s); the template projection
+model), one thread by default, the fastest of ``--repeats`` timed runs (3, the tuning
+trials too; ``exhaustive`` once: each run takes ~50 s); the template projection
 (``setup_s``, once per map and level) is not in it, and every method is given the particles'
 contrast (``predict --contrast white``: deciding it costs ~0.4 s per run, not per image). ``median_deg`` is the symmetry-aware
 geodesic error to the true pose, ``ratio_to_exhaustive`` its ratio to ``exhaustive``'s.
@@ -198,8 +198,9 @@ def run_case(structure, box, snr, levels, args, folder, checkpoints, tuning_log)
             tuple(args.coarse_resolutions) if level == 2 else tuple(args.coarse_resolutions[:2])
         )
         tuned, trials = _classical.tune_coarse_to_fine(
-            tuning, templates, level, args.resolution_px, resolutions, keeps
-        )
+            tuning, templates, level, args.resolution_px, resolutions, keeps,
+            repeats=args.repeats,
+        )  # fmt: skip
         tuning_log.append({**case, "trials": trials, "chosen": _classical.describe(tuned)})
         found, rate = _classical.coarse_to_fine_run(
             particles, templates, tuned, repeats=args.repeats
@@ -290,8 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--repeats", type=int, default=3,
-        help="time coarse_to_fine, network and network+map this many times and keep the "
-        "fastest (exhaustive and the tuning trials: once)",
+        help="time coarse_to_fine, its tuning trials, network and network+map this many times "
+        "and keep the fastest (exhaustive: once)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
