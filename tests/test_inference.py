@@ -460,7 +460,7 @@ def test_the_prescreen_keeps_the_cells_the_search_needs(particle_run):
     assert search.candidate_count(12) == 4 * width
     found = search(images, data.ctf, pixel, top)
     # scored where every cell's search lands among the near cells' children (8 of 12 here)
-    reachable = local_search._parents(1, 2)[exhaustive.match.best_index][:, None] == top[:, 8:]
+    reachable = grids.parent_cells(1, 2)[exhaustive.match.best_index][:, None] == top[:, 8:]
     reachable = reachable.any(axis=1)
     assert reachable.sum() >= 6
     best = exhaustive.match.best_index[reachable]

@@ -57,16 +57,9 @@ SCORES = ("mse", "scaled", "fitted")
 SCALE_FREE_SCORES = ("scaled", "fitted")
 
 
-def _parents(coarse_level: int, fine_level: int) -> np.ndarray:
-    """``(G_fine,)`` the nearest level-``coarse_level`` cell of every level-``fine_level`` cell
-    (:func:`cryosphere.geometry.grids.parent_cells`): the one partition that
-    :func:`child_cells` and :meth:`MapSearch.parent_cells` both read."""
-    return grids.parent_cells(coarse_level, fine_level)
-
-
 @functools.cache
 def _children(coarse_level: int, fine_level: int) -> np.ndarray:
-    parent = _parents(coarse_level, fine_level)
+    parent = grids.parent_cells(coarse_level, fine_level)  # the one partition
     n_coarse = grids.healpix_so3_grid_size(coarse_level)
     order = np.argsort(parent, kind="stable")
     counts = np.bincount(parent, minlength=n_coarse)

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from cryosphere import io
-from cryosphere.geometry.grids import healpix_so3_grid
+from cryosphere.geometry.grids import healpix_so3_grid, parent_cells
 from cryosphere.imaging import ctf as ctf_module
 from cryosphere.imaging import preprocess
 from cryosphere.imaging.projection import gaussian_blur, project_volume
 from cryosphere.poses.labels.templates import template_bank
 from cryosphere.poses.search.local_search import (
     SearchResult,
-    _parents,
     best_of_top_cells,
     candidate_cells,
     child_cells,
@@ -378,7 +377,7 @@ class MapSearch:
         """``(n,)`` the network's cell (coarse level) that holds each search-grid cell."""
         if self.level == self.coarse_level:
             return np.asarray(fine_index, dtype=np.int64)
-        return _parents(self.coarse_level, self.level)[np.asarray(fine_index)]
+        return parent_cells(self.coarse_level, self.level)[np.asarray(fine_index)]
 
 
 def _map_digest(path: str | os.PathLike[str]) -> str:

@@ -153,7 +153,9 @@ class TemplateSpectra:
         band = spectrum.index_select(-2, self.rows)[..., : self.columns]
         return band.reshape(*spectrum.shape[:-2], -1)
 
-    def band_ctf(self, parameters: ctf_module.CTFParameters, pixel_size_angstrom: float):
+    def band_ctf(
+        self, parameters: ctf_module.CTFParameters, pixel_size_angstrom: float
+    ) -> torch.Tensor:
         """``(n, K)`` float32 the particles' CTFs on the band, in :attr:`spectra`'s order:
         ``restrict(ctf_2d(...))`` evaluated on the band alone
         (:func:`~cryosphere.imaging.ctf.ctf_2d` with ``band``)."""

@@ -56,6 +56,7 @@ from cryosphere.geometry.grids import (
     healpix_so3_grid,
     healpix_so3_grid_size,
     nearest_grid_indices,
+    parent_cells,
     subcell_rotations,
 )
 from cryosphere.imaging import ctf as ctf_module
@@ -65,7 +66,6 @@ from cryosphere.poses.search.local_search import (
     SCORES,
     SearchResult,
     _first_occurrences,
-    _parents,
     candidate_scores,
     child_cells,
 )
@@ -347,14 +347,14 @@ def refined_grid_posterior(
     pieces, current = [], int(search_level)  # (level-`level` cell (n, c), log mass (n, c))
     for keep in refine:
         top, rest = _top(log_l + log_vol, keep)
-        pieces.append((_parents(level, current)[cells] if current != level else cells, rest))
+        pieces.append((parent_cells(level, current)[cells] if current != level else cells, rest))
         cells, log_l, log_vol = _split_cells(
             imgs, volume, blur_sigma_px, spectra, noise, current,
             cells[rows, top], log_vol[rows, top], dict(search),
         )  # fmt: skip
         current += 1
     centres = healpix_so3_grid(current)[cells]  # (n, c, 3, 3)
-    coarse = _parents(level, current)[cells] if current != level else cells
+    coarse = parent_cells(level, current)[cells] if current != level else cells
     edge = cell_edge_rad(current)
     for keep in quadrature:
         top, rest = _top(log_l + log_vol, keep)
